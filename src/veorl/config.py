@@ -1,0 +1,373 @@
+"""Typed, validated parameters for every stage.
+
+Resolution order (later wins):
+  1. the field defaults below (the release's numbers from the method doc, i.e. the `paper` sizes),
+  2. the preset named by `preset:` in params.yaml (or `--preset`), which changes sizes and step counts only,
+  3. whatever params.yaml writes explicitly,
+  4. `--set section.key=value` overrides on the command line.
+
+Unknown keys and bad values fail at load time with the dotted key path and the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """Raised for invalid parameters; the message names each bad key and why."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data stages
+# ----------------------------------------------------------------------------------------------
+
+
+class SourceVideosParams(Section):
+    """Renders unlabeled source videos from Meta-World tasks other than the target (frames only)."""
+
+    tasks: list[str] = Field(
+        default=["door-open", "button-press-topdown", "handle-press", "plate-slide", "coffee-push"],
+        description="Meta-World v3 task names (without -v3) to film; must not include the target task.",
+    )
+    cameras: list[str] = Field(default=["corner2", "corner3"], description="Cameras filmed, one video per camera per episode.")
+    episodes_per_task: int = Field(default=10, ge=1, description="Scripted episodes rendered per task.")
+    episode_length: int = Field(default=200, ge=2, description="Frames kept per episode.")
+    action_noise: float = Field(default=0.3, ge=0.0, description="Gaussian sigma added to the scripted policy's actions.")
+    render_size: int = Field(default=96, ge=16, description="Rendered frame side in pixels (ingestion resizes it later).")
+    fps: int = Field(default=30, ge=1, description="Frame rate written into the video files.")
+    codec: str = Field(default="libx264", description="PyAV encoder used for the files.")
+    container: str = Field(default="mp4", description="File extension / container.")
+    seed: int = Field(default=0, description="Seed of the scripted policies and noise.")
+    workers: int = Field(default=2, ge=1, description="Parallel rendering processes.")
+
+
+class IngestParams(Section):
+    """Decoding raw video into fixed-size clips."""
+
+    size: int = Field(default=64, ge=8, description="Output frame side (centre crop then resize).")
+    fps: float | None = Field(default=None, gt=0, description="Target frame rate; null keeps the source's rate.")
+    window: int = Field(default=25, ge=2, description="Frames per clip (source video window length).")
+    stride: int = Field(default=12, ge=1, description="Frames between the starts of consecutive clips.")
+    clips_per_shard: int = Field(default=256, ge=1, description="Clips per shard file.")
+    workers: int = Field(default=2, ge=1, description="Parallel decoding processes.")
+    image_extensions: list[str] = Field(default=[".jpg", ".jpeg", ".png"], description="Frame files of image-sequence folders.")
+    video_extensions: list[str] = Field(
+        default=[".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ts", ".gif"],
+        description="Files treated as videos when a folder or glob is expanded.",
+    )
+
+
+class CollectParams(Section):
+    """Offline target dataset collection with a degraded scripted behaviour policy."""
+
+    env: Literal["metaworld"] = Field(default="metaworld", description="Simulator family.")
+    task: str = Field(default="drawer-open", description="Meta-World v3 task name (without -v3).")
+    camera: str = Field(default="corner", description="Camera the observations are rendered from.")
+    size: int = Field(default=64, ge=8, description="Observation side in pixels.")
+    episodes: int = Field(default=20, ge=1, description="Episodes collected.")
+    episode_length: int = Field(default=500, ge=2, description="Environment steps per episode (action repeat 1).")
+    quality: Literal["expert", "medium", "mixed"] = Field(default="medium", description="Behaviour data quality level.")
+    medium_random_prob: float = Field(default=0.5, ge=0.0, le=1.0, description="Per-step probability of a uniformly random action in `medium`.")
+    medium_noise: float = Field(default=0.5, ge=0.0, description="Gaussian sigma on expert actions in `medium`.")
+    expert_noise: float = Field(default=0.1, ge=0.0, description="Gaussian sigma on expert actions in `expert`.")
+    mixed_expert_fraction: float = Field(default=0.3, ge=0.0, le=1.0, description="Share of expert episodes in `mixed` (rest medium).")
+    seed: int = Field(default=0, description="Environment and policy seed.")
+    workers: int = Field(default=2, ge=1, description="Parallel collection processes.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Model and training stages
+# ----------------------------------------------------------------------------------------------
+
+
+class ModelParams(Section):
+    """Network sizes shared by pretraining and fine-tuning (method doc defaults)."""
+
+    image_size: int = Field(default=64, description="Input frame side; the conv stack is built for 64.")
+    cnn_depth: int = Field(default=32, ge=1, description="d: encoder channels d,2d,4d,8d; decoder mirrors it.")
+    deter: int = Field(default=200, ge=1, description="RSSM deterministic (GRU) state size.")
+    stoch: int = Field(default=50, ge=1, description="RSSM stochastic state size (Gaussian) or number of categoricals.")
+    stoch_classes: int = Field(default=32, ge=2, description="Classes per categorical variable (discrete RSSM only).")
+    rssm_kind: Literal["gaussian", "categorical"] = Field(default="gaussian", description="Stochastic state family.")
+    hidden: int = Field(default=200, ge=1, description="RSSM MLP hidden size.")
+    min_std: float = Field(default=0.1, gt=0, description="Added to the Gaussian state std: 2*sigmoid(x/2)+min_std.")
+    ban_hidden: int = Field(default=128, ge=1, description="Behaviour abstraction network hidden size.")
+    latent_action_dim: int = Field(default=8, ge=1, description="Z: latent action (codebook vector) size.")
+    codebook_size: int = Field(default=50, ge=2, description="K: number of latent behaviours.")
+    head_units: int = Field(default=400, ge=1, description="Reward/discount head width.")
+    head_layers: int = Field(default=2, ge=1, description="Reward/discount head depth.")
+    fbc_hidden: int = Field(default=125, ge=1, description="F_BC hidden size.")
+    actor_units: int = Field(default=400, ge=1)
+    actor_layers: int = Field(default=4, ge=1)
+    critic_units: int = Field(default=400, ge=1)
+    critic_layers: int = Field(default=3, ge=1)
+    actor_min_std: float = Field(default=0.1, gt=0)
+
+    @field_validator("image_size")
+    @classmethod
+    def _only_64(cls, v: int) -> int:
+        if v != 64:
+            raise ValueError("the conv encoder/decoder are defined for 64x64 frames; resize video to 64 at ingestion")
+        return v
+
+
+class OptimParams(Section):
+    lr: float = Field(default=3e-4, gt=0, description="Adam learning rate.")
+    eps: float = Field(default=1e-5, gt=0, description="Adam epsilon.")
+    grad_clip: float = Field(default=100.0, gt=0, description="Gradient-norm clip.")
+
+
+class PretrainParams(Section):
+    """Phases 1 and 2: latent behaviours, Plan Net, keyframe Plan Net, F_BC, MMD."""
+
+    batch: int = Field(default=50, ge=1, description="Target sequences per batch.")
+    seq_len: int = Field(default=50, ge=2, description="Steps per target sequence.")
+    source_batch: int = Field(default=50, ge=1, description="Source video clips per batch.")
+    source_len: int = Field(default=25, ge=2, description="Frames per source clip used (<= ingest.window).")
+    phase1_steps: int = Field(default=40_000, ge=0, description="Updates of phase 1.")
+    phase2_steps: int = Field(default=40_000, ge=0, description="Updates of phase 2.")
+    optim: OptimParams = Field(default_factory=OptimParams)
+    kl_balance: float = Field(default=0.8, ge=0, le=1, description="KL balancing: weight on the prior side.")
+    free_nats: float = Field(default=1.0, ge=0, description="Free nats of the KL term.")
+    kl_scale: float = Field(default=1.0, ge=0)
+    vq_beta: float = Field(default=1.0, ge=0, description="Commitment weight of the VQ loss.")
+    mmd_weight: float = Field(default=5.0, ge=0, description="Weight of linear MMD between source and target embeddings.")
+    ban_on_source: bool = Field(default=True, description="Train BAN and Plan Net on source clips too (paper intent); false = release (target frames only).")
+    checkpoint_every: int = Field(default=500, ge=1, description="Steps between atomic checkpoints.")
+    log_every: int = Field(default=50, ge=1, description="Steps between metric logs.")
+    image_log_every: int = Field(default=5000, ge=1, description="Steps between image artifacts.")
+    prefetch: int = Field(default=2, ge=0, description="Batches prepared ahead in a background thread.")
+    seed: int = Field(default=0)
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N.")
+    threads: int = Field(default=0, ge=0, description="torch intra-op threads; 0 = all cores.")
+
+
+class FinetuneParams(Section):
+    """Trunk Net world model on target data and phase 3 policy learning."""
+
+    algo: Literal["veorl", "dreamerv2", "bc"] = Field(default="veorl", description="Algorithm: full method or a baseline.")
+    guidance: Literal["aligned", "release"] = Field(
+        default="aligned",
+        description="aligned: F_BC and Plan Net stepping trained on the Trunk Net space (our fix); release: the authors' behaviour.",
+    )
+    batch: int = Field(default=50, ge=1)
+    seq_len: int = Field(default=50, ge=2)
+    world_model_steps: int = Field(default=40_000, ge=0, description="Trunk Net (and guidance alignment) updates.")
+    policy_steps: int = Field(default=50_000, ge=0, description="Phase-3 actor/critic updates.")
+    bc_steps: int = Field(default=20_000, ge=0, description="Updates of the behaviour-cloning baseline.")
+    world_model_optim: OptimParams = Field(default_factory=OptimParams)
+    actor_optim: OptimParams = Field(default_factory=lambda: OptimParams(lr=8e-5))
+    critic_optim: OptimParams = Field(default_factory=lambda: OptimParams(lr=8e-5))
+    kl_balance: float = Field(default=0.8, ge=0, le=1)
+    free_nats: float = Field(default=1.0, ge=0)
+    kl_scale: float = Field(default=1.0, ge=0)
+    reward_scale: float = Field(default=1.0, gt=0, description="Multiplies target rewards before the reward head learns them.")
+    horizon: int = Field(default=15, ge=1, description="Imagination horizon H.")
+    discount: float = Field(default=0.99, gt=0, le=1)
+    lambda_: float = Field(default=0.95, ge=0, le=1, alias="lambda", description="lambda of the lambda-return.")
+    actor_entropy: float = Field(default=1e-4, ge=0)
+    slow_critic_every: int = Field(default=100, ge=1, description="Updates between slow-critic refreshes.")
+    intrinsic_weight: float = Field(default=1.0, ge=0, description="Weight of the Plan Net intrinsic reward.")
+    use_intrinsic: bool = Field(default=True, description="Ablation: intrinsic reward on/off.")
+    use_latent_action: bool = Field(default=True, description="Ablation: latent action input of actor and critic.")
+    use_mmd: bool = Field(default=True, description="Ablation: MMD term while training the Trunk Net encoder.")
+    mmd_weight: float = Field(default=5.0, ge=0)
+    checkpoint_every: int = Field(default=500, ge=1)
+    log_every: int = Field(default=50, ge=1)
+    prefetch: int = Field(default=2, ge=0)
+    seed: int = Field(default=0)
+    device: str = Field(default="auto")
+    threads: int = Field(default=0, ge=0)
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class EvaluateParams(Section):
+    episodes: int = Field(default=10, ge=1, description="Evaluation episodes (deterministic policy).")
+    seed: int = Field(default=1000, description="Seed of the first evaluation episode; episode i uses seed+i.")
+    workers: int = Field(default=2, ge=1, description="Parallel evaluation processes.")
+    videos: int = Field(default=2, ge=0, description="Rollouts rendered to MP4.")
+    video_size: int = Field(default=64, ge=16)
+
+
+class RegisterParams(Section):
+    model_name: str = Field(default="veorl-agent", description="Registered model name in the MLflow registry.")
+    metric: Literal["success_rate", "mean_return"] = Field(default="success_rate", description="Metric compared for promotion.")
+    margin: float = Field(default=0.0, ge=0, description="A challenger must beat the champion by more than this.")
+
+
+class TrackingParams(Section):
+    experiment: str = Field(default="veorl", description="MLflow experiment name.")
+    uri: str = Field(default="sqlite:///mlruns.db", description="Default tracking store; MLFLOW_TRACKING_URI wins when set.")
+
+
+PresetName = Literal["smoke", "cpu", "paper"]
+
+
+with warnings.catch_warnings():
+    # `register` is a stage name; pydantic warns it shadows a (classmethod) name of BaseModel's metaclass.
+    warnings.filterwarnings("ignore", message='Field name "register"')
+
+    class Params(Section):
+        preset: PresetName = Field(default="cpu", description="Sizes and step counts: smoke (tests), cpu (default), paper (GPU cluster).")
+        source_videos: SourceVideosParams = Field(default_factory=SourceVideosParams)
+        ingest: IngestParams = Field(default_factory=IngestParams)
+        collect: CollectParams = Field(default_factory=CollectParams)
+        model: ModelParams = Field(default_factory=ModelParams)
+        pretrain: PretrainParams = Field(default_factory=PretrainParams)
+        finetune: FinetuneParams = Field(default_factory=FinetuneParams)
+        evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+        register: RegisterParams = Field(default_factory=RegisterParams)
+        tracking: TrackingParams = Field(default_factory=TrackingParams)
+
+        @model_validator(mode="after")
+        def _cross_checks(self) -> "Params":
+            if self.pretrain.source_len > self.ingest.window:
+                raise ValueError(f"pretrain.source_len ({self.pretrain.source_len}) exceeds ingest.window ({self.ingest.window})")
+            if self.collect.task in self.source_videos.tasks:
+                raise ValueError(f"source_videos.tasks must not contain the target task collect.task={self.collect.task!r}")
+            if self.ingest.size != self.model.image_size:
+                raise ValueError(f"ingest.size ({self.ingest.size}) must equal model.image_size ({self.model.image_size})")
+            if self.collect.size != self.model.image_size:
+                raise ValueError(f"collect.size ({self.collect.size}) must equal model.image_size ({self.model.image_size})")
+            return self
+
+        def section_dict(self, *names: str) -> dict[str, Any]:
+            data = self.model_dump(by_alias=True, mode="json")
+            return {"preset": data["preset"], **{n: data[n] for n in names}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets: sizes and step counts only, never the algorithm.
+# ----------------------------------------------------------------------------------------------
+
+_SMALL_MODEL = {
+    "cnn_depth": 16, "deter": 64, "stoch": 16, "hidden": 64, "ban_hidden": 64, "codebook_size": 16,
+    "head_units": 64, "fbc_hidden": 64, "actor_units": 64, "actor_layers": 2, "critic_units": 64, "critic_layers": 2,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "cpu": {
+        "source_videos": {"episodes_per_task": 3, "episode_length": 150, "tasks": ["door-open", "button-press-topdown", "handle-press"]},
+        "collect": {"episodes": 12, "episode_length": 200},
+        "model": {
+            "cnn_depth": 16, "deter": 128, "stoch": 32, "hidden": 128, "head_units": 200, "fbc_hidden": 96,
+            "actor_units": 200, "actor_layers": 3, "critic_units": 200, "critic_layers": 2,
+        },
+        "pretrain": {"batch": 8, "seq_len": 32, "source_batch": 8, "source_len": 16, "phase1_steps": 150, "phase2_steps": 150,
+                     "checkpoint_every": 50, "log_every": 10, "image_log_every": 150},
+        "finetune": {"batch": 8, "seq_len": 32, "world_model_steps": 200, "policy_steps": 150, "bc_steps": 300,
+                     "horizon": 10, "checkpoint_every": 50, "log_every": 10, "slow_critic_every": 20},
+        "evaluate": {"episodes": 4, "videos": 1},
+        "ingest": {"window": 25, "stride": 12},
+    },
+    "smoke": {
+        "source_videos": {"episodes_per_task": 1, "episode_length": 30, "tasks": ["door-open", "button-press-topdown"],
+                          "cameras": ["corner2"], "workers": 1},
+        "ingest": {"window": 12, "stride": 6, "clips_per_shard": 16, "workers": 1},
+        "collect": {"episodes": 2, "episode_length": 40, "workers": 1},
+        "model": _SMALL_MODEL,
+        "pretrain": {"batch": 2, "seq_len": 10, "source_batch": 2, "source_len": 8, "phase1_steps": 3, "phase2_steps": 3,
+                     "checkpoint_every": 2, "log_every": 1, "image_log_every": 3, "prefetch": 1},
+        "finetune": {"batch": 2, "seq_len": 10, "world_model_steps": 3, "policy_steps": 3, "bc_steps": 3, "horizon": 4,
+                     "checkpoint_every": 2, "log_every": 1, "slow_critic_every": 2, "prefetch": 1},
+        "evaluate": {"episodes": 2, "workers": 1, "videos": 1},
+    },
+}
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid parameters ({origin}):"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not a parameter of this section)"
+        lines.append(f"  {path}: {msg} (got {e.get('input')!r})" if e["type"] != "extra_forbidden" else f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse `section.key=value`; the value is read as YAML (so 3, 0.5, true, [a, b] work)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from exc
+    return path, value
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part!r} is not a section")
+        node = nxt
+    node[path[-1]] = value
+
+
+def resolve(raw: dict[str, Any] | None = None, preset: str | None = None, overrides: list[str] | None = None,
+            origin: str = "params") -> Params:
+    """Build validated Params from a params.yaml-like dict, an optional preset override and `key=value` overrides."""
+    raw = copy.deepcopy(raw or {})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: top level must be a mapping, got {type(raw).__name__}")
+    for text in overrides or []:
+        path, value = parse_override(text)
+        _set_path(raw, path, value)
+    chosen = preset or raw.get("preset", "cpu")
+    if chosen not in PRESETS:
+        raise ConfigError(f"invalid parameters ({origin}):\n  preset: must be one of {sorted(PRESETS)} (got {chosen!r})")
+    raw["preset"] = chosen
+    merged = deep_merge(PRESETS[chosen], raw)
+    try:
+        return Params.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, origin)) from None
+
+
+def load_params(path: str | Path = "params.yaml", preset: str | None = None, overrides: list[str] | None = None) -> Params:
+    """Load params.yaml (missing file = all defaults), apply a preset and overrides, validate."""
+    path = Path(path)
+    raw: dict[str, Any] = {}
+    if path.exists():
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return resolve(raw, preset=preset, overrides=overrides, origin=str(path))
+
+
+def dump_resolved(params: Params, *sections: str) -> str:
+    """JSON text of the resolved configuration (all sections, or the named ones plus the preset)."""
+    data = params.section_dict(*sections) if sections else params.model_dump(by_alias=True, mode="json")
+    return json.dumps(data, indent=2, sort_keys=True)

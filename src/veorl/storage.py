@@ -1,0 +1,211 @@
+"""Paths that may be local or s3://, atomic writes, content hashes and provenance.
+
+S3 access uses boto3's standard configuration: credentials and region from the AWS environment
+variables or config files, and the endpoint from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (so any
+S3-compatible store works). Nothing here logs a credential.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+HASH_CHUNK = 1 << 20
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic writes
+# ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to `final`; on success rename it onto `final` (atomic on POSIX).
+
+    On an exception the temporary file is removed and `final` is untouched, so a killed or failed
+    writer never leaves a half-written file under the final name.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix if suffix is not None else ".tmp" + final.suffix,
+                               dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def atomic_write_bytes(final: str | Path, data: bytes) -> None:
+    with atomic_path(final) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def atomic_write_text(final: str | Path, text: str) -> None:
+    atomic_write_bytes(final, text.encode("utf-8"))
+
+
+def atomic_write_json(final: str | Path, obj: Any) -> None:
+    atomic_write_text(final, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    with open(path, "r", encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hashing
+# ----------------------------------------------------------------------------------------------
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return sha256_bytes(json.dumps(obj, sort_keys=True, default=str).encode("utf-8"))
+
+
+def tree_hash(root: str | Path, exclude: tuple[str, ...] = ()) -> str:
+    """Content hash of every file under `root` (relative names and bytes), order-independent of listing."""
+    root = Path(root)
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if any(rel == e or rel.startswith(e.rstrip("/") + "/") for e in exclude) or path.name.startswith("."):
+            continue
+        h.update(rel.encode())
+        h.update(b"\0")
+        h.update(sha256_file(path).encode())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Provenance
+# ----------------------------------------------------------------------------------------------
+
+
+def code_version() -> str:
+    """git commit of the project (with '-dirty' when the tree has changes), else the package version.
+
+    In a container without .git, VEORL_CODE_VERSION (set at image build time) is used.
+    """
+    env = os.environ.get("VEORL_CODE_VERSION")
+    if env:
+        return env
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True,
+                               timeout=5, check=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        from veorl import __version__
+
+        return f"veorl-{__version__}"
+
+
+def provenance(config: dict[str, Any], upstream: dict[str, str] | None = None, **extra: Any) -> dict[str, Any]:
+    """What produced an artifact: the resolved config, upstream artifact hashes, the code version."""
+    return {"config": config, "upstream": dict(upstream or {}), "code_version": code_version(), **extra}
+
+
+# ----------------------------------------------------------------------------------------------
+# Local or S3 locations
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    key: str
+
+    @classmethod
+    def parse(cls, uri: str) -> "S3Location":
+        if not uri.startswith("s3://"):
+            raise ValueError(f"not an s3:// URI: {uri!r}")
+        rest = uri[len("s3://"):]
+        bucket, _, key = rest.partition("/")
+        if not bucket:
+            raise ValueError(f"s3 URI without a bucket: {uri!r}")
+        return cls(bucket, key)
+
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+def is_s3(path: str | os.PathLike[str]) -> bool:
+    return str(path).startswith("s3://")
+
+
+def s3_client():
+    """A boto3 S3 client configured only from the standard AWS environment/config.
+
+    boto3 reads AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL itself (botocore >= 1.31); MLFLOW_S3_ENDPOINT_URL is
+    honoured too so one endpoint variable serves MLflow and ingestion.
+    """
+    import boto3
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+    return boto3.session.Session().client("s3", endpoint_url=endpoint or None)
+
+
+def s3_list(uri: str, client=None) -> list[tuple[str, int, str]]:
+    """(uri, size, etag) of every object under an s3:// prefix, sorted by key."""
+    loc = S3Location.parse(uri)
+    client = client or s3_client()
+    out: list[tuple[str, int, str]] = []
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=loc.bucket, Prefix=loc.key):
+        for obj in page.get("Contents", []):
+            if obj["Key"].endswith("/"):
+                continue
+            out.append((f"s3://{loc.bucket}/{obj['Key']}", int(obj["Size"]), obj.get("ETag", "").strip('"')))
+    return sorted(out)
+
+
+def s3_download(uri: str, dest: str | Path, client=None) -> Path:
+    """Download one object atomically to `dest`."""
+    loc = S3Location.parse(uri)
+    client = client or s3_client()
+    dest = Path(dest)
+    with atomic_path(dest) as tmp:
+        client.download_file(loc.bucket, loc.key, str(tmp))
+    return dest
+
+
+def s3_upload(src: str | Path, uri: str, client=None) -> None:
+    loc = S3Location.parse(uri)
+    (client or s3_client()).upload_file(str(src), loc.bucket, loc.key)
+
+
+def redact(text: str) -> str:
+    """Remove any credential value present in the environment from a message before it is logged."""
+    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        value = os.environ.get(var)
+        if value and len(value) >= 4:
+            text = text.replace(value, f"<{var}>")
+    return text
