@@ -302,11 +302,15 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 def _format_errors(err: ValidationError, origin: str) -> str:
     lines = [f"invalid parameters ({origin}):"]
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
+        path = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (not a parameter of this section)"
-        lines.append(f"  {path}: {msg} (got {e.get('input')!r})" if e["type"] != "extra_forbidden" else f"  {path}: {msg}")
+            lines.append(f"  {path}: unknown key (not a parameter of this section)")
+        elif not path:
+            # cross-field checks: the message itself names the keys involved
+            lines.append(f"  {msg}")
+        else:
+            lines.append(f"  {path}: {msg} (got {e.get('input')!r})")
     return "\n".join(lines)
 
 
@@ -371,3 +375,61 @@ def dump_resolved(params: Params, *sections: str) -> str:
     """JSON text of the resolved configuration (all sections, or the named ones plus the preset)."""
     data = params.section_dict(*sections) if sections else params.model_dump(by_alias=True, mode="json")
     return json.dumps(data, indent=2, sort_keys=True)
+
+
+def parameters_markdown() -> str:
+    """A reference table of every parameter: key, default (paper), cpu and smoke preset values, meaning."""
+    resolved = {name: resolve({}, preset=name).model_dump(by_alias=True, mode="json") for name in ("paper", "cpu", "smoke")}
+
+    def walk(model: type[BaseModel], prefix: str) -> list[tuple[str, str]]:
+        rows: list[tuple[str, str]] = []
+        for name, field in model.model_fields.items():
+            key = field.alias or name
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                rows.extend(walk(ann, f"{prefix}{key}."))
+            else:
+                rows.append((f"{prefix}{key}", field.description or ""))
+        return rows
+
+    def value(preset: str, dotted: str) -> str:
+        node: Any = resolved[preset]
+        for part in dotted.split("."):
+            node = node[part]
+        return json.dumps(node)
+
+    lines = ["| key | paper (default) | cpu | smoke | meaning |", "|---|---|---|---|---|"]
+    for dotted, desc in walk(Params, ""):
+        if dotted == "preset":
+            continue
+        cells = [value(p, dotted) for p in ("paper", "cpu", "smoke")]
+        cpu = cells[1] if cells[1] != cells[0] else "="
+        smoke = cells[2] if cells[2] != cells[0] else "="
+        lines.append(f"| `{dotted}` | {cells[0]} | {cpu} | {smoke} | {desc} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m veorl.config",
+                                     description="Validate params.yaml and print the resolved parameters (or a reference table).")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="override the preset")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--markdown", action="store_true", help="print the parameter reference table instead")
+    args = parser.parse_args(argv)
+    if args.markdown:
+        print(parameters_markdown(), end="")
+        return 0
+    try:
+        params = load_params(args.params, preset=args.preset, overrides=args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}")
+        return 2
+    print(dump_resolved(params))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
