@@ -349,7 +349,7 @@ def resolve(raw: dict[str, Any] | None = None, preset: str | None = None, overri
         path, value = parse_override(text)
         _set_path(raw, path, value)
     chosen = preset or raw.get("preset", "cpu")
-    if chosen not in PRESETS:
+    if not isinstance(chosen, str) or chosen not in PRESETS:
         raise ConfigError(f"invalid parameters ({origin}):\n  preset: must be one of {sorted(PRESETS)} (got {chosen!r})")
     raw["preset"] = chosen
     merged = deep_merge(PRESETS[chosen], raw)
