@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import re
 import zipfile
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +105,7 @@ def load_episode(path: str | Path, image_size: int | None = None, action_dim: in
     try:
         with np.load(path, allow_pickle=False) as data:
             ep = {k: data[k] for k in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, zlib.error, EOFError) as exc:
         raise EpisodeError(f"{path.name}: not a readable .npz file ({exc})") from None
     return validate_episode(ep, name=path.name, image_size=image_size, action_dim=action_dim)
 

@@ -1,0 +1,32 @@
+"""Environment adapters behind one small interface, and scripted behaviour policies.
+
+    env = make_env("metaworld", "drawer-open", camera="corner", size=64, episode_length=500, seed=0)
+    obs = env.reset(seed=3)                       # {"image": (64, 64, 3) uint8, "state": (39,) float32}
+    obs, reward, done, info = env.step(action)    # action in [-1, 1]^env.action_dim; info["success"]: bool
+    env.close()
+
+Simulators are imported lazily inside `make_env`/`scripted_policy`, so importing veorl.envs is cheap and
+works without any simulator installed.
+"""
+
+from __future__ import annotations
+
+from veorl.envs.base import Env, EnvError
+from veorl.envs.policies import BehaviourPolicy, StatePolicy, behaviour_policy, scripted_policy
+
+ENV_FAMILIES = ("metaworld",)
+ACTION_DIMS = {"metaworld": 4}
+"""Action size per environment family, known without importing the simulator (e.g. to validate imported data)."""
+
+
+def make_env(env: str, task: str, camera: str, size: int, episode_length: int, seed: int) -> Env:
+    """Build an environment of family `env` (only "metaworld" for now) for `task`, observed from `camera`."""
+    if env == "metaworld":
+        from veorl.envs.meta_world import MetaWorldEnv
+
+        return MetaWorldEnv(task, camera=camera, size=size, episode_length=episode_length, seed=seed)
+    raise EnvError(f"unknown environment family {env!r} (known: {', '.join(ENV_FAMILIES)})")
+
+
+__all__ = ["Env", "EnvError", "make_env", "scripted_policy", "behaviour_policy", "BehaviourPolicy", "StatePolicy",
+           "ENV_FAMILIES", "ACTION_DIMS"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 from typing import Iterable
 
@@ -13,10 +14,13 @@ from veorl.storage import atomic_path
 _YUV420_CODECS = {"libx264", "libx265", "h264", "hevc", "libvpx-vp9", "libvpx", "libsvtav1", "mpeg4", "mpeg2video"}
 
 
-def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: int = 30, codec: str = "libx264",
-                options: dict[str, str] | None = None) -> int:
+def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: int | float | Fraction = 30, codec: str = "libx264",
+                options: dict[str, str] | None = None, pix_fmt: str | None = None) -> int:
     """Encode (H, W, 3) uint8 RGB frames into `path` (container from the extension), atomically.
 
+    `fps` may be a Fraction (30000/1001 for NTSC rates). `pix_fmt` picks the encoder's pixel format and keeps
+    the frame size exactly (yuv444p encodes odd sizes); by default 4:2:0 codecs get yuv420p and odd sides
+    are padded by one pixel.
     Returns the number of frames written. Raises ValueError when no frame is given.
     """
     import av
@@ -34,7 +38,9 @@ def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: int = 30, c
                 if stream is None:
                     h, w = frame.shape[:2]
                     stream = container.add_stream(codec, rate=fps)
-                    if codec in _YUV420_CODECS:
+                    if pix_fmt is not None:
+                        stream.pix_fmt = pix_fmt
+                    elif codec in _YUV420_CODECS:
                         h, w = h + h % 2, w + w % 2
                         stream.pix_fmt = "yuv420p"
                     stream.width, stream.height = w, h

@@ -1,0 +1,110 @@
+"""Evaluate: play the agent in its simulator with the deterministic policy and report return and success.
+
+    python -m components.evaluate --agent models/agent --out eval
+
+Task, camera and episode length come from the agent's metadata (the data it was trained on). Episode i is
+seeded evaluate.seed + i; episodes run in evaluate.workers processes, each loading the agent itself.
+Writes OUT/metrics.json (last, and only on success), OUT/episodes.csv, OUT/rollouts/*.mp4 (the frames the
+agent saw), OUT/returns.png, OUT/config.json and OUT/provenance.json. A policy that crashes or emits a
+non-finite action fails the evaluation with the episode and step, exit status 1, and no metrics.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from veorl.config import Params
+from veorl.runtime import add_params_args, load_from_args, setup_logging
+
+log = logging.getLogger("veorl.evaluate")
+SECTIONS = ("evaluate",)
+
+
+def run(agent: str, out: str, params: Params, parent_run_id: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Evaluate the agent artifact `agent` into `out`; returns the contents of OUT/metrics.json."""
+    from veorl import tracking
+    from veorl.agent import META_FILE, AgentError
+    from veorl.evaluation import evaluate_agent, plot_returns, summarise, write_episodes_csv
+    from veorl.runtime import write_resolved_config
+    from veorl.storage import atomic_write_json, read_json, tree_hash
+
+    ev = params.evaluate
+    out_dir = Path(out)
+    meta_path = Path(agent) / META_FILE
+    if not meta_path.is_file():
+        raise AgentError(f"{meta_path} not found: {agent} is not a complete agent artifact (run components.finetune)")
+    meta = read_json(meta_path)
+    # A stale score from an earlier evaluation must not survive a failed one.
+    (out_dir / "metrics.json").unlink(missing_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in (out_dir / "rollouts").glob("*.mp4"):
+        old.unlink()
+    for key in ("task", "camera", "episode_length"):
+        if getattr(params.collect, key) != meta[key]:
+            log.info("params.collect.%s=%r differs from the agent's %r; evaluating on the agent's", key,
+                     getattr(params.collect, key), meta[key])
+    protocol = {"env": meta["env"], "task": meta["task"], "camera": meta["camera"],
+                "episode_length": int(meta["episode_length"]), "episodes": ev.episodes, "seed": ev.seed}
+    upstream = {"agent": tree_hash(agent)}
+    with tracking.stage_run("evaluate", params, parent_run_id, sections=SECTIONS, upstream=upstream,
+                            tags={"veorl.algo": meta["algo"], "veorl.task": meta["task"]}):
+        tracking.log_params({f"protocol.{k}": v for k, v in protocol.items()})
+        results = evaluate_agent(agent, ev.episodes, ev.seed, workers=ev.workers, videos=ev.videos, video_size=ev.video_size,
+                                 video_dir=out_dir / "rollouts", device=ev.device, fps=ev.video_fps, progress=progress)
+        summary = summarise(results)
+        write_episodes_csv(out_dir / "episodes.csv", results)
+        plot_returns(out_dir / "returns.png", results,
+                     title=f"{meta['algo']} on {meta['task']}: success {summary['success_rate']:.2f}")
+        write_resolved_config(out_dir, params, SECTIONS, upstream=upstream, protocol=protocol)
+        metrics = {"task": meta["task"], "algo": meta["algo"], **summary, "protocol": protocol, "status": "ok"}
+        tracking.log_metrics({k: v for k, v in summary.items()})
+        for r in results:
+            tracking.log_metrics({"episode_return": r.ret, "episode_success": float(r.success)}, step=r.episode)
+        tracking.log_artifact(out_dir / "episodes.csv")
+        tracking.log_artifact(out_dir / "returns.png")
+        if ev.videos:
+            tracking.log_artifact(out_dir / "rollouts", artifact_path="rollouts")
+        atomic_write_json(out_dir / "metrics.json", metrics)
+        tracking.log_artifact(out_dir / "metrics.json")
+    return metrics
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m components.evaluate", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--agent", required=True, metavar="DIR", help="agent artifact of components.finetune")
+    parser.add_argument("--out", required=True, metavar="DIR", help="evaluation output directory")
+    parser.add_argument("--parent-run-id", default=None, metavar="ID", help="MLflow run to nest this stage's run under")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_params_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    params = load_from_args(args)
+    from veorl.agent import AgentError
+    from veorl.evaluation import EvaluationError
+
+    try:
+        metrics = run(args.agent, args.out, params, parent_run_id=args.parent_run_id, progress=not args.no_progress)
+    except AgentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except EvaluationError as exc:
+        print(f"evaluation failed, no score reported: {exc}", file=sys.stderr)
+        return 1
+    print(f"{metrics['algo']} on {metrics['task']}: success rate {metrics['success_rate']:.2f} "
+          f"(+- {metrics['success_std']:.2f}), return {metrics['mean_return']:.1f} +- {metrics['std_return']:.1f} "
+          f"over {metrics['episodes']} episodes")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

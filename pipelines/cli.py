@@ -1,0 +1,182 @@
+"""Compile, submit or locally run the VeoRL Kubeflow pipeline.
+
+    python -m pipelines.cli compile [--out pipelines/veorl_pipeline.yaml] [--image IMG] [--gpu-image IMG] ...
+    python -m pipelines.cli submit --host https://kfp.example.org [--preset paper] [--set finetune.policy_steps=1000] ...
+    python -m pipelines.cli run-local --preset smoke [--pipeline-root local_outputs]
+
+`compile` writes the YAML that is checked in (with no options it reproduces pipelines/veorl_pipeline.yaml).
+`submit` compiles with the given options (or takes --package) and starts a run through kfp.Client; the token
+for an authenticated endpoint comes from $KFP_TOKEN (never from the command line, so it stays out of shell
+history and logs). `run-local` executes the pipeline on this machine with kfp.local's SubprocessRunner (no
+cluster, no Docker); run it from the repository root.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from pipelines.veorl_pipeline import (DEFAULT_GPU_IMAGE, DEFAULT_IMAGE, DEFAULT_RESOURCES, GPU_IMAGE_ENV, IMAGE_ENV,
+                                      PACKAGE_PATH, PIPELINE_NAME, CompileOptions, build_pipeline, compile_pipeline)
+
+TOKEN_ENV = "KFP_TOKEN"
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r} must look like NAME=VALUE")
+    name, value = text.split("=", 1)
+    return name.strip(), value
+
+
+def _add_compile_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("compile options (fixed in the YAML)")
+    group.add_argument("--image", default=None,
+                       help=f"image of the CPU steps (default: ${IMAGE_ENV} or {DEFAULT_IMAGE})")
+    group.add_argument("--gpu-image", default=None,
+                       help=f"image of pretrain and finetune (default: ${GPU_IMAGE_ENV} or {DEFAULT_GPU_IMAGE})")
+    group.add_argument("--cpu", default=None, help="CPU request of every CPU step, e.g. 4 (default: per step)")
+    group.add_argument("--memory", default=None, help="memory request/limit of every CPU step, e.g. 8G (default: per step)")
+    group.add_argument("--gpu-cpu", default=None, help="CPU request of pretrain and finetune (default: %s)" % DEFAULT_RESOURCES["pretrain"][0])
+    group.add_argument("--gpu-memory", default=None,
+                       help="memory request/limit of pretrain and finetune (default: %s)" % DEFAULT_RESOURCES["pretrain"][1])
+    group.add_argument("--gpus", type=int, default=1, help="GPUs per training step; 0 trains on CPU (default: %(default)s)")
+    group.add_argument("--accelerator", default="nvidia.com/gpu", help="accelerator resource type (default: %(default)s)")
+    group.add_argument("--retries", type=int, default=1, help="retries of the training steps (default: %(default)s)")
+    group.add_argument("--env", action="append", type=_key_value, default=[], metavar="NAME=VALUE",
+                       help="constant environment variable in every step (repeatable), e.g. "
+                            "MLFLOW_TRACKING_URI=http://mlflow.mlflow:5000 or AWS_ENDPOINT_URL_S3=http://minio:9000; "
+                            "never put credentials here, use --secret-env")
+    group.add_argument("--secret-env", default="", metavar="SECRET",
+                       help="Kubernetes secret whose keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (see --secret-key) "
+                            "become env vars of every step (needs kfp-kubernetes)")
+    group.add_argument("--secret-key", action="append", default=[], metavar="KEY",
+                       help="secret key to expose (repeatable; replaces the AWS pair)")
+
+
+def options_from_args(args: argparse.Namespace) -> CompileOptions:
+    resources = dict(DEFAULT_RESOURCES)
+    for step, (cpu, memory) in DEFAULT_RESOURCES.items():
+        if step in ("pretrain", "finetune"):
+            resources[step] = (args.gpu_cpu or cpu, args.gpu_memory or memory)
+        else:
+            resources[step] = (args.cpu or cpu, args.memory or memory)
+    changes = {"resources": resources, "gpus": args.gpus, "accelerator": args.accelerator, "retries": args.retries,
+               "env": dict(args.env), "secret_env": args.secret_env}
+    if args.secret_key:
+        changes["secret_keys"] = tuple(args.secret_key)
+    if args.image:
+        changes["image"] = args.image
+    if args.gpu_image:
+        changes["gpu_image"] = args.gpu_image
+    return CompileOptions.from_env(**changes)
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("pipeline parameters (per run)")
+    group.add_argument("--preset", default=None, choices=["smoke", "cpu", "paper"], help="sizes and step counts (pipeline default: paper)")
+    group.add_argument("--task", default=None, help="target task (collect.task)")
+    group.add_argument("--algo", default=None, choices=["veorl", "dreamerv2", "bc"], help="finetune.algo")
+    group.add_argument("--model-name", default=None, help="register.model_name")
+    group.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="parameter override (repeatable), as for the components")
+    group.add_argument("--video-source", dest="video_sources", action="append", default=[], metavar="URI",
+                       help="s3:// prefix of unlabeled videos to ingest instead of rendering (repeatable)")
+    group.add_argument("--checkpoint-root", default=None, help="shared checkpoint directory for resumable training")
+    group.add_argument("--parent-run-id", default=None, help="MLflow run to nest the stage runs under")
+
+
+def run_arguments(args: argparse.Namespace) -> dict:
+    """Pipeline arguments given on the command line (the rest keep the pipeline's defaults)."""
+    arguments: dict = {}
+    for name in ("preset", "task", "algo", "model_name", "checkpoint_root", "parent_run_id"):
+        value = getattr(args, name)
+        if value is not None:
+            arguments[name] = value
+    if args.overrides:
+        arguments["overrides"] = list(args.overrides)
+    if args.video_sources:
+        arguments["video_sources"] = list(args.video_sources)
+    return arguments
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    path = compile_pipeline(args.out, options_from_args(args))
+    print(f"compiled {PIPELINE_NAME} -> {path}")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    import kfp
+
+    arguments = run_arguments(args)
+    with tempfile.TemporaryDirectory(prefix="veorl-kfp-") as tmp:
+        package = args.package or str(compile_pipeline(Path(tmp) / "veorl_pipeline.yaml", options_from_args(args)))
+        client = kfp.Client(host=args.host, namespace=args.namespace, existing_token=os.environ.get(TOKEN_ENV) or None)
+        result = client.create_run_from_pipeline_package(
+            package, arguments=arguments, run_name=args.run_name, experiment_name=args.experiment,
+            namespace=args.namespace, enable_caching=not args.no_cache)
+    print(json.dumps({"run_id": result.run_id, "host": args.host, "arguments": arguments}, sort_keys=True))
+    return 0
+
+
+def cmd_run_local(args: argparse.Namespace) -> int:
+    from kfp import local
+
+    root = Path(args.pipeline_root).resolve()
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), enable_caching=args.cache)
+    pipeline = build_pipeline(options_from_args(args))
+    outcome = pipeline(**run_arguments(args))
+    print(json.dumps({"registered": outcome.output, "pipeline_root": str(root)}, sort_keys=True))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.cli", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compile", help="compile the pipeline to YAML")
+    p.add_argument("--out", default=str(PACKAGE_PATH), help="YAML to write (default: the checked-in %(default)s)")
+    _add_compile_options(p)
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("submit", help="submit a run to a Kubeflow Pipelines endpoint")
+    p.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kubeflow.example.org/pipeline")
+    p.add_argument("--namespace", default=None, help="Kubeflow profile namespace (multi-user installs)")
+    p.add_argument("--experiment", default=PIPELINE_NAME, help="KFP experiment name (default: %(default)s)")
+    p.add_argument("--run-name", default=None, help="run name (default: generated by KFP)")
+    p.add_argument("--package", default=None, help="submit this compiled YAML instead of compiling with the options below")
+    p.add_argument("--no-cache", action="store_true", help="disable step caching for this run")
+    _add_run_arguments(p)
+    _add_compile_options(p)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("run-local", help="run the pipeline here with kfp.local (SubprocessRunner; from the repository root)")
+    p.add_argument("--pipeline-root", default="local_outputs", help="where step outputs go (default: %(default)s)")
+    p.add_argument("--cache", action="store_true", help="enable kfp.local's step cache")
+    _add_run_arguments(p)
+    _add_compile_options(p)
+    p.set_defaults(func=cmd_run_local)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Exception as exc:  # a clean one-line error; the endpoint/token never appear in messages we compose
+        from veorl.storage import redact
+
+        message = redact(str(exc))
+        token = os.environ.get(TOKEN_ENV)
+        if token:
+            message = message.replace(token, f"<{TOKEN_ENV}>")
+        print(f"error: {args.command} failed: {type(exc).__name__}: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,162 @@
+"""The deployable agent: exactly what acting needs, rebuilt from an agent artifact directory.
+
+Artifact layout (written by `save_agent`, read by `Agent.load`):
+  agent.pt         state_dict of the acting modules: encoder, trunk_net, [fbc, codebook,] actor
+                   (the `bc` baseline: policy = encoder + MLP head)
+  agent.json       everything needed to rebuild them: algo, env, task, camera, image_size, action_dim,
+                   episode_length, action_kind, model sizes, use_latent_action, ...
+  config.json, provenance.json   resolved config and upstream hashes of the run that made it
+The directory is complete only once agent.json exists: it is written last.
+
+Acting (VeoRL and DreamerV2): filter the Trunk Net on each observation (posterior mean: deterministic),
+f = [s, h]; with the latent-action input abar = nearest codebook vector to F_BC(f); the action is the
+mode of the actor on [f, abar] (on f alone without it). Only torch, numpy and veorl.models are used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from veorl.config import ModelParams
+from veorl.models.actor_critic import Actor, PixelPolicy, policy_inputs
+from veorl.models.ban import Codebook
+from veorl.models.networks import FBC, Encoder
+from veorl.models.rssm import RSSMState
+from veorl.models.world_model import build_rssm
+from veorl.storage import atomic_path, atomic_write_json, read_json
+
+WEIGHTS_FILE = "agent.pt"
+META_FILE = "agent.json"
+FORMAT_VERSION = 1
+ALGOS = ("veorl", "dreamerv2", "bc")
+
+
+class AgentError(ValueError):
+    """An agent artifact is missing, incomplete or inconsistent; the message names the file."""
+
+
+def build_agent_modules(meta: dict[str, Any]) -> nn.ModuleDict:
+    """The acting modules described by agent.json, freshly initialised (same layout training saves)."""
+    algo = meta["algo"]
+    model = ModelParams.model_validate(meta["model"])
+    action_dim = int(meta["action_dim"])
+    if algo == "bc":
+        bc = meta["bc"]
+        return nn.ModuleDict({"policy": PixelPolicy(model.cnn_depth, action_dim, int(bc["units"]), int(bc["layers"]))})
+    encoder = Encoder(model.cnn_depth)
+    trunk_net = build_rssm(model, action_dim, encoder.output_dim)
+    modules: dict[str, nn.Module] = {"encoder": encoder, "trunk_net": trunk_net}
+    actor_input = trunk_net.feat_dim
+    if meta["use_latent_action"]:
+        modules["fbc"] = FBC(trunk_net.feat_dim, model.fbc_hidden, model.latent_action_dim)
+        modules["codebook"] = Codebook(model.codebook_size, model.latent_action_dim)
+        actor_input += model.latent_action_dim
+    modules["actor"] = Actor(actor_input, action_dim, model.actor_units, model.actor_layers, kind=meta.get("action_kind", "continuous"),
+                             min_std=model.actor_min_std)
+    return nn.ModuleDict(modules)
+
+
+def save_agent(out_dir: str | Path, modules: nn.ModuleDict, meta: dict[str, Any]) -> Path:
+    """Write agent.pt then agent.json (the completion marker). config/provenance are written by the caller first."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    expected = set(build_agent_modules(meta).keys())
+    if set(modules.keys()) != expected:
+        raise AgentError(f"agent modules {sorted(modules.keys())} do not match what {meta['algo']} acting needs {sorted(expected)}")
+    (out / META_FILE).unlink(missing_ok=True)
+    state = {k: v.detach().cpu() for k, v in modules.state_dict().items()}
+    with atomic_path(out / WEIGHTS_FILE) as tmp:
+        torch.save(state, tmp)
+    atomic_write_json(out / META_FILE, {"format": FORMAT_VERSION, **meta})
+    return out
+
+
+class Agent:
+    """A loaded policy: `initial_state(batch)` then repeated `act(image, state)`."""
+
+    def __init__(self, modules: nn.ModuleDict, meta: dict[str, Any], device: str = "cpu"):
+        self.meta = dict(meta)
+        self.algo: str = meta["algo"]
+        self.action_dim = int(meta["action_dim"])
+        self.image_size = int(meta["image_size"])
+        self.use_latent_action = bool(meta.get("use_latent_action", False))
+        self.device = torch.device(device)
+        self.modules = modules.to(self.device).eval()
+        self.modules.requires_grad_(False)
+
+    @classmethod
+    def load(cls, path: str, device: str = "cpu") -> "Agent":
+        root = Path(path)
+        meta_path, weights_path = root / META_FILE, root / WEIGHTS_FILE
+        if not meta_path.is_file():
+            raise AgentError(f"{meta_path} not found: {root} is not a complete agent artifact (run components.finetune)")
+        if not weights_path.is_file():
+            raise AgentError(f"{weights_path} not found although {META_FILE} exists: the agent artifact is corrupt")
+        meta = read_json(meta_path)
+        missing = [k for k in ("algo", "action_dim", "image_size", "model", "env", "task", "camera", "episode_length")
+                   if k not in meta]
+        if missing:
+            raise AgentError(f"{meta_path}: missing keys {missing}")
+        if meta["algo"] not in ALGOS:
+            raise AgentError(f"{meta_path}: unknown algo {meta['algo']!r} (known: {', '.join(ALGOS)})")
+        if int(meta.get("format", 0)) > FORMAT_VERSION:
+            raise AgentError(f"{meta_path}: format {meta['format']} is newer than this code understands ({FORMAT_VERSION})")
+        modules = build_agent_modules(meta)
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        try:
+            modules.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise AgentError(f"{weights_path}: weights do not match {META_FILE}: {exc}") from None
+        return cls(modules, meta, device)
+
+    def initial_state(self, batch: int) -> dict[str, np.ndarray]:
+        if self.algo == "bc":
+            return {}
+        trunk_net = self.modules["trunk_net"]
+        return {
+            "deter": np.zeros((batch, trunk_net.deter_size), np.float32),
+            "stoch": np.zeros((batch, trunk_net.stoch_size), np.float32),
+            "prev_action": np.zeros((batch, self.action_dim), np.float32),
+        }
+
+    def _check_image(self, image: np.ndarray) -> torch.Tensor:
+        image = np.asarray(image)
+        if image.ndim != 4 or image.shape[1:] != (self.image_size, self.image_size, 3):
+            raise ValueError(f"act expects images (B, {self.image_size}, {self.image_size}, 3), got {image.shape}")
+        if image.dtype != np.uint8:
+            raise ValueError(f"act expects uint8 images, got {image.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
+
+    @torch.no_grad()
+    def act(self, image: np.ndarray, state: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        pixels = self._check_image(image)
+        batch = pixels.shape[0]
+        if self.algo == "bc":
+            mean, _ = self.modules["policy"](pixels)
+            return mean.cpu().numpy().astype(np.float32), {}
+        expected = self.initial_state(batch)
+        for key, zeros in expected.items():
+            if key not in state:
+                raise KeyError(f"act: state lacks {key!r} (expected keys {sorted(expected)}; start from initial_state)")
+            if np.shape(state[key]) != zeros.shape:
+                raise ValueError(f"act: state[{key!r}] has shape {np.shape(state[key])}, expected {zeros.shape}")
+        as_tensor = {k: torch.as_tensor(np.asarray(state[k], np.float32), device=self.device) for k in expected}
+        trunk_net = self.modules["trunk_net"]
+        embed = self.modules["encoder"](pixels)
+        prev = RSSMState(deter=as_tensor["deter"], stoch=as_tensor["stoch"])
+        posterior, _ = trunk_net.obs_step(prev, as_tensor["prev_action"], embed, sample=False)
+        feature = trunk_net.feature(posterior)
+        latent_action = None
+        if self.use_latent_action:
+            latent_action, _ = self.modules["codebook"].nearest(self.modules["fbc"](feature))
+        action = self.modules["actor"](policy_inputs(feature, latent_action)).mode()
+        new_state = {"deter": posterior.deter, "stoch": posterior.stoch, "prev_action": action}
+        return action.cpu().numpy().astype(np.float32), {k: v.cpu().numpy().astype(np.float32) for k, v in new_state.items()}
+
+
+__all__ = ["Agent", "AgentError", "build_agent_modules", "save_agent", "WEIGHTS_FILE", "META_FILE", "ALGOS"]

@@ -1,0 +1,93 @@
+"""The baselines run by the same fine-tuning pipeline (`finetune.algo`).
+
+- dreamerv2: offline DreamerV2. The Trunk Net world model is trained from scratch on the target data
+  (no pretrained encoder, no video, no MMD), and the actor and critic read f alone with the world
+  model's reward only. It is the VeoRL code path with every video-derived switch off (`switches`).
+- bc: behaviour cloning from pixels, a conv encoder + MLP policy regressing the dataset action that
+  followed each frame (MSE, or Gaussian NLL with a learned std).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from veorl.config import FinetuneParams
+from veorl.models.actor_critic import PixelPolicy
+
+
+@dataclass(frozen=True)
+class Switches:
+    """What the chosen algorithm actually uses (ablation flags resolved against the algorithm)."""
+
+    pretrained_encoder: bool
+    use_mmd: bool
+    use_latent_action: bool
+    use_intrinsic: bool
+
+    @property
+    def needs_video_world_model(self) -> bool:
+        return self.pretrained_encoder or self.use_latent_action or self.use_intrinsic
+
+    @property
+    def needs_guidance(self) -> bool:
+        return self.use_latent_action or self.use_intrinsic
+
+
+def switches(fp: FinetuneParams) -> Switches:
+    if fp.algo == "veorl":
+        return Switches(pretrained_encoder=True, use_mmd=fp.use_mmd, use_latent_action=fp.use_latent_action,
+                        use_intrinsic=fp.use_intrinsic)
+    if fp.algo == "dreamerv2":
+        return Switches(pretrained_encoder=False, use_mmd=False, use_latent_action=False, use_intrinsic=False)
+    if fp.algo == "bc":
+        return Switches(pretrained_encoder=False, use_mmd=False, use_latent_action=False, use_intrinsic=False)
+    raise ValueError(f"finetune.algo: unknown algorithm {fp.algo!r}")
+
+
+def bc_pairs(image: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(frame t, action t+1) pairs of windows (B, T, ...): index t holds the obs reached by action t, so the
+    action chosen after seeing frame t is action t+1."""
+    if image.shape[:2] != action.shape[:2] or image.shape[1] < 2:
+        raise ValueError(f"bc needs windows of >= 2 steps with matching image {tuple(image.shape)} and action {tuple(action.shape)}")
+    frames = image[:, :-1].reshape(-1, *image.shape[2:])
+    targets = action[:, 1:].reshape(-1, action.shape[-1])
+    return frames, targets
+
+
+def bc_loss(policy: PixelPolicy, frames: torch.Tensor, targets: torch.Tensor, kind: str) -> tuple[torch.Tensor, dict[str, float]]:
+    mean, log_std = policy(frames)
+    mse = (mean - targets).square().sum(-1).mean()
+    if kind == "mse":
+        loss = mse
+    elif kind == "gaussian":
+        dist = torch.distributions.Normal(mean, log_std.exp())
+        loss = -dist.log_prob(targets).sum(-1).mean()
+    else:
+        raise ValueError(f"finetune.bc_loss: unknown loss {kind!r} (mse | gaussian)")
+    return loss, {"bc_loss": float(loss.detach()), "bc_mse": float(mse.detach())}
+
+
+class BehaviourCloning:
+    """One update = one batch of (frame, next action) pairs."""
+
+    def __init__(self, policy: PixelPolicy, fp: FinetuneParams):
+        self.policy, self.fp = policy, fp
+        self.optimizer = torch.optim.Adam(policy.parameters(), lr=fp.bc_optim.lr, eps=fp.bc_optim.eps)
+
+    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        frames, targets = bc_pairs(batch["image"], batch["action"])
+        loss, metrics = bc_loss(self.policy, frames, targets, self.fp.bc_loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.fp.bc_optim.grad_clip)
+        self.optimizer.step()
+        return {**metrics, "bc_grad_norm": float(grad)}
+
+    def state_dict(self) -> dict:
+        return {"policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.policy.load_state_dict(state["policy"])
+        self.optimizer.load_state_dict(state["optimizer"])

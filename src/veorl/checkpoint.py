@@ -1,0 +1,169 @@
+"""Atomic training checkpoints that hold everything needed for an exact resume.
+
+A checkpoint is a dict saved with torch.save: weights, optimizer states, step counters, every RNG
+state (python, numpy, torch CPU and CUDA; see `rng_state`), sampler state and the resolved config.
+Files are written to a temporary name and renamed; the `latest` pointer is replaced only after the
+file it names is complete, so a kill at any moment leaves a loadable checkpoint behind.
+Resuming is refused when the saved config differs in anything that changes the mathematics
+(`assert_resumable`); longer training (step counts) and bookkeeping settings may change.
+(Method doc: /work/shared/docs/veorl-method.md, "Known defects of the release": no resume there.)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from veorl.storage import atomic_path, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+_NAME = re.compile(r"^ckpt-(\d+)\.pt$")
+
+# Settings that may change between an interrupted run and its resumption: how long to train, how
+# often to log or checkpoint, where and with how many threads to run, how far to prefetch.
+RESUMABLE_CHANGES: tuple[str, ...] = (
+    "preset", "*.phase1_steps", "*.phase2_steps", "*.world_model_steps", "*.policy_steps", "*.bc_steps",
+    "*.checkpoint_every", "*.log_every", "*.image_log_every", "*.prefetch", "*.device", "*.threads",
+)
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint was made with a configuration that changes the mathematics of training."""
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG state that training touches."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any],
+                       allowed: Iterable[str] = RESUMABLE_CHANGES) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) for every key that differs and is not allowed to change."""
+    allowed = tuple(allowed)
+    flat_saved, flat_current = flatten(saved), flatten(current)
+    diffs = []
+    for key in sorted(set(flat_saved) | set(flat_current)):
+        a, b = flat_saved.get(key, "<absent>"), flat_current.get(key, "<absent>")
+        if a != b and not any(fnmatch.fnmatchcase(key, pattern) for pattern in allowed):
+            diffs.append((key, a, b))
+    return diffs
+
+
+def assert_resumable(saved: dict[str, Any], current: dict[str, Any], where: str = "checkpoint",
+                     allowed: Iterable[str] = RESUMABLE_CHANGES) -> None:
+    diffs = config_differences(saved, current, allowed)
+    if diffs:
+        lines = "\n".join(f"  {key}: checkpoint has {a!r}, now {b!r}" for key, a, b in diffs)
+        raise CheckpointMismatch(
+            f"refusing to resume from {where}: the configuration differs in settings that change the training maths\n"
+            f"{lines}\nRestore those settings to continue, or delete the checkpoint directory to train from scratch.")
+
+
+class CheckpointManager:
+    """Numbered checkpoint files in `directory`, the newest `keep` retained, and a `latest` pointer."""
+
+    def __init__(self, directory: str | Path, keep: int = 2):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.directory = Path(directory)
+        self.keep = keep
+
+    def path_for(self, step: int) -> Path:
+        return self.directory / f"ckpt-{step:09d}.pt"
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for path in self.directory.iterdir():
+            m = _NAME.match(path.name)
+            if m:
+                found.append((int(m.group(1)), path))
+        return sorted(found)
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        final = self.path_for(step)
+        with atomic_path(final) as tmp:
+            torch.save(state, tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        atomic_write_text(self.directory / LATEST, final.name + "\n")
+        for _, old in self.checkpoints()[:-self.keep]:
+            old.unlink(missing_ok=True)
+        return final
+
+    def _load(self, path: Path) -> dict[str, Any]:
+        # Our own files: they hold numpy RNG state and python objects that weights_only rejects.
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+    def load_latest(self) -> dict[str, Any] | None:
+        """The newest readable checkpoint, or None when there is none.
+
+        The `latest` pointer is trusted first; if it is missing or its file is unreadable, the newest
+        numbered file that loads is used (and the skip is logged).
+        """
+        candidates: list[Path] = []
+        pointer = self.directory / LATEST
+        if pointer.is_file():
+            name = pointer.read_text().strip()
+            if name:
+                candidates.append(self.directory / name)
+        candidates += [p for _, p in reversed(self.checkpoints()) if p not in candidates]
+        for path in candidates:
+            if not path.is_file():
+                continue
+            try:
+                return self._load(path)
+            except Exception as exc:  # a corrupt or truncated file: fall back to an older one
+                log.warning("skipping unreadable checkpoint %s: %s", path, exc)
+        return None
+
+
+__all__ = ["CheckpointManager", "CheckpointMismatch", "rng_state", "set_rng_state", "seed_everything", "flatten",
+           "config_differences", "assert_resumable", "RESUMABLE_CHANGES"]

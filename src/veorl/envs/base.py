@@ -1,0 +1,30 @@
+"""The one small interface every environment adapter implements (no simulator imports here)."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+class EnvError(ValueError):
+    """Bad environment arguments (unknown task, camera, ...) or misuse (stepping a finished episode)."""
+
+
+@runtime_checkable
+class Env(Protocol):
+    """An image-based episodic environment with continuous actions in [-1, 1].
+
+    Observations are dicts {"image": (size, size, 3) uint8, "state": float32 vector}. `step` returns
+    (obs, reward, done, info): done is true at `episode_length` steps or at a true termination, and
+    info carries at least "success" (bool) and "terminal" (bool: a true terminal, not a time limit).
+    """
+
+    action_dim: int
+    episode_length: int
+
+    def reset(self, seed: int | None = None) -> dict[str, np.ndarray]: ...
+
+    def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, dict[str, Any]]: ...
+
+    def close(self) -> None: ...

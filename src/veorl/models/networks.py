@@ -1,0 +1,165 @@
+"""Convolutional encoder/decoder, MLPs and the small heads of VeoRL.
+
+Sizes and conventions follow the method doc (/work/shared/docs/veorl-method.md, "Networks"):
+images enter as x/255 - 0.5, the encoder maps a 64x64x3 frame to 32*d features, the decoder
+maps a feature vector back to the mean of a unit-variance Gaussian over the (preprocessed) frame.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+IMAGE_SIZE = 64
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def preprocess(image: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-0.5, 0.5]. Floating input is taken as already preprocessed.
+
+    Training code preprocesses a batch once and uses the result both as encoder input and as the
+    decoder's reconstruction target, so float tensors pass through untouched.
+    """
+    if image.dtype == torch.uint8:
+        return image.to(torch.float32).div_(255.0).sub_(0.5)
+    if not image.is_floating_point():
+        raise TypeError(f"images must be uint8 pixels or preprocessed floats, got {image.dtype}")
+    return image
+
+
+def postprocess(image: torch.Tensor) -> torch.Tensor:
+    """Preprocessed float image -> uint8 pixels (for figures and videos)."""
+    return ((image + 0.5).clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+
+
+def unit_gaussian_log_prob(mean: torch.Tensor, target: torch.Tensor, event_dims: int) -> torch.Tensor:
+    """log N(target; mean, 1) summed over the last `event_dims` dimensions."""
+    squared = (target - mean).square()
+    if event_dims:
+        squared = squared.flatten(-event_dims).sum(-1)
+        count = math.prod(mean.shape[-event_dims:])
+    else:
+        count = 1
+    return -0.5 * squared - count * _HALF_LOG_2PI
+
+
+class Encoder(nn.Module):
+    """4 conv layers (kernel 4, stride 2, channels d,2d,4d,8d, ELU): (..., 64, 64, 3) -> (..., 32*d)."""
+
+    def __init__(self, depth: int = 32):
+        super().__init__()
+        self.depth = depth
+        channels = [3, depth, 2 * depth, 4 * depth, 8 * depth]
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(channels[:-1], channels[1:]):
+            layers += [nn.Conv2d(c_in, c_out, kernel_size=4, stride=2), nn.ELU()]
+        self.convs = nn.Sequential(*layers)
+        self.output_dim = 32 * depth
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if image.shape[-3:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
+            raise ValueError(f"Encoder expects (..., {IMAGE_SIZE}, {IMAGE_SIZE}, 3) images, got {tuple(image.shape)}")
+        lead = image.shape[:-3]
+        x = preprocess(image).reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 3).permute(0, 3, 1, 2)
+        # channels_last lets oneDNN/cuDNN run the convs without a layout conversion of the NHWC input.
+        x = x.contiguous(memory_format=torch.channels_last)
+        x = self.convs(x)
+        return x.reshape(*lead, self.output_dim)
+
+
+class Decoder(nn.Module):
+    """Linear to 32*d, 1x1, transposed convs (k 5,5,6,6; s2; ch 4d,2d,d,3): (..., F) -> (..., 64, 64, 3) mean."""
+
+    def __init__(self, feat_dim: int, depth: int = 32):
+        super().__init__()
+        self.feat_dim = feat_dim
+        self.depth = depth
+        self.linear = nn.Linear(feat_dim, 32 * depth)
+        channels = [32 * depth, 4 * depth, 2 * depth, depth, 3]
+        kernels = [5, 5, 6, 6]
+        layers: list[nn.Module] = []
+        for i, (c_in, c_out, k) in enumerate(zip(channels[:-1], channels[1:], kernels)):
+            layers.append(nn.ConvTranspose2d(c_in, c_out, kernel_size=k, stride=2))
+            if i < len(kernels) - 1:
+                layers.append(nn.ELU())
+        self.deconvs = nn.Sequential(*layers)
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        if feature.shape[-1] != self.feat_dim:
+            raise ValueError(f"Decoder expects (..., {self.feat_dim}) features, got {tuple(feature.shape)}")
+        lead = feature.shape[:-1]
+        x = self.linear(feature.reshape(-1, self.feat_dim)).reshape(-1, 32 * self.depth, 1, 1)
+        x = x.contiguous(memory_format=torch.channels_last)
+        x = self.deconvs(x)
+        return x.permute(0, 2, 3, 1).reshape(*lead, IMAGE_SIZE, IMAGE_SIZE, 3)
+
+    def log_prob(self, feature: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """log-likelihood of preprocessed target frames under the unit Gaussian, summed per frame."""
+        return unit_gaussian_log_prob(self(feature), target, event_dims=3)
+
+
+class MLP(nn.Module):
+    """`layers` hidden layers of `units` with activation `act`, then a linear output of size `out`."""
+
+    def __init__(self, in_dim: int, out_dim: int, units: int, layers: int, act: type[nn.Module] = nn.ELU):
+        super().__init__()
+        modules: list[nn.Module] = []
+        width = in_dim
+        for _ in range(layers):
+            modules += [nn.Linear(width, units), act()]
+            width = units
+        modules.append(nn.Linear(width, out_dim))
+        self.net = nn.Sequential(*modules)
+        self.in_dim, self.out_dim = in_dim, out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class DenseHead(nn.Module):
+    """MLP whose output is the mean of a unit-variance Gaussian (reward, discount-as-regression, value)."""
+
+    def __init__(self, in_dim: int, out_dim: int = 1, units: int = 400, layers: int = 2, act: type[nn.Module] = nn.ELU):
+        super().__init__()
+        self.mlp = MLP(in_dim, out_dim, units, layers, act)
+        self.out_dim = out_dim
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        """Mean; a scalar head (out_dim=1) returns shape (...), otherwise (..., out_dim)."""
+        mean = self.mlp(feature)
+        return mean.squeeze(-1) if self.out_dim == 1 else mean
+
+    def log_prob(self, feature: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return unit_gaussian_log_prob(self(feature), target, event_dims=0 if self.out_dim == 1 else 1)
+
+
+class BinaryHead(nn.Module):
+    """MLP producing Bernoulli logits (the discount head of discrete-action domains)."""
+
+    def __init__(self, in_dim: int, units: int = 400, layers: int = 2, act: type[nn.Module] = nn.ELU):
+        super().__init__()
+        self.mlp = MLP(in_dim, 1, units, layers, act)
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        return self.mlp(feature).squeeze(-1)
+
+    def log_prob(self, feature: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return -nn.functional.binary_cross_entropy_with_logits(self(feature), target, reduction="none")
+
+
+class FBC(nn.Module):
+    """F_BC: predicts the next latent action from a model feature (250 -> 125 -> 8 by default)."""
+
+    def __init__(self, feat_dim: int, hidden: int = 125, latent_dim: int = 8):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(feat_dim, hidden), nn.ELU(), nn.Linear(hidden, latent_dim))
+        self.feat_dim, self.latent_dim = feat_dim, latent_dim
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        return self.net(feature)
+
+
+__all__ = ["IMAGE_SIZE", "preprocess", "postprocess", "unit_gaussian_log_prob", "Encoder", "Decoder", "MLP", "DenseHead",
+           "BinaryHead", "FBC"]

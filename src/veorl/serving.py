@@ -1,0 +1,133 @@
+"""The registered model: an MLflow pyfunc that maps an observation and the recurrent state to an action.
+
+A deployed VeoRL policy is recurrent (it filters the Trunk Net on the observations it has seen), so the
+served model is a pure step function, and the caller carries the state between calls:
+
+    model = mlflow.pyfunc.load_model("models:/veorl-agent@champion")
+    state = initial_state(model)                     # {"deter": (1, D), ...} float32; {} for the bc baseline
+    out = model.predict({"image": frames, **state})  # frames: (B, 64, 64, 3) uint8
+    action = out["action"]                           # (B, action_dim) float32 in [-1, 1]
+    state = {k: v for k, v in out.items() if k != "action"}
+
+Input: a dict of numpy arrays, "image" (B, 64, 64, 3) uint8 plus one float32 array per state key.
+Output: a dict with "action" and the new state under the same keys as the input state.
+The model's artifacts are the agent directory itself (agent.pt + agent.json + provenance); the veorl package is
+logged as code so the model loads wherever torch, numpy and mlflow of the pinned versions are installed.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+
+AGENT_ARTIFACT = "agent"
+IMAGE_KEY = "image"
+ACTION_KEY = "action"
+RESERVED_KEYS = (IMAGE_KEY, ACTION_KEY)
+
+# The packages acting imports (veorl.agent -> veorl.models -> torch/numpy; veorl.config -> pydantic/yaml).
+SERVING_PACKAGES = ("mlflow", "torch", "numpy", "pydantic", "pyyaml")
+
+
+class AgentPolicy(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper of veorl.agent.Agent: one deterministic policy step per predict call."""
+
+    # The signature is given explicitly at logging time (a dict of tensors); MLflow's type-hint validation would
+    # replace it with a weaker schema and, without hints, warns on every import. Opt out of it.
+    _skip_type_hint_validation = True
+
+    def load_context(self, context) -> None:
+        # Imported on load, not at module top: the model class must unpickle before torch is needed.
+        from veorl.agent import Agent
+
+        self.agent = Agent.load(context.artifacts[AGENT_ARTIFACT], device="cpu")
+        self.state_keys = tuple(sorted(self.agent.initial_state(1)))
+
+    def predict(self, context, model_input, params=None):
+        if not isinstance(model_input, dict):
+            raise TypeError(f"input must be a dict of numpy arrays with keys {[IMAGE_KEY, *self.state_keys]}, "
+                            f"got {type(model_input).__name__}")
+        missing = [k for k in (IMAGE_KEY, *self.state_keys) if k not in model_input]
+        if missing:
+            raise KeyError(f"input lacks {missing}; expected keys {[IMAGE_KEY, *self.state_keys]}")
+        image = np.asarray(model_input[IMAGE_KEY], dtype=np.uint8)
+        state = {k: np.asarray(model_input[k], dtype=np.float32) for k in self.state_keys}
+        action, new_state = self.agent.act(image, state)
+        return {ACTION_KEY: np.asarray(action, dtype=np.float32),
+                **{k: np.asarray(v, dtype=np.float32) for k, v in new_state.items()}}
+
+
+def initial_state(model: Any, batch: int = 1) -> dict[str, np.ndarray]:
+    """Zero recurrent state for a loaded pyfunc model, read from its signature (no agent code needed)."""
+    schema = model.metadata.get_input_schema()
+    state: dict[str, np.ndarray] = {}
+    for spec in schema.inputs:
+        if spec.name == IMAGE_KEY:
+            continue
+        shape = tuple(batch if dim == -1 else dim for dim in spec.shape)
+        state[spec.name] = np.zeros(shape, dtype=np.float32)
+    return state
+
+
+def example_io(agent: Any, image_size: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A one-step input example (blank frame, initial state) and the agent's output for it."""
+    size = int(image_size or agent.meta.get("image_size", 64))
+    state = agent.initial_state(1)
+    clash = sorted(set(state) & set(RESERVED_KEYS))
+    if clash:
+        raise ValueError(f"agent state keys {clash} collide with the model's reserved input/output names {RESERVED_KEYS}")
+    example_input = {IMAGE_KEY: np.zeros((1, size, size, 3), dtype=np.uint8),
+                     **{k: np.asarray(v, dtype=np.float32) for k, v in state.items()}}
+    action, new_state = agent.act(example_input[IMAGE_KEY], {k: example_input[k] for k in state})
+    example_output = {ACTION_KEY: np.asarray(action, dtype=np.float32),
+                      **{k: np.asarray(v, dtype=np.float32) for k, v in new_state.items()}}
+    return example_input, example_output
+
+
+def pinned_requirements() -> list[str]:
+    """Exact pins of the serving dependencies as installed here (local labels such as +cpu dropped)."""
+    pins = []
+    for dist in SERVING_PACKAGES:
+        version = importlib.metadata.version(dist).split("+", 1)[0]
+        pins.append(f"{dist}=={version}")
+    return pins
+
+
+def _package_code_copy(workdir: Path) -> Path:
+    """A clean copy of the veorl package (no caches) to log as the model's code."""
+    import veorl
+
+    source = Path(veorl.__file__).resolve().parent
+    target = workdir / "veorl"
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+    return target
+
+
+def log_agent_model(agent_dir: str | Path, name: str = "agent", tags: dict[str, str] | None = None):
+    """Log the agent directory as a pyfunc model in the active run; returns mlflow's ModelInfo."""
+    from mlflow.models import infer_signature
+
+    from veorl.agent import Agent
+
+    agent_dir = Path(agent_dir)
+    agent = Agent.load(str(agent_dir), device="cpu")
+    example_input, example_output = example_io(agent)
+    signature = infer_signature(example_input, example_output)
+    with tempfile.TemporaryDirectory(prefix="veorl-model-code-") as tmp:
+        code = _package_code_copy(Path(tmp))
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=AgentPolicy(),
+            artifacts={AGENT_ARTIFACT: str(agent_dir)},
+            signature=signature,
+            input_example=example_input,
+            pip_requirements=pinned_requirements(),
+            code_paths=[str(code)],
+            tags=tags,
+        )
