@@ -29,7 +29,8 @@ def run(sources: list[str], out: str, params: Params, progress: bool = True) -> 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m components.ingest",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Writes OUT/manifest.json, OUT/clips/<key>-<k>.npy (uint8 N x window x size x size x 3), OUT/config.json "
                "and OUT/provenance.json.",
     )

@@ -47,8 +47,8 @@ def test_missing_success_is_filled_with_false():
     assert out["success"].dtype == bool and not out["success"].any()
 
 
-def _bad_variants() -> dict[str, tuple[dict[str, np.ndarray] | bytes, str]]:
-    good = make_episode()
+def _bad_variants(size: int) -> dict[str, tuple[dict[str, np.ndarray] | bytes, str]]:
+    good = make_episode(size=size)
     variants: dict[str, tuple[dict[str, np.ndarray] | bytes, str]] = {}
     missing = dict(good)
     del missing["reward"]
@@ -64,13 +64,13 @@ def _bad_variants() -> dict[str, tuple[dict[str, np.ndarray] | bytes, str]]:
     return variants
 
 
-def write_variants(folder: Path) -> dict[str, str]:
+def write_variants(folder: Path, size: int = 16) -> dict[str, str]:
     """Two good episodes plus every bad variant into `folder`; returns {bad file name: expected reason}."""
     folder.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(folder / "good_a.npz", **make_episode(seed=1))
-    np.savez_compressed(folder / "good_b.npz", **make_episode(seed=2))
+    np.savez_compressed(folder / "good_a.npz", **make_episode(size=size, seed=1))
+    np.savez_compressed(folder / "good_b.npz", **make_episode(size=size, seed=2))
     expected = {}
-    for name, (content, reason) in _bad_variants().items():
+    for name, (content, reason) in _bad_variants(size).items():
         if isinstance(content, bytes):
             (folder / name).write_bytes(content)
         else:

@@ -165,6 +165,10 @@ def test_image_sequence_folders_are_trajectories_in_natural_frame_order(tmp_path
         assert (entry["frames"], entry["clips"], entry["width"], entry["height"]) == (14, 1, 64, 48)
         assert [frame_index(f) for f in load_clips(out, entry)[0]] == list(range(12))
 
+    # A glob over frame files names the same trajectory (same frames, same content hash).
+    globbed = ingest([str(root / "traj_png" / "im_*.png")], tmp_path / "glob", smoke(), progress=False)
+    assert [(e["uri"], e["kind"], e["content_hash"]) for e in globbed["sources"]] == [(png["uri"], "image_sequence", png["content_hash"])]
+
     # With a target rate, image sequences play at ingest.image_fps: 14 frames at 5 Hz = 2.8 s -> 7 frames at 2.5 fps.
     halved = ingest([str(root / "traj_png")], tmp_path / "half", smoke(fps=2.5, window=3, stride=1), progress=False)
     assert halved["sources"][0]["frames"] == 7

@@ -16,9 +16,10 @@ def test_atomic_path_failure_leaves_previous_content_and_no_temp(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["artifact.bin"]
 
 
-def test_atomic_json_round_trip(tmp_path):
+def test_atomic_json_round_trip_readable_by_others(tmp_path):
     atomic_write_json(tmp_path / "a" / "b.json", {"x": [1, 2]})
     assert read_json(tmp_path / "a" / "b.json") == {"x": [1, 2]}
+    assert (tmp_path / "a" / "b.json").stat().st_mode & 0o777 == 0o644
 
 
 def test_tree_hash_tracks_content_and_names(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures as futures
 import csv
 import multiprocessing
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -165,7 +166,7 @@ def evaluate_agent(agent_dir: str | Path, episodes: int, seed: int, workers: int
                     for other in pending:
                         other.cancel()
                     raise
-    except futures.process.BrokenProcessPool as exc:
+    except BrokenProcessPool as exc:
         raise EvaluationError(f"an evaluation worker died (killed or out of memory): {exc}") from exc
     finally:
         bar.close()

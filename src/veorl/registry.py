@@ -156,7 +156,21 @@ def read_evaluation(eval_dir: str | Path, agent: AgentInfo, metric: str) -> Eval
     algo = metrics.get("algo")
     if algo is not None and algo != agent.meta.get("algo"):
         return problem(f"evaluation of a different agent: {path} algo is {algo!r}, the agent's is {agent.meta.get('algo')!r}")
+    evaluated = _evaluated_agent_hash(Path(eval_dir))
+    if evaluated is not None and evaluated != agent.content_hash:
+        return problem(f"evaluation of a different agent: {Path(eval_dir) / 'provenance.json'} names agent content "
+                       f"{evaluated[:12]}..., the agent registered is {agent.content_hash[:12]}...")
     return EvaluationInfo(str(path), content_hash, metrics, None)
+
+
+def _evaluated_agent_hash(eval_dir: Path) -> str | None:
+    """The agent content hash the evaluation recorded as its upstream (components.evaluate writes it), if any."""
+    try:
+        upstream = read_json(eval_dir / "provenance.json").get("upstream") or {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    value = upstream.get("agent") if isinstance(upstream, dict) else None
+    return value if isinstance(value, str) else None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -40,6 +40,9 @@ def atomic_path(final: str | Path, suffix: str | None = None) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp creates 0600 files; artifacts are shared with other users/containers, so use the usual mode.
+        if tmp_path.exists():
+            os.chmod(tmp_path, 0o644)
         os.replace(tmp_path, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -78,6 +78,16 @@ class MetaWorldEnv:
         self.state_dim = int(self._env.observation_space.shape[0])
 
         model = self._env.model
+        self.cameras = [model.camera(i).name for i in range(model.ncam)]
+        self._camera_ids: dict[str, int] = {}
+        self._flip: dict[str, bool] = {}
+        self._original_cam_pos = model.cam_pos.copy()
+        self.camera = camera
+        try:
+            self._camera_id(camera)  # validate now, not at the first reset
+        except EnvError:
+            self._gym_env.close()
+            raise
         model.vis.quality.offsamples = 0
         model.vis.global_.offwidth = self.size
         model.vis.global_.offheight = self.size
@@ -85,12 +95,6 @@ class MetaWorldEnv:
         flags = mujoco.mjtRndFlag
         self._renderer.scene.flags[flags.mjRND_SHADOW] = False
         self._renderer.scene.flags[flags.mjRND_REFLECTION] = False
-        self.cameras = [model.camera(i).name for i in range(model.ncam)]
-        self._camera_ids: dict[str, int] = {}
-        self._flip: dict[str, bool] = {}
-        self._original_cam_pos = model.cam_pos.copy()
-        self.camera = camera
-        self._camera_id(camera)  # validate now, not at the first reset
 
         self._seed_stream = np.random.default_rng(self.seed)
         self._steps = 0
@@ -118,10 +122,15 @@ class MetaWorldEnv:
     def _needs_flip(self, camera: str) -> bool:
         if camera not in self._flip:
             cam = self._camera_id(camera)
-            # A fixed camera whose image "up" axis points below the horizon renders the world upside down.
-            fixed = int(self._env.model.cam_mode[cam]) == self._mujoco.mjtCamLight.mjCAMLIGHT_FIXED
-            up_world_z = float(self._env.data.cam_xmat[cam].reshape(3, 3)[2, 1])
-            self._flip[camera] = fixed and up_world_z < 0.0
+            model = self._env.model
+            # A camera fixed in the world whose image "up" axis points below the horizon films the world upside
+            # down. Read from the model, so the answer does not depend on whether the simulation has run yet.
+            in_world = int(model.cam_bodyid[cam]) == 0
+            fixed = int(model.cam_mode[cam]) == self._mujoco.mjtCamLight.mjCAMLIGHT_FIXED
+            orientation = np.zeros(9)
+            self._mujoco.mju_quat2Mat(orientation, model.cam_quat[cam])
+            up_world_z = float(orientation.reshape(3, 3)[2, 1])
+            self._flip[camera] = in_world and fixed and up_world_z < 0.0
         return self._flip[camera]
 
     # ------------------------------------------------------------------------------------------

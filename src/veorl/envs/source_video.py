@@ -201,11 +201,13 @@ def render_source_videos(out: str | Path, cfg: Any, target_task: str | None = No
     bar = tqdm(total=len(jobs), desc="source videos", unit="ep", disable=not progress or not jobs)
     try:
         if n_workers == 1:
-            for job in jobs:
-                meta = render_episode(job)
-                metas[(meta["recipe"]["task"], meta["recipe"]["episode"])] = meta
-                bar.update()
-            _close_worker_env()
+            try:
+                for job in jobs:
+                    meta = render_episode(job)
+                    metas[(meta["recipe"]["task"], meta["recipe"]["episode"])] = meta
+                    bar.update()
+            finally:
+                _close_worker_env()
         elif jobs:
             # spawn: every worker opens its own EGL context from a clean interpreter (no inherited GL state).
             with mp.get_context("spawn").Pool(n_workers) as pool:

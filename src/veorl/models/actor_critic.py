@@ -96,7 +96,7 @@ class OneHotCategorical:
 
     def sample(self) -> torch.Tensor:
         with torch.no_grad():
-            return self.rsample()
+            return F.one_hot(self._dist.sample(), self.logits.shape[-1]).to(self.logits.dtype)
 
     def mode(self) -> torch.Tensor:
         return F.one_hot(self.logits.argmax(-1), self.logits.shape[-1]).to(self.logits.dtype)

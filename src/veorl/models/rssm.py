@@ -166,7 +166,7 @@ class RSSM(nn.Module):
         else:
             index = probs.argmax(-1, keepdim=True)
         one_hot = torch.zeros_like(probs).scatter_(-1, index, 1.0)
-        stoch = one_hot + probs - probs.detach()  # straight-through gradient
+        stoch = one_hot + (probs - probs.detach())  # straight-through gradient; the value stays exactly one-hot
         return RSSMState(deter, stoch.flatten(-2), logits=logits)
 
     # -- one step ---------------------------------------------------------------------------------

@@ -22,7 +22,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
+import av
 import numpy as np
+from av.filter.context import FilterContext
 
 # Bytes of the file head read to tell a text file (say, an HTML error page saved as .mp4) from a video.
 _SNIFF_BYTES = 256
@@ -48,15 +50,9 @@ class FrameReader(Protocol):
     frames_decoded: int
     truncation: str | None
 
-    def __iter__(self) -> Iterator[tuple[float, "object"]]: ...
+    def __iter__(self) -> Iterator[tuple[float, av.VideoFrame]]: ...
 
     def end_time(self) -> float: ...
-
-
-def _av():
-    import av
-
-    return av
 
 
 def ffmpeg_message(exc: BaseException) -> str:
@@ -69,12 +65,17 @@ def _reason_not_a_video(path: Path, exc: Exception) -> str:
     try:
         with open(path, "rb") as fh:
             head = fh.read(_SNIFF_BYTES)
-        text = head.decode("utf-8")
+    except OSError:
+        head = b""
+    for cut in range(4):  # the sniffed head may end inside a multi-byte character
+        try:
+            text = head[: len(head) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
         if text.strip() and "\x00" not in text:
             preview = text.strip().splitlines()[0][:40]
             return f"not a video: FFmpeg says {message!r}; the file starts with text ({preview!r})"
-    except (OSError, UnicodeDecodeError):
-        pass
+        break
     return f"not a video: FFmpeg says {message!r}"
 
 
@@ -86,7 +87,6 @@ class VideoReader:
     """(time in seconds, av.VideoFrame) of the first video stream of one file, in presentation order."""
 
     def __init__(self, path: str | Path):
-        av = _av()
         self.path = Path(path)
         self.frames_decoded = 0
         self.truncation: str | None = None
@@ -116,8 +116,7 @@ class VideoReader:
         self.info = StreamInfo(width=context.width or None, height=context.height or None, fps_in=_as_float(rate),
                                codec=context.name)
 
-    def __iter__(self) -> Iterator[tuple[float, object]]:
-        av = _av()
+    def __iter__(self) -> Iterator[tuple[float, av.VideoFrame]]:
         frame_period = 1.0 / self.info.fps_in if self.info.fps_in else None
         try:
             decoded = self._container.decode(self._stream)
@@ -203,8 +202,7 @@ class ImageSequenceReader:
         self.truncation: str | None = None
         self.info = StreamInfo(width=None, height=None, fps_in=self.image_fps, codec=None)
 
-    def _decode_one(self, path: Path) -> object:
-        av = _av()
+    def _decode_one(self, path: Path) -> av.VideoFrame:
         if path.stat().st_size == 0:
             raise DecodeError(f"{path.name}: empty file (0 bytes)")
         try:
@@ -220,7 +218,7 @@ class ImageSequenceReader:
             raise DecodeError(f"{path.name}: {_reason_not_a_video(path, exc).replace('not a video', 'not an image')}") from None
         raise DecodeError(f"{path.name}: no decodable image")
 
-    def __iter__(self) -> Iterator[tuple[float, object]]:
+    def __iter__(self) -> Iterator[tuple[float, av.VideoFrame]]:
         for index, path in enumerate(self.files):
             try:
                 frame = self._decode_one(path)
@@ -238,7 +236,8 @@ class ImageSequenceReader:
         return self.frames_decoded / self.image_fps
 
 
-def nearest_in_time(timed_frames: Iterable[tuple[float, object]], fps: float, end_time: Callable[[], float]) -> Iterator[object]:
+def nearest_in_time(timed_frames: Iterable[tuple[float, av.VideoFrame]], fps: float,
+                    end_time: Callable[[], float]) -> Iterator[av.VideoFrame]:
     """Resample a timestamped stream to `fps`: for each target time t0 + k/fps, the frame shown nearest to it.
 
     Frames repeat when upsampling and are skipped when downsampling. The output covers the source's whole
@@ -247,7 +246,7 @@ def nearest_in_time(timed_frames: Iterable[tuple[float, object]], fps: float, en
     step = 1.0 / fps
     start: float | None = None
     produced = 0
-    previous: tuple[float, object] | None = None
+    previous: tuple[float, av.VideoFrame] | None = None
     for time, frame in timed_frames:
         if start is None:
             start = time
@@ -282,10 +281,9 @@ class SquareFrameConverter:
     def __init__(self, size: int, interpolation: str = "area"):
         self.size = int(size)
         self.interpolation = interpolation
-        self._graphs: dict[tuple[int, int, str], tuple[object, object, object]] = {}
+        self._graphs: dict[tuple[int, int, str], tuple[av.filter.Graph, FilterContext, FilterContext]] = {}
 
     def _graph(self, width: int, height: int, pix_fmt: str):
-        av = _av()
         key = (width, height, pix_fmt)
         found = self._graphs.get(key)
         if found is not None:
@@ -308,10 +306,11 @@ class SquareFrameConverter:
         scale.link_to(rgb)
         rgb.link_to(sink)
         graph.configure()
+        # The graph must stay referenced: its filter contexts point into it and crash once it is freed.
         self._graphs[key] = (graph, source, sink)
         return self._graphs[key]
 
-    def __call__(self, frame) -> np.ndarray:
+    def __call__(self, frame: av.VideoFrame) -> np.ndarray:
         graph, source, sink = self._graph(frame.width, frame.height, frame.format.name)
         source.push(frame)
         out = sink.pull()
@@ -328,12 +327,12 @@ def square_frames(reader: FrameReader, size: int, fps: float | None = None, inte
     Only the frames the resampler picks are converted; a frame picked twice is converted once.
     """
     converter = converter or SquareFrameConverter(size, interpolation)
-    frames: Iterable[object]
+    frames: Iterable[av.VideoFrame]
     if fps is None:
         frames = (frame for _, frame in reader)
     else:
         frames = nearest_in_time(reader, fps, reader.end_time)
-    last_frame: object | None = None
+    last_frame: av.VideoFrame | None = None
     last_array: np.ndarray | None = None
     for frame in frames:
         if frame is not last_frame:

@@ -10,7 +10,7 @@ Output (read by veorl.data.clips.ClipStore):
 
 A source's key joins its content hash and the hash of the settings that shape the clips, so a re-run skips
 every source already ingested with the same settings (and resumes a killed run), while changing a setting
-re-ingests. The manifest is rewritten atomically after every finished source.
+re-ingests. The manifest is rewritten atomically as sources finish (after each one, at most once a second).
 
 Damaged input never stops the run: a source that cannot be decoded is recorded with status "failed" and a
 reason. A file that decodes for a while and then fails (a truncated download, a corrupt stretch) keeps the
@@ -41,6 +41,7 @@ log = logging.getLogger("veorl.ingest")
 MANIFEST_VERSION = 1
 MANIFEST = "manifest.json"
 CACHE_DIR = ".cache"
+MANIFEST_SAVE_INTERVAL_S = 1.0
 # Frames between progress reports from a decoder: often enough for a live bar, rare enough to cost nothing.
 _REPORT_EVERY = 32
 
@@ -277,10 +278,18 @@ def ingest(sources: Sequence[str], out: str | Path, params: Params, progress: bo
         else:
             pending.append(index)
 
-    def save(complete: bool) -> dict[str, Any]:
+    last_save = [0.0]
+
+    def save(complete: bool, throttle: bool = False) -> dict[str, Any] | None:
+        # The manifest grows with the sources, so rewriting it after every one of 10k tiny sources would cost
+        # O(n^2); at most one rewrite per MANIFEST_SAVE_INTERVAL_S bounds that, and a killed run loses at most
+        # that much finished work (those sources are simply ingested again).
+        if throttle and time.monotonic() - last_save[0] < MANIFEST_SAVE_INTERVAL_S:
+            return None
         stats["seconds"] = round(time.perf_counter() - started, 3)
         manifest = _manifest([e for e in resolved if e is not None], settings, settings_sha, complete, dict(stats))
         atomic_write_json(out_dir / MANIFEST, manifest)
+        last_save[0] = time.monotonic()
         return manifest
 
     source_bar = tqdm(total=len(expanded), initial=len(expanded) - len(pending), desc="ingest sources", unit="src",
@@ -301,7 +310,7 @@ def ingest(sources: Sequence[str], out: str | Path, params: Params, progress: bo
             stats["failed"] += 1
             log.warning("%s: failed: %s", entry["uri"], entry["error"])
         resolved[index] = entry
-        save(complete=False)
+        save(complete=False, throttle=True)
         source_bar.update(1)
 
     save(complete=False)
@@ -319,6 +328,7 @@ def ingest(sources: Sequence[str], out: str | Path, params: Params, progress: bo
         frame_bar.close()
 
     manifest = save(complete=True)
+    assert manifest is not None
     removed = _remove_stale_files(out_dir, manifest)
     if removed:
         log.info("removed %d shard files no source refers to any more", removed)

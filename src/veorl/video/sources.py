@@ -94,11 +94,17 @@ def _expand_local(spec: str, video_ext: set[str], image_ext: set[str], exclude: 
     if _GLOB_CHARS & set(spec):
         matches = sorted(glob.glob(spec, recursive=True), key=natural_key)
         found = []
+        frames_by_folder: dict[str, list[str]] = {}
         for match in matches:
             if os.path.isdir(match):
                 found.extend(_walk_folder(match, video_ext, image_ext, exclude))
             elif _extension(match) in video_ext:
                 found.append(_local_video(match))
+            elif _extension(match) in image_ext:  # traj0/*.png: the matched frames of each folder form one sequence
+                frames_by_folder.setdefault(os.path.dirname(match), []).append(match)
+        for folder, frames in frames_by_folder.items():
+            found.append(Source(uri=os.path.normpath(folder), kind=IMAGE_SEQUENCE, members=tuple(frames),
+                                fingerprint=_local_fingerprint(frames)))
         if not found:
             return [Source(uri=spec, kind=VIDEO, members=(), problem="the glob matches no video file or image folder")]
         return found
@@ -155,6 +161,18 @@ def expand_sources(specs: Sequence[str], video_extensions: Sequence[str], image_
     return out
 
 
+_clients: dict[tuple[int, str | None, str | None, str | None], object] = {}
+
+
+def _cached_s3_client():
+    """One client per process and configuration: creating a boto3 session costs ~0.1 s, a lot per small object."""
+    key = (os.getpid(), os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+           os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
+    if key not in _clients:
+        _clients[key] = s3_client()
+    return _clients[key]
+
+
 @contextlib.contextmanager
 def fetched(source: Source, cache_dir: str | Path) -> Iterator[list[Path]]:
     """Local paths of the source's members; S3 objects are downloaded under `cache_dir` and deleted afterwards."""
@@ -164,7 +182,7 @@ def fetched(source: Source, cache_dir: str | Path) -> Iterator[list[Path]]:
     folder = Path(cache_dir) / hashlib.sha256(source.uri.encode()).hexdigest()[:16]
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        client = s3_client()
+        client = _cached_s3_client()
         paths = []
         for index, member in enumerate(source.members):
             # Keep the extension: FFmpeg's probing uses it as a hint for formats without a clear signature.

@@ -1,0 +1,157 @@
+"""Checkpoints (atomic, pruned, RNG-complete, config-guarded) and resumable, prefetching samplers."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from veorl.checkpoint import (CheckpointManager, CheckpointMismatch, assert_resumable, config_differences, rng_state,
+                              set_rng_state)
+from veorl.data.clips import ClipStore
+from veorl.data.episodes import EpisodeStore, save_episode
+from veorl.data.samplers import ClipSampler, EpisodeWindowSampler, JointSampler, Prefetcher, step_rng
+
+
+def test_save_load_latest_and_pruning(tmp_path):
+    manager = CheckpointManager(tmp_path / "ckpt", keep=2)
+    assert manager.load_latest() is None
+    for step in (2, 4, 6):
+        manager.save(step, {"step": step, "weights": torch.full((3,), float(step))})
+    assert [s for s, _ in manager.checkpoints()] == [4, 6]
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "ckpt-000000006.pt"
+    state = manager.load_latest()
+    assert state["step"] == 6 and torch.equal(state["weights"], torch.full((3,), 6.0))
+    assert not [p for p in (tmp_path / "ckpt").iterdir() if p.name.startswith(".")]
+
+
+def test_corrupt_latest_falls_back_to_older(tmp_path):
+    manager = CheckpointManager(tmp_path, keep=3)
+    manager.save(1, {"step": 1})
+    manager.save(2, {"step": 2})
+    manager.path_for(2).write_bytes(b"truncated")
+    assert manager.load_latest()["step"] == 1
+    (tmp_path / "latest").unlink()
+    assert manager.load_latest()["step"] == 1
+
+
+def test_failed_save_leaves_previous_checkpoint_intact(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    manager.save(1, {"step": 1})
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    with pytest.raises(RuntimeError):
+        manager.save(2, {"step": 2, "bad": Unpicklable()})
+    assert manager.load_latest()["step"] == 1
+    assert [s for s, _ in manager.checkpoints()] == [1]
+
+
+def test_rng_state_roundtrip_covers_python_numpy_torch():
+    state = rng_state()
+    first = (random.random(), np.random.rand(), torch.rand(2))
+    set_rng_state(state)
+    second = (random.random(), np.random.rand(), torch.rand(2))
+    assert first[0] == second[0] and first[1] == second[1] and torch.equal(first[2], second[2])
+
+
+def test_resume_guard_names_the_key():
+    saved = {"model": {"deter": 200}, "pretrain": {"optim": {"lr": 3e-4}, "phase1_steps": 10, "log_every": 5}}
+    longer = {"model": {"deter": 200}, "pretrain": {"optim": {"lr": 3e-4}, "phase1_steps": 20, "log_every": 1}}
+    assert_resumable(saved, longer)  # extending training and logging more often are fine
+    changed = {"model": {"deter": 200}, "pretrain": {"optim": {"lr": 1e-3}, "phase1_steps": 10, "log_every": 5}}
+    with pytest.raises(CheckpointMismatch, match=r"pretrain\.optim\.lr: checkpoint has 0\.0003, now 0\.001"):
+        assert_resumable(saved, changed)
+    assert config_differences(saved, {"model": {"deter": 200}}) [0][0] == "pretrain.optim.lr"
+
+
+# ------------------------------------------------------------------------------------------------
+# Samplers
+# ------------------------------------------------------------------------------------------------
+
+
+def _episodes(tmp_path, lengths=(30, 45)):
+    rng = np.random.default_rng(0)
+    for i, n in enumerate(lengths):
+        save_episode(tmp_path / "episodes" / "episodes", i, {
+            "image": rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8),
+            "action": rng.uniform(-1, 1, (n, 4)).astype(np.float32),
+            "reward": rng.normal(size=n).astype(np.float32), "discount": np.ones(n, np.float32)})
+    return EpisodeStore(tmp_path / "episodes", cache_episodes=1)
+
+
+def _clips(tmp_path, shards=(5, 3), window=10):
+    root = tmp_path / "clips"
+    (root / "clips").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    entries = []
+    for k, n in enumerate(shards):
+        np.save(root / "clips" / f"src-{k}.npy", rng.integers(0, 256, (n, window, 64, 64, 3), dtype=np.uint8))
+        entries.append({"file": f"clips/src-{k}.npy", "clips": n})
+    (root / "manifest.json").write_text(json.dumps({"version": 1, "size": 64, "window": window,
+                                                    "sources": [{"status": "ok", "shards": entries}]}))
+    return ClipStore(root)
+
+
+def test_batches_are_a_function_of_seed_and_step(tmp_path):
+    episodes, clips = _episodes(tmp_path), _clips(tmp_path)
+    a = JointSampler(target=EpisodeWindowSampler(episodes, 3, 8, seed=5, keys=("image", "action")),
+                     source=ClipSampler(clips, 4, 6, seed=5))
+    b = JointSampler(target=EpisodeWindowSampler(EpisodeStore(tmp_path / "episodes"), 3, 8, seed=5, keys=("image", "action")),
+                     source=ClipSampler(ClipStore(tmp_path / "clips"), 4, 6, seed=5))
+    for step in (7, 0, 3, 7):  # any order: no hidden sequential state
+        x, y = a(step), b(step)
+        assert np.array_equal(x["target"]["image"], y["target"]["image"])
+        assert np.array_equal(x["source"]["image"], y["source"]["image"])
+    assert a(0)["target"]["image"].shape == (3, 8, 64, 64, 3) and set(a(0)["target"]) == {"image", "action"}
+    assert a(0)["source"]["image"].shape == (4, 6, 64, 64, 3)
+    assert not np.array_equal(a(1)["target"]["image"], a(2)["target"]["image"])
+    other_seed = EpisodeWindowSampler(episodes, 3, 8, seed=6)
+    assert not np.array_equal(other_seed(1)["image"], a(1)["target"]["image"])
+    assert not np.array_equal(step_rng(0, 0, 1).random(4), step_rng(0, 1, 1).random(4))
+
+
+def test_samplers_reject_impossible_lengths(tmp_path):
+    with pytest.raises(ValueError, match="seq_len=99"):
+        EpisodeWindowSampler(_episodes(tmp_path), 2, 99, seed=0)
+    with pytest.raises(ValueError, match="source_len"):
+        ClipSampler(_clips(tmp_path), 2, 11, seed=0)
+
+
+def test_prefetcher_yields_in_order_and_equals_inline(tmp_path):
+    sampler = EpisodeWindowSampler(_episodes(tmp_path), 2, 5, seed=0, keys=("image",))
+    inline = list(Prefetcher(sampler, 3, 8, depth=0))
+    with Prefetcher(sampler, 3, 8, depth=2) as threaded:
+        ahead = list(threaded)
+    assert [s for s, _ in inline] == [s for s, _ in ahead] == [3, 4, 5, 6, 7]
+    for (_, x), (_, y) in zip(inline, ahead):
+        assert isinstance(y["image"], torch.Tensor) and torch.equal(x["image"], y["image"])
+
+
+def test_prefetcher_stays_bounded_and_reports_errors():
+    built: list[int] = []
+    release = threading.Event()
+
+    def make(step):
+        built.append(step)
+        if step == 6:
+            raise OSError("disk gone")
+        return {"x": np.full(2, step)}
+
+    with Prefetcher(make, 0, 100, depth=2) as stream:
+        it = iter(stream)
+        assert next(it)[0] == 0
+        time.sleep(0.3)
+        # one handed out, `depth` waiting in the queue, one blocked on put: never the whole range
+        assert len(built) <= 4
+        release.set()
+        with pytest.raises(RuntimeError, match="step 6 failed: disk gone"):
+            for _ in it:
+                pass

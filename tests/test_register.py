@@ -1,0 +1,296 @@
+"""Registry promotion: the rule, its inputs, and registrations against a real MLflow sqlite store.
+
+Agents here are real agent artifacts (veorl.agent's acting modules, freshly initialised with a fixed seed) so
+the logged pyfunc model loads and acts; evaluations are metrics.json files in the evaluation component's format.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from veorl.config import resolve
+from veorl.registry import (CHALLENGER, CHAMPION, Decision, EvaluationInfo, Standing, decide, protocol_differences,
+                            read_agent, read_evaluation)
+from veorl.storage import atomic_write_json, tree_hash
+
+PROTOCOL = {"env": "metaworld", "task": "drawer-open", "camera": "corner", "episode_length": 40, "episodes": 2, "seed": 1000}
+
+
+def make_agent(path: Path, seed: int, task: str = "drawer-open") -> Path:
+    """A real (untrained) agent artifact with the smoke preset's model sizes; `seed` makes its weights distinct."""
+    import torch
+
+    from veorl.agent import build_agent_modules, save_agent
+
+    params = resolve({}, preset="smoke")
+    meta = {"algo": "veorl", "env": "metaworld", "task": task, "camera": "corner", "image_size": 64, "action_dim": 4,
+            "episode_length": 40, "model": params.model.model_dump(mode="json"), "use_latent_action": True,
+            "action_kind": "continuous"}
+    torch.manual_seed(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path / "provenance.json", {"upstream": {"world_model": f"wm-{seed}"}, "code_version": "test"})
+    save_agent(path, build_agent_modules(meta), meta)
+    return path
+
+
+def write_evaluation(path: Path, agent: Path, success_rate: float, *, status: str = "ok", task: str = "drawer-open",
+                     protocol: dict | None = None, mean_return: float = 100.0) -> Path:
+    """An evaluation directory as components.evaluate writes it (metrics.json + provenance naming the agent)."""
+    path.mkdir(parents=True, exist_ok=True)
+    metrics = {"task": task, "algo": "veorl", "episodes": 2, "mean_return": mean_return, "std_return": 5.0,
+               "success_rate": success_rate, "success_std": 0.0, "mean_length": 40.0,
+               "protocol": dict(protocol or PROTOCOL, task=task), "status": status}
+    path.joinpath("metrics.json").write_text(json.dumps(metrics))  # json.dumps writes NaN as NaN, like a buggy writer
+    atomic_write_json(path / "provenance.json", {"upstream": {"agent": tree_hash(agent)}})
+    return path
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """An empty MLflow sqlite store for this test (MLFLOW_TRACKING_URI, inherited by subprocesses)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    return uri
+
+
+@pytest.fixture(scope="module")
+def agent_dir(tmp_path_factory) -> Path:
+    return make_agent(tmp_path_factory.mktemp("agent") / "agent", seed=0)
+
+
+def evaluation(metrics_value: float | None = 0.5, problem: str | None = None, protocol: dict | None = None) -> EvaluationInfo:
+    metrics = {"success_rate": metrics_value, "protocol": protocol or PROTOCOL, "status": "ok"}
+    return EvaluationInfo("eval/metrics.json", "h", metrics, problem)
+
+
+# ----------------------------------------------------------------------------------------------
+# The rule (pure)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_first_eligible_version_becomes_champion():
+    decision = decide(evaluation(0.1), None, "success_rate", 0.0)
+    assert decision == Decision(CHAMPION, decision.reason) and "no @champion" in decision.reason
+
+
+@pytest.mark.parametrize("value, best, margin, alias", [
+    (0.6, 0.5, 0.0, CHAMPION),      # better
+    (0.4, 0.5, 0.0, CHALLENGER),    # worse
+    (0.5, 0.5, 0.0, CHALLENGER),    # a tie does not promote
+    (0.55, 0.5, 0.1, CHALLENGER),   # better, but not by more than the margin
+    (0.65, 0.5, 0.1, CHAMPION),     # better by more than the margin
+])
+def test_champion_only_when_beaten_by_more_than_margin(value, best, margin, alias):
+    champion = Standing("3", {"success_rate": best}, dict(PROTOCOL))
+    decision = decide(evaluation(value), champion, "success_rate", margin)
+    assert decision.alias == alias
+    assert "v3" in decision.reason
+
+
+def test_different_protocol_is_never_compared():
+    champion = Standing("2", {"success_rate": 0.0}, dict(PROTOCOL, episodes=10))
+    decision = decide(evaluation(1.0), champion, "success_rate", 0.0)
+    assert decision.alias == CHALLENGER
+    assert "protocol differs" in decision.reason and "episodes" in decision.reason
+    assert protocol_differences(PROTOCOL, dict(PROTOCOL, seed=7)) == ["seed: 1000 vs champion's 7"]
+
+
+def test_champion_without_protocol_is_not_comparable():
+    decision = decide(evaluation(1.0), Standing("1", {"success_rate": 0.0}, None), "success_rate", 0.0)
+    assert decision.alias == CHALLENGER and "no evaluation protocol" in decision.reason
+
+
+def test_ineligible_evaluation_gets_no_alias_even_on_an_empty_registry():
+    decision = decide(evaluation(1.0, problem="evaluation failed: x"), None, "success_rate", 0.0)
+    assert decision.alias is None and "evaluation failed" in decision.reason
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", "evaluation missing"),
+    ("failed", "status 'failed'"),
+    ("nan", "not a finite number"),
+    ("other_task", "different task"),
+    ("other_agent", "different agent"),
+    ("garbage", "unreadable"),
+])
+def test_read_evaluation_flags_every_reason_not_to_promote(tmp_path, agent_dir, case, expected):
+    eval_dir = tmp_path / "eval"
+    if case == "failed":
+        write_evaluation(eval_dir, agent_dir, 0.9, status="failed")
+    elif case == "nan":
+        write_evaluation(eval_dir, agent_dir, math.nan)
+    elif case == "other_task":
+        write_evaluation(eval_dir, agent_dir, 0.9, task="button-press")
+    elif case == "other_agent":
+        write_evaluation(eval_dir, make_agent(tmp_path / "other", seed=99), 0.9)
+    elif case == "garbage":
+        eval_dir.mkdir()
+        eval_dir.joinpath("metrics.json").write_text("{not json")
+    info = read_evaluation(eval_dir, read_agent(agent_dir), "success_rate")
+    assert info.problem is not None and expected in info.problem
+    ok = read_evaluation(write_evaluation(tmp_path / "good", agent_dir, 0.9), read_agent(agent_dir), "success_rate")
+    assert ok.problem is None
+
+
+def test_incomplete_agent_is_a_clear_error(tmp_path, store, capsys):
+    from components.register import main
+
+    (tmp_path / "agent").mkdir()
+    (tmp_path / "agent" / "agent.pt").write_bytes(b"")
+    code = main(["--agent", str(tmp_path / "agent"), "--evaluation", str(tmp_path / "eval"), "--out",
+                 str(tmp_path / "registration.json"), "--preset", "smoke"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "agent.json" in err and "not a complete agent artifact" in err
+    assert not (tmp_path / "registration.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Against a real MLflow store
+# ----------------------------------------------------------------------------------------------
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _champion_version(uri: str, name: str = "veorl-agent") -> str:
+    return str(_client(uri).get_model_version_by_alias(name, CHAMPION).version)
+
+
+def test_promotion_sequence_and_served_model(tmp_path, store):
+    import mlflow
+
+    from components.register import run
+    from veorl.agent import Agent
+    from veorl.serving import initial_state
+
+    params = resolve({}, preset="smoke")
+    out = tmp_path / "registration.json"
+    first = make_agent(tmp_path / "a1", seed=1)
+    r1 = run(str(first), str(write_evaluation(tmp_path / "e1", first, 0.5)), str(out), params)
+    assert (r1["alias"], r1["version"], r1["new_version"]) == (CHAMPION, "1", True)
+    written = json.loads(out.read_text())
+    assert written["version"] == "1" and written["provenance"]["upstream"]["agent"] == tree_hash(first)
+
+    # The registered model is a pyfunc: observation + recurrent state -> action + new state, as the agent acts.
+    mlflow.set_tracking_uri(store)
+    model = mlflow.pyfunc.load_model("models:/veorl-agent@champion")
+    state = initial_state(model, batch=2)
+    image = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    served = model.predict({"image": image, **state})
+    agent = Agent.load(str(first))
+    action, new_state = agent.act(image, agent.initial_state(2))
+    assert served["action"].shape == (2, 4) and np.allclose(served["action"], action, atol=1e-6)
+    assert np.allclose(served["deter"], new_state["deter"], atol=1e-6)
+    second_step = model.predict({"image": image, **{k: v for k, v in served.items() if k != "action"}})
+    assert np.allclose(second_step["action"], agent.act(image, new_state)[0], atol=1e-6)
+
+    worse = make_agent(tmp_path / "a2", seed=2)
+    r2 = run(str(worse), str(write_evaluation(tmp_path / "e2", worse, 0.25)), str(out), params)
+    assert r2["alias"] == CHALLENGER and "does not beat" in r2["reason"]
+    assert _champion_version(store) == "1"
+
+    better = make_agent(tmp_path / "a3", seed=3)
+    r3 = run(str(better), str(write_evaluation(tmp_path / "e3", better, 0.75)), str(out), params)
+    assert r3["alias"] == CHAMPION and r3["version"] == "3"
+    assert _champion_version(store) == "3"
+
+    failed = make_agent(tmp_path / "a4", seed=4)
+    r4 = run(str(failed), str(write_evaluation(tmp_path / "e4", failed, 1.0, status="failed")), str(out), params)
+    assert r4["alias"] is None and r4["aliases_now"] == [] and "status 'failed'" in r4["reason"]
+    assert _champion_version(store) == "3"
+
+    # Tags carry the evaluation and the provenance; the reason is recorded on the version.
+    tags = _client(store).get_model_version("veorl-agent", "2").tags
+    assert tags["veorl.metric.success_rate"] == "0.25" and tags["veorl.decision"] == CHALLENGER
+    assert json.loads(tags["veorl.protocol"]) == PROTOCOL and tags["veorl.upstream.world_model"] == "wm-2"
+    assert tags["veorl.agent_hash"] == tree_hash(worse)
+
+    # Idempotent: the same agent and evaluation again changes nothing.
+    versions_before = len(_client(store).search_model_versions("name = 'veorl-agent'"))
+    again = run(str(better), str(tmp_path / "e3"), str(out), params)
+    assert (again["version"], again["alias"], again["new_version"]) == ("3", CHAMPION, False)
+    assert len(_client(store).search_model_versions("name = 'veorl-agent'")) == versions_before
+    assert _champion_version(store) == "3"
+
+
+def _register_cli(argv: list[str]) -> None:
+    from components.register import main
+
+    os._exit(main(argv))  # skip the parent's atexit handlers and pytest's state in the child
+
+
+def test_concurrent_registrations_leave_exactly_the_best_champion(tmp_path, store):
+    """Three `components.register` processes at once on one sqlite store: one champion, and it is the best."""
+    scores = {"low": 0.2, "best": 0.9, "mid": 0.5}
+    jobs = []
+    for index, (label, score) in enumerate(scores.items()):
+        agent = make_agent(tmp_path / f"agent-{label}", seed=10 + index)
+        evaluation_dir = write_evaluation(tmp_path / f"eval-{label}", agent, score)
+        jobs.append((label, agent, evaluation_dir))
+    # Forked from this process (torch and mlflow already imported) so the three start together and fast; each runs
+    # the component's CLI entry point exactly as `python -m components.register` would.
+    context = multiprocessing.get_context("fork")
+    procs = [context.Process(target=_register_cli, args=([
+        "--agent", str(agent), "--evaluation", str(ev), "--out", str(tmp_path / f"registration-{label}.json"),
+        "--preset", "smoke"],)) for label, agent, ev in jobs]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=300)
+        assert proc.exitcode == 0
+
+    client = _client(store)
+    versions = client.search_model_versions("name = 'veorl-agent'")
+    assert len(versions) == 3
+    holders = [v for v in versions if CHAMPION in (client.get_model_version("veorl-agent", v.version).aliases or [])]
+    assert len(holders) == 1
+    best = json.loads((tmp_path / "registration-best.json").read_text())
+    assert str(holders[0].version) == best["version"] and best["alias"] == CHAMPION
+    outcomes = [json.loads((tmp_path / f"registration-{label}.json").read_text()) for label in scores]
+    assert sorted(o["version"] for o in outcomes) == ["1", "2", "3"]
+
+
+def test_optimistic_settle_recovers_a_lost_update(tmp_path, store):
+    """Without a lock (remote store), a stale registration that overwrites @champion is corrected by re-verification."""
+    from components.register import run
+    from veorl.registry import _settle_aliases, ensure_registered_model
+
+    params = resolve({}, preset="smoke", overrides=["register.verify_delay=0.6"])
+    agent = make_agent(tmp_path / "agent", seed=21)
+    first = run(str(agent), str(write_evaluation(tmp_path / "e-first", agent, 0.5)), str(tmp_path / "r.json"), params)
+    client = _client(store)
+    ensure_registered_model(client, "veorl-agent")
+    source = client.get_model_version("veorl-agent", first["version"]).source
+
+    def add_version(score: float) -> tuple[str, EvaluationInfo]:
+        info = evaluation(score)
+        tags = {"veorl.metric.success_rate": str(score), "veorl.protocol": json.dumps(PROTOCOL, sort_keys=True)}
+        return str(client.create_model_version("veorl-agent", source, tags=tags).version), info
+
+    strong, strong_eval = add_version(0.9)
+    stale, _ = add_version(0.7)
+
+    def stale_writer():  # a registration that decided against the old champion and sets the alias late
+        time.sleep(0.2)
+        client.set_registered_model_alias("veorl-agent", CHAMPION, stale)
+
+    writer = threading.Thread(target=stale_writer)
+    writer.start()
+    decision = _settle_aliases(client, "veorl-agent", strong, strong_eval, params, serialised=False)
+    writer.join()
+    assert decision.alias == CHAMPION
+    assert _champion_version(store) == strong
