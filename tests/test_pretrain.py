@@ -75,6 +75,11 @@ def smoke_params(*overrides: str):
     return resolve({}, preset="smoke", overrides=["pretrain.threads=1", *overrides])
 
 
+# Even smaller than `smoke` for in-process loops (same algorithm, fewer channels and steps per sequence).
+TINY = ("model.cnn_depth=8", "model.deter=32", "model.stoch=8", "model.hidden=32", "pretrain.seq_len=6",
+        "pretrain.source_len=6")
+
+
 def fixed_batch(params, seed: int = 0) -> dict:
     cfg = params.pretrain
     target = np.stack([moving_square_video(cfg.seq_len, seed + i) for i in range(cfg.batch)])
@@ -98,7 +103,8 @@ def changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> dict[st
 @pytest.mark.parametrize("ban_on_source", [True, False])
 def test_phase1_step_changes_every_trainable_parameter(ban_on_source):
     torch.manual_seed(0)
-    params = smoke_params("pretrain.optim.lr=0.1", f"pretrain.ban_on_source={ban_on_source}")
+    # free_nats=0: under the free-nats floor the KL (and so the prior network) gets no gradient at all.
+    params = smoke_params("pretrain.optim.lr=0.1", "pretrain.free_nats=0", f"pretrain.ban_on_source={ban_on_source}")
     model = VideoWorldModel(params.model)
     trainer = Phase1Trainer(model, params.pretrain)
     before = {name: snapshot(getattr(model, name)) for name, _ in model.named_children()}
@@ -117,7 +123,7 @@ def test_phase1_step_changes_every_trainable_parameter(ban_on_source):
 
 def test_phase2_step_changes_trainable_and_keeps_frozen():
     torch.manual_seed(0)
-    params = smoke_params("pretrain.optim.lr=0.1")
+    params = smoke_params("pretrain.optim.lr=0.1", "pretrain.free_nats=0")
     model = VideoWorldModel(params.model)
     with pytest.raises(RuntimeError, match="freeze_behaviours"):
         Phase2Trainer(model, params.pretrain)
@@ -139,7 +145,7 @@ def test_phase2_step_changes_trainable_and_keeps_frozen():
 
 def test_losses_fall_when_overfitting_a_tiny_batch():
     torch.manual_seed(0)
-    params = smoke_params("pretrain.optim.lr=0.001")
+    params = smoke_params("pretrain.optim.lr=0.001", *TINY)
     model = VideoWorldModel(params.model)
     batch = fixed_batch(params)
     phase1 = Phase1Trainer(model, params.pretrain)
@@ -233,7 +239,7 @@ def kill_at(step: int):
 def test_resume_equals_uninterrupted(dataset, tmp_path, mlflow_store):
     clips, episodes = dataset
     # smoke: 3 + 3 steps, checkpoints every 2 steps and at each phase end.
-    params = smoke_params("pretrain.image_log_every=100")
+    params = smoke_params("pretrain.image_log_every=100", *TINY)
 
     def outputs(name):
         d = tmp_path / name
@@ -272,9 +278,10 @@ def test_resume_equals_uninterrupted(dataset, tmp_path, mlflow_store):
 
     # Changing the maths (not the step counts) is refused, naming the key.
     with pytest.raises(CheckpointMismatch, match="pretrain.optim.lr"):
-        pretrain(smoke_params("pretrain.image_log_every=100", "pretrain.optim.lr=0.01"), clips, episodes, **interrupted)
+        pretrain(smoke_params("pretrain.image_log_every=100", *TINY, "pretrain.optim.lr=0.01"), clips, episodes, **interrupted)
     # Extending training continues from the checkpoint instead of starting over.
-    longer = pretrain(smoke_params("pretrain.image_log_every=100", "pretrain.phase2_steps=4"), clips, episodes, **interrupted)
+    longer = pretrain(smoke_params("pretrain.image_log_every=100", *TINY, "pretrain.phase2_steps=4"), clips, episodes,
+                      **interrupted)
     assert longer["phase2"]["steps"] == 4
 
 

