@@ -168,6 +168,8 @@ def bar_chart(path: Path, table: dict[str, dict[str, Any]], title: str) -> None:
             values = [float(v[key]) for v in table[a]["per_seed"].values()]
             ax.scatter([i] * len(values), values, color="black", s=12, zorder=3)
         ax.set_title(label)
+        if key == "success_rate":
+            ax.set_ylim(0.0, 1.05)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     with atomic_path(path, suffix=".tmp.png") as tmp:
@@ -263,10 +265,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[compare] FAILED {algo} seed {seed}: {exc}", file=sys.stderr)
                 continue
             if not protocol:
-                protocol = {**runs[algo][seed]["protocol"], "preset": params.preset}
-                provenance = run_dir(Path(args.results), algo, seed) / "agent" / "provenance.json"
-                if provenance.is_file():
-                    protocol["upstream"] = {k: v[:12] for k, v in read_json(provenance)["upstream"].items()}
+                protocol = {**runs[algo][seed]["protocol"], "preset": params.preset, "upstream": {}}
+            provenance = run_dir(Path(args.results), algo, seed) / "agent" / "provenance.json"
+            if provenance.is_file():  # the union: baselines read only some of the upstream artifacts
+                protocol["upstream"].update({k: v[:12] for k, v in read_json(provenance)["upstream"].items()})
     table = aggregate(runs)
     if not table:
         print("error: no run finished; nothing to report", file=sys.stderr)

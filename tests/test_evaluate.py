@@ -143,3 +143,79 @@ def test_parallel_workers_give_the_same_episodes_as_one_process(tmp_path):
     assert [(r.episode, r.seed, r.length, r.success) for r in serial] == [(r.episode, r.seed, r.length, r.success) for r in parallel]
     assert [r.ret for r in serial] == pytest.approx([r.ret for r in parallel], rel=1e-5)
     assert Agent.load(str(agent)).meta["episode_length"] == EPISODE_LENGTH
+
+
+# ------------------------------------------------------------------------------------------------
+# scripts/compare.py: statistics over seeds, skipping finished runs, the results document
+# ------------------------------------------------------------------------------------------------
+
+
+def _compare_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_script", REPO / "scripts" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_seed_statistics_by_hand():
+    compare = _compare_module()
+    stats = compare.seed_statistics([0.2, 0.4, 0.6])
+    # mean 0.4; sample variance ((0.2)^2 + 0 + (0.2)^2) / 2 = 0.04 -> std 0.2; t_{0.975,2} = 4.303
+    half = 4.303 * 0.2 / 3 ** 0.5
+    assert stats["mean"] == pytest.approx(0.4) and stats["std"] == pytest.approx(0.2)
+    assert (stats["ci_low"], stats["ci_high"]) == pytest.approx((0.4 - half, 0.4 + half))
+    assert compare.seed_statistics([0.5])["std"] is None
+
+
+def test_compare_skips_finished_runs_and_writes_the_document(tmp_path):
+    compare = _compare_module()
+    results = tmp_path / "results"
+    finished = {("veorl", 0): (0.5, 100.0), ("veorl", 1): (1.0, 300.0), ("dreamerv2", 0): (0.0, 50.0), ("dreamerv2", 1): (0.5, 70.0)}
+    for (algo, seed), (success, ret) in finished.items():
+        path = compare.run_dir(results, algo, seed) / "eval"
+        path.mkdir(parents=True)
+        (path / "metrics.json").write_text(json.dumps({
+            "status": "ok", "success_rate": success, "mean_return": ret, "task": "drawer-open", "algo": algo,
+            "protocol": {"env": "metaworld", "task": "drawer-open", "camera": "corner", "episode_length": 200,
+                         "episodes": 4, "seed": 1000}}))
+    doc, figure = tmp_path / "docs" / "results.md", tmp_path / "docs" / "results.png"
+    # The inputs do not exist: any attempt to train instead of skipping would fail the run.
+    code = compare.main(["--world-model", str(tmp_path / "none"), "--episodes", str(tmp_path / "none"), "--algos", "veorl",
+                         "dreamerv2", "--seeds", "0", "1", "--results", str(results), "--doc", str(doc), "--figure",
+                         str(figure), "--preset", "smoke", "--in-process"])
+    assert code == 0
+    text = doc.read_text()
+    # veorl: success mean 0.75, std sqrt(0.125) = 0.354, t_{0.975,1} = 12.706 -> half width 12.706 * 0.354 / sqrt(2) = 3.176
+    assert "| veorl | 2 | 0.750 | 0.354 | [-2.426, 3.926] | 200.0 | 141.4 |" in text
+    assert "| dreamerv2 | 2 | 0.250 | 0.354 |" in text
+    assert "![" in text and "(results.png)" in text
+    assert figure.read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["table"]["veorl"]["per_seed"]["1"] == {"success_rate": 1.0, "mean_return": 300.0}
+
+
+def test_compare_reports_a_failed_run_and_exits_nonzero(tmp_path, tracking_env):
+    compare = _compare_module()
+    code = compare.main(["--world-model", str(tmp_path / "none"), "--episodes", str(tmp_path / "none"), "--algos", "bc",
+                         "--seeds", "0", "--results", str(tmp_path / "r"), "--doc", str(tmp_path / "d.md"), "--figure",
+                         str(tmp_path / "f.png"), "--preset", "smoke", "--in-process"])
+    assert code == 1  # nothing finished: no table, no document claiming a score
+    assert not (tmp_path / "d.md").exists()
+
+
+@pytest.mark.slow
+def test_compare_runs_finetune_and_evaluate_per_seed(tmp_path, tracking_env):
+    from tests.test_finetune import make_episodes
+
+    compare = _compare_module()
+    episodes = make_episodes(tmp_path / "episodes")
+    args = ["--world-model", str(tmp_path / "unused"), "--episodes", str(episodes), "--algos", "bc", "dreamerv2",
+            "--seeds", "0", "1", "--results", str(tmp_path / "r"), "--doc", str(tmp_path / "results.md"),
+            "--figure", str(tmp_path / "results.png"), "--preset", "smoke", "--set", "evaluate.videos=0", "--in-process"]
+    assert compare.main(args) == 0
+    for algo in ("bc", "dreamerv2"):
+        for seed in (0, 1):
+            assert json.loads((tmp_path / "r" / algo / f"seed-{seed}" / "eval" / "metrics.json").read_text())["status"] == "ok"
+    assert "| bc | 2 |" in (tmp_path / "results.md").read_text()

@@ -119,18 +119,32 @@ def test_rssm_shapes(size, kind):
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "categorical"])
-def test_observe_equals_step_by_step(kind):
-    """The precomputed-projection loop must equal plain obs_step calls."""
-    rssm = RSSM(action_dim=3, embed_dim=12, deter=10, stoch=4, hidden=8, kind=kind, classes=3)
-    embed, action = torch.randn(2, 5, 12), torch.randn(2, 5, 3)
-    torch.manual_seed(1)
-    post, prior = rssm.observe(embed, action)
-    torch.manual_seed(1)
+def test_observe_and_imagine_equal_step_by_step(kind):
+    """The fused, precomputed loops must equal plain obs_step / img_step calls (states at their modes)."""
+    rssm = RSSM(action_dim=3, embed_dim=12, deter=10, stoch=4, hidden=8, kind=kind, classes=3).double()
+    embed, action = torch.randn(2, 5, 12, dtype=torch.double), torch.randn(2, 5, 3, dtype=torch.double)
+    post, prior = rssm.observe(embed, action, sample=False)
     state = rssm.initial(2)
     for t in range(5):
-        state, p = rssm.obs_step(state, action[:, t], embed[:, t])
-        assert torch.allclose(state.stoch, post.stoch[:, t], atol=1e-6)
-        assert torch.allclose(p.deter, prior.deter[:, t], atol=1e-6)
+        state, p = rssm.obs_step(state, action[:, t], embed[:, t], sample=False)
+        for name in ("deter", "stoch", "mean", "std", "logits"):
+            if getattr(state, name) is not None:
+                assert torch.allclose(getattr(state, name), getattr(post, name)[:, t], atol=1e-12), name
+                assert torch.allclose(getattr(p, name), getattr(prior, name)[:, t], atol=1e-12), name
+    imagined = rssm.imagine(action, post[:, 0], sample=False)
+    state = post[:, 0]
+    for t in range(5):
+        state = rssm.img_step(state, action[:, t], sample=False)
+        assert torch.allclose(state.deter, imagined.deter[:, t], atol=1e-12)
+        assert torch.allclose(state.stoch, imagined.stoch[:, t], atol=1e-12)
+
+
+def test_sampled_observe_draws_gaussian_noise():
+    rssm = RSSM(action_dim=3, embed_dim=12, deter=10, stoch=4, hidden=8)
+    embed, action = torch.randn(64, 3, 12), torch.zeros(64, 3, 3)
+    post, _ = rssm.observe(embed, action)
+    z = ((post.stoch - post.mean) / post.std).detach()
+    assert abs(float(z.mean())) < 0.2 and abs(float(z.std()) - 1.0) < 0.2
 
 
 def test_gaussian_kl_matches_torch_distributions():

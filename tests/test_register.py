@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from veorl.registry import (CHALLENGER, CHAMPION, Decision, EvaluationInfo, Stan
                             read_agent, read_evaluation)
 from veorl.storage import atomic_write_json, tree_hash
 
+REPO = Path(__file__).resolve().parents[1]
 PROTOCOL = {"env": "metaworld", "task": "drawer-open", "camera": "corner", "episode_length": 40, "episodes": 2, "seed": 1000}
 
 
@@ -227,12 +229,6 @@ def test_promotion_sequence_and_served_model(tmp_path, store):
     assert _champion_version(store) == "3"
 
 
-def _register_cli(argv: list[str]) -> None:
-    from components.register import main
-
-    os._exit(main(argv))  # skip the parent's atexit handlers and pytest's state in the child
-
-
 def test_concurrent_registrations_leave_exactly_the_best_champion(tmp_path, store):
     """Three `components.register` processes at once on one sqlite store: one champion, and it is the best."""
     scores = {"low": 0.2, "best": 0.9, "mid": 0.5}
@@ -241,17 +237,15 @@ def test_concurrent_registrations_leave_exactly_the_best_champion(tmp_path, stor
         agent = make_agent(tmp_path / f"agent-{label}", seed=10 + index)
         evaluation_dir = write_evaluation(tmp_path / f"eval-{label}", agent, score)
         jobs.append((label, agent, evaluation_dir))
-    # Forked from this process (torch and mlflow already imported) so the three start together and fast; each runs
-    # the component's CLI entry point exactly as `python -m components.register` would.
-    context = multiprocessing.get_context("fork")
-    procs = [context.Process(target=_register_cli, args=([
-        "--agent", str(agent), "--evaluation", str(ev), "--out", str(tmp_path / f"registration-{label}.json"),
-        "--preset", "smoke"],)) for label, agent, ev in jobs]
+    # Real, separate processes started together, each running the component's CLI as DVC or a container would.
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    procs = [subprocess.Popen([sys.executable, "-m", "components.register", "--agent", str(agent), "--evaluation",
+                               str(ev), "--out", str(tmp_path / f"registration-{label}.json"), "--preset", "smoke"],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for label, agent, ev in jobs]
     for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=300)
-        assert proc.exitcode == 0
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-2000:]
 
     client = _client(store)
     versions = client.search_model_versions("name = 'veorl-agent'")

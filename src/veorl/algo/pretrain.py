@@ -192,8 +192,8 @@ class Phase2Trainer(PhaseTrainer):
         return [m.encoder, m.plan_net, m.keyframe_decoder, m.fbc]
 
     @torch.no_grad()
-    def keyframes(self, frames: torch.Tensor, shapes: list[tuple[int, int]]) -> KeyframeBatch:
-        """Segment each sequence set (target first, then source) with the frozen BAN and join them."""
+    def transition_codes(self, frames: torch.Tensor, shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Latent-action codes (B, T-1) of each sequence set, from the frozen phase-1 encoder copy and BAN."""
         m = self.model
         codes_per_set: list[torch.Tensor] = []
         embed = m.behaviour_encoder(frames)
@@ -202,7 +202,13 @@ class Phase2Trainer(PhaseTrainer):
             e = embed[offset:offset + b * t].reshape(b, t, -1)
             codes_per_set.append(m.codebook.indices(m.ban(e)))
             offset += b * t
-        segments = [segment_behaviours(c) for c in codes_per_set]
+        return codes_per_set
+
+    @torch.no_grad()
+    def keyframes(self, frames: torch.Tensor, shapes: list[tuple[int, int]]) -> KeyframeBatch:
+        """Segment each sequence set (target first, then source) into behaviours and join their keyframes."""
+        m = self.model
+        segments = [segment_behaviours(c) for c in self.transition_codes(frames, shapes)]
         slots = max(s.slots for s in segments)
         parts = []
         offset = 0

@@ -55,7 +55,9 @@ class Encoder(nn.Module):
         channels = [3, depth, 2 * depth, 4 * depth, 8 * depth]
         layers: list[nn.Module] = []
         for c_in, c_out in zip(channels[:-1], channels[1:]):
-            layers += [nn.Conv2d(c_in, c_out, kernel_size=4, stride=2), nn.ELU()]
+            # In-place ELU: conv backward needs the conv's input, not its output, so overwriting the output
+            # is safe and halves the activation memory of the stack.
+            layers += [nn.Conv2d(c_in, c_out, kernel_size=4, stride=2), nn.ELU(inplace=True)]
         self.convs = nn.Sequential(*layers)
         self.output_dim = 32 * depth
 
@@ -84,7 +86,7 @@ class Decoder(nn.Module):
         for i, (c_in, c_out, k) in enumerate(zip(channels[:-1], channels[1:], kernels)):
             layers.append(nn.ConvTranspose2d(c_in, c_out, kernel_size=k, stride=2))
             if i < len(kernels) - 1:
-                layers.append(nn.ELU())
+                layers.append(nn.ELU(inplace=True))  # safe for the same reason as in the encoder
         self.deconvs = nn.Sequential(*layers)
 
     def forward(self, feature: torch.Tensor) -> torch.Tensor:
@@ -98,7 +100,7 @@ class Decoder(nn.Module):
         k = first.kernel_size[0]
         x = F.linear(x, first.weight.flatten(1).t(), first.bias.repeat_interleave(k * k))
         x = x.reshape(-1, first.out_channels, k, k).contiguous(memory_format=torch.channels_last)
-        x = self.deconvs[1:](x)
+        x = self.deconvs[1:](x)  # starts with the ELU that follows the first transposed conv
         return x.permute(0, 2, 3, 1).reshape(*lead, IMAGE_SIZE, IMAGE_SIZE, 3)
 
     def log_prob(self, feature: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,225 @@
+"""The Kubeflow pipeline: golden compile, wiring, per-stage configuration, CLI, and a local end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines import steps
+from pipelines.veorl_pipeline import (DEFAULT_GPU_IMAGE, DEFAULT_IMAGE, PACKAGE_PATH, CompileOptions, build_pipeline,
+                                      compile_pipeline)
+from veorl.config import ConfigError, resolve
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = ("resolve-config", "source-videos", "ingest", "collect", "pretrain", "finetune", "evaluate", "register")
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict:
+    path = compile_pipeline(tmp_path_factory.mktemp("kfp") / "veorl.yaml", CompileOptions())
+    return {"text": path.read_text(), "spec": yaml.safe_load(path.read_text())}
+
+
+def test_checked_in_yaml_is_what_the_code_compiles(compiled):
+    assert PACKAGE_PATH.read_text() == compiled["text"], (
+        "pipelines/veorl_pipeline.yaml is stale: run `python -m pipelines.cli compile` (or `make compile`)")
+
+
+def test_compilation_is_deterministic(tmp_path, compiled):
+    again = compile_pipeline(tmp_path / "again.yaml", CompileOptions()).read_text()
+    assert again == compiled["text"]
+
+
+def _executors(spec: dict) -> dict:
+    return spec["deploymentSpec"]["executors"]
+
+
+def _tasks(spec: dict) -> dict:
+    return spec["root"]["dag"]["tasks"]
+
+
+def test_dag_order_and_hash_wiring(compiled):
+    tasks = _tasks(compiled["spec"])
+    assert set(tasks) == set(STEPS)
+    depends = {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()}
+    assert depends["ingest"] == {"resolve-config", "source-videos"}
+    assert depends["pretrain"] == {"resolve-config", "ingest", "collect"}
+    assert depends["finetune"] == {"resolve-config", "pretrain", "collect", "ingest"}
+    assert depends["evaluate"] == {"resolve-config", "finetune"}
+    assert depends["register"] == {"resolve-config", "finetune", "evaluate"}
+
+    def producer(task: str, parameter: str) -> str:
+        source = tasks[task]["inputs"]["parameters"][parameter]["taskOutputParameter"]
+        return f"{source['producerTask']}.{source['outputParameterKey']}"
+
+    # Each step's cache key holds the content hash of every upstream artifact and its own configuration.
+    assert producer("ingest", "videos_hash") == "source-videos.Output"
+    assert producer("pretrain", "clips_hash") == "ingest.Output"
+    assert producer("pretrain", "episodes_hash") == "collect.Output"
+    assert producer("finetune", "world_model_hash") == "pretrain.Output"
+    assert producer("evaluate", "agent_hash") == "finetune.Output"
+    assert producer("register", "evaluation_hash") == "evaluate.Output"
+    for task in STEPS[1:]:
+        assert producer(task, "config") == f"resolve-config.{task.replace('-', '_')}"
+    assert tasks["register"]["cachingOptions"].get("enableCache", False) is False
+    assert tasks["pretrain"]["cachingOptions"]["enableCache"] is True
+
+
+def test_images_resources_and_gpus(compiled):
+    executors = _executors(compiled["spec"])
+    for step in STEPS:
+        container = executors[f"exec-{step}"]["container"]
+        gpu = step in ("pretrain", "finetune")
+        assert container["image"] == (DEFAULT_GPU_IMAGE if gpu else DEFAULT_IMAGE)
+        resources = container["resources"]
+        assert resources["resourceCpuRequest"] and resources["resourceMemoryRequest"]
+        if gpu:
+            assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+            assert resources["accelerator"]["resourceCount"] == "1"
+        else:
+            assert "accelerator" not in resources
+        # Lightweight component: the body only delegates to the project inside the image.
+        assert "from pipelines" in container["command"][-1]
+
+
+def test_compile_options_and_image_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("VEORL_IMAGE", "registry.example.org/veorl:abc-cpu")
+    monkeypatch.delenv("VEORL_GPU_IMAGE", raising=False)
+    options = CompileOptions.from_env(gpus=2, accelerator="amd.com/gpu", env={"MLFLOW_TRACKING_URI": "http://mlflow:5000"},
+                                      resources={"pretrain": ("16", "64G")})
+    spec = yaml.safe_load(compile_pipeline(tmp_path / "custom.yaml", options).read_text())
+    executors = _executors(spec)
+    assert executors["exec-ingest"]["container"]["image"] == "registry.example.org/veorl:abc-cpu"
+    assert executors["exec-finetune"]["container"]["image"] == DEFAULT_GPU_IMAGE
+    pretrain = executors["exec-pretrain"]["container"]
+    assert pretrain["resources"]["accelerator"] == {"count": "2", "resourceCount": "2", "resourceType": "amd.com/gpu",
+                                                    "type": "amd.com/gpu"}
+    assert pretrain["resources"]["resourceCpuRequest"] == "16" and pretrain["resources"]["resourceMemoryRequest"] == "64G"
+    assert {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow:5000"} in executors["exec-register"]["container"]["env"]
+    no_gpu = yaml.safe_load(compile_pipeline(tmp_path / "cpu.yaml", CompileOptions(gpus=0)).read_text())
+    assert "accelerator" not in _executors(no_gpu)["exec-pretrain"]["container"]["resources"]
+
+
+def test_stage_params_mirror_dvc_yaml():
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    for stage, spec in dvc["stages"].items():
+        assert tuple(spec["params"]) == steps.STAGE_PARAMS[stage], f"dvc.yaml stage {stage} reads other params"
+    assert set(dvc["stages"]) == set(steps.STAGE_PARAMS)
+
+
+def test_stage_configs_change_only_where_a_stage_reads(monkeypatch):
+    monkeypatch.setenv(steps.PARAMS_ENV, str(REPO / "params.yaml"))
+    base = steps.resolve_stage_configs("smoke", [], {"task": "", "algo": "", "model_name": ""})
+    changed = steps.resolve_stage_configs("smoke", ["finetune.policy_steps=7"], {"task": "", "algo": "bc", "model_name": ""})
+    differing = {stage for stage in base if base[stage] != changed[stage]}
+    assert differing == {"finetune"}
+    params = steps.params_for_stage(changed["finetune"])
+    assert params.finetune.policy_steps == 7 and params.finetune.algo == "bc"
+    assert params.model.deter == resolve({}, preset="smoke").model.deter  # the smoke preset's sizes
+
+    task_changed = steps.resolve_stage_configs("smoke", [], {"task": "button-press", "algo": "", "model_name": ""})
+    assert {s for s in base if base[s] != task_changed[s]} == {"source_videos", "collect", "evaluate"}
+    assert steps.params_for_stage(task_changed["evaluate"]).collect.task == "button-press"
+
+
+def test_stage_params_skip_cross_checks_already_done(monkeypatch):
+    """A valid configuration never fails in a step because the step only received its own sections."""
+    monkeypatch.setenv(steps.PARAMS_ENV, str(REPO / "params.yaml"))
+    configs = steps.resolve_stage_configs("smoke", ["ingest.window=40", "pretrain.source_len=30"], {})
+    params = steps.params_for_stage(configs["pretrain"])
+    assert params.pretrain.source_len == 30
+    with pytest.raises(ConfigError, match="pretrain.source_len"):
+        steps.resolve_stage_configs("smoke", ["pretrain.source_len=30"], {})  # 30 > the smoke window of 12
+    with pytest.raises(ConfigError, match="nonexistent"):
+        steps.resolve_stage_configs("smoke", ["ingest.nonexistent=1"], {})
+    with pytest.raises(ValueError, match="unknown pipeline knobs"):
+        steps.knob_overrides({"gpu": "1"})
+
+
+def test_external_sources_fingerprint_follows_content(tmp_path):
+    video = tmp_path / "raw" / "a.mp4"
+    video.parent.mkdir()
+    video.write_bytes(b"first")
+    out = tmp_path / "videos"
+    first = steps.source_videos("{}", [str(video.parent)], str(out))
+    assert json.loads((out / steps.EXTERNAL_SOURCES_FILE).read_text())["sources"] == [str(video.parent)]
+    assert steps.source_videos("{}", [str(video.parent)], str(tmp_path / "again")) == first
+    video.write_bytes(b"second")
+    assert steps.source_videos("{}", [str(video.parent)], str(tmp_path / "changed")) != first
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        steps.source_videos("{}", [str(tmp_path / "missing")], str(tmp_path / "x"))
+
+
+def test_cli_compile_and_submit(tmp_path, monkeypatch, capsys):
+    import kfp
+
+    from pipelines import cli
+
+    out = tmp_path / "pipeline.yaml"
+    assert cli.main(["compile", "--out", str(out), "--image", "my/cpu:1", "--gpus", "0"]) == 0
+    spec = yaml.safe_load(out.read_text())
+    assert _executors(spec)["exec-collect"]["container"]["image"] == "my/cpu:1"
+
+    submitted = {}
+
+    class RecordingClient:  # stands in for a KFP endpoint: records what would be sent
+        def __init__(self, host, namespace=None, existing_token=None):
+            submitted.update(host=host, token=existing_token)
+
+        def create_run_from_pipeline_package(self, package, arguments, run_name, experiment_name, namespace, enable_caching):
+            submitted.update(spec=yaml.safe_load(Path(package).read_text()), arguments=arguments,
+                             experiment=experiment_name, caching=enable_caching)
+            return type("Run", (), {"run_id": "run-123"})()
+
+    monkeypatch.setattr(kfp, "Client", RecordingClient)
+    monkeypatch.setenv("KFP_TOKEN", "token-from-env")
+    code = cli.main(["submit", "--host", "https://kfp.example.org", "--preset", "paper", "--task", "button-press",
+                     "--set", "finetune.policy_steps=100", "--video-source", "s3://videos/raw/", "--no-cache",
+                     "--image", "my/cpu:2", "--gpu-image", "my/cuda:2"])
+    assert code == 0
+    assert submitted["host"] == "https://kfp.example.org" and submitted["token"] == "token-from-env"
+    assert submitted["arguments"] == {"preset": "paper", "task": "button-press", "overrides": ["finetune.policy_steps=100"],
+                                      "video_sources": ["s3://videos/raw/"]}
+    assert submitted["caching"] is False and submitted["experiment"] == "veorl"
+    assert _executors(submitted["spec"])["exec-finetune"]["container"]["image"] == "my/cuda:2"
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["run_id"] == "run-123"
+
+
+@pytest.mark.slow
+def test_local_pipeline_run_registers_a_champion(tmp_path, monkeypatch):
+    """The whole DAG on the smoke preset with kfp.local (about 2-3 minutes on 2 busy cores)."""
+    import mlflow
+    import numpy as np
+    from kfp import local
+
+    from veorl.serving import initial_state
+    from veorl.storage import read_json, tree_hash
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(REPO)  # the SubprocessRunner imports `components`/`pipelines` from the working directory
+    root = tmp_path / "pipeline_root"
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    outcome = build_pipeline(CompileOptions())(preset="smoke")
+    assert outcome.output == "models:/veorl-agent/1"
+
+    run_dir = next(root.glob("veorl-*"))
+    registration = read_json(run_dir / "register" / "registration" / "registration.json")
+    assert registration["alias"] == "champion" and registration["version"] == "1"
+    agent_dir = run_dir / "finetune" / "agent"
+    assert registration["agent_hash"] == tree_hash(agent_dir)
+    evaluation = read_json(run_dir / "evaluate" / "evaluation" / "metrics.json")
+    assert evaluation["status"] == "ok" and evaluation["protocol"]["episodes"] == 2
+    assert read_json(run_dir / "evaluate" / "executor_output.json")["parameterValues"]["Output"] == tree_hash(
+        run_dir / "evaluate" / "evaluation")
+
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/veorl-agent@champion")
+    result = model.predict({"image": np.zeros((1, 64, 64, 3), np.uint8), **initial_state(model)})
+    assert result["action"].shape == (1, 4) and np.all(np.abs(result["action"]) <= 1.0)
+    stages = {run.data.tags.get("veorl.stage") for run in mlflow.search_runs(experiment_names=["veorl"], output_format="list")}
+    assert {"pretrain", "finetune", "evaluate", "register"} <= stages
