@@ -1,13 +1,14 @@
 """Compile, submit or locally run the VeoRL Kubeflow pipeline.
 
     python -m pipelines.cli compile [--out pipelines/veorl_pipeline.yaml] [--image IMG] [--gpu-image IMG] ...
+    python -m pipelines.cli upload --host https://kfp.example.org [--version v2]
     python -m pipelines.cli submit --host https://kfp.example.org [--preset paper] [--set finetune.policy_steps=1000] ...
     python -m pipelines.cli run-local --preset smoke [--pipeline-root local_outputs]
 
 `compile` writes the YAML that is checked in (with no options it reproduces pipelines/veorl_pipeline.yaml).
-`submit` compiles with the given options (or takes --package) and starts a run through kfp.Client; the token
-for an authenticated endpoint comes from $KFP_TOKEN (never from the command line, so it stays out of shell
-history and logs). `run-local` executes the pipeline on this machine with kfp.local's SubprocessRunner (no
+`upload` registers the compiled pipeline (or a new version of it) in the KFP UI; `submit` compiles with the given
+options (or takes --package) and starts a run through kfp.Client. The token for an authenticated endpoint comes
+from $KFP_TOKEN (never from the command line, so it stays out of shell history and logs). `run-local` executes the pipeline on this machine with kfp.local's SubprocessRunner (no
 cluster, no Docker); run it from the repository root.
 """
 
@@ -108,23 +109,50 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
+def _client(args: argparse.Namespace):
     import kfp
 
+    extra = {"namespace": args.namespace} if args.namespace else {}
+    return kfp.Client(host=args.host, existing_token=os.environ.get(TOKEN_ENV) or None, **extra)
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="veorl-kfp-") as tmp:
+        package = args.package or str(compile_pipeline(Path(tmp) / "veorl_pipeline.yaml", options_from_args(args)))
+        client = _client(args)
+        if args.version:
+            pipeline_id = client.get_pipeline_id(args.name)
+            if pipeline_id is None:
+                raise LookupError(f"no pipeline named {args.name!r} on {args.host}; upload it once without --version")
+            uploaded = client.upload_pipeline_version(package, args.version, pipeline_id=pipeline_id)
+            print(json.dumps({"pipeline_id": pipeline_id, "version_id": uploaded.pipeline_version_id}, sort_keys=True))
+        else:
+            uploaded = client.upload_pipeline(package, pipeline_name=args.name, namespace=args.namespace)
+            print(json.dumps({"pipeline_id": uploaded.pipeline_id}, sort_keys=True))
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
     arguments = run_arguments(args)
     with tempfile.TemporaryDirectory(prefix="veorl-kfp-") as tmp:
         package = args.package or str(compile_pipeline(Path(tmp) / "veorl_pipeline.yaml", options_from_args(args)))
-        client = kfp.Client(host=args.host, namespace=args.namespace, existing_token=os.environ.get(TOKEN_ENV) or None)
+        client = _client(args)
         result = client.create_run_from_pipeline_package(
             package, arguments=arguments, run_name=args.run_name, experiment_name=args.experiment,
-            namespace=args.namespace, enable_caching=not args.no_cache)
+            namespace=args.namespace, pipeline_root=args.pipeline_root, enable_caching=not args.no_cache,
+            service_account=args.service_account)
     print(json.dumps({"run_id": result.run_id, "host": args.host, "arguments": arguments}, sort_keys=True))
     return 0
 
 
 def cmd_run_local(args: argparse.Namespace) -> int:
+    import warnings
+
     from kfp import local
 
+    # Expected on a laptop: resources and the custom image only mean something on a cluster.
+    warnings.filterwarnings("ignore", message=r"Task .* have no effect in the current local runner")
+    warnings.filterwarnings("ignore", message=r"You may be attemping to run a task that uses custom")
     root = Path(args.pipeline_root).resolve()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), enable_caching=args.cache)
     pipeline = build_pipeline(options_from_args(args))
@@ -143,9 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile_options(p)
     p.set_defaults(func=cmd_compile)
 
+    p = sub.add_parser("upload", help="upload the pipeline (or a new version of it) to a Kubeflow Pipelines endpoint")
+    p.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kubeflow.example.org/pipeline")
+    p.add_argument("--namespace", default=None, help="Kubeflow profile namespace (multi-user installs)")
+    p.add_argument("--name", default=PIPELINE_NAME, help="pipeline name in the UI (default: %(default)s)")
+    p.add_argument("--version", default=None, help="upload as a new version of the existing pipeline --name")
+    p.add_argument("--package", default=None, help="upload this compiled YAML instead of compiling with the options below")
+    _add_compile_options(p)
+    p.set_defaults(func=cmd_upload)
+
     p = sub.add_parser("submit", help="submit a run to a Kubeflow Pipelines endpoint")
     p.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kubeflow.example.org/pipeline")
     p.add_argument("--namespace", default=None, help="Kubeflow profile namespace (multi-user installs)")
+    p.add_argument("--pipeline-root", default=None, help="where KFP stores this run's artifacts, e.g. s3://bucket/kfp "
+                                                         "(default: the installation's)")
+    p.add_argument("--service-account", default=None, help="Kubernetes service account of the run's pods (e.g. with IRSA)")
     p.add_argument("--experiment", default=PIPELINE_NAME, help="KFP experiment name (default: %(default)s)")
     p.add_argument("--run-name", default=None, help="run name (default: generated by KFP)")
     p.add_argument("--package", default=None, help="submit this compiled YAML instead of compiling with the options below")

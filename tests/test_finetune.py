@@ -15,7 +15,7 @@ import torch
 from veorl.agent import Agent
 from veorl.algo.baselines import switches
 from veorl.algo.finetune import PolicyPhase, WorldModelPhase, build_guidance, plan_posterior_targets
-from veorl.algo.imagination import BehaviourGuidance, imagine, intrinsic_reward
+from veorl.algo.imagination import imagine, intrinsic_reward
 from veorl.config import resolve
 from veorl.data.episodes import save_episode
 from veorl.models.actor_critic import Actor, Critic

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -167,26 +166,42 @@ def test_cli_compile_and_submit(tmp_path, monkeypatch, capsys):
     submitted = {}
 
     class RecordingClient:  # stands in for a KFP endpoint: records what would be sent
-        def __init__(self, host, namespace=None, existing_token=None):
+        def __init__(self, host, existing_token=None, namespace="kubeflow"):
             submitted.update(host=host, token=existing_token)
 
-        def create_run_from_pipeline_package(self, package, arguments, run_name, experiment_name, namespace, enable_caching):
-            submitted.update(spec=yaml.safe_load(Path(package).read_text()), arguments=arguments,
+        def create_run_from_pipeline_package(self, package, arguments, run_name, experiment_name, namespace, pipeline_root,
+                                             enable_caching, service_account):
+            submitted.update(spec=yaml.safe_load(Path(package).read_text()), arguments=arguments, root=pipeline_root,
                              experiment=experiment_name, caching=enable_caching)
             return type("Run", (), {"run_id": "run-123"})()
+
+        def upload_pipeline(self, package, pipeline_name, namespace):
+            submitted.update(uploaded=yaml.safe_load(Path(package).read_text()), name=pipeline_name)
+            return type("Pipeline", (), {"pipeline_id": "p-1"})()
+
+        def get_pipeline_id(self, name):
+            return None
 
     monkeypatch.setattr(kfp, "Client", RecordingClient)
     monkeypatch.setenv("KFP_TOKEN", "token-from-env")
     code = cli.main(["submit", "--host", "https://kfp.example.org", "--preset", "paper", "--task", "button-press",
                      "--set", "finetune.policy_steps=100", "--video-source", "s3://videos/raw/", "--no-cache",
-                     "--image", "my/cpu:2", "--gpu-image", "my/cuda:2"])
+                     "--pipeline-root", "s3://kfp-artifacts/veorl", "--image", "my/cpu:2", "--gpu-image", "my/cuda:2"])
     assert code == 0
     assert submitted["host"] == "https://kfp.example.org" and submitted["token"] == "token-from-env"
     assert submitted["arguments"] == {"preset": "paper", "task": "button-press", "overrides": ["finetune.policy_steps=100"],
                                       "video_sources": ["s3://videos/raw/"]}
     assert submitted["caching"] is False and submitted["experiment"] == "veorl"
     assert _executors(submitted["spec"])["exec-finetune"]["container"]["image"] == "my/cuda:2"
+    assert submitted["root"] == "s3://kfp-artifacts/veorl"
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["run_id"] == "run-123"
+
+    assert cli.main(["upload", "--host", "https://kfp.example.org", "--package", str(out)]) == 0
+    assert submitted["name"] == "veorl" and _executors(submitted["uploaded"])["exec-collect"]["container"]["image"] == "my/cpu:1"
+    # A new version of a pipeline that does not exist is a clear error, with the token never echoed.
+    assert cli.main(["upload", "--host", "https://kfp.example.org", "--version", "v2", "--package", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "no pipeline named 'veorl'" in err and "token-from-env" not in err
 
 
 @pytest.mark.slow

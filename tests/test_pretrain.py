@@ -161,6 +161,24 @@ def test_losses_fall_when_overfitting_a_tiny_batch():
     assert float(history[-1]["loss"]) < float(history[0]["loss"])
 
 
+def test_data_codebook_init_uses_more_codes_than_uniform():
+    torch.manual_seed(0)
+    params = smoke_params(*TINY)
+    batch = fixed_batch(params)
+    model = VideoWorldModel(params.model)
+    trainer = Phase1Trainer(model, params.pretrain)
+    with torch.no_grad():
+        z = torch.cat([model.ban(model.encoder(batch[k]["image"])).reshape(-1, params.model.latent_action_dim)
+                       for k in ("target", "source")])
+        uniform_codes = model.codebook.indices(z).unique().numel()
+        trainer.initialise_codebook(batch)
+        data_codes = model.codebook.indices(z).unique().numel()
+        # every code is one of the batch's BAN outputs
+        distances = torch.cdist(model.codebook.vectors, z).min(1).values
+    assert data_codes > uniform_codes, (uniform_codes, data_codes)
+    assert float(distances.max()) < 1e-2
+
+
 def test_phase2_padded_slots_do_not_change_the_loss():
     torch.manual_seed(0)
     params = smoke_params()
@@ -238,8 +256,9 @@ def kill_at(step: int):
 
 def test_resume_equals_uninterrupted(dataset, tmp_path, mlflow_store):
     clips, episodes = dataset
-    # smoke: 3 + 3 steps, checkpoints every 2 steps and at each phase end.
-    params = smoke_params("pretrain.image_log_every=100", *TINY)
+    # smoke: 3 + 3 steps, checkpoints every 2 steps and at each phase end; the data-driven codebook
+    # initialisation draws random numbers at step 0, which the resumed run must not repeat.
+    params = smoke_params("pretrain.image_log_every=100", "pretrain.codebook_init=data", *TINY)
 
     def outputs(name):
         d = tmp_path / name
@@ -278,10 +297,11 @@ def test_resume_equals_uninterrupted(dataset, tmp_path, mlflow_store):
 
     # Changing the maths (not the step counts) is refused, naming the key.
     with pytest.raises(CheckpointMismatch, match="pretrain.optim.lr"):
-        pretrain(smoke_params("pretrain.image_log_every=100", *TINY, "pretrain.optim.lr=0.01"), clips, episodes, **interrupted)
+        pretrain(smoke_params("pretrain.image_log_every=100", "pretrain.codebook_init=data", *TINY, "pretrain.optim.lr=0.01"),
+                 clips, episodes, **interrupted)
     # Extending training continues from the checkpoint instead of starting over.
-    longer = pretrain(smoke_params("pretrain.image_log_every=100", *TINY, "pretrain.phase2_steps=4"), clips, episodes,
-                      **interrupted)
+    longer = pretrain(smoke_params("pretrain.image_log_every=100", "pretrain.codebook_init=data", *TINY,
+                                   "pretrain.phase2_steps=4"), clips, episodes, **interrupted)
     assert longer["phase2"]["steps"] == 4
 
 

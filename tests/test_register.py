@@ -157,6 +157,36 @@ def test_incomplete_agent_is_a_clear_error(tmp_path, store, capsys):
     assert not (tmp_path / "registration.json").exists()
 
 
+def test_served_model_handles_a_stateless_bc_agent(tmp_path):
+    """The bc baseline has no recurrent state: the pyfunc takes only "image" and returns only "action"."""
+    import torch
+    from mlflow.models import infer_signature
+    from mlflow.pyfunc import PythonModelContext
+
+    from veorl.agent import Agent, build_agent_modules, save_agent
+    from veorl.serving import AgentPolicy, example_io
+
+    params = resolve({}, preset="smoke")
+    meta = {"algo": "bc", "env": "metaworld", "task": "drawer-open", "camera": "corner", "image_size": 64, "action_dim": 4,
+            "episode_length": 40, "model": params.model.model_dump(mode="json"), "use_latent_action": False,
+            "bc": {"units": 32, "layers": 2}}
+    torch.manual_seed(0)
+    save_agent(tmp_path / "bc", build_agent_modules(meta), meta)
+    agent = Agent.load(str(tmp_path / "bc"))
+    example_input, example_output = example_io(agent)
+    assert set(example_input) == {"image"} and set(example_output) == {"action"}
+    signature = infer_signature(example_input, example_output)
+    assert [spec.name for spec in signature.inputs.inputs] == ["image"]
+
+    policy = AgentPolicy()
+    policy.load_context(PythonModelContext(artifacts={"agent": str(tmp_path / "bc")}, model_config={}))
+    image = np.random.default_rng(1).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    out = policy.predict(None, {"image": image})
+    assert set(out) == {"action"} and np.allclose(out["action"], agent.act(image, {})[0])
+    with pytest.raises(TypeError, match="dict of numpy arrays"):
+        policy.predict(None, image)
+
+
 # ----------------------------------------------------------------------------------------------
 # Against a real MLflow store
 # ----------------------------------------------------------------------------------------------
@@ -199,6 +229,17 @@ def test_promotion_sequence_and_served_model(tmp_path, store):
     assert np.allclose(served["deter"], new_state["deter"], atol=1e-6)
     second_step = model.predict({"image": image, **{k: v for k, v in served.items() if k != "action"}})
     assert np.allclose(second_step["action"], agent.act(image, new_state)[0], atol=1e-6)
+
+    # In a fresh process the model brings its own code: veorl is imported from the model, not from this checkout.
+    probe = (f"import mlflow, numpy as np\nmlflow.set_tracking_uri({store!r})\n"
+             "m = mlflow.pyfunc.load_model('models:/veorl-agent@champion')\n"
+             "from veorl.serving import initial_state\nimport veorl.agent\n"
+             "out = m.predict({'image': np.zeros((1, 64, 64, 3), np.uint8), **initial_state(m)})\n"
+             "print(veorl.agent.__file__, out['action'].shape)")
+    fresh = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    loaded_from, shape = fresh.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert not loaded_from.startswith(str(REPO)) and "/code/veorl/agent.py" in loaded_from and shape == "(1, 4)"
 
     worse = make_agent(tmp_path / "a2", seed=2)
     r2 = run(str(worse), str(write_evaluation(tmp_path / "e2", worse, 0.25)), str(out), params)
@@ -260,31 +301,39 @@ def test_concurrent_registrations_leave_exactly_the_best_champion(tmp_path, stor
 
 def test_optimistic_settle_recovers_a_lost_update(tmp_path, store):
     """Without a lock (remote store), a stale registration that overwrites @champion is corrected by re-verification."""
-    from components.register import run
     from veorl.registry import _settle_aliases, ensure_registered_model
 
     params = resolve({}, preset="smoke", overrides=["register.verify_delay=0.6"])
-    agent = make_agent(tmp_path / "agent", seed=21)
-    first = run(str(agent), str(write_evaluation(tmp_path / "e-first", agent, 0.5)), str(tmp_path / "r.json"), params)
     client = _client(store)
     ensure_registered_model(client, "veorl-agent")
-    source = client.get_model_version("veorl-agent", first["version"]).source
+    source = str(tmp_path)  # the alias logic never opens the model files
 
     def add_version(score: float) -> tuple[str, EvaluationInfo]:
         info = evaluation(score)
         tags = {"veorl.metric.success_rate": str(score), "veorl.protocol": json.dumps(PROTOCOL, sort_keys=True)}
         return str(client.create_model_version("veorl-agent", source, tags=tags).version), info
 
+    first, _ = add_version(0.5)
+    client.set_registered_model_alias("veorl-agent", CHAMPION, first)
     strong, strong_eval = add_version(0.9)
     stale, _ = add_version(0.7)
 
+    overwritten = threading.Event()
+
     def stale_writer():  # a registration that decided against the old champion and sets the alias late
-        time.sleep(0.2)
-        client.set_registered_model_alias("veorl-agent", CHAMPION, stale)
+        other = _client(store)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if str(other.get_model_version_by_alias("veorl-agent", CHAMPION).version) == strong:
+                other.set_registered_model_alias("veorl-agent", CHAMPION, stale)
+                overwritten.set()
+                return
+            time.sleep(0.01)
 
     writer = threading.Thread(target=stale_writer)
     writer.start()
     decision = _settle_aliases(client, "veorl-agent", strong, strong_eval, params, serialised=False)
     writer.join()
+    assert overwritten.is_set(), "the stale write never happened, so re-verification was not exercised"
     assert decision.alias == CHAMPION
     assert _champion_version(store) == strong

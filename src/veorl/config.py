@@ -158,6 +158,10 @@ class PretrainParams(Section):
     free_nats: float = Field(default=1.0, ge=0, description="Free nats of the KL term.")
     kl_scale: float = Field(default=1.0, ge=0)
     vq_beta: float = Field(default=1.0, ge=0, description="Commitment weight of the VQ loss.")
+    codebook_init: Literal["uniform", "data"] = Field(
+        default="uniform",
+        description="uniform: U(-1/K, 1/K) as in VQ-VAE; data: the codebook starts as K BAN outputs of the first batch "
+                    "(a common remedy for codebook collapse). Initialisation only; the losses are the same.")
     mmd_weight: float = Field(default=5.0, ge=0, description="Weight of linear MMD between source and target embeddings.")
     ban_on_source: bool = Field(default=True, description="Train BAN and Plan Net on source clips too (paper intent); false = release (target frames only).")
     checkpoint_every: int = Field(default=500, ge=1, description="Steps between atomic checkpoints.")
@@ -166,7 +170,8 @@ class PretrainParams(Section):
     prefetch: int = Field(default=2, ge=0, description="Batches prepared ahead in a background thread.")
     seed: int = Field(default=0)
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N.")
-    threads: int = Field(default=0, ge=0, description="torch intra-op threads; 0 = all cores.")
+    threads: int = Field(default=0, ge=0, description="torch intra-op threads; 0 = all cores (the cpu preset uses 1: "
+                                                      "faster on a small shared CPU, and leaves a core to the prefetch thread).")
 
 
 class FinetuneParams(Section):
@@ -309,10 +314,11 @@ PRESETS: dict[str, dict[str, Any]] = {
             "actor_units": 200, "actor_layers": 3, "critic_units": 200, "critic_layers": 2,
         },
         "pretrain": {"batch": 8, "seq_len": 32, "source_batch": 8, "source_len": 16, "phase1_steps": 150, "phase2_steps": 150,
-                     "checkpoint_every": 50, "log_every": 10, "image_log_every": 150},
-        "finetune": {"batch": 8, "seq_len": 32, "source_batch": 8, "source_len": 16, "world_model_steps": 200,
-                     "policy_steps": 150, "bc_steps": 300, "horizon": 10, "checkpoint_every": 50, "log_every": 10,
-                     "slow_critic_every": 20},
+                     "checkpoint_every": 50, "log_every": 10, "image_log_every": 150, "threads": 1},
+        # One torch thread: with the 2 cores shared, a second OpenMP thread spin-waits and doubles wall time.
+        "finetune": {"batch": 8, "seq_len": 32, "source_batch": 8, "source_len": 16, "world_model_steps": 150,
+                     "policy_steps": 250, "bc_steps": 300, "horizon": 10, "checkpoint_every": 50, "log_every": 10,
+                     "slow_critic_every": 20, "threads": 1},
         "evaluate": {"episodes": 4, "videos": 1},
         "ingest": {"window": 25, "stride": 12},
     },
@@ -325,7 +331,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pretrain": {"batch": 2, "seq_len": 10, "source_batch": 2, "source_len": 8, "phase1_steps": 3, "phase2_steps": 3,
                      "checkpoint_every": 2, "log_every": 1, "image_log_every": 3, "prefetch": 1},
         "finetune": {"batch": 2, "seq_len": 10, "source_batch": 2, "source_len": 8, "world_model_steps": 3, "policy_steps": 3,
-                     "bc_steps": 3, "horizon": 4, "checkpoint_every": 2, "log_every": 1, "slow_critic_every": 2, "prefetch": 1},
+                     "bc_steps": 3, "horizon": 4, "checkpoint_every": 2, "log_every": 1, "slow_critic_every": 2, "prefetch": 1,
+                     "threads": 1},
         "evaluate": {"episodes": 2, "workers": 1, "videos": 1},
     },
 }

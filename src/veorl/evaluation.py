@@ -154,6 +154,10 @@ def evaluate_agent(agent_dir: str | Path, episodes: int, seed: int, workers: int
             finally:
                 _close_worker()
         else:
+            from veorl.agent import Agent
+
+            # Fail here with the loader's own message rather than as an anonymous broken worker pool.
+            Agent.load(str(agent_dir), device="cpu")
             context = multiprocessing.get_context("spawn")
             with futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                              initargs=(str(agent_dir), device, 1)) as pool:

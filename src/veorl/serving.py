@@ -99,13 +99,23 @@ def pinned_requirements() -> list[str]:
     return pins
 
 
+# What acting imports (veorl.agent -> config, models, storage); a test loads a logged model in a fresh process and
+# checks that veorl then comes from the model's own code directory, so a missing module here fails loudly.
+SERVING_CODE = ("__init__.py", "agent.py", "config.py", "storage.py", "serving.py", "models")
+
+
 def _package_code_copy(workdir: Path) -> Path:
-    """A clean copy of the veorl package (no caches) to log as the model's code."""
+    """A copy of the parts of the veorl package that acting needs (no caches), logged as the model's code."""
     import veorl
 
     source = Path(veorl.__file__).resolve().parent
     target = workdir / "veorl"
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+    target.mkdir(parents=True)
+    for name in SERVING_CODE:
+        if (source / name).is_dir():
+            shutil.copytree(source / name, target / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(source / name, target / name)
     return target
 
 

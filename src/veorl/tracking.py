@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from veorl.config import Params
-from veorl.storage import atomic_write_text, code_version
+from veorl.storage import atomic_write_text, code_version, redact
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def _loggable_params(params: Params, sections: tuple[str, ...]) -> dict[str, str
     from veorl.checkpoint import flatten
 
     data = params.section_dict(*sections) if sections else params.model_dump(by_alias=True, mode="json")
-    return {k: str(v)[:_MAX_PARAM_CHARS] for k, v in flatten(data).items()}
+    return {k: redact(str(v))[:_MAX_PARAM_CHARS] for k, v in flatten(data).items()}
 
 
 def _read_run_id(run_dir: Path | None) -> str | None:

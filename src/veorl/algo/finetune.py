@@ -41,7 +41,7 @@ from veorl.algo.imagination import BehaviourGuidance, PlanStateMap, check_releas
 from veorl.algo.returns import discount_weights, lambda_return
 from veorl.algo.world_model import linear_mmd, trunk_world_model_loss
 from veorl.config import ModelParams, Params
-from veorl.models.actor_critic import Actor, ActionKind, Critic, PixelPolicy, policy_inputs
+from veorl.models.actor_critic import Actor, Critic, PixelPolicy, policy_inputs
 from veorl.models.networks import preprocess
 from veorl.models.rssm import RSSMState
 from veorl.models.world_model import TrunkWorldModel, VideoWorldModel, build_trunk_world_model

@@ -79,7 +79,8 @@ class PhaseTrainer(abc.ABC):
         self.model, self.cfg = model, cfg
         self.parameters = [p for m in self.trainable_modules() for p in m.parameters()]
         self.optimizer = torch.optim.Adam(self.parameters, lr=cfg.optim.lr, eps=cfg.optim.eps)
-        self.usage = torch.zeros(model.codebook.K, dtype=torch.float64)
+        # Code counts since the last figure; kept on the model's device so counting never forces a sync.
+        self.usage = torch.zeros(model.codebook.K, dtype=torch.float32, device=model.codebook.vectors.device)
 
     @abc.abstractmethod
     def trainable_modules(self) -> list[nn.Module]:
@@ -101,14 +102,14 @@ class PhaseTrainer(abc.ABC):
         return out
 
     def _count_codes(self, codes: torch.Tensor) -> None:
-        self.usage += torch.bincount(codes.reshape(-1), minlength=self.model.codebook.K).to(torch.float64).cpu()
+        self.usage += torch.bincount(codes.reshape(-1), minlength=self.model.codebook.K).to(self.usage.dtype)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "usage": self.usage.clone()}
+        return {"optimizer": self.optimizer.state_dict(), "usage": self.usage.cpu().clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
-        self.usage = state["usage"].clone()
+        self.usage = state["usage"].to(self.usage.device, self.usage.dtype).clone()
 
 
 class Phase1Trainer(PhaseTrainer):
@@ -119,6 +120,26 @@ class Phase1Trainer(PhaseTrainer):
     def trainable_modules(self) -> list[nn.Module]:
         m = self.model
         return [m.encoder, m.ban, m.codebook, m.plan_net, m.decoder]
+
+    @torch.no_grad()
+    def initialise_codebook(self, batch: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Set the codebook to K distinct BAN outputs of `batch` (pretrain.codebook_init = "data").
+
+        With the VQ-VAE default U(-1/K, 1/K) the codes sit far from the BAN's outputs, so a handful of
+        codes win every transition and the rest never receive a gradient (collapse). Starting the codes
+        on the data spreads them over the transitions actually seen.
+        """
+        m = self.model
+        sequences = [batch["target"]["image"]] + ([batch["source"]["image"]] if self.cfg.ban_on_source else [])
+        z = torch.cat([m.ban(m.encoder(preprocess(x))).reshape(-1, m.latent_action_dim) for x in sequences])
+        K = m.codebook.K
+        distinct = min(K, z.shape[0])
+        chosen = torch.randperm(z.shape[0], device=z.device)[:distinct]
+        if distinct < K:  # fewer transitions than codes: repeat some
+            chosen = torch.cat([chosen, torch.randint(0, z.shape[0], (K - distinct,), device=z.device)])
+        vectors = z[chosen]
+        vectors[distinct:] += 1e-3 * torch.randn_like(vectors[distinct:])  # repeated codes nudged apart
+        m.codebook.vectors.copy_(vectors)
 
     def losses(self, batch):
         m, cfg = self.model, self.cfg
@@ -467,6 +488,8 @@ def pretrain(params: Params, clips: str | Path, episodes: str | Path, out: str |
                     except StopIteration:
                         break
                     t1 = time.perf_counter()
+                    if phase == 1 and step == 0 and cfg.codebook_init == "data":
+                        trainer.initialise_codebook(batch)
                     terms = trainer.update(batch)
                     t2 = time.perf_counter()
                     wait_time += t1 - t0
@@ -477,7 +500,7 @@ def pretrain(params: Params, clips: str | Path, episodes: str | Path, out: str |
                     global_step = offset + done
                     if done % cfg.log_every == 0 or done == total:
                         values = {k: float(v) for k, v in terms.items()}
-                        stats = codebook_stats(trainer.usage)
+                        stats = codebook_stats(trainer.usage.cpu().double())
                         steps_per_s = session_steps / max(train_time, 1e-9)
                         values.update({"codebook_perplexity": stats.perplexity, "codebook_used": stats.used,
                                        "steps_per_s": steps_per_s, "samples_per_s": steps_per_s * per_step_sequences,
@@ -526,14 +549,15 @@ def _log_figures(model: VideoWorldModel, batch: dict[str, dict[str, torch.Tensor
     if tracking.active_run_id() is None:
         return
     target = batch["target"]["image"]
-    top_codes = [int(c) for c in torch.argsort(trainer.usage, descending=True)[:6] if trainer.usage[c] > 0] or [0]
+    usage = trainer.usage.cpu().double()
+    top_codes = [int(c) for c in torch.argsort(usage, descending=True)[:6] if usage[c] > 0] or [0]
     tag = f"step{global_step:07d}"
     recon = reconstruction_figure(model, target) if phase == 1 else keyframe_figure(model, target)
     tracking.log_image(recon, f"figures/phase{phase}/reconstruction_{tag}.png")
     horizon = min(8, target.shape[1]) if phase == 1 else 4
     tracking.log_image(open_loop_figure(model, target, top_codes, horizon, keyframe=phase == 2),
                        f"figures/phase{phase}/open_loop_{tag}.png")
-    tracking.log_figure(usage_figure(trainer.usage.clone(), f"phase {phase} codebook usage"),
+    tracking.log_figure(usage_figure(usage, f"phase {phase} codebook usage"),
                         f"figures/phase{phase}/codebook_usage_{tag}.png")
 
 

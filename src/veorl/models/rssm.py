@@ -13,6 +13,7 @@ distribution objects: fewer, larger kernels, which matters most when the CPU is 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields
 from typing import Callable, Literal
 
@@ -57,6 +58,69 @@ class RSSMState:
         first = states[0]
         return RSSMState(**{f.name: (None if getattr(first, f.name) is None else torch.cat([getattr(s, f.name) for s in states], dim))
                             for f in fields(first)})
+
+
+class _SerialRegion:
+    """Run the recurrent loop's many small kernels on one intra-op thread, forward and backward.
+
+    Each step's matmuls are tiny (batch x a few hundred); with several OpenMP threads every one of
+    them pays a fork/join barrier, which on a shared CPU costs up to a scheduler time slice when a
+    sibling thread is descheduled (measured here: a 10x200x200 matmul took 16 ms with 2 threads,
+    15 us with 1). The forward loop runs inside `with region:`; for the backward, a hook on the loop's
+    outputs drops to one thread when their gradients are ready and a hook on the loop's inputs restores
+    the previous count when gradients leave the loop, so the big convolutions stay multi-threaded.
+    Nested and interleaved regions are reference counted.
+    """
+
+    depth = 0
+    saved_threads = 1
+
+    @classmethod
+    def enter(cls) -> None:
+        if cls.depth == 0:
+            cls.saved_threads = torch.get_num_threads()
+            if cls.saved_threads > 1:
+                torch.set_num_threads(1)
+        cls.depth += 1
+
+    @classmethod
+    def exit(cls) -> None:
+        cls.depth = max(0, cls.depth - 1)
+        if cls.depth == 0 and cls.saved_threads > 1 and torch.get_num_threads() != cls.saved_threads:
+            torch.set_num_threads(cls.saved_threads)
+
+    def __enter__(self) -> "_SerialRegion":
+        self.enter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.exit()
+
+    @classmethod
+    def guard_backward(cls, outputs: list[torch.Tensor], inputs: list[torch.Tensor]) -> None:
+        """Hook the backward of a loop from `inputs` to `outputs` (only when gradients will flow through)."""
+        if not torch.is_grad_enabled() or torch.get_num_threads() <= 1:
+            return
+        outs = [t for t in outputs if t.requires_grad]
+        ins = [t for t in inputs if t.requires_grad]
+        if not outs or not ins:
+            return
+        entered = {"done": False, "left": False}
+
+        def on_output_grad(grad: torch.Tensor) -> None:
+            if not entered["done"]:
+                entered["done"] = True
+                cls.enter()
+
+        def on_input_grad(grad: torch.Tensor) -> None:
+            if entered["done"] and not entered["left"]:
+                entered["left"] = True
+                cls.exit()
+
+        for t in outs:
+            t.register_hook(on_output_grad)
+        for t in ins:
+            t.register_hook(on_input_grad)
 
 
 class LayerNormGRUCell(nn.Module):
@@ -133,6 +197,8 @@ class RSSM(nn.Module):
         self.obs_in_deter = nn.Linear(deter, hidden)
         self.obs_in_embed = nn.Linear(embed_dim, hidden, bias=False)
         self.obs_stats = nn.Linear(hidden, stat_size)
+        # Time loops on one intra-op thread (see _SerialRegion); a plain attribute, not part of the maths.
+        self.serial_loop = True
 
     # -- sizes --------------------------------------------------------------------------------
 
@@ -224,22 +290,26 @@ class RSSM(nn.Module):
         batch, steps = embed.shape[:2]
         if state is None:
             state = self.initial(batch, embed.device)
-        action_proj = (self.img_in_action(action) + self.img_in_stoch.bias).transpose(0, 1).contiguous().unbind(0)
-        embed_proj = (self.obs_in_embed(embed) + self.obs_in_deter.bias).transpose(0, 1).contiguous().unbind(0)
+        action_proj = (self.img_in_action(action) + self.img_in_stoch.bias).transpose(0, 1).contiguous()
+        embed_proj = (self.obs_in_embed(embed) + self.obs_in_deter.bias).transpose(0, 1).contiguous()
         stoch_weight = self.img_in_stoch.weight.t()
         gru_weight = self.cell.fused_weight()
         obs_weight = self.obs_in_deter.weight.t()
         noise = self._gaussian_noise(steps, batch, sample, embed)
         stoch, deter = state.stoch, state.deter
         posts: list[RSSMState] = []
-        for t in range(steps):
-            x = F.elu(torch.addmm(action_proj[t], stoch, stoch_weight))
-            deter = self.cell.from_gates(torch.cat([x, deter], -1) @ gru_weight, deter)
-            hidden = F.elu(torch.addmm(embed_proj[t], deter, obs_weight))
-            post = self._stats_to_state(self.obs_stats(hidden), deter, sample, noise[t])
-            stoch = post.stoch
-            posts.append(post)
-        post = RSSMState.stack(posts, 1)
+        with _SerialRegion() if self.serial_loop else contextlib.nullcontext():
+            for t, (action_t, embed_t) in enumerate(zip(action_proj.unbind(0), embed_proj.unbind(0))):
+                x = F.elu(torch.addmm(action_t, stoch, stoch_weight))
+                deter = self.cell.from_gates(torch.cat([x, deter], -1) @ gru_weight, deter)
+                hidden = F.elu(torch.addmm(embed_t, deter, obs_weight))
+                post = self._stats_to_state(self.obs_stats(hidden), deter, sample, noise[t])
+                stoch = post.stoch
+                posts.append(post)
+            post = RSSMState.stack(posts, 1)
+        if self.serial_loop:
+            _SerialRegion.guard_backward([t for t in (post.deter, post.stoch, post.mean, post.std, post.logits) if t is not None],
+                                         [action_proj, embed_proj])
         prior_stats = self.img_stats(F.elu(self.img_out(post.deter)))
         prior = self._stats_to_state(prior_stats, post.deter, sample)
         return post, prior
@@ -249,17 +319,23 @@ class RSSM(nn.Module):
         if action.dim() != 3:
             raise ValueError(f"imagine expects action (B,T,A), got {tuple(action.shape)}")
         batch, steps = action.shape[:2]
-        action_proj = (self.img_in_action(action) + self.img_in_stoch.bias).transpose(0, 1).contiguous().unbind(0)
+        action_proj = (self.img_in_action(action) + self.img_in_stoch.bias).transpose(0, 1).contiguous()
         stoch_weight = self.img_in_stoch.weight.t()
         gru_weight = self.cell.fused_weight()
         noise = self._gaussian_noise(steps, batch, sample, action)
+        start = state
         priors = []
-        for t in range(steps):
-            x = F.elu(torch.addmm(action_proj[t], state.stoch, stoch_weight))
-            deter = self.cell.from_gates(torch.cat([x, state.deter], -1) @ gru_weight, state.deter)
-            state = self._stats_to_state(self.img_stats(F.elu(self.img_out(deter))), deter, sample, noise[t])
-            priors.append(state)
-        return RSSMState.stack(priors, 1)
+        with _SerialRegion() if self.serial_loop else contextlib.nullcontext():
+            for t, action_t in enumerate(action_proj.unbind(0)):
+                x = F.elu(torch.addmm(action_t, state.stoch, stoch_weight))
+                deter = self.cell.from_gates(torch.cat([x, state.deter], -1) @ gru_weight, state.deter)
+                state = self._stats_to_state(self.img_stats(F.elu(self.img_out(deter))), deter, sample, noise[t])
+                priors.append(state)
+            prior = RSSMState.stack(priors, 1)
+        if self.serial_loop:
+            _SerialRegion.guard_backward([t for t in (prior.deter, prior.stoch, prior.mean, prior.std, prior.logits) if t is not None],
+                                         [action_proj, start.deter, start.stoch])
+        return prior
 
     # -- losses -----------------------------------------------------------------------------------
 
