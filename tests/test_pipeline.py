@@ -206,7 +206,7 @@ def test_cli_compile_and_submit(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_local_pipeline_run_registers_a_champion(tmp_path, monkeypatch):
-    """The whole DAG on the smoke preset with kfp.local (about 2-3 minutes on 2 busy cores)."""
+    """The whole DAG on the smoke preset with kfp.local (75 s to 3 min on 2 shared cores, hence slow)."""
     import mlflow
     import numpy as np
     from kfp import local

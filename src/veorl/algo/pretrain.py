@@ -146,23 +146,22 @@ class Phase1Trainer(PhaseTrainer):
         target = preprocess(batch["target"]["image"])
         source = preprocess(batch["source"]["image"])
         (b, t), (bs, ts) = target.shape[:2], source.shape[:2]
-        # One encoder pass over every frame of both domains.
-        embed = m.encoder(torch.cat([_frames(target), _frames(source)]))
+        # One encoder pass over every frame of both domains; the same tensor is the decoder's target.
+        frames = torch.cat([_frames(target), _frames(source)])
+        embed = m.encoder(frames)
         target_embed = embed[: b * t].reshape(b, t, -1)
         source_embed = embed[b * t:].reshape(bs, ts, -1)
         mmd = linear_mmd(source_embed, target_embed)
 
-        sequences = [(target_embed, target)]
-        if cfg.ban_on_source:
-            sequences.append((source_embed, source))
-        pre_quant = [m.ban(e) for e, _ in sequences]
+        sequences = [target_embed] + ([source_embed] if cfg.ban_on_source else [])
+        pre_quant = [m.ban(e) for e in sequences]
         flat_z = torch.cat([z.reshape(-1, z.shape[-1]) for z in pre_quant])
         flat_zq, codes, vq = m.codebook.quantise(flat_z, beta=cfg.vq_beta)
         self._count_codes(codes)
 
-        posts, priors, features, pixels = [], [], [], []
+        posts, priors, features = [], [], []
         offset = 0
-        for (e, x), z in zip(sequences, pre_quant):
+        for e, z in zip(sequences, pre_quant):
             count = z.shape[0] * z.shape[1]
             latent_action = flat_zq[offset:offset + count].reshape(z.shape)
             offset += count
@@ -172,8 +171,8 @@ class Phase1Trainer(PhaseTrainer):
             posts.append(post)
             priors.append(prior)
             features.append(m.plan_net.feature(post).reshape(-1, m.feat_dim))
-            pixels.append(_frames(x))
-        image = -m.decoder.log_prob(torch.cat(features), torch.cat(pixels)).mean()
+        pixels = frames if cfg.ban_on_source else frames[: b * t]
+        image = -m.decoder.log_prob(torch.cat(features), pixels).mean()
         kl, kl_value = m.plan_net.kl_loss(flat_states(*posts), flat_states(*priors), balance=cfg.kl_balance,
                                           free=cfg.free_nats)
         loss = image + cfg.kl_scale * kl + vq + cfg.mmd_weight * mmd
@@ -270,6 +269,7 @@ class Phase2Trainer(PhaseTrainer):
         feature = m.plan_net.feature(post)
         image = -m.keyframe_decoder.log_prob(feature.reshape(-1, m.feat_dim)[valid], keyframe_pixels).mean()
         kl, kl_value = m.plan_net.kl_loss(post, prior, balance=cfg.kl_balance, free=cfg.free_nats, mask=kf.mask)
+        # Like a reward head, F_BC's gradient also shapes the Plan Net state it reads.
         fbc_error = (m.fbc(feature) - kf.next_action).square().mean(-1)
         fbc = masked_mean(fbc_error, kf.next_mask)
         n_target = kf.target_rows
@@ -418,6 +418,9 @@ def pretrain(params: Params, clips: str | Path, episodes: str | Path, out: str |
         raise ValueError(f"{Path(clips) / MANIFEST}: clips are {clip_store.size}x{clip_store.size}, "
                          f"the model needs {params.model.image_size}x{params.model.image_size}")
     episode_store = EpisodeStore(episodes, image_size=params.model.image_size)
+    # Fail before any MLflow run or checkpoint exists when the data cannot feed the configured batches.
+    EpisodeWindowSampler(episode_store, cfg.batch, cfg.seq_len, cfg.seed)
+    ClipSampler(clip_store, cfg.source_batch, cfg.source_len, cfg.seed)
     upstream = upstream_hashes(clips, episodes)
     run_config = {**params.section_dict(*CONFIG_SECTIONS), "upstream": upstream}
 
