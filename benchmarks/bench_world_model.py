@@ -7,7 +7,8 @@ sequences x 50 steps and 50 source clips x 25 frames, 64x64, fp32, CPU. Each var
 child process so that its peak resident memory (RSS high-water mark) is its own. Per update it reports
 data (sampling the batch from on-disk clip shards and episode files into tensors; in training a
 prefetch thread hides this), forward (all losses), backward, and optimizer (gradient clip + Adam),
-then steps/s and samples/s, and compares with the authors' implementation on the same kind of machine:
+the process CPU seconds of the whole update (with 1 thread: the compute itself, whatever the machine's
+load; with more, it includes OpenMP spin-waiting), then steps/s and samples/s, and compares with the authors' implementation on the same kind of machine:
 10.0 s per phase-1 update, 30.5 s per phase-2 update, 11.9 GB peak memory.
 
 Variants:
@@ -112,6 +113,7 @@ def run_variant(variant: str, data_root: Path, threads: int, repeats: int, warmu
     timings: list[dict] = []
     info: dict = {}
     for step in range(warmup + repeats):
+        c0 = time.process_time()
         t0 = time.perf_counter()
         batch = _to_tensors(sampler(step), False)
         t1 = time.perf_counter()
@@ -128,9 +130,10 @@ def run_variant(variant: str, data_root: Path, threads: int, repeats: int, warmu
         torch.nn.utils.clip_grad_norm_(parameters, cfg.optim.grad_clip)
         optimizer.step()
         t4 = time.perf_counter()
+        c4 = time.process_time()
         if step >= warmup:
             timings.append({"data": t1 - t0, "forward": t2 - t1, "backward": t3 - t2, "optimizer": t4 - t3,
-                            "update": t4 - t1})
+                            "update": t4 - t1, "cpu": c4 - c0})
         if "keyframes" in terms:
             info["keyframes"] = float(terms["keyframes"])
             info["behaviours_per_seq"] = float(terms["behaviours_per_seq"])
@@ -172,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nOne world-model update, paper sizes, fp32, CPU, {args.threads} threads, mean of {args.repeats} after "
           f"{args.warmup} warm-up (load average at the end: {os.getloadavg()[0]:.1f})\n")
-    print("| variant | update s | data s | forward s | backward s | optimizer s | steps/s | samples/s | peak RSS GB | "
+    print("| variant | update s | data s | forward s | backward s | optimizer s | CPU s | steps/s | samples/s | peak RSS GB | "
           "vs reference |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         s = r["seconds"]
         ref = REFERENCE["phase1"] if r["variant"].startswith("phase1") else REFERENCE["phase2"]
@@ -182,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         if "keyframes" in r:
             note += f"; {r['keyframes']:.0f} keyframes, {r['behaviours_per_seq']:.1f} behaviours/seq"
         print(f"| {r['variant']} | {s['update']:.2f} | {s['data']:.2f} | {s['forward']:.2f} | {s['backward']:.2f} | "
-              f"{s['optimizer']:.3f} | {r['steps_per_s']:.3f} | {r['samples_per_s']:.1f} | {r['peak_rss_gb']:.2f} | {note} |")
+              f"{s['optimizer']:.3f} | {s['cpu']:.2f} | {r['steps_per_s']:.3f} | {r['samples_per_s']:.1f} | {r['peak_rss_gb']:.2f} | {note} |")
     print(f"\nreference (authors' implementation, same machine class): phase 1 {REFERENCE['phase1']} s, "
           f"phase 2 {REFERENCE['phase2']} s per update, peak {REFERENCE['peak_gb']} GB")
     for r in results:

@@ -32,7 +32,8 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "collect": ("preset", "collect"),
     "pretrain": ("preset", "model", "pretrain", "tracking"),
     "finetune": ("preset", "model", "finetune", "tracking"),
-    "evaluate": ("preset", "collect.task", "collect.camera", "collect.episode_length", "evaluate", "tracking"),
+    # evaluation runs on the task, camera and episode length recorded in the agent it is given
+    "evaluate": ("preset", "evaluate", "tracking"),
     "register": ("register", "tracking"),
 }
 

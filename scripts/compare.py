@@ -217,6 +217,8 @@ def write_document(doc: Path, figure: Path, table: dict[str, dict[str, Any]], ar
             lines.append(f"| {algo} | {seed} | {values['success_rate']:.3f} | {values['mean_return']:.1f} |")
     if failures:
         lines += ["", "## Runs that failed (not in the table)", ""] + [f"- {f}" for f in failures]
+    if args.notes:
+        lines += ["", "## Observations", "", Path(args.notes).read_text().strip()]
     lines += ["", "The numbers above are what these runs measured, whatever they show; small presets train for minutes "
               "on a CPU and are not comparable to the paper's 40k+50k-step GPU runs.", ""]
     atomic_write_text(doc, "\n".join(lines))
@@ -238,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=["smoke", "cpu", "paper"], default=None, help="override the preset of params.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="parameter override applied to every run (repeatable)")
+    parser.add_argument("--notes", default=None, metavar="FILE",
+                        help="markdown appended under 'Observations' (what the runs show, written by a person)")
     parser.add_argument("--in-process", action="store_true", help="run the stages in this process (faster start; tests)")
     return parser
 

@@ -121,8 +121,8 @@ def test_stage_configs_change_only_where_a_stage_reads(monkeypatch):
     assert params.model.deter == resolve({}, preset="smoke").model.deter  # the smoke preset's sizes
 
     task_changed = steps.resolve_stage_configs("smoke", [], {"task": "button-press", "algo": "", "model_name": ""})
-    assert {s for s in base if base[s] != task_changed[s]} == {"source_videos", "collect", "evaluate"}
-    assert steps.params_for_stage(task_changed["evaluate"]).collect.task == "button-press"
+    assert {s for s in base if base[s] != task_changed[s]} == {"source_videos", "collect"}
+    assert steps.params_for_stage(task_changed["collect"]).collect.task == "button-press"
 
 
 def test_stage_params_skip_cross_checks_already_done(monkeypatch):

@@ -329,7 +329,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "collect": {"episodes": 2, "episode_length": 40, "workers": 1},
         "model": _SMALL_MODEL,
         "pretrain": {"batch": 2, "seq_len": 10, "source_batch": 2, "source_len": 8, "phase1_steps": 3, "phase2_steps": 3,
-                     "checkpoint_every": 2, "log_every": 1, "image_log_every": 3, "prefetch": 1},
+                     "checkpoint_every": 2, "log_every": 1, "image_log_every": 3, "prefetch": 1, "threads": 1},
         "finetune": {"batch": 2, "seq_len": 10, "source_batch": 2, "source_len": 8, "world_model_steps": 3, "policy_steps": 3,
                      "bc_steps": 3, "horizon": 4, "checkpoint_every": 2, "log_every": 1, "slow_critic_every": 2, "prefetch": 1,
                      "threads": 1},
