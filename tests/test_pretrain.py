@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from veorl.algo.pretrain import KeyframeBatch, Phase1Trainer, Phase2Trainer, pretrain
-from veorl.checkpoint import CheckpointMismatch
+from veorl.checkpoint import CheckpointManager, CheckpointMismatch, assert_resumable
 from veorl.config import resolve
 from veorl.data.episodes import save_episode
 from veorl.models.world_model import VideoWorldModel, load_world_model
@@ -271,7 +271,8 @@ def test_resume_equals_uninterrupted(dataset, tmp_path, mlflow_store):
     with pytest.raises(Killed):
         pretrain(params, clips, episodes, **interrupted, on_step=kill_at(4))
     assert not (interrupted["out"] / "world_model.pt").exists()
-    run_id = (interrupted["checkpoints"] / "mlflow_run_id").read_text().strip()
+    (run_dir,) = interrupted["checkpoints"].glob("run-*")  # one folder per training configuration
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
     # A second kill inside phase 2 after a fresh checkpoint, then the final resume.
     with pytest.raises(Killed):
         pretrain(params, clips, episodes, **interrupted, on_step=kill_at(5))
@@ -295,10 +296,18 @@ def test_resume_equals_uninterrupted(dataset, tmp_path, mlflow_store):
     history = mlflow.tracking.MlflowClient(mlflow_store).get_metric_history(run_id, "phase2/loss")
     assert sorted({m.step for m in history}) == [4, 5, 6]
 
-    # Changing the maths (not the step counts) is refused, naming the key.
+    # Changing the maths (not the step counts) trains from scratch in a folder of its own, leaving the old run intact.
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    other = pretrain(smoke_params("pretrain.image_log_every=100", "pretrain.codebook_init=data", *TINY, "pretrain.optim.lr=0.01"),
+                     clips, episodes, **interrupted)
+    assert not other["resumed"] and other["mlflow_run_id"] != run_id
+    assert len(list(interrupted["checkpoints"].glob("run-*"))) == 2
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
+    # Resuming straight from a checkpoint of another configuration is still refused, naming the key.
+    (other_dir,) = set(interrupted["checkpoints"].glob("run-*")) - {run_dir}
     with pytest.raises(CheckpointMismatch, match="pretrain.optim.lr"):
-        pretrain(smoke_params("pretrain.image_log_every=100", "pretrain.codebook_init=data", *TINY, "pretrain.optim.lr=0.01"),
-                 clips, episodes, **interrupted)
+        assert_resumable(CheckpointManager(run_dir).load_latest()["config"],
+                         CheckpointManager(other_dir).load_latest()["config"], where="test")
     # Extending training continues from the checkpoint instead of starting over.
     longer = pretrain(smoke_params("pretrain.image_log_every=100", "pretrain.codebook_init=data", *TINY,
                                    "pretrain.phase2_steps=4"), clips, episodes, **interrupted)

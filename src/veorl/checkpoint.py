@@ -12,6 +12,8 @@ Resuming is refused when the saved config differs in anything that changes the m
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
 import logging
 import os
 import random
@@ -104,6 +106,21 @@ def assert_resumable(saved: dict[str, Any], current: dict[str, Any], where: str 
             f"{lines}\nRestore those settings to continue, or delete the checkpoint directory to train from scratch.")
 
 
+def run_directory(root: str | Path, config: dict[str, Any], allowed: Iterable[str] = RESUMABLE_CHANGES) -> Path:
+    """The checkpoint folder of one training configuration: `root/run-<hash>`.
+
+    The hash covers every setting that changes the training maths (and the upstream data hashes when the
+    config carries them), but not the resumable ones (step counts, logging, device...). So re-running the
+    same command resumes, extending the step counts continues the same run, and a `dvc exp run -S` that
+    changes e.g. a learning rate trains from scratch in its own folder instead of colliding with the old one;
+    switching back to the earlier setting finds its finished checkpoint again.
+    """
+    allowed = tuple(allowed)
+    relevant = {k: v for k, v in flatten(config).items() if not any(fnmatch.fnmatchcase(k, p) for p in allowed)}
+    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return Path(root) / f"run-{digest}"
+
+
 class CheckpointManager:
     """Numbered checkpoint files in `directory`, the newest `keep` retained, and a `latest` pointer."""
 
@@ -166,4 +183,4 @@ class CheckpointManager:
 
 
 __all__ = ["CheckpointManager", "CheckpointMismatch", "rng_state", "set_rng_state", "seed_everything", "flatten",
-           "config_differences", "assert_resumable", "RESUMABLE_CHANGES"]
+           "config_differences", "assert_resumable", "RESUMABLE_CHANGES", "run_directory"]

@@ -43,7 +43,7 @@ from torch import nn
 from veorl import tracking
 from veorl.algo.segmentation import Segments, keyframe_sequence, pad_segments, segment_behaviours
 from veorl.algo.world_model import flat_states, image_nll, linear_mmd, masked_mean
-from veorl.checkpoint import CheckpointManager, assert_resumable, rng_state, seed_everything, set_rng_state
+from veorl.checkpoint import CheckpointManager, assert_resumable, rng_state, run_directory, seed_everything, set_rng_state
 from veorl.config import Params, PretrainParams
 from veorl.data.clips import MANIFEST, ClipStore
 from veorl.data.episodes import EpisodeStore
@@ -426,6 +426,8 @@ def pretrain(params: Params, clips: str | Path, episodes: str | Path, out: str |
 
     seed_everything(cfg.seed)
     model = VideoWorldModel(params.model).to(device)
+    if checkpoints is not None:
+        checkpoints = run_directory(checkpoints, run_config)
     manager = CheckpointManager(checkpoints) if checkpoints is not None else None
     state = TrainingState()
     saved = manager.load_latest() if manager is not None else None
