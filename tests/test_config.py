@@ -91,3 +91,10 @@ def test_markdown_reference_lists_every_leaf():
     table = parameters_markdown()
     for key in ("`ingest.window`", "`finetune.lambda`", "`pretrain.optim.lr`", "`register.margin`"):
         assert key in table
+
+
+def test_parameter_reference_doc_is_in_sync():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "parameters.md").read_text()
+    assert parameters_markdown() in doc, "regenerate: python -m veorl.config --markdown (see docs/parameters.md)"
