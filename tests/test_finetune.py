@@ -286,7 +286,8 @@ def test_finetune_cli_veorl_subprocess(inputs, tmp_path):
     assert rows[0].startswith("step,phase") and len(rows) == 1 + 6  # smoke logs every update
     provenance = json.loads((tmp_path / "agent" / "provenance.json").read_text())
     assert set(provenance["upstream"]) == {"world_model", "target_episodes", "video_clips"}
-    assert (tmp_path / "ckpt" / "latest").is_file()
+    (run_dir,) = (tmp_path / "ckpt").glob("run-*")  # one folder per training configuration and inputs
+    assert (run_dir / "latest").is_file()
 
 
 @pytest.mark.parametrize("algo,modules", [("dreamerv2", {"encoder", "trunk_net", "actor"}), ("bc", {"policy"})])
@@ -339,14 +340,25 @@ def test_resume_continues_exactly_where_an_interrupted_run_stopped(inputs, tmp_p
     assert [r.split(",")[:3] for r in straight_rows] == [r.split(",")[:3] for r in resumed_rows]
 
 
-def test_resume_refuses_a_checkpoint_of_other_settings(inputs, tmp_path, capsys):
+def test_other_settings_train_in_their_own_checkpoint_folder(inputs, tmp_path):
     from components.finetune import main
+    from veorl.checkpoint import CheckpointManager, CheckpointMismatch, assert_resumable
 
     args = _finetune_args(inputs, tmp_path, "--checkpoints", str(tmp_path / "ckpt"), "--set", "finetune.policy_steps=0",
                           "--set", "finetune.world_model_steps=1")
     assert main(args) == 0
-    assert main(args + ["--set", "finetune.discount=0.5"]) == 2
-    assert "finetune.discount" in capsys.readouterr().err
+    (first,) = (tmp_path / "ckpt").glob("run-*")
+    before = {p.name: p.stat().st_mtime_ns for p in first.iterdir()}
+    # a `dvc exp run -S finetune.discount=0.5` must not be blocked by the persisted checkpoint of the default run
+    assert main(args + ["--set", "finetune.discount=0.5"]) == 0
+    (second,) = set((tmp_path / "ckpt").glob("run-*")) - {first}
+    assert {p.name: p.stat().st_mtime_ns for p in first.iterdir()} == before
+    # while resuming one configuration from the other's checkpoint is refused, naming the key
+    with pytest.raises(CheckpointMismatch, match="finetune.discount"):
+        assert_resumable(CheckpointManager(first).load_latest()["config"], CheckpointManager(second).load_latest()["config"])
+    # extending the step counts keeps resuming the first folder
+    assert main(args[:-1] + ["finetune.world_model_steps=2"]) == 0
+    assert set((tmp_path / "ckpt").glob("run-*")) == {first, second}
 
 
 def test_world_model_of_other_sizes_is_rejected_with_the_keys(inputs, tmp_path, capsys):

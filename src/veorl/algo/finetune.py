@@ -385,7 +385,7 @@ def finetune(world_model: str | None, episodes: str, out: str, params: Params, c
 
     from veorl import tracking
     from veorl.agent import build_agent_modules, save_agent
-    from veorl.checkpoint import CheckpointManager, CheckpointMismatch, assert_resumable
+    from veorl.checkpoint import CheckpointManager, CheckpointMismatch, assert_resumable, run_directory
     from veorl.data.clips import ClipStore
     from veorl.data.episodes import EpisodeStore
     from veorl.data.samplers import ClipSampler, EpisodeWindowSampler, Prefetcher
@@ -457,6 +457,10 @@ def finetune(world_model: str | None, episodes: str, out: str, params: Params, c
 
     # -- resume ------------------------------------------------------------------------------------
     config = params.section_dict(*SECTIONS)
+    if checkpoints:
+        # one folder per (maths-relevant config, inputs): a new world model or a `dvc exp run -S` variation
+        # trains in its own folder instead of being refused by the persisted one
+        checkpoints = run_directory(checkpoints, {**config, "upstream": upstream})
     manager = CheckpointManager(checkpoints) if checkpoints else None
     progress_state = {loop.name: 0 for loop in loops}
     curve: list[dict[str, Any]] = []
