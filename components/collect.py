@@ -20,7 +20,7 @@ from typing import Any
 from veorl.config import Params
 from veorl.envs import ACTION_DIMS
 from veorl.envs.collection import collect_dataset, import_dataset
-from veorl.runtime import add_params_args, load_from_args, setup_logging, write_resolved_config
+from veorl.runtime import add_component_args, parse_component_args, write_resolved_config
 from veorl.storage import tree_hash
 
 SECTIONS = ("collect",)
@@ -55,16 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="dataset directory to write (episodes/, card.json, config.json)")
     parser.add_argument("--import-from", dest="import_from", metavar="SRC_DIR", default=None,
                         help="instead of collecting, validate and import the .npz episode files under SRC_DIR")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    add_params_args(parser)
+    add_component_args(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    params = load_from_args(args)
+    args, params = parse_component_args(build_parser(), argv)
     if args.import_from:
         try:
             card = run_import(args.import_from, args.out, params)

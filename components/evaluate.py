@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from veorl.config import Params
-from veorl.runtime import add_params_args, load_from_args, setup_logging
+from veorl.runtime import add_component_args, parse_component_args
 
 log = logging.getLogger("veorl.evaluate")
 SECTIONS = ("evaluate",)
@@ -79,16 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--agent", required=True, metavar="DIR", help="agent artifact of components.finetune")
     parser.add_argument("--out", required=True, metavar="DIR", help="evaluation output directory")
     parser.add_argument("--parent-run-id", default=None, metavar="ID", help="MLflow run to nest this stage's run under")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    add_params_args(parser)
+    add_component_args(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    params = load_from_args(args)
+    args, params = parse_component_args(build_parser(), argv)
     from veorl.agent import AgentError
     from veorl.evaluation import EvaluationError
 

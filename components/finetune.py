@@ -18,7 +18,7 @@ import sys
 from typing import Any
 
 from veorl.config import Params
-from veorl.runtime import add_params_args, load_from_args, setup_logging
+from veorl.runtime import add_component_args, parse_component_args
 
 
 def run(world_model: str, episodes: str, out: str, params: Params, clips: str | None = None,
@@ -46,16 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--curve", default="metrics/finetune_curve.csv", metavar="FILE",
                         help="training curve CSV (default: %(default)s)")
     parser.add_argument("--parent-run-id", default=None, metavar="ID", help="MLflow run to nest this stage's run under")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    add_params_args(parser)
+    add_component_args(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    params = load_from_args(args)
+    args, params = parse_component_args(build_parser(), argv)
     from veorl.agent import AgentError
     from veorl.algo.finetune import FinetuneError
     from veorl.checkpoint import CheckpointMismatch

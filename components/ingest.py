@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from veorl.config import Params
-from veorl.runtime import add_params_args, load_from_args, setup_logging
+from veorl.runtime import add_component_args, parse_component_args
 from veorl.video.ingest import exit_reason, ingest, summarize
 
 
@@ -37,16 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--source", action="append", required=True, metavar="SRC",
                         help="video file, folder, glob (quote it) or s3://bucket/prefix; repeatable")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created; re-runs resume in it)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    add_params_args(parser)
+    add_component_args(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    params = load_from_args(args)
+    args, params = parse_component_args(build_parser(), argv)
     manifest = run(args.source, args.out, params, progress=not args.no_progress)
     reason = exit_reason(manifest)
     if reason:

@@ -16,7 +16,7 @@ import logging
 import sys
 
 from veorl.config import Params
-from veorl.runtime import add_params_args, load_from_args, setup_logging
+from veorl.runtime import add_component_args, parse_component_args
 
 log = logging.getLogger("veorl.components.pretrain")
 
@@ -45,15 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="MLflow run to nest this stage's run under (default: $VEORL_PARENT_RUN_ID, else none)")
     parser.add_argument("--metrics", default="metrics/pretrain.json", help="final metrics JSON (default: %(default)s)")
     parser.add_argument("--curve", default="metrics/pretrain_curve.csv", help="learning curve CSV (default: %(default)s)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    add_params_args(parser)
+    add_component_args(parser, progress=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    params = load_from_args(args)
+    args, params = parse_component_args(build_parser(), argv)
     try:
         metrics = run(args.clips, args.episodes, args.out, params, checkpoints=args.checkpoints,
                       parent_run_id=args.parent_run_id, metrics=args.metrics, curve=args.curve)

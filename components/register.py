@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from veorl.config import Params
-from veorl.runtime import add_params_args, load_from_args, setup_logging
+from veorl.runtime import add_component_args, parse_component_args
 from veorl.storage import atomic_write_json, provenance, redact
 
 log = logging.getLogger("veorl.register")
@@ -51,15 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--evaluation", required=True, help="evaluation directory holding metrics.json, e.g. eval")
     parser.add_argument("--out", required=True, help="registration outcome JSON to write, e.g. eval/registration.json")
     parser.add_argument("--parent-run-id", default=None, help="MLflow run to nest the register run under (pipeline run)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    add_params_args(parser)
+    add_component_args(parser, progress=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    params = load_from_args(args)
+    args, params = parse_component_args(build_parser(), argv)
     from veorl.registry import RegistryError
 
     try:

@@ -17,7 +17,7 @@ from typing import Any
 
 from veorl.config import Params
 from veorl.envs.source_video import render_source_videos
-from veorl.runtime import add_params_args, load_from_args, setup_logging, write_resolved_config
+from veorl.runtime import add_component_args, parse_component_args, write_resolved_config
 
 SECTIONS = ("source_videos",)
 
@@ -36,16 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m components.source_videos", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="directory for the video files, card.json and config.json")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    add_params_args(parser)
+    add_component_args(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    params = load_from_args(args)
+    args, params = parse_component_args(build_parser(), argv)
     try:
         card = run(args.out, params, progress=not args.no_progress)
     except ValueError as exc:

@@ -24,6 +24,21 @@ def add_params_args(parser: argparse.ArgumentParser) -> None:
                        help="override one parameter (repeatable), e.g. --set ingest.window=16")
 
 
+def add_component_args(parser: argparse.ArgumentParser, progress: bool = True) -> None:
+    """The flags every component shares: logging, progress bars (for the ones that show any) and parameters."""
+    if progress:
+        parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_params_args(parser)
+
+
+def parse_component_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, Params]:
+    """Parse a component's command line, set up logging and load the validated parameters (exit 2 when invalid)."""
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    return args, load_from_args(args)
+
+
 def load_from_args(args: argparse.Namespace) -> Params:
     try:
         return load_params(args.params, preset=args.preset, overrides=args.overrides)
@@ -69,5 +84,5 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in {"1", "true", "yes", "on"}
 
 
-__all__ = ["add_params_args", "load_from_args", "setup_logging", "write_resolved_config", "dump_resolved",
+__all__ = ["add_params_args", "add_component_args", "parse_component_args", "load_from_args", "setup_logging", "write_resolved_config", "dump_resolved",
            "configure_torch_threads", "resolve_device", "env_flag"]

@@ -66,6 +66,19 @@ def atomic_write_json(final: str | Path, obj: Any) -> None:
     atomic_write_text(final, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def atomic_write_json_if_changed(path: str | Path, obj: Any) -> bool:
+    """Write only when the content differs, so an idempotent re-run leaves files (and their mtimes) untouched."""
+    path = Path(path)
+    if path.exists():
+        try:
+            if read_json(path) == obj:
+                return False
+        except (OSError, ValueError):
+            pass
+    atomic_write_json(path, obj)
+    return True
+
+
 def read_json(path: str | Path) -> Any:
     with open(path, "r", encoding="utf-8") as fh:
         return json.load(fh)

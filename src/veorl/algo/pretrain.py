@@ -42,7 +42,7 @@ from torch import nn
 
 from veorl import tracking
 from veorl.algo.segmentation import Segments, keyframe_sequence, pad_segments, segment_behaviours
-from veorl.algo.world_model import flat_states, image_nll, linear_mmd, masked_mean
+from veorl.algo.world_model import flat_states, linear_mmd, masked_mean
 from veorl.checkpoint import CheckpointManager, assert_resumable, rng_state, run_directory, seed_everything, set_rng_state
 from veorl.config import Params, PretrainParams
 from veorl.data.clips import MANIFEST, ClipStore

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from veorl.data.episodes import EPISODE_DIR, EpisodeError, episode_files, load_episode, save_episode
-from veorl.storage import atomic_write_json, read_json, sha256_json
+from veorl.storage import atomic_write_json, atomic_write_json_if_changed, read_json, sha256_json
 
 META_DIR = "episode_meta"
 CARD = "card.json"
@@ -297,18 +297,6 @@ def import_dataset(src: str | Path, out: str | Path, image_size: int | None, act
     }
     atomic_write_json_if_changed(out / CARD, card)
     return ImportResult(card, report.rejected)
-
-
-def atomic_write_json_if_changed(path: Path, obj: Any) -> bool:
-    """Write only when the content differs, so an idempotent re-run leaves files (and mtimes) untouched."""
-    if path.exists():
-        try:
-            if read_json(path) == obj:
-                return False
-        except (OSError, ValueError):
-            pass
-    atomic_write_json(path, obj)
-    return True
 
 
 __all__ = ["collect_dataset", "import_dataset", "dataset_card", "episode_level", "episode_recipe", "collect_episode",

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from veorl.storage import atomic_write_json, read_json, sha256_json
+from veorl.storage import atomic_write_json, atomic_write_json_if_changed, read_json, sha256_json
 
 META_DIR = "render_meta"
 CARD = "card.json"
@@ -231,20 +231,9 @@ def render_source_videos(out: str | Path, cfg: Any, target_task: str | None = No
         "episode_success_rate": float(np.mean([metas[k]["success"] for k in plan])) if plan else 0.0,
         "files": files,
     }
-    result.card_changed = _write_if_changed(out / CARD, card)
+    result.card_changed = atomic_write_json_if_changed(out / CARD, card)
     result.card = card
     return result
-
-
-def _write_if_changed(path: Path, obj: Any) -> bool:
-    if path.exists():
-        try:
-            if read_json(path) == obj:
-                return False
-        except (OSError, ValueError):
-            pass
-    atomic_write_json(path, obj)
-    return True
 
 
 __all__ = ["render_source_videos", "render_episode", "video_name", "episode_recipe", "RenderResult"]
