@@ -40,7 +40,8 @@ def run_import(source: str, out: str, params: Params) -> dict[str, Any]:
     cfg = params.collect
     description = {"env": cfg.env, "task": cfg.task, "camera": cfg.camera, "size": cfg.size, "quality": "imported"}
     result = import_dataset(source, out, image_size=cfg.size, action_dim=ACTION_DIMS.get(cfg.env), description=description)
-    write_resolved_config(out, params, SECTIONS, upstream={"imported_from": tree_hash(source)})
+    if result.card["episodes"] > 0:  # an import that accepted nothing left the dataset (and its provenance) alone
+        write_resolved_config(out, params, SECTIONS, upstream={"imported_from": tree_hash(source)})
     return result.card
 
 

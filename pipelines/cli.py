@@ -210,10 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a clean one-line error; the endpoint/token never appear in messages we compose
         from veorl.storage import redact
 
-        message = redact(str(exc))
-        token = os.environ.get(TOKEN_ENV)
-        if token:
-            message = message.replace(token, f"<{TOKEN_ENV}>")
+        message = redact(str(exc))  # also removes the $KFP_TOKEN value
         print(f"error: {args.command} failed: {type(exc).__name__}: {message}", file=sys.stderr)
         return 1
 

@@ -164,6 +164,22 @@ def test_import_cli_accepts_good_files_and_names_rejected_ones(tmp_path, capsys)
     np.testing.assert_array_equal(images[1], make_episode(size=64, seed=2)["image"])
 
 
+def test_import_that_accepts_nothing_leaves_the_existing_dataset_untouched(tmp_path, capsys):
+    from tests.test_episodes import make_episode
+
+    (tmp_path / "good").mkdir()
+    np.savez_compressed(tmp_path / "good" / "a.npz", **make_episode(size=64, seed=1))
+    args = ["--out", str(tmp_path / "dataset"), "--preset", "smoke", "--params", str(tmp_path / "none.yaml")]
+    assert collect.main(["--import-from", str(tmp_path / "good"), *args]) == 0
+    before = mtimes(tmp_path / "dataset")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "b.npz").write_bytes(b"not a zip archive")
+    assert collect.main(["--import-from", str(tmp_path / "bad"), *args]) == 1
+    assert "rejected b.npz" in capsys.readouterr().err
+    assert mtimes(tmp_path / "dataset") == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left behind
+
+
 def test_help_runs_as_a_subprocess():
     out = subprocess.run([sys.executable, "-m", "components.collect", "--help"], capture_output=True, text=True, check=True)
     assert "--import-from" in out.stdout and "--out" in out.stdout and "--preset" in out.stdout

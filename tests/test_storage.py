@@ -41,3 +41,5 @@ def test_s3_uri_parsing_and_redaction(monkeypatch):
         S3Location.parse("s3:///nokey")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sekrit-value-123")
     assert "sekrit" not in redact("failed with key sekrit-value-123")
+    assert redact("cannot reach https://alice:pa55word@mlflow.example.org/api") == \
+        "cannot reach https://<redacted>@mlflow.example.org/api"

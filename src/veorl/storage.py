@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import functools
 import os
+import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -124,6 +126,7 @@ def tree_hash(root: str | Path, exclude: tuple[str, ...] = ()) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
     """git commit of the project (with '-dirty' when the tree has changes), else the package version.
 
@@ -220,8 +223,13 @@ def s3_upload(src: str | Path, uri: str, client=None) -> None:
 
 def redact(text: str) -> str:
     """Remove any credential value present in the environment from a message before it is logged."""
-    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD",
+                "MLFLOW_TRACKING_TOKEN", "KFP_TOKEN"):
         value = os.environ.get(var)
         if value and len(value) >= 4:
             text = text.replace(value, f"<{var}>")
-    return text
+    # user:password@ inside URLs (e.g. an MLflow tracking URI with basic auth)
+    return _URL_USERINFO.sub(r"\1<redacted>@", text)
+
+
+_URL_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s:@]+:[^/\s@]+@")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from veorl.storage import atomic_path
+from veorl.storage import atomic_write_bytes
 
 REQUIRED_KEYS = ("image", "action", "reward", "discount")
 OPTIONAL_BOOL_KEYS = ("success", "is_terminal", "is_first")
@@ -95,8 +95,7 @@ def save_episode(directory: str | Path, index: int, ep: dict[str, np.ndarray]) -
     final = Path(directory) / f"{index:06d}-{T}.npz"
     buf = io.BytesIO()
     np.savez_compressed(buf, **ep)
-    with atomic_path(final, suffix=".tmp") as tmp:
-        tmp.write_bytes(buf.getvalue())
+    atomic_write_bytes(final, buf.getvalue())
     return final
 
 

@@ -25,7 +25,9 @@ episode length; the presets pair the probability with the length, and the band w
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -281,10 +283,24 @@ def import_dataset(src: str | Path, out: str | Path, image_size: int | None, act
         raise FileNotFoundError(f"--import-from {src}: not a directory")
     if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
         raise ValueError(f"--import-from {src} must not lie inside the output directory {out}")
-    # An import replaces the dataset: episodes of an earlier collection or import must not mix with it.
-    _remove_stale(out, 0)
-    report = import_episodes(src, out, image_size=image_size, action_dim=action_dim)
+    # Validate and copy into a staging folder first: an import that accepts nothing (or dies half-way) must
+    # leave the existing dataset as it was. Only then does it replace the dataset, so episodes of an earlier
+    # collection or import never mix with the imported ones.
+    staging = out.parent / f".{out.name}.import-staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    report = import_episodes(src, staging, image_size=image_size, action_dim=action_dim)
     ignored = sorted(str(p.relative_to(src)) for p in src.rglob("*") if p.is_file() and p.suffix != ".npz")
+    if not report.accepted:
+        shutil.rmtree(staging, ignore_errors=True)
+        card = {"version": CARD_VERSION, "source": "imported", "imported_from": str(src), "episodes": 0, "steps": 0,
+                "rejected": [{"file": name, "reason": reason} for name, reason in report.rejected],
+                "ignored_non_npz": ignored}
+        return ImportResult(card, report.rejected)
+    _remove_stale(out, 0)
+    (out / EPISODE_DIR).mkdir(parents=True, exist_ok=True)
+    for path in sorted((staging / EPISODE_DIR).iterdir()):
+        os.replace(path, out / EPISODE_DIR / path.name)
+    shutil.rmtree(staging, ignore_errors=True)
     rows = _episode_rows(out)
     for row, original in zip(rows, report.accepted):
         row["imported_from"] = original
