@@ -136,7 +136,8 @@ class WorldModelPhase:
         if self.train_guidance:
             latent_actions, plan_posterior = plan_posterior_targets(self.video_wm, image)
             feature = self.trunk.trunk_net.feature(trunk.post).detach()
-            fbc_loss = (self.guidance.fbc(feature[:, :-1]) - latent_actions).square().sum(-1).mean()
+            # MSE to the quantised latent action, as in pretraining's phase 2
+            fbc_loss = (self.guidance.fbc(feature[:, :-1]) - latent_actions).square().mean()
             map_loss = self.guidance.state_map.loss(feature, plan_posterior)
             guidance_loss = fbc_loss + map_loss
             metrics.update(fbc_loss=float(fbc_loss.detach()), map_loss=float(map_loss.detach()))

@@ -80,7 +80,8 @@ class Codebook(nn.Module):
         codes = self.lookup(idx)
         codebook_term = (codes - z.detach()).square()
         commitment_term = (z - codes.detach()).square()
-        per_entry = (codebook_term + beta * commitment_term).mean(-1)
+        # squared L2 norms (summed over the latent dimensions), as the method defines the VQ loss
+        per_entry = (codebook_term + beta * commitment_term).sum(-1)
         if mask is None:
             vq_loss = per_entry.mean()
         else:
