@@ -75,6 +75,33 @@ def finished(path: Path) -> dict[str, Any] | None:
     return data if data.get("status") == "ok" else None
 
 
+def stale_reason(path: Path, args: argparse.Namespace, algo: str, seed: int) -> str | None:
+    """Why a finished run no longer matches this invocation (other settings or inputs), or None when it does.
+
+    The agent's provenance holds the resolved config it was trained with and the hashes of the inputs it read.
+    """
+    from veorl.algo.baselines import Switches, switches
+    from veorl.algo.finetune import upstream_hashes
+    from veorl.config import load_params
+
+    provenance = path / "agent" / "provenance.json"
+    if not provenance.is_file():
+        return "its agent has no provenance.json"
+    saved = read_json(provenance)
+    params = load_params(args.params, preset=args.preset,
+                         overrides=[f"finetune.algo={algo}", f"finetune.seed={seed}", *args.overrides])
+    current = params.section_dict(*[k for k in saved["config"] if k != "preset"])
+    if saved["config"] != current:
+        keys = sorted(k for k in current if saved["config"].get(k) != current[k])
+        return f"it was trained with other settings (sections {keys})"
+    sw = switches(params.finetune)
+    if sw.use_mmd and args.clips is None:
+        sw = Switches(sw.pretrained_encoder, False, sw.use_latent_action, sw.use_intrinsic)
+    if saved["upstream"] != upstream_hashes(args.world_model, args.episodes, args.clips, sw):
+        return "its inputs (world model, episodes or clips) have changed"
+    return None
+
+
 def _stage_args(args: argparse.Namespace, algo: str, seed: int) -> list[str]:
     common = ["--params", args.params, "--set", f"finetune.algo={algo}", "--set", f"finetune.seed={seed}"]
     if args.preset:
@@ -89,8 +116,12 @@ def run_one(args: argparse.Namespace, algo: str, seed: int) -> dict[str, Any]:
     path = run_dir(Path(args.results), algo, seed)
     done = finished(path)
     if done is not None:
-        print(f"[compare] {algo} seed {seed}: finished earlier, skipping ({path})", file=sys.stderr)
-        return done
+        reason = stale_reason(path, args, algo, seed)
+        if reason is None:
+            print(f"[compare] {algo} seed {seed}: finished earlier, skipping ({path})", file=sys.stderr)
+            return done
+        raise RuntimeError(f"{path} holds a finished {algo} run that does not match this comparison: {reason}; "
+                           f"use another --results folder or delete it")
     path.mkdir(parents=True, exist_ok=True)
     common = _stage_args(args, algo, seed)
     finetune_argv = ["--world-model", args.world_model, "--episodes", args.episodes, "--out", str(path / "agent"),

@@ -173,6 +173,10 @@ def test_compare_skips_finished_runs_and_writes_the_document(tmp_path):
     compare = _compare_module()
     results = tmp_path / "results"
     finished = {("veorl", 0): (0.5, 100.0), ("veorl", 1): (1.0, 300.0), ("dreamerv2", 0): (0.0, 50.0), ("dreamerv2", 1): (0.5, 70.0)}
+    from veorl.algo.baselines import switches
+    from veorl.algo.finetune import upstream_hashes
+    from veorl.config import load_params
+
     for (algo, seed), (success, ret) in finished.items():
         path = compare.run_dir(results, algo, seed) / "eval"
         path.mkdir(parents=True)
@@ -180,11 +184,22 @@ def test_compare_skips_finished_runs_and_writes_the_document(tmp_path):
             "status": "ok", "success_rate": success, "mean_return": ret, "task": "drawer-open", "algo": algo,
             "protocol": {"env": "metaworld", "task": "drawer-open", "camera": "corner", "episode_length": 200,
                          "episodes": 4, "seed": 1000}}))
+        # what a finished run's agent records: the settings it was trained with and the inputs it read
+        params = load_params("params.yaml", preset="smoke", overrides=[f"finetune.algo={algo}", f"finetune.seed={seed}"])
+        agent = path.parent / "agent"
+        agent.mkdir()
+        (agent / "provenance.json").write_text(json.dumps({
+            "config": params.section_dict("model", "finetune"),
+            "upstream": upstream_hashes(str(tmp_path / "none"), str(tmp_path / "none"), None, switches(params.finetune))}))
     doc, figure = tmp_path / "docs" / "results.md", tmp_path / "docs" / "results.png"
     # The inputs do not exist: any attempt to train instead of skipping would fail the run.
-    code = compare.main(["--world-model", str(tmp_path / "none"), "--episodes", str(tmp_path / "none"), "--algos", "veorl",
-                         "dreamerv2", "--seeds", "0", "1", "--results", str(results), "--doc", str(doc), "--figure",
-                         str(figure), "--preset", "smoke", "--in-process"])
+    argv = ["--world-model", str(tmp_path / "none"), "--episodes", str(tmp_path / "none"), "--algos", "veorl",
+            "dreamerv2", "--seeds", "0", "1", "--results", str(results), "--doc", str(doc), "--figure", str(figure),
+            "--preset", "smoke", "--in-process"]
+    # Finished runs made with other settings are not passed off as results of this comparison.
+    assert compare.main(argv + ["--set", "finetune.discount=0.5"]) == 1
+    assert not doc.exists()
+    code = compare.main(argv)
     assert code == 0
     text = doc.read_text()
     # veorl: success mean 0.75, std sqrt(0.125) = 0.354, t_{0.975,1} = 12.706 -> half width 12.706 * 0.354 / sqrt(2) = 3.176
