@@ -28,5 +28,25 @@ def make_env(env: str, task: str, camera: str, size: int, episode_length: int, s
     raise EnvError(f"unknown environment family {env!r} (known: {', '.join(ENV_FAMILIES)})")
 
 
-__all__ = ["Env", "EnvError", "make_env", "scripted_policy", "behaviour_policy", "BehaviourPolicy", "StatePolicy",
+_cached_env: tuple[tuple, Env] | None = None
+
+
+def cached_env(env: str, task: str, camera: str, size: int, episode_length: int, seed: int) -> Env:
+    """One simulator per worker process, rebuilt only when its settings change (building one takes seconds)."""
+    global _cached_env
+    key = (env, task, camera, size, episode_length, seed)
+    if _cached_env is None or _cached_env[0] != key:
+        close_cached_env()
+        _cached_env = (key, make_env(*key))
+    return _cached_env[1]
+
+
+def close_cached_env() -> None:
+    global _cached_env
+    if _cached_env is not None:
+        _cached_env[1].close()
+    _cached_env = None
+
+
+__all__ = ["Env", "EnvError", "make_env", "cached_env", "close_cached_env", "scripted_policy", "behaviour_policy", "BehaviourPolicy", "StatePolicy",
            "ENV_FAMILIES", "ACTION_DIMS"]

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from veorl.data.episodes import EPISODE_DIR, EpisodeError, episode_files, load_episode, save_episode
+from veorl.envs import cached_env, close_cached_env
 from veorl.storage import atomic_write_json, atomic_write_json_if_changed, read_json, sha256_json
 
 META_DIR = "episode_meta"
@@ -78,30 +79,6 @@ def episode_recipe(cfg: Any, index: int) -> dict[str, Any]:
 # Worker side (module-level so spawned processes can import it)
 # ------------------------------------------------------------------------------------------------
 
-_worker_env = None
-_worker_env_key: tuple | None = None
-
-
-def _env_for(recipe: dict[str, Any]):
-    from veorl.envs import make_env
-
-    global _worker_env, _worker_env_key
-    key = (recipe["env"], recipe["task"], recipe["camera"], recipe["size"], recipe["episode_length"], recipe["make_seed"])
-    if _worker_env is None or _worker_env_key != key:
-        if _worker_env is not None:
-            _worker_env.close()
-        _worker_env = make_env(recipe["env"], recipe["task"], recipe["camera"], recipe["size"], recipe["episode_length"],
-                               recipe["make_seed"])
-        _worker_env_key = key
-    return _worker_env
-
-
-def _close_worker_env() -> None:
-    global _worker_env, _worker_env_key
-    if _worker_env is not None:
-        _worker_env.close()
-    _worker_env, _worker_env_key = None, None
-
 
 def collect_episode(job: tuple[str, int, dict[str, Any]]) -> dict[str, Any]:
     """Roll out and save one episode (runs in a worker); returns its meta row."""
@@ -109,7 +86,8 @@ def collect_episode(job: tuple[str, int, dict[str, Any]]) -> dict[str, Any]:
     from veorl.envs.rollout import rollout
 
     out, index, recipe = job
-    env = _env_for(recipe)
+    env = cached_env(recipe["env"], recipe["task"], recipe["camera"], recipe["size"], recipe["episode_length"],
+                     recipe["make_seed"])
     expert = scripted_policy(recipe["env"], recipe["task"])
     # The policy's noise stream is seeded from the episode seed but kept apart from the simulator's seed.
     policy = BehaviourPolicy(expert, env.action_dim, noise=recipe["noise"], random_prob=recipe.get("random_prob", 0.0),
@@ -202,7 +180,7 @@ def collect_dataset(out: str | Path, cfg: Any, workers: int | None = None, progr
                     result.collected.append(collect_episode(job)["index"])
                     bar.update()
             finally:
-                _close_worker_env()
+                close_cached_env()
         elif jobs:
             # spawn, not fork: each worker opens its own EGL context and MuJoCo model from a clean interpreter.
             with mp.get_context("spawn").Pool(n_workers) as pool:

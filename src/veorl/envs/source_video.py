@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from veorl.envs import cached_env, close_cached_env
 from veorl.storage import atomic_write_json, atomic_write_json_if_changed, read_json, sha256_json
 
 META_DIR = "render_meta"
@@ -52,30 +53,6 @@ def _meta_path(out: Path, task: str, episode: int) -> Path:
 # Worker side
 # ------------------------------------------------------------------------------------------------
 
-_worker_env = None
-_worker_env_key: tuple | None = None
-
-
-def _env_for(recipe: dict[str, Any]):
-    from veorl.envs import make_env
-
-    global _worker_env, _worker_env_key
-    key = (recipe["task"], recipe["cameras"][0], recipe["render_size"], recipe["episode_length"], recipe["seed"])
-    if _worker_env is None or _worker_env_key != key:
-        if _worker_env is not None:
-            _worker_env.close()
-        _worker_env = make_env("metaworld", recipe["task"], recipe["cameras"][0], recipe["render_size"],
-                               recipe["episode_length"], recipe["seed"])
-        _worker_env_key = key
-    return _worker_env
-
-
-def _close_worker_env() -> None:
-    global _worker_env, _worker_env_key
-    if _worker_env is not None:
-        _worker_env.close()
-    _worker_env, _worker_env_key = None, None
-
 
 def render_episode(job: tuple[str, dict[str, Any]]) -> dict[str, Any]:
     """Play one noisy scripted episode, film it from every camera, encode one video per camera (runs in a worker)."""
@@ -84,7 +61,8 @@ def render_episode(job: tuple[str, dict[str, Any]]) -> dict[str, Any]:
 
     out_text, recipe = job
     out = Path(out_text)
-    env = _env_for(recipe)
+    env = cached_env("metaworld", recipe["task"], recipe["cameras"][0], recipe["render_size"],
+                     recipe["episode_length"], recipe["seed"])
     task, episode, cameras = recipe["task"], recipe["episode"], recipe["cameras"]
     # Seeds from (seed, task name, episode): independent of the task list's order and of the other tasks.
     streams = np.random.SeedSequence([recipe["seed"], zlib.crc32(task.encode()), episode]).spawn(3)
@@ -207,7 +185,7 @@ def render_source_videos(out: str | Path, cfg: Any, target_task: str | None = No
                     metas[(meta["recipe"]["task"], meta["recipe"]["episode"])] = meta
                     bar.update()
             finally:
-                _close_worker_env()
+                close_cached_env()
         elif jobs:
             # spawn: every worker opens its own EGL context from a clean interpreter (no inherited GL state).
             with mp.get_context("spawn").Pool(n_workers) as pool:
