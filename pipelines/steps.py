@@ -21,6 +21,7 @@ from typing import Any
 
 from veorl.config import Params, deep_merge, load_params, resolve
 from veorl.storage import atomic_write_json, is_s3, read_json, s3_list, sha256_file, sha256_json, tree_hash
+from veorl.tracking import numeric_leaves
 
 PARAMS_ENV = "VEORL_PARAMS"
 EXTERNAL_SOURCES_FILE = "external_sources.json"
@@ -170,16 +171,6 @@ def checkpoint_dir(checkpoint_root: str, stage: str, *identity: str) -> str | No
     return str(Path(checkpoint_root) / f"{stage}-{sha256_json(list(identity))[:16]}")
 
 
-def _metric_scalars(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """Flatten nested numeric metrics into name -> float for KFP's Metrics artifact."""
-    flat: dict[str, float] = {}
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_metric_scalars(value, name + "."))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[name] = float(value)
-    return flat
 
 
 def pretrain(config: str, clips: str, episodes: str, out: str, metrics_file: str, curve_file: str,
@@ -189,7 +180,7 @@ def pretrain(config: str, clips: str, episodes: str, out: str, metrics_file: str
     checkpoints = checkpoint_dir(checkpoint_root, "pretrain", config, inputs_hash)
     metrics = run(clips, episodes, out, params_for_stage(config), checkpoints=checkpoints,
                   parent_run_id=parent_run_id or None, metrics=metrics_file, curve=curve_file)
-    return tree_hash(out), _metric_scalars(metrics)
+    return tree_hash(out), numeric_leaves(metrics)
 
 
 def finetune(config: str, world_model: str, episodes: str, clips: str, out: str, metrics_file: str, curve_file: str,
@@ -199,7 +190,7 @@ def finetune(config: str, world_model: str, episodes: str, clips: str, out: str,
     checkpoints = checkpoint_dir(checkpoint_root, "finetune", config, inputs_hash)
     metrics = run(world_model, episodes, out, params_for_stage(config), clips=clips, checkpoints=checkpoints,
                   parent_run_id=parent_run_id or None, metrics=metrics_file, curve=curve_file)
-    return tree_hash(out), _metric_scalars(metrics)
+    return tree_hash(out), numeric_leaves(metrics)
 
 
 def evaluate(config: str, agent: str, out: str, parent_run_id: str = "") -> tuple[str, dict[str, float]]:

@@ -255,5 +255,12 @@ def active_run_id() -> str | None:
     return run.info.run_id if run is not None else None
 
 
-__all__ = ["StageRun", "stage_run", "tracking_uri", "ensure_experiment", "log_metrics", "log_params", "log_figure",
+def numeric_leaves(tree: dict[str, Any]) -> dict[str, float]:
+    """Nested metrics -> {"a.b": value} for their numeric leaves (booleans left out), e.g. for final metrics."""
+    from veorl.checkpoint import flatten
+
+    return {k: float(v) for k, v in flatten(tree).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+__all__ = ["StageRun", "stage_run", "tracking_uri", "ensure_experiment", "numeric_leaves", "log_metrics", "log_params", "log_figure",
            "log_image", "log_artifact", "log_dict", "log_text", "active_run_id", "PARENT_RUN_ENV", "RUN_ID_FILE"]

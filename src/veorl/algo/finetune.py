@@ -542,7 +542,7 @@ def finetune(world_model: str | None, episodes: str, out: str, params: Params, c
 
         summary = summarise(fp.algo, curve, progress_state, elapsed, loops)
         summary.update(task=meta["task"], agent=str(out))
-        tracking.log_metrics({f"final/{k}": v for k, v in flatten_numbers(summary).items()})
+        tracking.log_metrics({f"final/{k}": v for k, v in tracking.numeric_leaves(summary).items()})
         tracking.log_dict(agent_meta, "agent/agent.json")
         if metrics_path:
             atomic_write_json(metrics_path, summary)
@@ -553,15 +553,6 @@ def finetune(world_model: str | None, episodes: str, out: str, params: Params, c
     return summary
 
 
-def flatten_numbers(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    out: dict[str, float] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten_numbers(value, name + "."))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[name] = float(value)
-    return out
 
 
 def summarise(algo: str, curve: list[dict[str, Any]], progress: dict[str, int], elapsed: dict[str, float],
