@@ -41,17 +41,18 @@ from veorl.algo.imagination import BehaviourGuidance, PlanStateMap, check_releas
 from veorl.algo.returns import discount_weights, lambda_return
 from veorl.algo.world_model import linear_mmd, trunk_world_model_loss
 from veorl.config import ModelParams, Params
+from veorl.data.clips import clips_hash
+from veorl.data.episodes import CARD, dataset_hash
 from veorl.models.actor_critic import Actor, Critic, PixelPolicy, policy_inputs
 from veorl.models.networks import preprocess
 from veorl.models.rssm import RSSMState
 from veorl.models.world_model import TrunkWorldModel, VideoWorldModel, build_trunk_world_model
-from veorl.storage import atomic_path, atomic_write_json, read_json, sha256_file, tree_hash
+from veorl.storage import atomic_path, atomic_write_json, read_json, tree_hash
 
 log = logging.getLogger(__name__)
 
 STAGE = "finetune"
 SECTIONS = ("model", "finetune")
-CARD_FILE = "card.json"
 # Streams of the per-step batch RNG (veorl.data.samplers.step_rng) and of the per-update torch seed.
 TARGET_STREAM, SOURCE_STREAM, START_STREAM, BC_STREAM = 10, 11, 12, 13
 PHASE_SEED = {"world_model": 1, "policy": 2, "bc": 3}
@@ -271,7 +272,7 @@ class PolicyPhase:
 
 def dataset_metadata(episodes: str | Path, params: Params, action_dim: int) -> dict[str, Any]:
     """env/task/camera/episode length of the target data: from its card.json, else from params.collect."""
-    card_path = Path(episodes) / CARD_FILE
+    card_path = Path(episodes) / CARD
     card = read_json(card_path) if card_path.is_file() else {}
     collect = params.collect
     fallback = {"env": collect.env, "task": collect.task, "camera": collect.camera, "episode_length": collect.episode_length}
@@ -367,13 +368,11 @@ class PhaseLoop:
 
 
 def upstream_hashes(world_model: str | None, episodes: str, clips: str | None, sw: Switches) -> dict[str, str]:
-    card = Path(episodes) / CARD_FILE
-    hashes = {"target_episodes": sha256_file(card) if card.is_file() else tree_hash(episodes)}
+    hashes = {"target_episodes": dataset_hash(episodes)}
     if world_model is not None and sw.needs_video_world_model:
         hashes["world_model"] = tree_hash(world_model)
     if clips is not None and sw.use_mmd:
-        manifest = Path(clips) / "manifest.json"
-        hashes["video_clips"] = sha256_file(manifest) if manifest.is_file() else tree_hash(clips)
+        hashes["video_clips"] = clips_hash(clips)
     return hashes
 
 

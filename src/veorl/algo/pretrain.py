@@ -45,17 +45,16 @@ from veorl.algo.segmentation import Segments, keyframe_sequence, pad_segments, s
 from veorl.algo.world_model import flat_states, linear_mmd, masked_mean
 from veorl.checkpoint import CheckpointManager, assert_resumable, rng_state, run_directory, seed_everything, set_rng_state
 from veorl.config import Params, PretrainParams
-from veorl.data.clips import MANIFEST, ClipStore
-from veorl.data.episodes import EpisodeStore
+from veorl.data.clips import MANIFEST, ClipStore, clips_hash
+from veorl.data.episodes import EpisodeStore, dataset_hash
 from veorl.data.samplers import ClipSampler, EpisodeWindowSampler, JointSampler, Prefetcher
 from veorl.models.ban import codebook_stats
 from veorl.models.networks import IMAGE_SIZE, postprocess, preprocess
 from veorl.models.world_model import VideoWorldModel, save_world_model
-from veorl.storage import atomic_path, atomic_write_json, provenance, sha256_file, tree_hash
+from veorl.storage import atomic_path, atomic_write_json, provenance
 
 log = logging.getLogger(__name__)
 
-EPISODES_CARD = "card.json"
 CONFIG_SECTIONS = ("model", "pretrain")
 # Each phase draws its batches from its own RNG streams, so phase 2 never replays phase 1's batches.
 PHASE_STREAMS = {1: (0, 1), 2: (2, 3)}
@@ -369,12 +368,7 @@ def usage_figure(counts: torch.Tensor, title: str):
 
 def upstream_hashes(clips: str | Path, episodes: str | Path) -> dict[str, str]:
     """Hashes of the input datasets: the clip manifest (it lists every shard) and the episodes' card."""
-    clips, episodes = Path(clips), Path(episodes)
-    card = episodes / EPISODES_CARD
-    return {
-        "video_clips": sha256_file(clips / MANIFEST),
-        "target_episodes": sha256_file(card) if card.is_file() else tree_hash(episodes),
-    }
+    return {"video_clips": clips_hash(clips), "target_episodes": dataset_hash(episodes)}
 
 
 @dataclass

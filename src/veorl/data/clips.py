@@ -13,9 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from veorl.storage import read_json
+from veorl.storage import read_json, sha256_file, tree_hash
 
 MANIFEST = "manifest.json"
+
+
+def clips_hash(root: str | Path) -> str:
+    """Content hash of ingested clips: their manifest (which lists every shard) or, without one, every file."""
+    manifest = Path(root) / MANIFEST
+    return sha256_file(manifest) if manifest.is_file() else tree_hash(root)
 
 
 class ClipStore:

@@ -22,12 +22,19 @@ from pathlib import Path
 
 import numpy as np
 
-from veorl.storage import atomic_write_bytes
+from veorl.storage import atomic_write_bytes, sha256_file, tree_hash
 
 REQUIRED_KEYS = ("image", "action", "reward", "discount")
 OPTIONAL_BOOL_KEYS = ("success", "is_terminal", "is_first")
 EPISODE_DIR = "episodes"
+CARD = "card.json"  # the dataset card written by components.collect
 _NAME = re.compile(r"^(\d+)-(\d+)\.npz$")
+
+
+def dataset_hash(dataset: str | Path) -> str:
+    """Content hash of an episode dataset: its card (which records every episode) or, without one, every file."""
+    card = Path(dataset) / CARD
+    return sha256_file(card) if card.is_file() else tree_hash(dataset)
 
 
 class EpisodeError(ValueError):

@@ -34,12 +34,11 @@ from typing import Any
 
 import numpy as np
 
-from veorl.data.episodes import EPISODE_DIR, EpisodeError, episode_files, load_episode, save_episode
+from veorl.data.episodes import CARD, EPISODE_DIR, EpisodeError, episode_files, load_episode, save_episode
 from veorl.envs import cached_env, close_cached_env
 from veorl.storage import atomic_write_json, atomic_write_json_if_changed, read_json, sha256_json
 
 META_DIR = "episode_meta"
-CARD = "card.json"
 CARD_VERSION = 1
 
 SUCCESS_BANDS = {
