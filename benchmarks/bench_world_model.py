@@ -74,12 +74,12 @@ def run_variant(variant: str, data_root: Path, threads: int, repeats: int, warmu
     import torch
 
     from veorl.algo.pretrain import Phase1Trainer, Phase2Trainer
-    from veorl.algo.world_model import trunk_world_model_loss
+    from veorl.algo.world_model_losses import trunk_world_model_loss
     from veorl.config import resolve
     from veorl.data.clips import ClipStore
     from veorl.data.episodes import EpisodeStore
     from veorl.data.samplers import ClipSampler, EpisodeWindowSampler, JointSampler, _to_tensors
-    from veorl.models.world_model import VideoWorldModel, build_trunk_world_model
+    from veorl.models.world_models import VideoWorldModel, build_trunk_world_model
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

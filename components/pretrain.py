@@ -6,7 +6,7 @@
 Re-running the same command after an interruption resumes from the last checkpoint (phase and step).
 Writes the world-model artifact to --out (weights, model_config.json, config.json, provenance.json),
 final metrics to --metrics and the learning curve to --curve, and records an MLflow run.
-The method: /work/shared/docs/veorl-method.md; the code: veorl.algo.pretrain.
+The method: docs/method.md; the code: veorl.algo.pretrain.
 """
 
 from __future__ import annotations

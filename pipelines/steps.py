@@ -21,7 +21,7 @@ from typing import Any
 
 from veorl.config import Params, deep_merge, load_params, resolve
 from veorl.storage import atomic_write_json, is_s3, read_json, s3_list, sha256_file, sha256_json, tree_hash
-from veorl.tracking import numeric_leaves
+from veorl.trees import numeric_leaves
 
 PARAMS_ENV = "VEORL_PARAMS"
 EXTERNAL_SOURCES_FILE = "external_sources.json"

@@ -27,7 +27,7 @@ from veorl.models.actor_critic import Actor, PixelPolicy, policy_inputs
 from veorl.models.ban import Codebook
 from veorl.models.networks import FBC, Encoder
 from veorl.models.rssm import RSSMState
-from veorl.models.world_model import build_rssm
+from veorl.models.world_models import build_rssm
 from veorl.storage import atomic_path, atomic_write_json, read_json
 
 WEIGHTS_FILE = "agent.pt"

@@ -6,7 +6,7 @@ Files are written to a temporary name and renamed; the `latest` pointer is repla
 file it names is complete, so a kill at any moment leaves a loadable checkpoint behind.
 Resuming is refused when the saved config differs in anything that changes the mathematics
 (`assert_resumable`); longer training (step counts) and bookkeeping settings may change.
-(Method doc: /work/shared/docs/veorl-method.md, "Known defects of the release": no resume there.)
+(Method doc: docs/method.md, "Known defects of the release": no resume there.)
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from veorl.storage import atomic_path, atomic_write_text
+from veorl.trees import flatten
 
 log = logging.getLogger(__name__)
 
@@ -67,20 +68,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, name))
-        else:
-            out[name] = value
-    return out
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any],
@@ -182,5 +169,5 @@ class CheckpointManager:
         return None
 
 
-__all__ = ["CheckpointManager", "CheckpointMismatch", "rng_state", "set_rng_state", "seed_everything", "flatten",
+__all__ = ["CheckpointManager", "CheckpointMismatch", "rng_state", "set_rng_state", "seed_everything",
            "config_differences", "assert_resumable", "RESUMABLE_CHANGES", "run_directory"]

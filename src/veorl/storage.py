@@ -152,6 +152,36 @@ def provenance(config: dict[str, Any], upstream: dict[str, str] | None = None, *
     return {"config": config, "upstream": dict(upstream or {}), "code_version": code_version(), **extra}
 
 
+PROVENANCE = "provenance.json"
+
+
+def record_content_hash(out_dir: str | Path, value: str | None = None) -> str:
+    """Record an artifact's content hash in its provenance.json, once, when the step that writes it is done.
+
+    `value` defaults to the tree hash of every file but provenance.json; formats with a cheaper exact
+    hash (a manifest or card that lists every file) pass their own. Readers use `artifact_hash`.
+    """
+    out_dir = Path(out_dir)
+    value = value or tree_hash(out_dir, exclude=(PROVENANCE,))
+    prov_path = out_dir / PROVENANCE
+    prov = read_json(prov_path) if prov_path.is_file() else {}
+    prov["content_hash"] = value
+    atomic_write_json(prov_path, prov)
+    return value
+
+
+def artifact_hash(path: str | Path) -> str:
+    """The content hash the producing step recorded in `path`/provenance.json; for an artifact made elsewhere
+    (no recorded hash), the tree hash of its files, computed here."""
+    path = Path(path)
+    prov_path = path / PROVENANCE
+    if prov_path.is_file():
+        recorded = read_json(prov_path).get("content_hash")
+        if isinstance(recorded, str) and recorded:
+            return recorded
+    return tree_hash(path, exclude=(PROVENANCE,))
+
+
 # ----------------------------------------------------------------------------------------------
 # Local or S3 locations
 # ----------------------------------------------------------------------------------------------

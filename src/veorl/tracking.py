@@ -21,6 +21,7 @@ import numpy as np
 
 from veorl.config import Params
 from veorl.storage import atomic_write_text, code_version, redact
+from veorl.trees import flatten
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,6 @@ def ensure_experiment(name: str, uri: str, artifact_location: str | None = None)
 
 
 def _loggable_params(params: Params, sections: tuple[str, ...]) -> dict[str, str]:
-    from veorl.checkpoint import flatten
 
     data = params.section_dict(*sections) if sections else params.model_dump(by_alias=True, mode="json")
     return {k: redact(str(v))[:_MAX_PARAM_CHARS] for k, v in flatten(data).items()}
@@ -255,12 +255,5 @@ def active_run_id() -> str | None:
     return run.info.run_id if run is not None else None
 
 
-def numeric_leaves(tree: dict[str, Any]) -> dict[str, float]:
-    """Nested metrics -> {"a.b": value} for their numeric leaves (booleans left out), e.g. for final metrics."""
-    from veorl.checkpoint import flatten
-
-    return {k: float(v) for k, v in flatten(tree).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-__all__ = ["StageRun", "stage_run", "tracking_uri", "ensure_experiment", "numeric_leaves", "log_metrics", "log_params", "log_figure",
+__all__ = ["StageRun", "stage_run", "tracking_uri", "ensure_experiment", "log_metrics", "log_params", "log_figure",
            "log_image", "log_artifact", "log_dict", "log_text", "active_run_id", "PARENT_RUN_ENV", "RUN_ID_FILE"]

@@ -1,6 +1,6 @@
 """Fine-tuning: the Trunk Net world model on target data, then phase 3 policy learning with behaviour guidance.
 
-Two phases, each its own class and loop (method doc: /work/shared/docs/veorl-method.md, "Phase 3"):
+Two phases, each its own class and loop (method doc: docs/method.md, "Phase 3"):
 
 WorldModelPhase  the Trunk Net world model on target sequences: image NLL + reward NLL (rewards times
                  finetune.reward_scale) + balanced KL, + mmd_weight * linear MMD(source, target embeddings)
@@ -39,15 +39,16 @@ from torch import nn
 from veorl.algo.baselines import BehaviourCloning, Switches, switches
 from veorl.algo.imagination import BehaviourGuidance, PlanStateMap, check_release_compatible, imagine
 from veorl.algo.returns import discount_weights, lambda_return
-from veorl.algo.world_model import linear_mmd, trunk_world_model_loss
+from veorl.algo.world_model_losses import linear_mmd, trunk_world_model_loss
 from veorl.config import ModelParams, Params
 from veorl.data.clips import clips_hash
 from veorl.data.episodes import CARD, dataset_hash
 from veorl.models.actor_critic import Actor, Critic, PixelPolicy, policy_inputs
 from veorl.models.networks import preprocess
 from veorl.models.rssm import RSSMState
-from veorl.models.world_model import TrunkWorldModel, VideoWorldModel, build_trunk_world_model
+from veorl.models.world_models import TrunkWorldModel, VideoWorldModel, build_trunk_world_model
 from veorl.storage import atomic_path, atomic_write_json, read_json, tree_hash
+from veorl.trees import numeric_leaves
 
 log = logging.getLogger(__name__)
 
@@ -389,7 +390,7 @@ def finetune(world_model: str | None, episodes: str, out: str, params: Params, c
     from veorl.data.clips import ClipStore
     from veorl.data.episodes import EpisodeStore
     from veorl.data.samplers import ClipSampler, EpisodeWindowSampler, Prefetcher
-    from veorl.models.world_model import load_world_model
+    from veorl.models.world_models import load_world_model
     from veorl.runtime import configure_torch_threads, resolve_device, write_resolved_config
 
     fp, model = params.finetune, params.model
@@ -541,7 +542,7 @@ def finetune(world_model: str | None, episodes: str, out: str, params: Params, c
 
         summary = summarise(fp.algo, curve, progress_state, elapsed, loops)
         summary.update(task=meta["task"], agent=str(out))
-        tracking.log_metrics({f"final/{k}": v for k, v in tracking.numeric_leaves(summary).items()})
+        tracking.log_metrics({f"final/{k}": v for k, v in numeric_leaves(summary).items()})
         tracking.log_dict(agent_meta, "agent/agent.json")
         if metrics_path:
             atomic_write_json(metrics_path, summary)

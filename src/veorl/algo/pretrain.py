@@ -1,6 +1,6 @@
 """World-model pretraining: phase 1 (latent behaviours, Plan Net) and phase 2 (keyframe Plan Net, F_BC).
 
-See /work/shared/docs/veorl-method.md ("Training, in three phases").
+See docs/method.md ("Training, in three phases").
 
 Phase 1 (`Phase1Trainer`): encode frames, infer the latent action of every consecutive pair with the
 BAN + codebook, filter the Plan Net over the sequence with those latent actions, reconstruct frames
@@ -17,7 +17,7 @@ state, and MMD keeps the two domains aligned. Every term is masked on padded beh
 
 The method doc's phase 2 also trains the Trunk Net (a DreamerV2 world model on target sequences with real
 actions). In this project that belongs to fine-tuning (components.finetune), which starts from this
-stage's artifact; `veorl.algo.world_model.trunk_world_model_loss` is the shared loss it uses.
+stage's artifact; `veorl.algo.world_model_losses.trunk_world_model_loss` is the shared loss it uses.
 
 The phases are separate trainers with separate optimizers, run one after the other by `pretrain`, which
 also owns checkpoint/resume (exact: a resumed run reproduces the uninterrupted run's parameters bit for
@@ -42,7 +42,7 @@ from torch import nn
 
 from veorl import tracking
 from veorl.algo.segmentation import Segments, keyframe_sequence, pad_segments, segment_behaviours
-from veorl.algo.world_model import flat_states, linear_mmd, masked_mean
+from veorl.algo.world_model_losses import flat_states, linear_mmd, masked_mean
 from veorl.checkpoint import CheckpointManager, assert_resumable, rng_state, run_directory, seed_everything, set_rng_state
 from veorl.config import Params, PretrainParams
 from veorl.data.clips import MANIFEST, ClipStore, clips_hash
@@ -50,7 +50,7 @@ from veorl.data.episodes import EpisodeStore, dataset_hash
 from veorl.data.samplers import ClipSampler, EpisodeWindowSampler, JointSampler, Prefetcher
 from veorl.models.ban import codebook_stats
 from veorl.models.networks import IMAGE_SIZE, postprocess, preprocess
-from veorl.models.world_model import VideoWorldModel, save_world_model
+from veorl.models.world_models import VideoWorldModel, save_world_model
 from veorl.storage import atomic_path, atomic_write_json, provenance
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Behaviour segmentation: cut frame sequences into behaviours where the latent-action code changes.
 
-See /work/shared/docs/veorl-method.md (phase 2): consecutive transitions with the same code form one
+See docs/method.md (phase 2): consecutive transitions with the same code form one
 behaviour; each behaviour keeps its latent action and the frame where it ends; behaviours are
 left-aligned and padded, and every loss on them is masked on padded slots.
 

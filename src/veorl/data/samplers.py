@@ -1,6 +1,6 @@
 """Seeded, resumable batch samplers over video clips and target episodes, with background prefetch.
 
-Training reads batches through these (see /work/shared/docs/veorl-method.md, "Training"):
+Training reads batches through these (see docs/method.md, "Training"):
 - memory stays bounded: clips are memory-mapped shards (ClipStore), episodes come through the
   EpisodeStore's small LRU cache; nothing loads a whole dataset;
 - the batch of step k is a pure function of (seed, stream, k): its RNG is derived from those numbers,

@@ -1,1 +1,1 @@
-"""Networks of VeoRL (see /work/shared/docs/veorl-method.md, "Networks"). Imports no data or env code."""
+"""Networks of VeoRL (see docs/method.md, "Networks"). Imports no data or env code."""

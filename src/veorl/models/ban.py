@@ -1,6 +1,6 @@
 """Behaviour abstraction network (BAN) and the latent-behaviour codebook.
 
-See /work/shared/docs/veorl-method.md ("Networks"): z_t = W3 relu(W1 e_{t+1} + W2 e_t) for each pair
+See docs/method.md ("Networks"): z_t = W3 relu(W1 e_{t+1} + W2 e_t) for each pair
 of consecutive frame embeddings, vector-quantised to the nearest of K codebook vectors with a
 straight-through estimator; VQ loss = ||sg(z) - c||^2 + beta ||z - sg(c)||^2. The quantised vector
 is the latent action of the transition t -> t+1.

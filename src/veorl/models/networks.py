@@ -1,6 +1,6 @@
 """Convolutional encoder/decoder, MLPs and the small heads of VeoRL.
 
-Sizes and conventions follow the method doc (/work/shared/docs/veorl-method.md, "Networks"):
+Sizes and conventions follow the method doc (docs/method.md, "Networks"):
 images enter as x/255 - 0.5, the encoder maps a 64x64x3 frame to 32*d features, the decoder
 maps a feature vector back to the mean of a unit-variance Gaussian over the (preprocessed) frame.
 """

@@ -1,6 +1,6 @@
 """Recurrent state-space model (DreamerV2-style RSSM) used for the Plan Net and the Trunk Net.
 
-See /work/shared/docs/veorl-method.md ("Networks"): deterministic layer-normed GRU state h, a
+See docs/method.md ("Networks"): deterministic layer-normed GRU state h, a
 stochastic state s (Gaussian with std = 2*sigmoid(x/2)+min_std, or categorical), feature f = [s, h].
 The Plan Net feeds it 8-d latent actions, the Trunk Net real actions; the module does not care which.
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_register import make_agent, write_evaluation
+from tests.test_registry import make_agent, write_evaluation
 from veorl.storage import s3_client, s3_list
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ACCESS_KEY_ID = "AKIAVEORLLEAKCHECK42"
 
 

@@ -18,9 +18,9 @@ from veorl.algo.pretrain import KeyframeBatch, Phase1Trainer, Phase2Trainer, pre
 from veorl.checkpoint import CheckpointManager, CheckpointMismatch, assert_resumable
 from veorl.config import resolve
 from veorl.data.episodes import save_episode
-from veorl.models.world_model import VideoWorldModel, load_world_model
+from veorl.models.world_models import VideoWorldModel, load_world_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONSTANT_NLL = 64 * 64 * 3 * 0.5 * math.log(2 * math.pi)
 
 
@@ -219,7 +219,7 @@ def test_phase2_padded_slots_do_not_change_the_loss():
 
 
 def test_masked_mmd_and_image_nll_ignore_padding():
-    from veorl.algo.world_model import image_nll, linear_mmd, masked_mean
+    from veorl.algo.world_model_losses import image_nll, linear_mmd, masked_mean
     from veorl.models.networks import Decoder
 
     g = torch.Generator().manual_seed(0)

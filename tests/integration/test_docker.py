@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOCKERFILES = ("docker/Dockerfile.cpu", "docker/Dockerfile.cuda")
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
 

@@ -19,9 +19,9 @@ from veorl.algo.imagination import imagine, intrinsic_reward
 from veorl.config import resolve
 from veorl.data.episodes import save_episode
 from veorl.models.actor_critic import Actor, Critic
-from veorl.models.world_model import VideoWorldModel, build_trunk_world_model, save_world_model
+from veorl.models.world_models import VideoWorldModel, build_trunk_world_model, save_world_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ACTION_DIM = 4
 
 

@@ -12,7 +12,7 @@ from veorl.config import ModelParams, resolve
 from veorl.models.ban import BehaviourAbstraction, Codebook, codebook_stats
 from veorl.models.networks import FBC, MLP, BinaryHead, Decoder, DenseHead, Encoder, postprocess, preprocess
 from veorl.models.rssm import RSSM, LayerNormGRUCell, RSSMState
-from veorl.models.world_model import (VideoWorldModel, build_trunk_world_model, load_world_model, save_world_model)
+from veorl.models.world_models import (VideoWorldModel, build_trunk_world_model, load_world_model, save_world_model)
 
 SIZES = [
     pytest.param(dict(depth=4, deter=16, stoch=6, hidden=12, embed=128), id="tiny"),

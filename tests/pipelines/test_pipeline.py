@@ -13,7 +13,7 @@ from pipelines.veorl_pipeline import (DEFAULT_GPU_IMAGE, DEFAULT_IMAGE, PACKAGE_
                                       compile_pipeline)
 from veorl.config import ConfigError, resolve
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STEPS = ("resolve-config", "source-videos", "ingest", "collect", "pretrain", "finetune", "evaluate", "register")
 
 

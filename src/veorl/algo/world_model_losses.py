@@ -1,6 +1,6 @@
 """World-model losses shared by pretraining and fine-tuning.
 
-See /work/shared/docs/veorl-method.md ("Training"): image NLL under a unit Gaussian, balanced KL with
+See docs/method.md ("Training"): image NLL under a unit Gaussian, balanced KL with
 free nats, linear MMD between the mean source and target embeddings, and the DreamerV2 loss of the
 Trunk Net (image + reward (+ discount) NLL + balanced KL). Every reduction accepts a validity mask so
 padded slots contribute nothing.
@@ -14,7 +14,7 @@ import torch
 
 from veorl.models.networks import preprocess
 from veorl.models.rssm import RSSMState
-from veorl.models.world_model import TrunkWorldModel
+from veorl.models.world_models import TrunkWorldModel
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

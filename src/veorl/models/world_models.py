@@ -1,6 +1,6 @@
 """The video world model (pretraining's artifact) and the Trunk Net world model built on it.
 
-See /work/shared/docs/veorl-method.md: the video world model groups the encoder E, decoder D, BAN +
+See docs/method.md: the video world model groups the encoder E, decoder D, BAN +
 codebook, the Plan Net (an RSSM whose action is the 8-d latent action), the keyframe decoder
 (initialised from D at the start of phase 2), F_BC, and the frozen phase-1 encoder copy that feeds
 the BAN after phase 1 (`behaviour_encoder`). The Trunk Net world model (RSSM on real actions, reward

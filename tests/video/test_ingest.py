@@ -22,7 +22,7 @@ from veorl.video.decode import open_video, square_frames
 from veorl.video.encode import write_video
 from veorl.video.ingest import ingest, summarize
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Grey-level step between consecutive frames of the index-coded test videos; codec error stays well under half.
 STEP = 10
 

@@ -222,7 +222,7 @@ def test_compare_reports_a_failed_run_and_exits_nonzero(tmp_path, tracking_env):
 
 @pytest.mark.slow
 def test_compare_runs_finetune_and_evaluate_per_seed(tmp_path, tracking_env):
-    from tests.test_finetune import make_episodes
+    from tests.algo.test_finetune import make_episodes
 
     compare = _compare_module()
     episodes = make_episodes(tmp_path / "episodes")

@@ -140,7 +140,7 @@ def test_results_do_not_depend_on_the_number_of_workers(tmp_path):
 
 
 def test_import_cli_accepts_good_files_and_names_rejected_ones(tmp_path, capsys):
-    from tests.test_episodes import make_episode, write_variants
+    from tests.data.test_episodes import make_episode, write_variants
 
     expected = write_variants(tmp_path / "release", size=64)
     np.savez_compressed(tmp_path / "release" / "small_frames.npz", **make_episode(size=16))
@@ -165,7 +165,7 @@ def test_import_cli_accepts_good_files_and_names_rejected_ones(tmp_path, capsys)
 
 
 def test_import_that_accepts_nothing_leaves_the_existing_dataset_untouched(tmp_path, capsys):
-    from tests.test_episodes import make_episode
+    from tests.data.test_episodes import make_episode
 
     (tmp_path / "good").mkdir()
     np.savez_compressed(tmp_path / "good" / "a.npz", **make_episode(size=64, seed=1))
