@@ -51,3 +51,26 @@ def test_discount_weights_are_survival_products():
 def test_lambda_return_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="same shape"):
         lambda_return(torch.zeros(3, 2), torch.zeros(3, 1), torch.zeros(3, 2), 0.9)
+
+
+def test_return_normaliser_tracks_the_percentile_range_with_an_ema():
+    from veorl.algo.returns import ReturnNormaliser
+
+    norm = ReturnNormaliser(decay=0.5)
+    assert norm.scale == 1.0  # nothing seen yet: returns pass unscaled
+    first = norm.update(torch.linspace(0.0, 100.0, 1001))
+    assert first == pytest.approx(90.0, rel=1e-4)  # P95 - P5 of a uniform ramp over [0, 100]
+    second = norm.update(torch.zeros(100))  # a batch of equal returns halves the EMA range
+    assert second == pytest.approx(45.0, rel=1e-4)
+    restored = ReturnNormaliser(decay=0.5)
+    restored.load_state_dict(norm.state_dict())
+    assert restored.scale == norm.scale
+
+
+def test_return_normaliser_never_amplifies_small_returns():
+    from veorl.algo.returns import ReturnNormaliser
+
+    norm = ReturnNormaliser()
+    assert norm.update(torch.tensor([0.1, 0.2, 0.3])) == 1.0
+    with pytest.raises(ValueError, match="decay"):
+        ReturnNormaliser(decay=1.0)

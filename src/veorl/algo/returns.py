@@ -42,3 +42,46 @@ def discount_weights(discount: torch.Tensor) -> torch.Tensor:
     """
     ones = torch.ones_like(discount[:1])
     return torch.cumprod(torch.cat([ones, discount[:-1]], 0), 0).detach()
+
+
+class ReturnNormaliser:
+    """Scale of imagined returns for the actor: S = max(1, P95 - P5) of the lambda-returns, tracked with an EMA.
+
+    Meta-World rewards run 0-10 per step, so raw lambda-returns reach the hundreds while the entropy bonus
+    and the behaviour-cloning term are O(1): divided by S, the return term is O(1) whatever the task's reward
+    scale, and small returns (S floors at 1) are not blown up into noise. Dividing by a range (not a std)
+    keeps rare large returns from shrinking the common ones. The state is two floats and a flag, saved in
+    checkpoints so a resumed run continues with the same scale.
+    """
+
+    def __init__(self, decay: float = 0.99, low: float = 0.05, high: float = 0.95):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"ReturnNormaliser: decay must be in [0, 1), got {decay}")
+        self.decay, self.low, self.high = decay, low, high
+        self.lo: float | None = None
+        self.hi: float | None = None
+
+    @torch.no_grad()
+    def update(self, returns: torch.Tensor) -> float:
+        """Fold the percentiles of a batch of returns into the EMA; returns the scale to divide by."""
+        flat = returns.detach().reshape(-1).float()
+        quantiles = torch.quantile(flat, torch.tensor([self.low, self.high], device=flat.device, dtype=flat.dtype))
+        lo, hi = float(quantiles[0]), float(quantiles[1])
+        if self.lo is None or self.hi is None:
+            self.lo, self.hi = lo, hi
+        else:
+            self.lo = self.decay * self.lo + (1.0 - self.decay) * lo
+            self.hi = self.decay * self.hi + (1.0 - self.decay) * hi
+        return self.scale
+
+    @property
+    def scale(self) -> float:
+        if self.lo is None or self.hi is None:
+            return 1.0
+        return max(1.0, self.hi - self.lo)
+
+    def state_dict(self) -> dict[str, float | None]:
+        return {"lo": self.lo, "hi": self.hi}
+
+    def load_state_dict(self, state: dict[str, float | None]) -> None:
+        self.lo, self.hi = state["lo"], state["hi"]

@@ -1,0 +1,62 @@
+"""The Trunk Net prior ensemble: heads fitted to data agree there and disagree away from it."""
+
+import pytest
+import torch
+
+from veorl.models.ensemble import PriorEnsemble
+from veorl.models.rssm import RSSM, RSSMState
+
+
+def _rssm(kind: str) -> RSSM:
+    return RSSM(action_dim=2, embed_dim=8, deter=16, stoch=4, hidden=16, kind=kind, classes=3)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "categorical"])
+def test_identical_heads_do_not_disagree_and_distinct_heads_do(kind):
+    torch.manual_seed(0)
+    ensemble = PriorEnsemble(_rssm(kind), size=3)
+    deter = torch.randn(5, 16)
+    assert ensemble.predictions(deter).shape[:2] == (3, 5)
+    assert (ensemble.disagreement(deter) > 0).all()
+    for head in ensemble.heads[1:]:
+        head.load_state_dict(ensemble.heads[0].state_dict())
+    assert torch.allclose(ensemble.disagreement(deter), torch.zeros(5), atol=1e-6)
+
+
+def test_one_head_is_refused():
+    with pytest.raises(ValueError, match="at least 2"):
+        PriorEnsemble(_rssm("gaussian"), size=1)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "categorical"])
+def test_fitted_heads_agree_on_the_data_and_not_far_from_it(kind):
+    torch.manual_seed(0)
+    rssm = _rssm(kind)
+    ensemble = PriorEnsemble(rssm, size=5)
+    # "Data": deterministic states near one point, each with a posterior that depends on it.
+    data_deter = 0.1 * torch.randn(256, 16)
+    with torch.no_grad():
+        stats = rssm.obs_stats(torch.tanh(data_deter))  # hidden size == deter size in this small RSSM
+    posterior = rssm._stats_to_state(stats, data_deter, sample=False)
+    far_deter = 3.0 + torch.randn(256, 16)
+    before = ensemble.loss(posterior).item()
+    optimiser = torch.optim.Adam(ensemble.parameters(), lr=3e-3)
+    for _ in range(300):
+        optimiser.zero_grad()
+        ensemble.loss(posterior).backward()
+        optimiser.step()
+    assert ensemble.loss(posterior).item() < 0.5 * before
+    on_data = ensemble.disagreement(data_deter).mean()
+    off_data = ensemble.disagreement(far_deter).mean()
+    assert off_data > 2.0 * on_data, (on_data, off_data)
+
+
+def test_the_loss_does_not_reach_the_trunk_state():
+    rssm = _rssm("gaussian")
+    ensemble = PriorEnsemble(rssm, size=2)
+    deter = torch.randn(4, 16, requires_grad=True)
+    mean = torch.randn(4, 4, requires_grad=True)
+    posterior = RSSMState(deter=deter, stoch=mean, mean=mean, std=torch.ones(4, 4))
+    ensemble.loss(posterior).backward()
+    assert deter.grad is None and mean.grad is None
+    assert all(p.grad is not None for p in ensemble.parameters())
