@@ -73,7 +73,7 @@ def write_dataset(root: Path) -> tuple[Path, Path]:
 def run_variant(variant: str, data_root: Path, threads: int, repeats: int, warmup: int) -> dict:
     import torch
 
-    from veorl.algo.pretrain import Phase1Trainer, Phase2Trainer
+    from veorl.algo.pretrain import Phase1Trainer, Phase2Losses, Phase2Trainer
     from veorl.algo.world_model_losses import trunk_world_model_loss
     from veorl.config import resolve
     from veorl.data.clips import ClipStore
@@ -119,7 +119,7 @@ def run_variant(variant: str, data_root: Path, threads: int, repeats: int, warmu
         t1 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         terms = trainer.losses(batch)
-        loss = terms["loss"]
+        loss = terms.loss
         if extra is not None:
             target = batch["target"]
             trunk = trunk_world_model_loss(extra, target["image"], target["action"], target["reward"])
@@ -134,9 +134,9 @@ def run_variant(variant: str, data_root: Path, threads: int, repeats: int, warmu
         if step >= warmup:
             timings.append({"data": t1 - t0, "forward": t2 - t1, "backward": t3 - t2, "optimizer": t4 - t3,
                             "update": t4 - t1, "cpu": c4 - c0})
-        if "keyframes" in terms:
-            info["keyframes"] = float(terms["keyframes"])
-            info["behaviours_per_seq"] = float(terms["behaviours_per_seq"])
+        if isinstance(terms, Phase2Losses):
+            info["keyframes"] = float(terms.keyframes)
+            info["behaviours_per_seq"] = float(terms.behaviours_per_seq)
     mean = {k: float(np.mean([t[k] for t in timings])) for k in timings[0]}
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
     return {"variant": variant, "seconds": mean, "steps_per_s": 1.0 / mean["update"],

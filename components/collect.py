@@ -5,7 +5,8 @@
 
 Collection runs the simulator with a degraded scripted behaviour policy (params section `collect`:
 quality expert | medium | mixed) and writes DIR/episodes/*.npz, DIR/card.json, DIR/config.json and
-DIR/provenance.json. Re-running with the same parameters keeps every finished episode and writes nothing.
+DIR/provenance.json (with the dataset's content hash). Re-running with the same parameters keeps every
+finished episode and writes nothing.
 Import validates existing episode files (keys, shapes, dtypes, value ranges), copies the good ones and
 prints each rejected file with the reason.
 """
@@ -18,20 +19,29 @@ from pathlib import Path
 from typing import Any
 
 from veorl.config import Params
+from veorl.data.episodes import dataset_hash
 from veorl.envs import ACTION_DIMS
 from veorl.envs.collection import collect_dataset, import_dataset
-from veorl.runtime import add_component_args, parse_component_args, write_resolved_config
-from veorl.storage import tree_hash
+from veorl.runtime import (
+    add_component_args,
+    parse_component_args,
+    write_resolved_config,
+)
+from veorl.storage import record_content_hash, tree_hash
 
 SECTIONS = ("collect",)
 
 
-def run(out: str, params: Params, progress: bool = True) -> dict[str, Any]:
-    """Collect `params.collect.episodes` episodes into `out`; returns the dataset card."""
+def run(out: str, params: Params, *, progress: bool = True) -> dict[str, Any]:
+    """Collect `params.collect.episodes` episodes into `out`; returns the dataset card.
+
+    The dataset's content hash (its card's, as veorl.data.episodes.dataset_hash computes it) is recorded last.
+    """
     result = collect_dataset(out, params.collect, progress=progress)
     config_missing = not (Path(out) / "config.json").exists() or not (Path(out) / "provenance.json").exists()
     if result.changed or config_missing:
         write_resolved_config(out, params, SECTIONS, episodes_collected=result.collected, episodes_kept=result.kept)
+    record_content_hash(out, dataset_hash(out, recorded=False))
     return result.card
 
 
@@ -42,6 +52,7 @@ def run_import(source: str, out: str, params: Params) -> dict[str, Any]:
     result = import_dataset(source, out, image_size=cfg.size, action_dim=ACTION_DIMS.get(cfg.env), description=description)
     if result.card["episodes"] > 0:  # an import that accepted nothing left the dataset (and its provenance) alone
         write_resolved_config(out, params, SECTIONS, upstream={"imported_from": tree_hash(source)})
+        record_content_hash(out, dataset_hash(out, recorded=False))
     return result.card
 
 

@@ -5,7 +5,8 @@
 Task, camera and episode length come from the agent's metadata (the data it was trained on). Episode i is
 seeded evaluate.seed + i; episodes run in evaluate.workers processes, each loading the agent itself.
 Writes OUT/metrics.json (last, and only on success), OUT/episodes.csv, OUT/rollouts/*.mp4 (the frames the
-agent saw), OUT/returns.png, OUT/config.json and OUT/provenance.json. A policy that crashes or emits a
+agent saw), OUT/returns.png, OUT/config.json and OUT/provenance.json (with the evaluation's content hash, recorded
+last). A policy that crashes or emits a
 non-finite action fails the evaluation with the episode and step, exit status 1, and no metrics.json.
 """
 
@@ -24,13 +25,24 @@ log = logging.getLogger("veorl.evaluate")
 SECTIONS = ("evaluate",)
 
 
-def run(agent: str, out: str, params: Params, parent_run_id: str | None = None, progress: bool = True) -> dict[str, Any]:
+def run(agent: str, out: str, params: Params, *, parent_run_id: str | None = None,
+        progress: bool = True) -> dict[str, Any]:
     """Evaluate the agent artifact `agent` into `out`; returns the contents of OUT/metrics.json."""
     from veorl import tracking
     from veorl.agent import META_FILE, AgentError
-    from veorl.evaluation import evaluate_agent, plot_returns, summarise, write_episodes_csv
+    from veorl.evaluation import (
+        evaluate_agent,
+        plot_returns,
+        summarise,
+        write_episodes_csv,
+    )
     from veorl.runtime import write_resolved_config
-    from veorl.storage import atomic_write_json, read_json, tree_hash
+    from veorl.storage import (
+        artifact_hash,
+        atomic_write_json,
+        read_json,
+        record_content_hash,
+    )
 
     ev = params.evaluate
     out_dir = Path(out)
@@ -49,7 +61,7 @@ def run(agent: str, out: str, params: Params, parent_run_id: str | None = None, 
                      getattr(params.collect, key), meta[key])
     protocol = {"env": meta["env"], "task": meta["task"], "camera": meta["camera"],
                 "episode_length": int(meta["episode_length"]), "episodes": ev.episodes, "seed": ev.seed}
-    upstream = {"agent": tree_hash(agent)}
+    upstream = {"agent": artifact_hash(agent)}
     with tracking.stage_run("evaluate", params, parent_run_id, sections=SECTIONS, upstream=upstream,
                             tags={"veorl.algo": meta["algo"], "veorl.task": meta["task"]}):
         tracking.log_params({f"protocol.{k}": v for k, v in protocol.items()})
@@ -70,6 +82,7 @@ def run(agent: str, out: str, params: Params, parent_run_id: str | None = None, 
             tracking.log_artifact(out_dir / "rollouts", artifact_path="rollouts")
         atomic_write_json(out_dir / "metrics.json", metrics)
         tracking.log_artifact(out_dir / "metrics.json")
+        record_content_hash(out_dir)
     return metrics
 
 
@@ -78,8 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--agent", required=True, metavar="DIR", help="agent artifact of components.finetune")
     parser.add_argument("--out", required=True, metavar="DIR", help="evaluation output directory")
-    parser.add_argument("--parent-run-id", default=None, metavar="ID", help="MLflow run to nest this stage's run under")
-    add_component_args(parser)
+    add_component_args(parser, tracking=True)
     return parser
 
 

@@ -21,7 +21,7 @@ from veorl.config import Params
 from veorl.runtime import add_component_args, parse_component_args
 
 
-def run(world_model: str, episodes: str, out: str, params: Params, clips: str | None = None,
+def run(world_model: str, episodes: str, out: str, params: Params, *, clips: str | None = None,
         checkpoints: str | None = None, parent_run_id: str | None = None,
         metrics: str | None = "metrics/finetune.json", curve: str | None = "metrics/finetune_curve.csv",
         progress: bool = True) -> dict[str, Any]:
@@ -45,8 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics", default="metrics/finetune.json", metavar="FILE", help="summary JSON (default: %(default)s)")
     parser.add_argument("--curve", default="metrics/finetune_curve.csv", metavar="FILE",
                         help="training curve CSV (default: %(default)s)")
-    parser.add_argument("--parent-run-id", default=None, metavar="ID", help="MLflow run to nest this stage's run under")
-    add_component_args(parser)
+    add_component_args(parser, tracking=True)
     return parser
 
 

@@ -1,9 +1,10 @@
 """Ingest raw video into fixed-size clips: `python -m components.ingest --source SRC [--source SRC ...] --out DIR`.
 
 Sources are video files, folders (walked recursively; a folder of jpg/png frames is one trajectory), globs
-and s3://bucket/prefix URIs (endpoint and credentials from the standard AWS environment/config). Settings
-come from the `ingest` section of params.yaml (size, fps, window, stride, clips_per_shard, workers, ...),
-overridable with --set ingest.KEY=VALUE. Re-running skips what is already ingested with the same settings.
+and s3://bucket/prefix URIs (endpoint and credentials from the standard AWS environment/config). A folder
+written by `components.source_videos --external` stands for the sources it records. Settings come from the
+`ingest` section of params.yaml (size, fps, window, stride, clips_per_shard, workers, ...), overridable with
+--set ingest.KEY=VALUE. Re-running skips what is already ingested with the same settings.
 
 Exit status: 0 when at least one source was ingested (failed ones are listed), 1 when none could be,
 2 for invalid parameters.
@@ -13,16 +14,42 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 
+from components.source_videos import external_sources
 from veorl.config import Params
+from veorl.data.clips import clips_hash
 from veorl.runtime import add_component_args, parse_component_args
-from veorl.video.ingest import exit_reason, ingest, summarize
+from veorl.storage import record_content_hash
 
 
-def run(sources: list[str], out: str, params: Params, progress: bool = True) -> dict:
-    """Ingest `sources` into `out` and print a summary; returns the manifest (also written to OUT/manifest.json)."""
-    manifest = ingest(sources, out, params, progress=progress)
+class IngestFailed(RuntimeError):
+    """No source could be ingested; the manifest (written anyway) lists each source's reason."""
+
+
+def expand_recorded_sources(sources: Sequence[str]) -> list[str]:
+    """Each source, with a folder of recorded external sources replaced by the sources it records."""
+    out: list[str] = []
+    for source in sources:
+        recorded = None if "://" in source else external_sources(source)
+        out.extend(recorded if recorded is not None else [source])
+    return out
+
+
+def run(sources: Sequence[str], out: str, params: Params, *, progress: bool = True) -> dict:
+    """Ingest `sources` into `out` and print a summary; returns the manifest (also written to OUT/manifest.json).
+
+    Raises IngestFailed when no source could be ingested. On success the clips' content hash (the manifest's,
+    as veorl.data.clips.clips_hash computes it) is recorded in OUT/provenance.json.
+    """
+    from veorl.video.ingest import exit_reason, ingest, summarize
+
+    manifest = ingest(expand_recorded_sources(sources), out, params, progress=progress)
     print(summarize(manifest, out), flush=True)
+    reason = exit_reason(manifest)
+    if reason:
+        raise IngestFailed(f"{reason}; see the reasons above and {out}/manifest.json")
+    record_content_hash(out, clips_hash(out, recorded=False))
     return manifest
 
 
@@ -43,10 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args, params = parse_component_args(build_parser(), argv)
-    manifest = run(args.source, args.out, params, progress=not args.no_progress)
-    reason = exit_reason(manifest)
-    if reason:
-        print(f"error: {reason}; see the reasons above and {args.out}/manifest.json", file=sys.stderr)
+    try:
+        run(args.source, args.out, params, progress=not args.no_progress)
+    except IngestFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
 

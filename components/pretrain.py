@@ -21,7 +21,7 @@ from veorl.runtime import add_component_args, parse_component_args
 log = logging.getLogger("veorl.components.pretrain")
 
 
-def run(clips: str, episodes: str, out: str, params: Params, checkpoints: str | None = None,
+def run(clips: str, episodes: str, out: str, params: Params, *, checkpoints: str | None = None,
         parent_run_id: str | None = None, metrics: str = "metrics/pretrain.json",
         curve: str = "metrics/pretrain_curve.csv") -> dict:
     """Pretrain (or resume) and write the artifact and metrics files; returns the metrics dict."""
@@ -41,11 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output directory of the world-model artifact")
     parser.add_argument("--checkpoints", default=None,
                         help="checkpoint directory; re-running with the same directory resumes (default: no checkpoints)")
-    parser.add_argument("--parent-run-id", default=None,
-                        help="MLflow run to nest this stage's run under (default: $VEORL_PARENT_RUN_ID, else none)")
     parser.add_argument("--metrics", default="metrics/pretrain.json", help="final metrics JSON (default: %(default)s)")
     parser.add_argument("--curve", default="metrics/pretrain_curve.csv", help="learning curve CSV (default: %(default)s)")
-    add_component_args(parser, progress=False)
+    add_component_args(parser, progress=False, tracking=True)
     return parser
 
 

@@ -28,7 +28,7 @@ log = logging.getLogger("veorl.register")
 SECTIONS = ("register", "tracking")
 
 
-def run(agent: str, evaluation: str, out: str, params: Params, parent_run_id: str | None = None) -> dict[str, Any]:
+def run(agent: str, evaluation: str, out: str, params: Params, *, parent_run_id: str | None = None) -> dict[str, Any]:
     """Register `agent` with the evaluation in `evaluation`; write the outcome to `out` (JSON) and return it."""
     from veorl.registry import register_agent
 
@@ -50,8 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--agent", required=True, help="agent artifact directory (agent.pt + agent.json), e.g. models/agent")
     parser.add_argument("--evaluation", required=True, help="evaluation directory holding metrics.json, e.g. eval")
     parser.add_argument("--out", required=True, help="registration outcome JSON to write, e.g. eval/registration.json")
-    parser.add_argument("--parent-run-id", default=None, help="MLflow run to nest the register run under (pipeline run)")
-    add_component_args(parser, progress=False)
+    add_component_args(parser, progress=False, tracking=True)
     return parser
 
 

@@ -3,19 +3,21 @@
     resolve-config -> source-videos -> ingest --+
                    -> collect ------------------+-> pretrain -> finetune -> evaluate -> register
 
-Every step is a lightweight Python component whose body calls pipelines.steps, which calls the same
-`components.<name>.run(...)` that DVC's stages run. kfp.local's SubprocessRunner can therefore execute the
-pipeline on a laptop (the project imports from the working directory), and on a cluster the same YAML runs in
-the project's image (docker/), where /app holds params.yaml, components/ and pipelines/.
+Every step is a lightweight Python component whose body calls `components.<name>.run(...)`, the function
+DVC's stages and the Docker entry point run, through a few lines that map KFP's artifact paths and outputs.
+kfp.local's SubprocessRunner can therefore execute the pipeline on a laptop (the project imports from the
+working directory), and on a cluster the same YAML runs in the project's image (docker/), where /app holds
+params.yaml, components/ and pipelines/.
 
 Fixed at compile time (KFP bakes them into the YAML): the images (VEORL_IMAGE for CPU steps, VEORL_GPU_IMAGE for
 pretrain and finetune), resource requests, GPU count and type, constant environment variables and, optionally,
 a Kubernetes secret exposed as environment variables (S3/MLflow credentials). Chosen per run: the pipeline
 parameters below. See docs/cluster.md.
 
-Caching follows the data: each step returns the content hash of its artifact and downstream steps take those
-hashes as input parameters; each step's configuration is the JSON of exactly the keys it reads (see
-pipelines/steps.py). Registration is never cached: it acts on the registry, which lives outside the pipeline.
+Caching follows the data: each step returns the content hash its component recorded in the artifact's
+provenance.json, and downstream steps take those hashes as input parameters; each step's configuration is the
+validated document restricted to the keys it reads (see pipelines/steps.py). Registration is never cached: it
+acts on the registry, which lives outside the pipeline.
 """
 
 import os
@@ -74,46 +76,59 @@ class CompileOptions:
 
 # ----------------------------------------------------------------------------------------------
 # Component bodies. KFP serialises each function's source into the YAML and runs it in the image, so the
-# bodies import what they need and delegate to pipelines.steps. Upstream *_hash inputs are not used in the
+# bodies import what they need and call the component's `run`. Upstream *_hash inputs are not used in the
 # body beyond provenance: they exist so that the cache key changes when an upstream artifact's content does.
 # ----------------------------------------------------------------------------------------------
 
 
 def resolve_config(preset: str, task: str, algo: str, model_name: str, overrides: List[str]) -> NamedTuple(
         "StageConfigs", source_videos=str, ingest=str, collect=str, pretrain=str, finetune=str, evaluate=str, register=str):
-    """Validate the whole configuration once; emit the keys each stage reads as JSON."""
+    """Validate the whole configuration once; emit each stage's part of it (the keys it reads) as JSON."""
     from collections import namedtuple
 
-    from pipelines.steps import STAGE_PARAMS, resolve_stage_configs
+    from pipelines.steps import STAGE_PARAMS, resolve_stage_documents
 
-    configs = resolve_stage_configs(preset, list(overrides), {"task": task, "algo": algo, "model_name": model_name})
+    documents = resolve_stage_documents(preset, list(overrides), {"task": task, "algo": algo, "model_name": model_name})
     StageConfigs = namedtuple("StageConfigs", list(STAGE_PARAMS))
-    return StageConfigs(**configs)
+    return StageConfigs(**documents)
 
 
 def source_videos(config: str, video_sources: List[str], videos: Output[Dataset]) -> str:
     """Render unlabeled source videos, or record external ones (s3:// prefixes) with a content fingerprint."""
-    from pipelines import steps
+    from components.source_videos import run, run_external
+    from pipelines.steps import params_for_stage
+    from veorl.storage import artifact_hash
 
-    content_hash = steps.source_videos(config, list(video_sources), videos.path)
+    params = params_for_stage(config)
+    if video_sources:
+        run_external(list(video_sources), videos.path, params)
+    else:
+        run(videos.path, params)
+    content_hash = artifact_hash(videos.path)
     videos.metadata["content_hash"] = content_hash
     return content_hash
 
 
 def ingest(config: str, videos_hash: str, videos: Input[Dataset], clips: Output[Dataset]) -> str:
     """Decode, resize and window the videos into clips."""
-    from pipelines import steps
+    from components.ingest import run
+    from pipelines.steps import params_for_stage
+    from veorl.storage import artifact_hash
 
-    content_hash = steps.ingest(config, videos.path, clips.path)
+    run([videos.path], clips.path, params_for_stage(config))
+    content_hash = artifact_hash(clips.path)
     clips.metadata.update({"content_hash": content_hash, "upstream_videos": videos_hash})
     return content_hash
 
 
 def collect(config: str, episodes: Output[Dataset]) -> str:
     """Collect the small offline target dataset in the simulator."""
-    from pipelines import steps
+    from components.collect import run
+    from pipelines.steps import params_for_stage
+    from veorl.storage import artifact_hash
 
-    content_hash = steps.collect(config, episodes.path)
+    run(episodes.path, params_for_stage(config))
+    content_hash = artifact_hash(episodes.path)
     episodes.metadata["content_hash"] = content_hash
     return content_hash
 
@@ -124,16 +139,21 @@ def pretrain(config: str, clips_hash: str, episodes_hash: str, checkpoint_root: 
     """Phases 1 and 2: the action-free video world model."""
     import os
 
-    from pipelines import steps
+    from components.pretrain import run
+    from pipelines.steps import checkpoint_dir, params_for_stage
+    from veorl.storage import artifact_hash
+    from veorl.trees import numeric_leaves
 
     os.makedirs(training_log.path, exist_ok=True)
-    content_hash, scalars = steps.pretrain(
-        config, clips.path, episodes.path, world_model.path, os.path.join(training_log.path, "metrics.json"),
-        os.path.join(training_log.path, "curve.csv"), checkpoint_root=checkpoint_root, parent_run_id=parent_run_id,
-        inputs_hash=clips_hash + episodes_hash)
-    for name, value in sorted(scalars.items()):
+    summary = run(clips.path, episodes.path, world_model.path, params_for_stage(config),
+                  checkpoints=checkpoint_dir(checkpoint_root, "pretrain", config, clips_hash, episodes_hash),
+                  parent_run_id=parent_run_id or None, metrics=os.path.join(training_log.path, "metrics.json"),
+                  curve=os.path.join(training_log.path, "curve.csv"))
+    for name, value in sorted(numeric_leaves(summary).items()):
         metrics.log_metric(name, value)
-    world_model.metadata.update({"content_hash": content_hash, "upstream_clips": clips_hash, "upstream_episodes": episodes_hash})
+    content_hash = artifact_hash(world_model.path)
+    world_model.metadata.update({"content_hash": content_hash, "upstream_clips": clips_hash,
+                                 "upstream_episodes": episodes_hash})
     return content_hash
 
 
@@ -143,15 +163,20 @@ def finetune(config: str, world_model_hash: str, episodes_hash: str, clips_hash:
     """The Trunk Net world model and phase-3 policy learning: the deployable agent."""
     import os
 
-    from pipelines import steps
+    from components.finetune import run
+    from pipelines.steps import checkpoint_dir, params_for_stage
+    from veorl.storage import artifact_hash
+    from veorl.trees import numeric_leaves
 
     os.makedirs(training_log.path, exist_ok=True)
-    content_hash, scalars = steps.finetune(
-        config, world_model.path, episodes.path, clips.path, agent.path, os.path.join(training_log.path, "metrics.json"),
-        os.path.join(training_log.path, "curve.csv"), checkpoint_root=checkpoint_root, parent_run_id=parent_run_id,
-        inputs_hash=world_model_hash + episodes_hash + clips_hash)
-    for name, value in sorted(scalars.items()):
+    checkpoints = checkpoint_dir(checkpoint_root, "finetune", config, world_model_hash, episodes_hash, clips_hash)
+    summary = run(world_model.path, episodes.path, agent.path, params_for_stage(config), clips=clips.path,
+                  checkpoints=checkpoints, parent_run_id=parent_run_id or None,
+                  metrics=os.path.join(training_log.path, "metrics.json"),
+                  curve=os.path.join(training_log.path, "curve.csv"))
+    for name, value in sorted(numeric_leaves(summary).items()):
         metrics.log_metric(name, value)
+    content_hash = artifact_hash(agent.path)
     agent.metadata.update({"content_hash": content_hash, "upstream_world_model": world_model_hash})
     return content_hash
 
@@ -159,11 +184,15 @@ def finetune(config: str, world_model_hash: str, episodes_hash: str, clips_hash:
 def evaluate(config: str, agent_hash: str, parent_run_id: str, agent: Input[Model], evaluation: Output[Artifact],
              metrics: Output[Metrics]) -> str:
     """Deterministic-policy episodes in the simulator: metrics.json, episodes.csv, rollout videos."""
-    from pipelines import steps
+    from components.evaluate import run
+    from pipelines.steps import params_for_stage
+    from veorl.storage import artifact_hash
 
-    content_hash, scalars = steps.evaluate(config, agent.path, evaluation.path, parent_run_id=parent_run_id)
-    for name, value in sorted(scalars.items()):
-        metrics.log_metric(name, value)
+    summary = run(agent.path, evaluation.path, params_for_stage(config), parent_run_id=parent_run_id or None)
+    for name in ("mean_return", "std_return", "success_rate", "success_std", "mean_length"):
+        if isinstance(summary.get(name), (int, float)):
+            metrics.log_metric(name, float(summary[name]))
+    content_hash = artifact_hash(evaluation.path)
     evaluation.metadata.update({"content_hash": content_hash, "upstream_agent": agent_hash})
     return content_hash
 
@@ -171,11 +200,17 @@ def evaluate(config: str, agent_hash: str, parent_run_id: str, agent: Input[Mode
 def register(config: str, agent_hash: str, evaluation_hash: str, parent_run_id: str, agent: Input[Model],
              evaluation: Input[Artifact], registration: Output[Artifact]) -> str:
     """Register the agent in MLflow; @champion moves only when its evaluation wins. Returns models:/NAME/VERSION."""
-    from pipelines import steps
+    import os
 
-    outcome = steps.register(config, agent.path, evaluation.path, registration.path, parent_run_id=parent_run_id)
+    from components.register import run
+    from pipelines.steps import params_for_stage
+
+    os.makedirs(registration.path, exist_ok=True)
+    outcome = run(agent.path, evaluation.path, os.path.join(registration.path, "registration.json"),
+                  params_for_stage(config), parent_run_id=parent_run_id or None)
     registration.metadata.update({"version": outcome["version"], "alias": outcome["alias"] or "none",
-                                  "reason": outcome["reason"], "agent_hash": agent_hash, "evaluation_hash": evaluation_hash})
+                                  "reason": outcome["reason"], "agent_hash": agent_hash,
+                                  "evaluation_hash": evaluation_hash})
     return outcome["model_uri"]
 
 

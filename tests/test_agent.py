@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from veorl.agent import Agent, AgentError, build_agent_modules, save_agent
+from veorl.agent import Agent, AgentError, agent_layout, assemble_agent, build_agent_modules, save_agent
 from veorl.config import resolve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,6 +104,29 @@ def test_save_agent_refuses_modules_that_do_not_match_the_description(tmp_path):
     with pytest.raises(AgentError, match="fbc"):
         save_agent(tmp_path / "b", modules, meta)
     assert not (tmp_path / "b" / "agent.json").exists()
+
+
+def test_the_layout_decides_what_an_agent_holds(tmp_path):
+    meta = json.loads((tiny_agent(tmp_path / "v") / "agent.json").read_text())
+    assert agent_layout(meta) == ("encoder", "trunk_net", "fbc", "codebook", "actor")
+    assert agent_layout({**meta, "use_latent_action": False}) == ("encoder", "trunk_net", "actor")
+    assert agent_layout({**meta, "algo": "bc"}) == ("policy",)
+    assert tuple(build_agent_modules(meta)) == agent_layout(meta)
+
+
+def test_assemble_agent_takes_the_layout_from_trained_modules(tmp_path):
+    meta = json.loads((tiny_agent(tmp_path / "v", use_latent_action=False) / "agent.json").read_text())
+    with_latent = dict(build_agent_modules({**meta, "use_latent_action": True}).items())
+    fresh = dict(build_agent_modules(meta).items())
+    # fbc and codebook exist in training (for the intrinsic reward), but acting without the latent action skips them
+    modules = assemble_agent(meta, {**fresh, "fbc": with_latent["fbc"], "codebook": with_latent["codebook"],
+                                    "policy": None})
+    assert tuple(modules) == ("encoder", "trunk_net", "actor") and modules["actor"] is fresh["actor"]
+    # the actor of a latent-action agent reads a wider input: shapes are checked, not only names
+    with pytest.raises(AgentError, match="actor"):
+        assemble_agent(meta, with_latent)
+    with pytest.raises(AgentError, match="trunk_net"):
+        assemble_agent(meta, {**fresh, "trunk_net": None})
 
 
 def test_acting_imports_no_simulator_and_no_training_code(tmp_path):

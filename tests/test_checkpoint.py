@@ -1,9 +1,9 @@
-"""Checkpoints (atomic, pruned, RNG-complete, config-guarded) and resumable, prefetching samplers."""
+"""Checkpoints (atomic, pruned, safely loaded, config-guarded), their folder per configuration, and resumable,
+prefetching samplers."""
 
 from __future__ import annotations
 
 import json
-import random
 import threading
 import time
 
@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from veorl.checkpoint import (CheckpointManager, CheckpointMismatch, assert_resumable, config_differences, rng_state,
-                              set_rng_state)
+from veorl.checkpoint import CheckpointManager, CheckpointMismatch, assert_resumable, config_differences, run_directory
 from veorl.data.clips import ClipStore
 from veorl.data.episodes import EpisodeStore, save_episode
 from veorl.data.samplers import ClipSampler, EpisodeWindowSampler, JointSampler, Prefetcher, step_rng
@@ -54,12 +53,36 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path):
     assert [s for s, _ in manager.checkpoints()] == [1]
 
 
-def test_rng_state_roundtrip_covers_python_numpy_torch():
-    state = rng_state()
-    first = (random.random(), np.random.rand(), torch.rand(2))
-    set_rng_state(state)
-    second = (random.random(), np.random.rand(), torch.rand(2))
-    assert first[0] == second[0] and first[1] == second[1] and torch.equal(first[2], second[2])
+def test_optimizer_state_round_trips_through_the_safe_loader(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    manager = CheckpointManager(tmp_path)
+    manager.save(1, {"optimizer": optimizer.state_dict(), "curve": [{"step": 1, "phase": "a", "loss": 0.5}],
+                     "progress": {"a": 1}, "mlflow_run_id": None})
+    state = manager.load_latest()
+    other = torch.optim.Adam(torch.nn.Linear(3, 2).parameters(), lr=0.1)
+    other.load_state_dict(state["optimizer"])
+    assert torch.equal(other.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    assert state["curve"][0]["loss"] == 0.5
+    # A file holding anything but tensors and plain containers is refused (a tampered file cannot run code on
+    # load); the manager falls back to the previous checkpoint.
+    manager.save(2, {"thing": threading.Lock})
+    assert manager.load_latest()["progress"] == {"a": 1}
+
+
+def test_run_directory_depends_on_the_maths_and_the_inputs_only(tmp_path):
+    config = {"model": {"deter": 200}, "pretrain": {"optim": {"lr": 3e-4}, "phase1_steps": 10, "log_every": 5}}
+    upstream = {"video_clips": "aaa", "target_episodes": "bbb"}
+    base = run_directory(tmp_path, config, upstream)
+    assert base.parent == tmp_path and base.name.startswith("run-")
+    # resumable settings (step counts, logging) and the order of the inputs do not move the folder
+    longer = {"model": {"deter": 200}, "pretrain": {"optim": {"lr": 3e-4}, "phase1_steps": 99, "log_every": 1}}
+    assert run_directory(tmp_path, longer, dict(reversed(upstream.items()))) == base
+    other_lr = {"model": {"deter": 200}, "pretrain": {"optim": {"lr": 1e-3}, "phase1_steps": 10, "log_every": 5}}
+    assert run_directory(tmp_path, other_lr, upstream) != base
+    assert run_directory(tmp_path, config, {**upstream, "target_episodes": "ccc"}) != base
 
 
 def test_resume_guard_names_the_key():

@@ -19,7 +19,8 @@ def test_defaults_are_the_release_numbers():
 
 def test_presets_change_sizes_only_never_algorithm_switches():
     algorithm_keys = {"algo", "guidance", "use_intrinsic", "use_latent_action", "use_mmd", "ban_on_source", "rssm_kind",
-                      "mmd_weight", "kl_balance", "free_nats", "vq_beta", "discount", "lambda", "quality", "task"}
+                      "mmd_weight", "kl_balance", "free_nats", "phase2_free_nats", "vq_beta", "discount", "lambda", "quality",
+                      "task", "forward_weight", "return_norm", "actor_bc_weight", "ensemble_size", "uncertainty_weight"}
 
     def keys(tree, prefix=""):
         for k, v in tree.items():
@@ -98,3 +99,18 @@ def test_parameter_reference_doc_is_in_sync():
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "parameters.md").read_text()
     assert parameters_markdown() in doc, "regenerate: python -m veorl.config --markdown (see docs/parameters.md)"
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_the_resolved_configuration_is_one_document_that_validates_again(preset):
+    """What a pipeline step receives: the validated configuration as JSON, validated in full once more."""
+    import json
+
+    overrides = ["ingest.window=30", "pretrain.source_len=28"]
+    params = resolve({"finetune": {"lambda": 0.9}}, preset=preset, overrides=overrides)
+    document = json.loads(json.dumps(params.model_dump(by_alias=True, mode="json")))
+    again = resolve(document)
+    assert again == params and again.finetune.lambda_ == 0.9 and again.pretrain.source_len == 28
+    document["ingest"]["window"] = 20  # the document is checked again, cross-section checks included
+    with pytest.raises(ConfigError, match="pretrain.source_len"):
+        resolve(document)

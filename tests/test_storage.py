@@ -2,7 +2,8 @@
 
 import pytest
 
-from veorl.storage import S3Location, atomic_path, atomic_write_json, read_json, redact, tree_hash
+from veorl.storage import (S3Location, artifact_hash, atomic_path, atomic_write_json, read_json, record_content_hash,
+                           redact, sha256_file, tree_hash)
 
 
 def test_atomic_path_failure_leaves_previous_content_and_no_temp(tmp_path):
@@ -43,3 +44,52 @@ def test_s3_uri_parsing_and_redaction(monkeypatch):
     assert "sekrit" not in redact("failed with key sekrit-value-123")
     assert redact("cannot reach https://alice:pa55word@mlflow.example.org/api") == \
         "cannot reach https://<redacted>@mlflow.example.org/api"
+
+
+def test_content_hash_is_recorded_once_and_read_back(tmp_path):
+    art = tmp_path / "artifact"
+    (art / "sub").mkdir(parents=True)
+    (art / "sub" / "weights.bin").write_bytes(b"w" * 100)
+    atomic_write_json(art / "provenance.json", {"config": {"preset": "smoke"}, "upstream": {"x": "1"}})
+    computed = artifact_hash(art)  # nothing recorded yet: the files' hash, provenance.json left out
+    assert computed == tree_hash(art, exclude=("provenance.json",))
+
+    assert record_content_hash(art) == computed
+    prov = read_json(art / "provenance.json")
+    assert prov["content_hash"] == computed and prov["upstream"] == {"x": "1"}  # the rest of provenance is kept
+    # Readers take the record and do not hash again: a file changed behind the writer's back goes unnoticed.
+    (art / "sub" / "weights.bin").write_bytes(b"changed")
+    assert artifact_hash(art) == computed
+
+    mtime = (art / "provenance.json").stat().st_mtime_ns
+    assert record_content_hash(art, computed) == computed
+    assert (art / "provenance.json").stat().st_mtime_ns == mtime  # an unchanged hash is not rewritten
+    assert record_content_hash(art, "manifest-hash") == "manifest-hash"
+    assert artifact_hash(art) == "manifest-hash"
+
+
+def test_content_hash_of_a_folder_without_provenance_and_of_no_folder(tmp_path):
+    art = tmp_path / "plain"
+    art.mkdir()
+    (art / "a.txt").write_text("a")
+    assert artifact_hash(art) == tree_hash(art)
+    assert record_content_hash(art) == tree_hash(art, exclude=("provenance.json",))
+    assert read_json(art / "provenance.json") == {"content_hash": tree_hash(art, exclude=("provenance.json",))}
+    for call in (artifact_hash, record_content_hash):
+        with pytest.raises(FileNotFoundError):
+            call(tmp_path / "missing")
+
+
+def test_clips_and_dataset_hashes_prefer_the_recorded_one(tmp_path):
+    from veorl.data.clips import MANIFEST, clips_hash
+    from veorl.data.episodes import CARD, dataset_hash
+
+    for name, hash_of in ((MANIFEST, clips_hash), (CARD, dataset_hash)):
+        folder = tmp_path / name
+        folder.mkdir()
+        atomic_write_json(folder / name, {"entries": [1, 2]})
+        assert hash_of(folder) == hash_of(folder, recorded=False) == sha256_file(folder / name)
+        record_content_hash(folder, hash_of(folder, recorded=False))
+        atomic_write_json(folder / name, {"entries": [1, 2, 3]})
+        # Every reader agrees on the recorded hash; recorded=False is what the writing step computes.
+        assert hash_of(folder) == artifact_hash(folder) != hash_of(folder, recorded=False)

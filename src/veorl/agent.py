@@ -1,12 +1,14 @@
 """The deployable agent: exactly what acting needs, rebuilt from an agent artifact directory.
 
 Artifact layout (written by `save_agent`, read by `Agent.load`):
-  agent.pt         state_dict of the acting modules: encoder, trunk_net, [fbc, codebook,] actor
+  agent.pt         state_dict of the acting modules (`agent_layout`): encoder, trunk_net, [fbc, codebook,] actor
                    (the `bc` baseline: policy = encoder + MLP head)
   agent.json       everything needed to rebuild them: algo, env, task, camera, image_size, action_dim,
                    episode_length, action_kind, model sizes, use_latent_action, ...
   config.json, provenance.json   resolved config and upstream hashes of the run that made it
-The directory is complete only once agent.json exists: it is written last.
+The directory is complete only once agent.json exists: it is written after the weights. Fine-tuning then
+records the artifact's content hash in provenance.json (veorl.storage.record_content_hash); a reader that
+comes before it computes the same hash from the files (veorl.storage.artifact_hash).
 
 Acting (VeoRL and DreamerV2): filter the Trunk Net on each observation (posterior mean: deterministic),
 f = [s, h]; with the latent-action input abar = nearest codebook vector to F_BC(f); the action is the
@@ -40,32 +42,61 @@ class AgentError(ValueError):
     """An agent artifact is missing, incomplete or inconsistent; the message names the file."""
 
 
+def agent_layout(meta: dict[str, Any]) -> tuple[str, ...]:
+    """The names of the acting modules an agent described by agent.json holds, in order.
+
+    The one description of the layout: `build_agent_modules` builds it fresh, `assemble_agent` fills it
+    with trained modules, `Agent.act` reads it.
+    """
+    if meta["algo"] == "bc":
+        return ("policy",)
+    return ("encoder", "trunk_net") + (("fbc", "codebook") if meta["use_latent_action"] else ()) + ("actor",)
+
+
 def build_agent_modules(meta: dict[str, Any]) -> nn.ModuleDict:
     """The acting modules described by agent.json, freshly initialised (same layout training saves)."""
-    algo = meta["algo"]
     model = ModelParams.model_validate(meta["model"])
     action_dim = int(meta["action_dim"])
-    if algo == "bc":
+    if meta["algo"] == "bc":
         bc = meta["bc"]
         return nn.ModuleDict({"policy": PixelPolicy(model.cnn_depth, action_dim, int(bc["units"]), int(bc["layers"]))})
     encoder = Encoder(model.cnn_depth)
     trunk_net = build_rssm(model, action_dim, encoder.output_dim)
     modules: dict[str, nn.Module] = {"encoder": encoder, "trunk_net": trunk_net}
     actor_input = trunk_net.feat_dim
-    if meta["use_latent_action"]:
+    if "fbc" in agent_layout(meta):
         modules["fbc"] = FBC(trunk_net.feat_dim, model.fbc_hidden, model.latent_action_dim)
         modules["codebook"] = Codebook(model.codebook_size, model.latent_action_dim)
         actor_input += model.latent_action_dim
-    modules["actor"] = Actor(actor_input, action_dim, model.actor_units, model.actor_layers, kind=meta.get("action_kind", "continuous"),
-                             min_std=model.actor_min_std)
-    return nn.ModuleDict(modules)
+    modules["actor"] = Actor(actor_input, action_dim, model.actor_units, model.actor_layers,
+                             kind=meta.get("action_kind", "continuous"), min_std=model.actor_min_std)
+    return nn.ModuleDict({name: modules[name] for name in agent_layout(meta)})
+
+
+def assemble_agent(meta: dict[str, Any], trained: dict[str, nn.Module | None]) -> nn.ModuleDict:
+    """The trained modules acting needs, taken from `trained` by the layout of `meta` (others are ignored).
+
+    Raises AgentError when one is missing or does not have the parameters the description rebuilds
+    (names and shapes), so that a written agent always loads.
+    """
+    layout = agent_layout(meta)
+    missing = [name for name in layout if trained.get(name) is None]
+    if missing:
+        raise AgentError(f"{meta['algo']} acting needs the modules {missing}, which training did not provide")
+    modules = nn.ModuleDict({name: trained[name] for name in layout})
+    expected = {k: tuple(v.shape) for k, v in build_agent_modules(meta).state_dict().items()}
+    actual = {k: tuple(v.shape) for k, v in modules.state_dict().items()}
+    if expected != actual:
+        differ = sorted(k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k))
+        raise AgentError(f"the trained modules do not match the layout agent.json describes: {differ[:8]}")
+    return modules
 
 
 def save_agent(out_dir: str | Path, modules: nn.ModuleDict, meta: dict[str, Any]) -> Path:
     """Write agent.pt then agent.json (the completion marker). config/provenance are written by the caller first."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    expected = set(build_agent_modules(meta).keys())
+    expected = set(agent_layout(meta))
     if set(modules.keys()) != expected:
         raise AgentError(f"agent modules {sorted(modules.keys())} do not match what {meta['algo']} acting needs {sorted(expected)}")
     (out / META_FILE).unlink(missing_ok=True)
@@ -90,7 +121,7 @@ class Agent:
         self.modules.requires_grad_(False)
 
     @classmethod
-    def load(cls, path: str, device: str = "cpu") -> "Agent":
+    def load(cls, path: str, device: str = "cpu") -> Agent:
         root = Path(path)
         meta_path, weights_path = root / META_FILE, root / WEIGHTS_FILE
         if not meta_path.is_file():
@@ -159,4 +190,14 @@ class Agent:
         return action.cpu().numpy().astype(np.float32), {k: v.cpu().numpy().astype(np.float32) for k, v in new_state.items()}
 
 
-__all__ = ["Agent", "AgentError", "build_agent_modules", "save_agent", "WEIGHTS_FILE", "META_FILE", "ALGOS"]
+__all__ = [
+    "ALGOS",
+    "META_FILE",
+    "WEIGHTS_FILE",
+    "Agent",
+    "AgentError",
+    "agent_layout",
+    "assemble_agent",
+    "build_agent_modules",
+    "save_agent",
+]

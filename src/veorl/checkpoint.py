@@ -1,7 +1,9 @@
-"""Atomic training checkpoints that hold everything needed for an exact resume.
+"""Atomic training checkpoints, the resume guard and the checkpoint folder of a training configuration.
 
-A checkpoint is a dict saved with torch.save: weights, optimizer states, step counters, every RNG
-state (python, numpy, torch CPU and CUDA; see `rng_state`), sampler state and the resolved config.
+A checkpoint is a dict saved with torch.save; what it holds is decided by the training loop
+(veorl.algo.loop: config, upstream hashes, progress, the trainer state of the phase in progress, curve).
+No global RNG state is saved: the loop reseeds torch before every update from (seed, phase, step) and
+batches are a pure function of (seed, stream, step), which is what makes a resume exact.
 Files are written to a temporary name and renamed; the `latest` pointer is replaced only after the
 file it names is complete, so a kill at any moment leaves a loadable checkpoint behind.
 Resuming is refused when the saved config differs in anything that changes the mathematics
@@ -16,12 +18,11 @@ import hashlib
 import json
 import logging
 import os
-import random
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-import numpy as np
 import torch
 
 from veorl.storage import atomic_path, atomic_write_text
@@ -42,32 +43,6 @@ RESUMABLE_CHANGES: tuple[str, ...] = (
 
 class CheckpointMismatch(ValueError):
     """The checkpoint was made with a configuration that changes the mathematics of training."""
-
-
-def rng_state() -> dict[str, Any]:
-    """Every global RNG state that training touches."""
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any],
@@ -93,18 +68,20 @@ def assert_resumable(saved: dict[str, Any], current: dict[str, Any], where: str 
             f"{lines}\nRestore those settings to continue, or delete the checkpoint directory to train from scratch.")
 
 
-def run_directory(root: str | Path, config: dict[str, Any], allowed: Iterable[str] = RESUMABLE_CHANGES) -> Path:
-    """The checkpoint folder of one training configuration: `root/run-<hash>`.
+def run_directory(root: str | Path, config: dict[str, Any], upstream: dict[str, str],
+                  allowed: Iterable[str] = RESUMABLE_CHANGES) -> Path:
+    """The checkpoint folder of one training configuration and its inputs: `root/run-<hash>`.
 
-    The hash covers every setting that changes the training maths (and the upstream data hashes when the
-    config carries them), but not the resumable ones (step counts, logging, device...). So re-running the
-    same command resumes, extending the step counts continues the same run, and a `dvc exp run -S` that
-    changes e.g. a learning rate trains from scratch in its own folder instead of colliding with the old one;
-    switching back to the earlier setting finds its finished checkpoint again.
+    The hash covers every setting that changes the training maths and the content hashes of the inputs
+    (`upstream`), but not the resumable settings (step counts, logging, device...). So re-running the same
+    command resumes, extending the step counts continues the same run, and a `dvc exp run -S` that changes
+    e.g. a learning rate, or a new upstream artifact, trains from scratch in its own folder instead of
+    colliding with the old one; switching back to the earlier setting finds its finished checkpoint again.
     """
     allowed = tuple(allowed)
     relevant = {k: v for k, v in flatten(config).items() if not any(fnmatch.fnmatchcase(k, p) for p in allowed)}
-    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    identity = {"config": relevant, "upstream": dict(sorted(upstream.items()))}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return Path(root) / f"run-{digest}"
 
 
@@ -143,8 +120,9 @@ class CheckpointManager:
         return final
 
     def _load(self, path: Path) -> dict[str, Any]:
-        # Our own files: they hold numpy RNG state and python objects that weights_only rejects.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        # Checkpoints hold only tensors and plain containers (no RNG or numpy objects), so the safe loader
+        # suffices: a tampered file cannot run code.
+        return torch.load(path, map_location="cpu", weights_only=True)
 
     def load_latest(self) -> dict[str, Any] | None:
         """The newest readable checkpoint, or None when there is none.
@@ -169,5 +147,11 @@ class CheckpointManager:
         return None
 
 
-__all__ = ["CheckpointManager", "CheckpointMismatch", "rng_state", "set_rng_state", "seed_everything",
-           "config_differences", "assert_resumable", "RESUMABLE_CHANGES", "run_directory"]
+__all__ = [
+    "RESUMABLE_CHANGES",
+    "CheckpointManager",
+    "CheckpointMismatch",
+    "assert_resumable",
+    "config_differences",
+    "run_directory",
+]

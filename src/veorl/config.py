@@ -155,8 +155,19 @@ class PretrainParams(Section):
     phase2_steps: int = Field(default=40_000, ge=0, description="Updates of phase 2.")
     optim: OptimParams = Field(default_factory=OptimParams)
     kl_balance: float = Field(default=0.8, ge=0, le=1, description="KL balancing: weight on the prior side.")
-    free_nats: float = Field(default=1.0, ge=0, description="Free nats of the KL term.")
+    free_nats: float = Field(default=1.0, ge=0, description="Free nats of the phase-1 Plan Net KL term.")
+    phase2_free_nats: float | None = Field(
+        default=None, ge=0, description="Free nats of the phase-2 (keyframe) Plan Net KL term; null = same as free_nats.")
     kl_scale: float = Field(default=1.0, ge=0)
+    forward_weight: float = Field(
+        default=1.0, ge=0,
+        description="Latent-action forward loss: a predictor from (e_t, quantised latent action) to e_t+1, so the code is "
+                    "the only route to the change (makes latent actions name behaviours); 0 = off (release).")
+    diagnostics_sequences: int = Field(default=16, ge=2, description="Target windows the end-of-stage diagnostics use.")
+    codebook_restart_every: int = Field(
+        default=100, ge=0,
+        description="Phase-1 updates between dead-code restarts (codes unused since the last check move onto BAN outputs "
+                    "of the current batch); 0 = never (release).")
     vq_beta: float = Field(default=1.0, ge=0, description="Commitment weight of the VQ loss.")
     codebook_init: Literal["uniform", "data"] = Field(
         default="uniform",
@@ -206,6 +217,31 @@ class FinetuneParams(Section):
     lambda_: float = Field(default=0.95, ge=0, le=1, alias="lambda", description="lambda of the lambda-return.")
     actor_entropy: float = Field(default=1e-4, ge=0, description="Weight of the actor's entropy bonus.")
     slow_critic_every: int = Field(default=100, ge=1, description="Updates between slow-critic refreshes.")
+    critic_warmup: int = Field(
+        default=1000, ge=0, description="First policy updates that train the critic only (actor frozen) so the returns "
+                                        "the actor follows come from a fitted critic.")
+    return_norm: Literal["percentile", "none"] = Field(
+        default="percentile",
+        description="percentile: the actor's returns divided by max(1, P95 - P5) of the lambda-returns (EMA); none = raw "
+                    "returns (release). Entropy and behaviour terms then act on the normalised scale.")
+    return_norm_decay: float = Field(default=0.99, ge=0, lt=1, description="EMA decay of the return percentiles.")
+    actor_bc_weight: float = Field(
+        default=1.0, ge=0,
+        description="Offline conservatism: weight of the actor's log-likelihood of the data action that followed each start "
+                    "state, relative to the normalised return (TD3+BC style); 0 = off (release).")
+    ensemble_size: int = Field(
+        default=5, ge=0,
+        description="Trunk Net prior heads whose disagreement penalises imagined rewards (Offline DreamerV2); 0 = off.")
+    uncertainty_weight: float = Field(
+        default=1.0, ge=0, description="lambda of the penalty: imagined reward minus lambda x ensemble disagreement.")
+    diagnostics_sequences: int = Field(default=16, ge=2, description="Target windows the end-of-stage diagnostics use.")
+
+    @field_validator("ensemble_size")
+    @classmethod
+    def _ensemble_disagrees(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("one prior head cannot disagree with itself: use 0 (off) or at least 2")
+        return value
     intrinsic_weight: float = Field(default=1.0, ge=0, description="Weight of the Plan Net intrinsic reward.")
     use_intrinsic: bool = Field(default=True, description="Ablation: intrinsic reward on/off.")
     use_latent_action: bool = Field(default=True, description="Ablation: latent action input of actor and critic.")
@@ -314,11 +350,12 @@ PRESETS: dict[str, dict[str, Any]] = {
             "actor_units": 200, "actor_layers": 3, "critic_units": 200, "critic_layers": 2,
         },
         "pretrain": {"batch": 8, "seq_len": 32, "source_batch": 8, "source_len": 16, "phase1_steps": 200, "phase2_steps": 200,
-                     "checkpoint_every": 50, "log_every": 10, "image_log_every": 200, "threads": 1},
+                     "checkpoint_every": 50, "log_every": 10, "image_log_every": 200, "threads": 1,
+                     "codebook_restart_every": 20},
         # One torch thread: with the 2 cores shared, a second OpenMP thread spin-waits and doubles wall time.
         "finetune": {"batch": 8, "seq_len": 32, "source_batch": 8, "source_len": 16, "world_model_steps": 600,
                      "policy_steps": 400, "bc_steps": 300, "horizon": 10, "checkpoint_every": 50, "log_every": 10,
-                     "slow_critic_every": 20, "threads": 1},
+                     "slow_critic_every": 20, "threads": 1, "critic_warmup": 50},
         "evaluate": {"episodes": 4, "videos": 1},
         "ingest": {"window": 25, "stride": 12},
     },
@@ -329,10 +366,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "collect": {"episodes": 2, "episode_length": 40, "workers": 1},
         "model": _SMALL_MODEL,
         "pretrain": {"batch": 2, "seq_len": 10, "source_batch": 2, "source_len": 8, "phase1_steps": 3, "phase2_steps": 3,
-                     "checkpoint_every": 2, "log_every": 1, "image_log_every": 3, "prefetch": 1, "threads": 1},
+                     "checkpoint_every": 2, "log_every": 1, "image_log_every": 3, "prefetch": 1, "threads": 1,
+                     "codebook_restart_every": 2},
         "finetune": {"batch": 2, "seq_len": 10, "source_batch": 2, "source_len": 8, "world_model_steps": 3, "policy_steps": 3,
                      "bc_steps": 3, "horizon": 4, "checkpoint_every": 2, "log_every": 1, "slow_critic_every": 2, "prefetch": 1,
-                     "threads": 1},
+                     "threads": 1, "critic_warmup": 1},
         "evaluate": {"episodes": 2, "workers": 1, "videos": 1},
     },
 }

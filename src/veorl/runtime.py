@@ -24,10 +24,14 @@ def add_params_args(parser: argparse.ArgumentParser) -> None:
                        help="override one parameter (repeatable), e.g. --set ingest.window=16")
 
 
-def add_component_args(parser: argparse.ArgumentParser, progress: bool = True) -> None:
-    """The flags every component shares: logging, progress bars (for the ones that show any) and parameters."""
+def add_component_args(parser: argparse.ArgumentParser, progress: bool = True, tracking: bool = False) -> None:
+    """The flags every component shares: logging, progress bars (for the ones that show any), the MLflow parent
+    run (for the ones that track to MLflow) and parameters."""
     if progress:
         parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    if tracking:
+        parser.add_argument("--parent-run-id", default=None, metavar="ID",
+                            help="MLflow run to nest this stage's run under (default: $VEORL_PARENT_RUN_ID, else none)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_params_args(parser)
 

@@ -153,6 +153,20 @@ def provenance(config: dict[str, Any], upstream: dict[str, str] | None = None, *
 
 
 PROVENANCE = "provenance.json"
+CONTENT_HASH = "content_hash"
+
+
+def recorded_content_hash(path: str | Path) -> str | None:
+    """The content hash recorded in `path`/provenance.json by the step that wrote the artifact, or None."""
+    prov_path = Path(path) / PROVENANCE
+    if not prov_path.is_file():
+        return None
+    try:
+        prov = read_json(prov_path)
+    except (OSError, ValueError):
+        return None
+    recorded = prov.get(CONTENT_HASH) if isinstance(prov, dict) else None
+    return recorded if isinstance(recorded, str) and recorded else None
 
 
 def record_content_hash(out_dir: str | Path, value: str | None = None) -> str:
@@ -160,26 +174,27 @@ def record_content_hash(out_dir: str | Path, value: str | None = None) -> str:
 
     `value` defaults to the tree hash of every file but provenance.json; formats with a cheaper exact
     hash (a manifest or card that lists every file) pass their own. Readers use `artifact_hash`.
+    An unchanged hash is not rewritten, so an idempotent re-run of a step leaves the artifact's files untouched.
+    Call it last, once every other file of the artifact is in place (`write_resolved_config` rewrites
+    provenance.json without a hash, so write the resolved config first).
     """
     out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise FileNotFoundError(f"{out_dir}: no artifact folder to record a content hash in")
     value = value or tree_hash(out_dir, exclude=(PROVENANCE,))
     prov_path = out_dir / PROVENANCE
     prov = read_json(prov_path) if prov_path.is_file() else {}
-    prov["content_hash"] = value
-    atomic_write_json(prov_path, prov)
+    atomic_write_json_if_changed(prov_path, {**prov, CONTENT_HASH: value})
     return value
 
 
 def artifact_hash(path: str | Path) -> str:
     """The content hash the producing step recorded in `path`/provenance.json; for an artifact made elsewhere
-    (no recorded hash), the tree hash of its files, computed here."""
+    (no recorded hash), the tree hash of its files but provenance.json, computed here."""
     path = Path(path)
-    prov_path = path / PROVENANCE
-    if prov_path.is_file():
-        recorded = read_json(prov_path).get("content_hash")
-        if isinstance(recorded, str) and recorded:
-            return recorded
-    return tree_hash(path, exclude=(PROVENANCE,))
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not an artifact folder")
+    return recorded_content_hash(path) or tree_hash(path, exclude=(PROVENANCE,))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,12 +15,14 @@ import torch
 
 from veorl.agent import Agent
 from veorl.algo.baselines import switches
-from veorl.algo.finetune import PolicyPhase, WorldModelPhase, build_guidance, plan_posterior_targets
-from veorl.algo.imagination import imagine, intrinsic_reward
+from veorl.algo.finetune import PolicyPhase, WorldModelPhase, build_guidance
 from veorl.config import resolve
 from veorl.data.episodes import save_episode
 from veorl.models.actor_critic import Actor, Critic
 from veorl.models.world_models import VideoWorldModel, build_trunk_world_model, save_world_model
+from veorl.storage import artifact_hash
+
+from tests.algo.trainer_checks import assert_update_trains_exactly
 
 REPO = Path(__file__).resolve().parents[2]
 ACTION_DIM = 4
@@ -97,68 +100,34 @@ def build_veorl(params, guidance_mode: str = "aligned", action_dim: int = ACTION
     return video_wm, trunk, guidance, actor, critic
 
 
+def stage_modules(video_wm, trunk, guidance, actor, critic, *extra: torch.nn.Module) -> torch.nn.ModuleDict:
+    """Every module of the fine-tuning stage, for checks of what one update may change."""
+    modules = {"video_wm": video_wm, "trunk": trunk, "guidance": guidance, "actor": actor, "critic": critic}
+    return torch.nn.ModuleDict({**modules, **{f"extra{i}": m for i, m in enumerate(extra)}})
+
+
+def with_source(batch: dict[str, torch.Tensor], seed: int = 3) -> dict[str, torch.Tensor]:
+    source = np.random.default_rng(seed).integers(0, 256, (2, 5, 64, 64, 3), dtype=np.uint8)
+    return {**batch, "source": torch.from_numpy(source)}
+
+
 # ------------------------------------------------------------------------------------------------
-# Imagination and gradient routing
+# Policy phase
 # ------------------------------------------------------------------------------------------------
-
-
-def test_imagination_shapes_and_first_intrinsic_is_zero():
-    params = smoke_params()
-    _, trunk, guidance, actor, _ = build_veorl(params)
-    posterior, _ = trunk.trunk_net.observe(trunk.encoder(target_batch()["image"]), target_batch()["action"])
-    start = posterior.reshape_batch(-1)
-    horizon, n = 5, 12
-    traj = imagine(trunk.trunk_net, start, actor, horizon, guidance)
-    feat, z = trunk.feat_dim, params.model.latent_action_dim
-    assert traj.features.shape == (horizon + 1, n, feat)
-    assert traj.latent_actions.shape == (horizon + 1, n, z)
-    assert traj.actions.shape == (horizon, n, ACTION_DIM)
-    assert traj.log_probs.shape == traj.entropies.shape == (horizon, n)
-    assert traj.intrinsic.shape == (horizon + 1, n)
-    assert traj.states.deter.shape == (horizon + 1, n, params.model.deter)
-    assert torch.all(traj.intrinsic[0] == 0)
-    assert torch.all(traj.intrinsic[1:] < 0)  # random nets never land exactly where the Plan Net predicts
-    assert traj.actions.abs().max() <= 1.0
-    # Every latent action is one of the codebook vectors.
-    codes = guidance.codebook.vectors.detach()
-    is_code = (traj.latent_actions.reshape(-1, 1, z) == codes[None]).all(-1).any(-1)
-    assert bool(is_code.all())
-    assert traj.policy_inputs(True).shape == (horizon + 1, n, feat + z)
-    assert not traj.policy_inputs(True).requires_grad
-
-
-def test_intrinsic_reward_is_zero_when_the_plan_prediction_equals_the_feature():
-    feature = torch.randn(7, 5, 32)
-    assert torch.equal(intrinsic_reward(feature, feature.clone()), torch.zeros(7, 5))
-    shifted = feature.clone()
-    shifted[..., 0] += 3.0
-    assert torch.allclose(intrinsic_reward(feature, shifted), torch.full((7, 5), -3.0))
-
-
-def test_release_guidance_compares_the_plan_prediction_with_the_trunk_feature():
-    params = smoke_params()
-    video_wm, trunk, guidance, _, _ = build_veorl(params, "release")
-    state = trunk.trunk_net.initial(3)
-    feature = trunk.trunk_net.feature(state)
-    assert torch.equal(guidance.comparable(state, feature), feature)
-    # Stepped from the Trunk Net state itself, as the release does.
-    latent = guidance.latent_action(feature)
-    expected = video_wm.plan_net.feature(video_wm.plan_net.img_step(state, latent, sample=False))
-    assert torch.allclose(guidance.predict_next(state, feature, latent), expected)
 
 
 def _grads(module: torch.nn.Module) -> list[torch.Tensor | None]:
     return [p.grad for p in module.parameters()]
 
 
-def test_actor_gradient_flows_through_the_dynamics_but_not_into_the_frozen_world_model():
+def test_policy_losses_route_gradients_to_actor_and_critic_only():
     # No entropy bonus: any actor gradient must have come through the imagined states.
     params = smoke_params("finetune.actor_entropy=0.0")
     video_wm, trunk, guidance, actor, critic = build_veorl(params)
     phase = PolicyPhase(trunk, actor, critic, params, switches(params.finetune), guidance)
     phase.freeze_world_model()
-    out = phase.losses(phase.start_states(target_batch()))
-    out.actor.backward()
+    out = phase.losses(target_batch())
+    out.actor_loss.backward()
     actor_grads = _grads(actor)
     assert all(g is not None for g in actor_grads)
     assert sum(float(g.abs().sum()) for g in actor_grads) > 0
@@ -166,7 +135,7 @@ def test_actor_gradient_flows_through_the_dynamics_but_not_into_the_frozen_world
         assert all(g is None for g in _grads(frozen)), f"{type(frozen).__name__} received a gradient"
     assert all(g is None for g in _grads(critic))
     before = [g.clone() for g in actor_grads]
-    out.critic.backward()
+    out.critic_loss.backward()
     assert sum(float(g.abs().sum()) for g in _grads(critic)) > 0
     assert all(torch.equal(a, b) for a, b in zip(before, _grads(actor)))  # the critic loss leaves the actor alone
     assert all(g is None for g in _grads(trunk))
@@ -179,24 +148,33 @@ def test_discrete_actions_use_reinforce_with_the_critic_baseline():
     phase.freeze_world_model()
     batch = target_batch(action_dim=3)
     batch["action"] = torch.nn.functional.one_hot(torch.randint(0, 3, batch["action"].shape[:2]), 3).float()
-    out = phase.losses(phase.start_states(batch))
-    out.actor.backward()
-    assert sum(float(g.abs().sum()) for g in _grads(actor)) > 0
+    returns = phase.imagine_returns(phase.start_states(batch))
+    assert not returns.returns.requires_grad  # nothing to backpropagate through the dynamics
+    phase.actor_loss(returns).backward()
+    assert sum(float(g.abs().sum()) for g in _grads(actor)) > 0  # through the log-probabilities
     assert all(g is None for g in _grads(trunk))
-    traj = imagine(trunk.trunk_net, phase.start_states(batch), actor, 3, guidance, dynamics_gradient=False)
-    assert set(traj.actions.sum(-1).unique().tolist()) == {1.0}  # one-hot actions
-    assert not traj.features.requires_grad  # no graph through the dynamics in the REINFORCE branch
 
 
-def test_policy_update_changes_actor_and_critic_and_refreshes_the_slow_critic():
+@pytest.mark.parametrize("kind", ["continuous", "discrete"])
+def test_policy_update_trains_actor_and_critic_only(kind):
+    params = smoke_params("finetune.actor_optim.lr=0.05", "finetune.critic_optim.lr=0.05")
+    action_dim = 4 if kind == "continuous" else 3
+    video_wm, trunk, guidance, actor, critic = build_veorl(params, action_dim=action_dim, kind=kind)
+    phase = PolicyPhase(trunk, actor, critic, params, switches(params.finetune), guidance)
+    phase.freeze_world_model()
+    batch = target_batch(action_dim=action_dim)
+    losses = assert_update_trains_exactly(phase, batch, [actor, critic],
+                                          stage_modules(video_wm, trunk, guidance, actor, critic, phase.slow_critic))
+    assert losses.actor_grad_norm > 0 and losses.critic_grad_norm > 0 and losses.intrinsic < 0
+
+
+def test_policy_update_refreshes_the_slow_critic_and_keeps_the_world_model():
     params = smoke_params("finetune.slow_critic_every=2")
     _, trunk, guidance, actor, critic = build_veorl(params)
     phase = PolicyPhase(trunk, actor, critic, params, switches(params.finetune), guidance)
     phase.freeze_world_model()
     trunk_before = {k: v.clone() for k, v in trunk.state_dict().items()}
-    actor_before = [p.detach().clone() for p in actor.parameters()]
     phase.update(target_batch(seed=1))
-    assert any(not torch.equal(a, p) for a, p in zip(actor_before, actor.parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(phase.slow_critic.parameters(), critic.parameters()))
     phase.update(target_batch(seed=2))
     assert all(torch.equal(a, b) for a, b in zip(phase.slow_critic.parameters(), critic.parameters()))
@@ -204,46 +182,57 @@ def test_policy_update_changes_actor_and_critic_and_refreshes_the_slow_critic():
 
 
 # ------------------------------------------------------------------------------------------------
-# World-model phase
+# World-model phase and the bc baseline
 # ------------------------------------------------------------------------------------------------
 
 
 def test_world_model_phase_trains_every_trunk_parameter_and_the_aligned_guidance_only():
     # Free nats off: below them the KL is a constant and the prior would rightly get no gradient.
     params = smoke_params("finetune.world_model_optim.lr=0.01", "finetune.free_nats=0.0")
-    video_wm, trunk, guidance, _, _ = build_veorl(params)
+    video_wm, trunk, guidance, actor, critic = build_veorl(params)
     phase = WorldModelPhase(trunk, params, switches(params.finetune), video_wm, guidance)
-    before = {name: p.detach().clone() for name, p in trunk.named_parameters()}
-    guidance_before = {name: p.detach().clone() for name, p in guidance.named_parameters()}
-    video_before = {name: p.detach().clone() for name, p in video_wm.named_parameters()}
-    source = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (2, 5, 64, 64, 3), dtype=np.uint8))
-    metrics = phase.update(target_batch(), source)
-    assert {"image_nll", "reward_nll", "kl", "mmd", "fbc_loss", "map_loss", "wm_loss"} <= set(metrics)
-    unchanged = [n for n, p in trunk.named_parameters() if torch.equal(before[n], p)]
-    assert not unchanged, f"one large-lr step left these Trunk world-model parameters untouched: {unchanged}"
-    trained = {n for n, p in guidance.named_parameters() if not torch.equal(guidance_before[n], p)}
-    assert any(n.startswith("fbc.") for n in trained) and any(n.startswith("state_map.") for n in trained)
-    assert not any(n.startswith(("codebook.", "plan_net.")) for n in trained)
-    assert all(torch.equal(video_before[n], p) for n, p in video_wm.named_parameters())
+    losses = assert_update_trains_exactly(phase, with_source(target_batch()), [trunk, guidance.fbc, guidance.state_map],
+                                          stage_modules(video_wm, trunk, guidance, actor, critic))
+    assert {f.name for f in dataclasses.fields(losses) if getattr(losses, f.name) is not None} == {
+        "loss", "image_nll", "reward_nll", "kl_loss", "kl", "mmd", "fbc_loss", "map_loss", "trunk_grad_norm",
+        "guidance_grad_norm"}
+    assert guidance.fbc is not video_wm.fbc
 
 
 def test_release_guidance_is_not_retrained():
-    params = smoke_params()
-    video_wm, trunk, guidance, _, _ = build_veorl(params, "release")
+    params = smoke_params("finetune.world_model_optim.lr=0.01", "finetune.free_nats=0.0")
+    video_wm, trunk, guidance, actor, critic = build_veorl(params, "release")
     phase = WorldModelPhase(trunk, params, switches(params.finetune), video_wm, guidance)
-    fbc_before = [p.detach().clone() for p in guidance.fbc.parameters()]
-    metrics = phase.update(target_batch(), None)
-    assert "fbc_loss" not in metrics and "mmd" not in metrics
+    losses = assert_update_trains_exactly(phase, target_batch(), [trunk],
+                                          stage_modules(video_wm, trunk, guidance, actor, critic))
+    assert losses.fbc_loss is None and losses.mmd is None and losses.guidance_grad_norm is None
     assert guidance.fbc is video_wm.fbc
-    assert all(torch.equal(a, b) for a, b in zip(fbc_before, guidance.fbc.parameters()))
 
 
-def test_plan_posterior_targets_are_latent_actions_of_transitions():
+def test_world_model_losses_are_a_pure_function_of_the_batch():
     params = smoke_params()
-    video_wm, *_ = build_veorl(params)
-    latent, posterior = plan_posterior_targets(video_wm, target_batch(length=6)["image"].float() / 255 - 0.5)
-    assert latent.shape == (2, 5, params.model.latent_action_dim)
-    assert posterior.deter.shape == (2, 6, params.model.deter)
+    video_wm, trunk, guidance, _, _ = build_veorl(params)
+    phase = WorldModelPhase(trunk, params, switches(params.finetune), video_wm, guidance)
+    batch = with_source(target_batch())
+    torch.manual_seed(5)
+    first = phase.losses(batch)
+    torch.manual_seed(5)
+    second = phase.losses(batch)
+    assert all(torch.equal(getattr(first, f.name), getattr(second, f.name)) for f in dataclasses.fields(first)
+               if getattr(first, f.name) is not None)
+
+
+@pytest.mark.parametrize("loss", ["mse", "gaussian"])
+def test_behaviour_cloning_update_trains_the_policy(loss):
+    from veorl.algo.baselines import BehaviourCloning
+    from veorl.models.actor_critic import PixelPolicy
+
+    params = smoke_params("finetune.bc_optim.lr=0.01", f"finetune.bc_loss={loss}")
+    torch.manual_seed(0)
+    policy = PixelPolicy(params.model.cnn_depth, ACTION_DIM, params.model.actor_units, params.model.actor_layers)
+    trainer = BehaviourCloning(policy, params.finetune)
+    losses = assert_update_trains_exactly(trainer, target_batch(), [policy], torch.nn.ModuleDict({"policy": policy}))
+    assert torch.equal(losses.bc_loss, losses.action_mse) == (loss == "mse")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -283,9 +272,14 @@ def test_finetune_cli_veorl_subprocess(inputs, tmp_path):
     assert summary["updates"] == {"world_model": 3, "policy": 3}
     assert np.isfinite(summary["policy"]["imagined_return"]) and summary["world_model"]["mmd"] >= 0
     rows = (tmp_path / "curve.csv").read_text().splitlines()
-    assert rows[0].startswith("step,phase") and len(rows) == 1 + 6  # smoke logs every update
+    assert rows[0].startswith("step,phase,phase_step,") and len(rows) == 1 + 6  # smoke logs every update
+    header = rows[0].split(",")
+    assert {"loss", "kl_loss", "kl", "fbc_loss", "map_loss", "actor_loss", "critic_loss", "actor_grad_norm",
+            "time/update_s", "throughput/samples_per_s"} <= set(header)
     provenance = json.loads((tmp_path / "agent" / "provenance.json").read_text())
     assert set(provenance["upstream"]) == {"world_model", "target_episodes", "video_clips"}
+    assert provenance["upstream"]["world_model"] == artifact_hash(inputs["world_model"])
+    assert provenance["content_hash"] == artifact_hash(tmp_path / "agent")
     (run_dir,) = (tmp_path / "ckpt").glob("run-*")  # one folder per training configuration and inputs
     assert (run_dir / "latest").is_file()
 
@@ -338,6 +332,49 @@ def test_resume_continues_exactly_where_an_interrupted_run_stopped(inputs, tmp_p
     straight_rows = (tmp_path / "straight" / "c.csv").read_text().splitlines()
     resumed_rows = (tmp_path / "resumed" / "c.csv").read_text().splitlines()
     assert [r.split(",")[:3] for r in straight_rows] == [r.split(",")[:3] for r in resumed_rows]
+
+
+class Killed(KeyboardInterrupt):
+    pass
+
+
+def test_killed_runs_resume_to_the_uninterrupted_result(inputs, tmp_path):
+    from veorl.algo.finetune import finetune
+
+    # Checkpoints at global steps 2, 3 (world-model end), 5 and 6 (policy end); rows every 3 updates of a phase
+    # (its end here), so the checkpoints at steps 2 and 5 hold an open window of two updates that must be restored.
+    params = smoke_params("finetune.checkpoint_every=2", "finetune.log_every=3")
+
+    def train(out: Path, kill_at: int | None = None) -> None:
+        def on_step(global_step: int) -> None:
+            if global_step == kill_at:
+                raise Killed(f"simulated kill after step {kill_at}")
+
+        finetune(str(inputs["world_model"]), str(inputs["episodes"]), str(out / "agent"), params, clips=str(inputs["clips"]),
+                 checkpoints=str(out / "ckpt"), metrics_path=str(out / "m.json"), curve_path=str(out / "c.csv"),
+                 progress=False, on_step=on_step)
+
+    train(tmp_path / "straight")
+    # mid world model; one update into the policy phase (back to the world-model end); mid policy
+    for kill_at in (2, 4, 5):
+        with pytest.raises(Killed):
+            train(tmp_path / "killed", kill_at)
+    assert not (tmp_path / "killed" / "agent" / "agent.json").exists()
+    train(tmp_path / "killed")
+    straight = torch.load(tmp_path / "straight" / "agent" / "agent.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "killed" / "agent" / "agent.pt", weights_only=True)
+    different = [k for k in straight if not torch.equal(straight[k], resumed[k])]
+    assert straight.keys() == resumed.keys() and not different, different[:5]
+
+    def curve(path: Path) -> list[list[str]]:
+        rows = [line.split(",") for line in path.read_text().splitlines()]
+        keep = [i for i, name in enumerate(rows[0]) if not name.startswith(("time/", "throughput/"))]
+        return [[row[i] for i in keep] for row in rows]
+
+    assert curve(tmp_path / "straight" / "c.csv") == curve(tmp_path / "killed" / "c.csv")
+    assert [r[:3] for r in curve(tmp_path / "straight" / "c.csv")[1:]] == [["3", "world_model", "3"], ["6", "policy", "3"]]
+    summary = json.loads((tmp_path / "killed" / "m.json").read_text())
+    assert summary["resumed"] and summary["updates"] == {"world_model": 3, "policy": 3}
 
 
 def test_other_settings_train_in_their_own_checkpoint_folder(inputs, tmp_path):

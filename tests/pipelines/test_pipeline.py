@@ -1,4 +1,4 @@
-"""The Kubeflow pipeline: golden compile, wiring, per-stage configuration, CLI, and a local end-to-end run."""
+"""The Kubeflow pipeline: golden compile, wiring, stage documents, CLI, and a local end-to-end run."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import yaml
 from pipelines import steps
 from pipelines.veorl_pipeline import (DEFAULT_GPU_IMAGE, DEFAULT_IMAGE, PACKAGE_PATH, CompileOptions, build_pipeline,
                                       compile_pipeline)
-from veorl.config import ConfigError, resolve
+from veorl.config import ConfigError, load_params, resolve
+from veorl.storage import read_json
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = ("resolve-config", "source-videos", "ingest", "collect", "pretrain", "finetune", "evaluate", "register")
@@ -81,8 +82,11 @@ def test_images_resources_and_gpus(compiled):
             assert resources["accelerator"]["resourceCount"] == "1"
         else:
             assert "accelerator" not in resources
-        # Lightweight component: the body only delegates to the project inside the image.
-        assert "from pipelines" in container["command"][-1]
+        # Lightweight component: the body calls the component's `run`, the function DVC and Docker run too.
+        body = container["command"][-1]
+        if step != "resolve-config":
+            assert f"from components.{step.replace('-', '_')} import run" in body
+            assert "tree_hash" not in body  # the step returns the hash its component recorded
 
 
 def test_compile_options_and_image_env(tmp_path, monkeypatch):
@@ -110,47 +114,117 @@ def test_stage_params_mirror_dvc_yaml():
     assert set(dvc["stages"]) == set(steps.STAGE_PARAMS)
 
 
-def test_stage_configs_change_only_where_a_stage_reads(monkeypatch):
+def _documents(overrides: list[str], knobs: dict | None = None) -> dict[str, str]:
+    knobs = {"task": "", "algo": "", "model_name": "", **(knobs or {})}
+    return steps.resolve_stage_documents("smoke", overrides, knobs)
+
+
+@pytest.fixture
+def repo_params(monkeypatch):
     monkeypatch.setenv(steps.PARAMS_ENV, str(REPO / "params.yaml"))
-    base = steps.resolve_stage_configs("smoke", [], {"task": "", "algo": "", "model_name": ""})
-    changed = steps.resolve_stage_configs("smoke", ["finetune.policy_steps=7"], {"task": "", "algo": "bc", "model_name": ""})
-    differing = {stage for stage in base if base[stage] != changed[stage]}
-    assert differing == {"finetune"}
+
+
+def test_stage_documents_change_only_where_a_stage_reads(repo_params):
+    base = _documents([])
+    changed = _documents(["finetune.policy_steps=7"], {"algo": "bc"})
+    assert {stage for stage in base if base[stage] != changed[stage]} == {"finetune"}
     params = steps.params_for_stage(changed["finetune"])
     assert params.finetune.policy_steps == 7 and params.finetune.algo == "bc"
     assert params.model.deter == resolve({}, preset="smoke").model.deter  # the smoke preset's sizes
 
-    task_changed = steps.resolve_stage_configs("smoke", [], {"task": "button-press", "algo": "", "model_name": ""})
+    task_changed = _documents([], {"task": "button-press"})
     assert {s for s in base if base[s] != task_changed[s]} == {"source_videos", "collect"}
     assert steps.params_for_stage(task_changed["collect"]).collect.task == "button-press"
+    # The documented widening: a key cross-checked against a stage's keys is in that stage's document too.
+    source_len = _documents(["pretrain.source_len=4"])
+    assert {s for s in base if base[s] != source_len[s]} == {"ingest", "pretrain"}
 
 
-def test_stage_params_skip_cross_checks_already_done(monkeypatch):
-    """A valid configuration never fails in a step because the step only received its own sections."""
-    monkeypatch.setenv(steps.PARAMS_ENV, str(REPO / "params.yaml"))
-    configs = steps.resolve_stage_configs("smoke", ["ingest.window=40", "pretrain.source_len=30"], {})
-    params = steps.params_for_stage(configs["pretrain"])
-    assert params.pretrain.source_len == 30
+def test_stage_keys_are_the_read_keys_plus_their_cross_checked_partners():
+    assert steps.stage_keys("finetune") == ("preset", "model", "finetune", "tracking", "ingest.size", "collect.size")
+    assert steps.stage_keys("ingest") == ("preset", "ingest", "pretrain.source_len", "model.image_size")
+    assert steps.stage_keys("source_videos") == ("preset", "source_videos", "collect.task")
+    assert steps.stage_keys("register") == ("preset", "register", "tracking")
+    for stage, read in steps.STAGE_PARAMS.items():
+        assert set(read) <= set(steps.stage_keys(stage)) | {"preset"}
+
+
+@pytest.mark.parametrize("bad, key", [
+    (["pretrain.source_len=30"], "pretrain.source_len"),                      # > the smoke window of 12
+    (["collect.task=door-open"], "source_videos.tasks"),                      # a source task is the target
+    (["ingest.size=32"], "ingest.size"),
+    (["collect.size=32"], "collect.size"),
+])
+def test_cross_checked_groups_are_the_checks_params_runs(bad, key):
+    """Each group of CROSS_CHECKED names the keys of a real Params check (so the stage documents carry them)."""
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        resolve({}, preset="smoke", overrides=bad)
+    assert any(key in group for group in steps.CROSS_CHECKED)
+
+
+VALID_EDGE_CASES = [
+    ["ingest.window=40", "pretrain.source_len=30", "finetune.source_len=30"],
+    ["collect.task=door-open", "source_videos.tasks=[handle-press]"],
+    ["ingest.window=6", "pretrain.source_len=5", "finetune.source_len=5"],
+]
+
+
+@pytest.mark.parametrize("overrides", VALID_EDGE_CASES)
+def test_every_stage_document_validates_in_full_and_keeps_the_users_values(repo_params, overrides):
+    """A valid configuration never fails in a step, and each step sees the validated value of every key it reads."""
+    full = load_params(REPO / "params.yaml", preset="smoke", overrides=overrides)
+    full_dump = full.model_dump(by_alias=True, mode="json")
+    for stage, document in _documents(overrides).items():
+        params = steps.params_for_stage(document)
+        dump = params.model_dump(by_alias=True, mode="json")
+        for key in steps.stage_keys(stage):
+            assert steps._select(dump, key) == steps._select(full_dump, key), (stage, key)
+
+
+def test_stage_documents_are_validated_again_in_the_step(repo_params):
+    document = json.loads(_documents(["ingest.window=40", "pretrain.source_len=30"])["pretrain"])
+    assert document["ingest"] == {"window": 40, "size": 64}
+    assert steps.params_for_stage(json.dumps(document)).pretrain.source_len == 30
+    document["ingest"]["window"] = 12  # a document no resolve-config produced: the cross-check runs in the step
     with pytest.raises(ConfigError, match="pretrain.source_len"):
-        steps.resolve_stage_configs("smoke", ["pretrain.source_len=30"], {})  # 30 > the smoke window of 12
+        steps.params_for_stage(json.dumps(document))
+    document["ingest"] = {"window": 40, "size": 64, "nonexistent": 1}
     with pytest.raises(ConfigError, match="nonexistent"):
-        steps.resolve_stage_configs("smoke", ["ingest.nonexistent=1"], {})
+        steps.params_for_stage(json.dumps(document))
+    with pytest.raises(ConfigError, match="preset"):
+        steps.params_for_stage('{"ingest": {}}')
+    with pytest.raises(ConfigError, match="not JSON"):
+        steps.params_for_stage("{")
+    with pytest.raises(ConfigError, match="pretrain.source_len"):
+        _documents(["pretrain.source_len=30"])  # 30 > the smoke window of 12: resolve-config refuses it first
+    with pytest.raises(ConfigError, match="nonexistent"):
+        _documents(["ingest.nonexistent=1"])
     with pytest.raises(ValueError, match="unknown pipeline knobs"):
         steps.knob_overrides({"gpu": "1"})
 
 
-def test_external_sources_fingerprint_follows_content(tmp_path):
+def test_external_sources_are_recorded_with_a_content_hash_and_ingested_as_listed(tmp_path):
+    from components.ingest import expand_recorded_sources
+    from components.source_videos import EXTERNAL_SOURCES, run_external
+    from veorl.storage import artifact_hash
+
+    params = resolve({}, preset="smoke")
     video = tmp_path / "raw" / "a.mp4"
     video.parent.mkdir()
     video.write_bytes(b"first")
     out = tmp_path / "videos"
-    first = steps.source_videos("{}", [str(video.parent)], str(out))
-    assert json.loads((out / steps.EXTERNAL_SOURCES_FILE).read_text())["sources"] == [str(video.parent)]
-    assert steps.source_videos("{}", [str(video.parent)], str(tmp_path / "again")) == first
+    run_external([str(video.parent)], str(out), params)
+    assert read_json(out / EXTERNAL_SOURCES)["sources"] == [str(video.parent)]
+    first = artifact_hash(out)
+    assert read_json(out / "provenance.json")["content_hash"] == first
+    assert expand_recorded_sources([str(out), str(video)]) == [str(video.parent), str(video)]
+    run_external([str(video.parent)], str(tmp_path / "again"), params)
+    assert artifact_hash(tmp_path / "again") == first  # the hash follows the videos' content, not the folder
     video.write_bytes(b"second")
-    assert steps.source_videos("{}", [str(video.parent)], str(tmp_path / "changed")) != first
+    run_external([str(video.parent)], str(tmp_path / "changed"), params)
+    assert artifact_hash(tmp_path / "changed") != first
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        steps.source_videos("{}", [str(tmp_path / "missing")], str(tmp_path / "x"))
+        run_external([str(tmp_path / "missing")], str(tmp_path / "x"), params)
 
 
 def test_cli_compile_and_submit(tmp_path, monkeypatch, capsys):
@@ -211,8 +285,10 @@ def test_local_pipeline_run_registers_a_champion(tmp_path, monkeypatch):
     import numpy as np
     from kfp import local
 
+    from veorl.data.clips import clips_hash
+    from veorl.data.episodes import dataset_hash
     from veorl.serving import initial_state
-    from veorl.storage import read_json, tree_hash
+    from veorl.storage import artifact_hash, tree_hash
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -226,11 +302,21 @@ def test_local_pipeline_run_registers_a_champion(tmp_path, monkeypatch):
     registration = read_json(run_dir / "register" / "registration" / "registration.json")
     assert registration["alias"] == "champion" and registration["version"] == "1"
     agent_dir = run_dir / "finetune" / "agent"
-    assert registration["agent_hash"] == tree_hash(agent_dir)
-    evaluation = read_json(run_dir / "evaluate" / "evaluation" / "metrics.json")
+    assert registration["agent_hash"] == artifact_hash(agent_dir)
+    evaluation_dir = run_dir / "evaluate" / "evaluation"
+    evaluation = read_json(evaluation_dir / "metrics.json")
     assert evaluation["status"] == "ok" and evaluation["protocol"]["episodes"] == 2
-    assert read_json(run_dir / "evaluate" / "executor_output.json")["parameterValues"]["Output"] == tree_hash(
-        run_dir / "evaluate" / "evaluation")
+    assert read_json(evaluation_dir / "provenance.json")["upstream"]["agent"] == artifact_hash(agent_dir)
+
+    # Each producing step recorded its artifact's hash once, and the hash the KFP step passed on is that record.
+    recorded = {}
+    for task, artifact in (("source-videos", "videos"), ("ingest", "clips"), ("collect", "episodes"),
+                           ("evaluate", "evaluation")):
+        recorded[task] = read_json(run_dir / task / artifact / "provenance.json")["content_hash"]
+        assert read_json(run_dir / task / "executor_output.json")["parameterValues"]["Output"] == recorded[task]
+    assert recorded["ingest"] == clips_hash(run_dir / "ingest" / "clips", recorded=False)
+    assert recorded["collect"] == dataset_hash(run_dir / "collect" / "episodes", recorded=False)
+    assert recorded["evaluate"] == tree_hash(evaluation_dir, exclude=("provenance.json",))
 
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/veorl-agent@champion")

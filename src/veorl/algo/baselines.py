@@ -9,10 +9,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from veorl.algo.loop import Trainer, detached
 from veorl.config import FinetuneParams
 from veorl.models.actor_critic import PixelPolicy
 
@@ -56,7 +57,14 @@ def bc_pairs(image: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, t
     return frames, targets
 
 
-def bc_loss(policy: PixelPolicy, frames: torch.Tensor, targets: torch.Tensor, kind: str) -> tuple[torch.Tensor, dict[str, float]]:
+@dataclass(frozen=True)
+class BCLosses:
+    bc_loss: torch.Tensor      # what is minimised: MSE, or the Gaussian NLL (finetune.bc_loss)
+    action_mse: torch.Tensor   # squared error of the mean action, whatever the loss
+    grad_norm: torch.Tensor | None = None
+
+
+def bc_loss(policy: PixelPolicy, frames: torch.Tensor, targets: torch.Tensor, kind: str) -> BCLosses:
     mean, log_std = policy(frames)
     mse = (mean - targets).square().sum(-1).mean()
     if kind == "mse":
@@ -66,24 +74,29 @@ def bc_loss(policy: PixelPolicy, frames: torch.Tensor, targets: torch.Tensor, ki
         loss = -dist.log_prob(targets).sum(-1).mean()
     else:
         raise ValueError(f"finetune.bc_loss: unknown loss {kind!r} (mse | gaussian)")
-    return loss, {"bc_loss": float(loss.detach()), "bc_mse": float(mse.detach())}
+    return BCLosses(bc_loss=loss, action_mse=mse)
 
 
-class BehaviourCloning:
+class BehaviourCloning(Trainer):
     """One update = one batch of (frame, next action) pairs."""
+
+    name = "bc"
 
     def __init__(self, policy: PixelPolicy, fp: FinetuneParams):
         self.policy, self.fp = policy, fp
         self.optimizer = torch.optim.Adam(policy.parameters(), lr=fp.bc_optim.lr, eps=fp.bc_optim.eps)
 
-    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    def losses(self, batch: dict[str, torch.Tensor]) -> BCLosses:
         frames, targets = bc_pairs(batch["image"], batch["action"])
-        loss, metrics = bc_loss(self.policy, frames, targets, self.fp.bc_loss)
+        return bc_loss(self.policy, frames, targets, self.fp.bc_loss)
+
+    def update(self, batch: dict[str, torch.Tensor]) -> BCLosses:
+        losses = self.losses(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        losses.bc_loss.backward()
         grad = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.fp.bc_optim.grad_clip)
         self.optimizer.step()
-        return {**metrics, "bc_grad_norm": float(grad)}
+        return replace(detached(losses), grad_norm=grad.detach())
 
     def state_dict(self) -> dict:
         return {"policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict()}

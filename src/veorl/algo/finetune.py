@@ -1,89 +1,91 @@
 """Fine-tuning: the Trunk Net world model on target data, then phase 3 policy learning with behaviour guidance.
 
-Two phases, each its own class and loop (method doc: docs/method.md, "Phase 3"):
+Two phases, each a trainer run by the shared training loop (veorl.algo.loop; method doc: docs/method.md,
+"Phase 3"):
 
-WorldModelPhase  the Trunk Net world model on target sequences: image NLL + reward NLL (rewards times
-                 finetune.reward_scale) + balanced KL, + mmd_weight * linear MMD(source, target embeddings)
-                 when MMD is on and clips are given; its encoder starts from pretraining (veorl).
-                 With guidance="aligned" it also trains the guidance in the space where it is used:
-                 F_BC on Trunk Net features with targets from the frozen BAN (the quantised latent action
-                 of (t, t+1)), and the map M from Trunk Net features to Plan Net states, fitted to the Plan
-                 Net posterior on the same target frames. Both read detached features: they follow the
-                 Trunk Net without shaping it. guidance="release" trains neither (the authors' behaviour).
-PolicyPhase      world model frozen: imagination from every posterior state of a target batch
+WorldModelPhase  ("world_model") the Trunk Net world model on target sequences: image NLL + reward NLL
+                 (rewards times finetune.reward_scale) + balanced KL, + mmd_weight * linear MMD(source,
+                 target embeddings) when MMD is on and clips are given; its encoder starts from
+                 pretraining (veorl). With guidance="aligned" it also trains the guidance in the space
+                 where it is used: F_BC on Trunk Net features with targets from the frozen BAN (the
+                 quantised latent action of (t, t+1)), and the map M from Trunk Net features to Plan Net
+                 states, fitted to the Plan Net posterior on the same target frames. Both read detached
+                 features: they follow the Trunk Net without shaping it. guidance="release" trains neither
+                 (the authors' behaviour).
+PolicyPhase      ("policy") world model frozen: imagination from every posterior state of a target batch
                  (veorl.algo.imagination), lambda-returns with a slow critic, actor by backpropagation
                  through the Trunk Net dynamics (continuous actions) or REINFORCE with the slow critic as
                  baseline (discrete actions), critic by the NLL of the lambda-return.
 
-The `bc` baseline replaces both by BehaviourCloning (veorl.algo.baselines).
+The `bc` baseline replaces both by BehaviourCloning ("bc", veorl.algo.baselines).
 
-Resuming: every batch is a pure function of (seed, stream, step) and every update reseeds torch from
-(seed, phase, step), so a run resumed from a checkpoint (weights, optimiser states, counters, curve)
-takes exactly the updates an uninterrupted run would have taken.
+Resuming is exact (the loop reseeds torch per update and batches are a pure function of the step); the
+networks are built in a fixed order from finetune.seed, so what a checkpoint does not hold (the actor and
+critic before the policy phase starts) is rebuilt identically.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
 import logging
-import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from veorl.algo.baselines import BehaviourCloning, Switches, switches
-from veorl.algo.imagination import BehaviourGuidance, PlanStateMap, check_release_compatible, imagine
+from veorl.algo.imagination import (
+    BehaviourGuidance,
+    Imagination,
+    PlanStateMap,
+    check_release_compatible,
+    imagine,
+)
+from veorl.algo.loop import Phase, Trainer, TrainingLoop, detached, write_curve
 from veorl.algo.returns import discount_weights, lambda_return
 from veorl.algo.world_model_losses import linear_mmd, trunk_world_model_loss
 from veorl.config import ModelParams, Params
-from veorl.data.clips import clips_hash
-from veorl.data.episodes import CARD, dataset_hash
+from veorl.data.episodes import CARD
 from veorl.models.actor_critic import Actor, Critic, PixelPolicy, policy_inputs
 from veorl.models.networks import preprocess
 from veorl.models.rssm import RSSMState
-from veorl.models.world_models import TrunkWorldModel, VideoWorldModel, build_trunk_world_model
-from veorl.storage import atomic_path, atomic_write_json, read_json, tree_hash
+from veorl.models.world_models import (
+    TrunkWorldModel,
+    VideoWorldModel,
+    build_trunk_world_model,
+)
+from veorl.storage import (
+    artifact_hash,
+    atomic_write_json,
+    read_json,
+    record_content_hash,
+)
 from veorl.trees import numeric_leaves
 
 log = logging.getLogger(__name__)
 
 STAGE = "finetune"
 SECTIONS = ("model", "finetune")
-# Streams of the per-step batch RNG (veorl.data.samplers.step_rng) and of the per-update torch seed.
+# Streams of the per-step batch RNG (veorl.data.samplers.step_rng).
 TARGET_STREAM, SOURCE_STREAM, START_STREAM, BC_STREAM = 10, 11, 12, 13
-PHASE_SEED = {"world_model": 1, "policy": 2, "bc": 3}
 # Model sizes the video world model was pretrained with; the Trunk Net must share them to reuse its parts.
 PRETRAINED_SIZE_KEYS = ("cnn_depth", "deter", "stoch", "stoch_classes", "rssm_kind", "hidden", "min_std", "ban_hidden",
                         "latent_action_dim", "codebook_size", "fbc_hidden")
-CURVE_COLUMNS = (
-    "step", "phase",
-    "wm_loss", "image_nll", "reward_nll", "kl", "kl_value", "mmd", "fbc_loss", "map_loss", "wm_grad_norm",
-    "actor_loss", "critic_loss", "imagined_return", "imagined_reward", "intrinsic", "entropy", "value",
-    "actor_grad_norm", "critic_grad_norm",
-    "bc_loss", "bc_mse", "bc_grad_norm",
-    "seconds_per_update", "samples_per_second",
-)
+
+Batch = dict[str, torch.Tensor]
 
 
 class FinetuneError(ValueError):
     """Bad inputs to fine-tuning (missing artifact, incompatible sizes); the message names the file or key."""
 
 
-def reseed(seed: int, phase: str, step: int) -> None:
-    """Seed torch for one update from (seed, phase, step) alone, so a resumed run draws the same noise."""
-    state = np.random.SeedSequence([int(seed), PHASE_SEED[phase], int(step)]).generate_state(1, dtype=np.uint64)[0]
-    torch.manual_seed(int(state) & ((1 << 63) - 1))
-
-
-def _clip_step(optimizer: torch.optim.Optimizer, parameters: Iterable[torch.Tensor], clip: float) -> float:
-    grad_norm = torch.nn.utils.clip_grad_norm_(list(parameters), clip)
+def _clip_step(optimizer: torch.optim.Optimizer, parameters: list[torch.Tensor], clip: float) -> torch.Tensor:
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip)
     optimizer.step()
-    return float(grad_norm)
+    return grad_norm.detach()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -91,18 +93,24 @@ def _clip_step(optimizer: torch.optim.Optimizer, parameters: Iterable[torch.Tens
 # ------------------------------------------------------------------------------------------------
 
 
-def plan_posterior_targets(video_wm: VideoWorldModel, image: torch.Tensor) -> tuple[torch.Tensor, RSSMState]:
-    """What the frozen video model says about target frames (B, T): the quantised latent actions of
-    (t, t+1) (B, T-1, Z) from the BAN, and the Plan Net posterior (B, T) filtered with those latent actions."""
-    with torch.no_grad():
-        latent_actions, _ = video_wm.infer_latent_actions(image)
-        preceding = torch.cat([torch.zeros_like(latent_actions[:, :1]), latent_actions], 1)
-        posterior, _ = video_wm.plan_net.observe(video_wm.encoder(image), preceding, sample=False)
-    return latent_actions, posterior
+@dataclass(frozen=True)
+class WorldModelLosses:
+    loss: torch.Tensor                  # what the Trunk Net optimiser minimises (MMD included)
+    image_nll: torch.Tensor
+    reward_nll: torch.Tensor
+    kl_loss: torch.Tensor               # balanced KL with free nats (optimised)
+    kl: torch.Tensor                    # raw KL(posterior || prior)
+    mmd: torch.Tensor | None = None     # with MMD on and source clips
+    fbc_loss: torch.Tensor | None = None  # aligned guidance only: F_BC to the BAN's latent action
+    map_loss: torch.Tensor | None = None  # aligned guidance only: M(f) to the Plan Net posterior
+    trunk_grad_norm: torch.Tensor | None = None
+    guidance_grad_norm: torch.Tensor | None = None
 
 
-class WorldModelPhase:
+class WorldModelPhase(Trainer):
     """Updates of the Trunk Net world model on target windows (+ source clips for MMD, + aligned guidance)."""
+
+    name = "world_model"
 
     def __init__(self, trunk: TrunkWorldModel, params: Params, sw: Switches, video_wm: VideoWorldModel | None = None,
                  guidance: BehaviourGuidance | None = None):
@@ -120,41 +128,38 @@ class WorldModelPhase:
     def guidance_parameters(self) -> list[nn.Parameter]:
         return list(self.guidance.fbc.parameters()) + list(self.guidance.state_map.parameters())
 
-    def losses(self, batch: dict[str, torch.Tensor], source: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
-        """(world-model loss, guidance loss or None, metrics) of one batch; a pure function of the batch."""
+    def losses(self, batch: Batch) -> WorldModelLosses:
+        """The terms of one batch (image, action, reward [, source clips]); a pure function of the batch."""
         fp = self.fp
         image = preprocess(batch["image"])
         trunk = trunk_world_model_loss(self.trunk, image, batch["action"], batch["reward"], kl_balance=fp.kl_balance,
                                        free_nats=fp.free_nats, kl_scale=fp.kl_scale, reward_scale=fp.reward_scale)
-        loss = trunk.loss
-        metrics = {"image_nll": float(trunk.image.detach()), "reward_nll": float(trunk.reward.detach()),
-                   "kl": float(trunk.kl.detach()), "kl_value": float(trunk.kl_value)}
-        if self.sw.use_mmd and source is not None:
-            mmd = linear_mmd(self.trunk.encoder(preprocess(source)), trunk.embed)
+        loss, mmd = trunk.loss, None
+        if self.sw.use_mmd and batch.get("source") is not None:
+            mmd = linear_mmd(self.trunk.encoder(preprocess(batch["source"])), trunk.embed)
             loss = loss + fp.mmd_weight * mmd
-            metrics["mmd"] = float(mmd.detach())
-        metrics["wm_loss"] = float(loss.detach())
-        guidance_loss = None
+        fbc_loss = map_loss = None
         if self.train_guidance:
-            latent_actions, plan_posterior = plan_posterior_targets(self.video_wm, image)
+            latent_actions, plan_posterior = self.video_wm.plan_posterior(image)
             feature = self.trunk.trunk_net.feature(trunk.post).detach()
             # MSE to the quantised latent action, as in pretraining's phase 2
             fbc_loss = (self.guidance.fbc(feature[:, :-1]) - latent_actions).square().mean()
             map_loss = self.guidance.state_map.loss(feature, plan_posterior)
-            guidance_loss = fbc_loss + map_loss
-            metrics.update(fbc_loss=float(fbc_loss.detach()), map_loss=float(map_loss.detach()))
-        return loss, guidance_loss, metrics
+        return WorldModelLosses(loss=loss, image_nll=trunk.image_nll, reward_nll=trunk.reward_nll,
+                                kl_loss=trunk.kl_loss, kl=trunk.kl, mmd=mmd, fbc_loss=fbc_loss, map_loss=map_loss)
 
-    def update(self, batch: dict[str, torch.Tensor], source: torch.Tensor | None) -> dict[str, float]:
-        loss, guidance_loss, metrics = self.losses(batch, source)
+    def update(self, batch: Batch) -> WorldModelLosses:
+        losses = self.losses(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        metrics["wm_grad_norm"] = _clip_step(self.optimizer, self.trunk.parameters(), self.fp.world_model_optim.grad_clip)
-        if guidance_loss is not None:
+        losses.loss.backward()
+        trunk_grad = _clip_step(self.optimizer, list(self.trunk.parameters()), self.fp.world_model_optim.grad_clip)
+        guidance_grad = None
+        if self.train_guidance:
             self.guidance_optimizer.zero_grad(set_to_none=True)
-            guidance_loss.backward()
-            _clip_step(self.guidance_optimizer, self.guidance_parameters(), self.fp.world_model_optim.grad_clip)
-        return metrics
+            (losses.fbc_loss + losses.map_loss).backward()
+            guidance_grad = _clip_step(self.guidance_optimizer, self.guidance_parameters(),
+                                       self.fp.world_model_optim.grad_clip)
+        return replace(detached(losses), trunk_grad_norm=trunk_grad, guidance_grad_norm=guidance_grad)
 
     def state_dict(self) -> dict[str, Any]:
         state = {"trunk": self.trunk.state_dict(), "optimizer": self.optimizer.state_dict()}
@@ -179,13 +184,40 @@ class WorldModelPhase:
 
 @dataclass(frozen=True)
 class PolicyLosses:
-    actor: torch.Tensor
-    critic: torch.Tensor
-    metrics: dict[str, float]
+    actor_loss: torch.Tensor
+    critic_loss: torch.Tensor
+    imagined_return: torch.Tensor       # mean lambda-return
+    imagined_reward: torch.Tensor       # mean extrinsic reward predicted on imagined states
+    intrinsic: torch.Tensor             # mean intrinsic reward (0 when it is off)
+    entropy: torch.Tensor
+    value: torch.Tensor                 # mean slow-critic value
+    actor_grad_norm: torch.Tensor | None = None
+    critic_grad_norm: torch.Tensor | None = None
 
 
-class PolicyPhase:
-    """Actor, critic and slow critic trained on imagined rollouts of the frozen Trunk Net."""
+@dataclass(frozen=True)
+class ImaginedReturns:
+    """One imagined batch and everything the actor and critic losses are computed from.
+
+    Indexing: states t = 0..H; transitions (rewards, returns, weights) t = 0..H-1 (veorl.algo.returns).
+    """
+
+    traj: Imagination
+    extrinsic: torch.Tensor   # (H, N) reward head on s_1..s_H
+    reward: torch.Tensor      # (H, N) extrinsic + intrinsic_weight * intrinsic (when on)
+    values: torch.Tensor      # (H+1, N) slow critic on s_0..s_H, with the rollout's graph
+    returns: torch.Tensor     # (H, N) lambda-returns, the critic's targets
+    weights: torch.Tensor     # (H, N) discount weights of the start states, no gradient
+
+
+class PolicyPhase(Trainer):
+    """Actor, critic and slow critic trained on imagined rollouts of the frozen Trunk Net.
+
+    `losses` runs in steps (start states, imagination and returns, actor loss, critic loss) so a new
+    term changes one of them.
+    """
+
+    name = "policy"
 
     def __init__(self, trunk: TrunkWorldModel, actor: Actor, critic: Critic, params: Params, sw: Switches,
                  guidance: BehaviourGuidance | None = None):
@@ -204,18 +236,19 @@ class PolicyPhase:
         if self.guidance is not None:
             self.guidance.requires_grad_(False)
 
-    def start_states(self, batch: dict[str, torch.Tensor]) -> RSSMState:
+    def start_states(self, batch: Batch) -> RSSMState:
         """Trunk Net posteriors of a target batch, every step of every sequence a start state: (B*T, ...)."""
         with torch.no_grad():
             embed = self.trunk.encoder(preprocess(batch["image"]))
             posterior, _ = self.trunk.trunk_net.observe(embed, batch["action"])
         return posterior.reshape_batch(-1).detach()
 
-    def losses(self, start: RSSMState) -> PolicyLosses:
+    def imagine_returns(self, start: RSSMState) -> ImaginedReturns:
         fp, sw = self.fp, self.sw
-        dynamics = self.actor.kind == "continuous"
-        traj = imagine(self.trunk.trunk_net, start, self.actor, fp.horizon, self.guidance if sw.needs_guidance else None,
-                       use_latent_action=sw.use_latent_action, use_intrinsic=sw.use_intrinsic, dynamics_gradient=dynamics)
+        guidance = self.guidance if sw.needs_guidance else None
+        traj = imagine(self.trunk.trunk_net, start, self.actor, fp.horizon, guidance,
+                       use_latent_action=sw.use_latent_action, use_intrinsic=sw.use_intrinsic,
+                       dynamics_gradient=self.actor.kind == "continuous")
         latent = traj.latent_actions if sw.use_latent_action else None
         # The slow critic reads the rollout's features with their graph: returns depend on where actions lead.
         values = self.slow_critic(policy_inputs(traj.features, latent))
@@ -223,41 +256,57 @@ class PolicyPhase:
         reward = extrinsic + fp.intrinsic_weight * traj.intrinsic[1:] if sw.use_intrinsic else extrinsic
         discount = torch.full_like(reward, fp.discount)
         returns = lambda_return(reward, values[1:], discount, fp.lambda_)
-        weights = discount_weights(discount)
-        if dynamics:
-            objective = returns
-        else:
-            objective = traj.log_probs * (returns - values[:-1]).detach()
-        actor_loss = -(weights * (objective + fp.actor_entropy * traj.entropies)).mean()
-        inputs = traj.policy_inputs(sw.use_latent_action)[:-1]
-        critic_loss = (weights * Critic.nll(self.critic(inputs), returns.detach())).mean()
-        metrics = {
-            "actor_loss": float(actor_loss.detach()), "critic_loss": float(critic_loss.detach()),
-            "imagined_return": float(returns.detach().mean()), "imagined_reward": float(extrinsic.detach().mean()),
-            "intrinsic": float(traj.intrinsic[1:].detach().mean()), "entropy": float(traj.entropies.detach().mean()),
-            "value": float(values.detach().mean()),
-        }
-        return PolicyLosses(actor_loss, critic_loss, metrics)
+        return ImaginedReturns(traj=traj, extrinsic=extrinsic, reward=reward, values=values, returns=returns,
+                               weights=discount_weights(discount))
 
-    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        out = self.losses(self.start_states(batch))
+    def actor_loss(self, r: ImaginedReturns) -> torch.Tensor:
+        """Maximise returns (backpropagated through the dynamics) or, for discrete actions, REINFORCE with the
+        slow critic as baseline; plus the entropy bonus."""
+        if self.actor.kind == "continuous":
+            objective = r.returns
+        else:
+            objective = r.traj.log_probs * (r.returns - r.values[:-1]).detach()
+        return -(r.weights * (objective + self.fp.actor_entropy * r.traj.entropies)).mean()
+
+    def critic_loss(self, r: ImaginedReturns) -> torch.Tensor:
+        """NLL of the lambda-return under the critic, on detached inputs and targets."""
+        inputs = r.traj.policy_inputs(self.sw.use_latent_action)[:-1]
+        return (r.weights * Critic.nll(self.critic(inputs), r.returns.detach())).mean()
+
+    def losses(self, batch: Batch) -> PolicyLosses:
+        """The policy losses of one target batch (its posteriors are the start states)."""
+        r = self.imagine_returns(self.start_states(batch))
+        return PolicyLosses(
+            actor_loss=self.actor_loss(r), critic_loss=self.critic_loss(r),
+            imagined_return=r.returns.detach().mean(), imagined_reward=r.extrinsic.detach().mean(),
+            intrinsic=r.traj.intrinsic[1:].detach().mean(), entropy=r.traj.entropies.detach().mean(),
+            value=r.values.detach().mean())
+
+    def update(self, batch: Batch) -> PolicyLosses:
+        losses = self.losses(batch)
         self.actor_optimizer.zero_grad(set_to_none=True)
-        out.actor.backward()
-        actor_grad = _clip_step(self.actor_optimizer, self.actor.parameters(), self.fp.actor_optim.grad_clip)
+        losses.actor_loss.backward()
+        actor_grad = _clip_step(self.actor_optimizer, list(self.actor.parameters()), self.fp.actor_optim.grad_clip)
         self.critic_optimizer.zero_grad(set_to_none=True)
-        out.critic.backward()
-        critic_grad = _clip_step(self.critic_optimizer, self.critic.parameters(), self.fp.critic_optim.grad_clip)
+        losses.critic_loss.backward()
+        critic_grad = _clip_step(self.critic_optimizer, list(self.critic.parameters()), self.fp.critic_optim.grad_clip)
         self.updates += 1
         if self.updates % self.fp.slow_critic_every == 0:
             self.slow_critic.load_state_dict(self.critic.state_dict())
-        return {**out.metrics, "actor_grad_norm": actor_grad, "critic_grad_norm": critic_grad}
+        return replace(detached(losses), actor_grad_norm=actor_grad, critic_grad_norm=critic_grad)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"actor": self.actor.state_dict(), "critic": self.critic.state_dict(), "slow_critic": self.slow_critic.state_dict(),
-                "actor_optimizer": self.actor_optimizer.state_dict(), "critic_optimizer": self.critic_optimizer.state_dict(),
-                "updates": self.updates}
+        # With the world model and guidance it imagines in: they were trained by the phase before.
+        return {"trunk": self.trunk.state_dict(),
+                "guidance": self.guidance.state_dict() if self.guidance is not None else None,
+                "actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
+                "slow_critic": self.slow_critic.state_dict(), "actor_optimizer": self.actor_optimizer.state_dict(),
+                "critic_optimizer": self.critic_optimizer.state_dict(), "updates": self.updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.trunk.load_state_dict(state["trunk"])
+        if self.guidance is not None:
+            self.guidance.load_state_dict(state["guidance"])
         self.actor.load_state_dict(state["actor"])
         self.critic.load_state_dict(state["critic"])
         self.slow_critic.load_state_dict(state["slow_critic"])
@@ -307,91 +356,41 @@ def build_guidance(video_wm: VideoWorldModel, trunk: TrunkWorldModel, mode: str,
     return BehaviourGuidance(video_wm.fbc, video_wm.codebook, video_wm.plan_net, "release")
 
 
-def agent_modules(algo: str, trunk: TrunkWorldModel | None, actor: Actor | None, guidance: BehaviourGuidance | None,
-                  sw: Switches, policy: PixelPolicy | None = None) -> nn.ModuleDict:
-    """Exactly what acting needs, in the layout veorl.agent.build_agent_modules rebuilds."""
-    if algo == "bc":
-        return nn.ModuleDict({"policy": policy})
-    modules: dict[str, nn.Module] = {"encoder": trunk.encoder, "trunk_net": trunk.trunk_net}
-    if sw.use_latent_action:
-        modules.update(fbc=guidance.fbc, codebook=guidance.codebook)
-    modules["actor"] = actor
-    return nn.ModuleDict(modules)
-
-
-# ------------------------------------------------------------------------------------------------
-# Curve and metrics files
-# ------------------------------------------------------------------------------------------------
-
-
-class MetricWindow:
-    """Averages of metrics since the last log."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.count = 0
-
-    def add(self, metrics: dict[str, float]) -> None:
-        for key, value in metrics.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value)
-        self.count += 1
-
-    def flush(self) -> dict[str, float]:
-        out = {k: v / max(self.count, 1) for k, v in self.sums.items()}
-        self.sums, self.count = {}, 0
-        return out
-
-
-def write_curve(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(CURVE_COLUMNS), extrasaction="ignore")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-
-
 # ------------------------------------------------------------------------------------------------
 # The driver
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class PhaseLoop:
-    """One phase's loop: `update(batch)` for steps [done, total), checkpoints and logs by global step."""
-
-    name: str
-    total: int
-    offset: int                     # global step of this phase's step 0
-    samples_per_update: int
-    update: Callable[[dict[str, Any]], dict[str, float]]
-    make_batch: Callable[[int], dict[str, Any]]
-
-
 def upstream_hashes(world_model: str | None, episodes: str, clips: str | None, sw: Switches) -> dict[str, str]:
-    hashes = {"target_episodes": dataset_hash(episodes)}
+    """Content hashes of the inputs this configuration reads, as the steps that wrote them recorded them."""
+    hashes = {"target_episodes": artifact_hash(episodes)}
     if world_model is not None and sw.needs_video_world_model:
-        hashes["world_model"] = tree_hash(world_model)
+        hashes["world_model"] = artifact_hash(world_model)
     if clips is not None and sw.use_mmd:
-        hashes["video_clips"] = clips_hash(clips)
+        hashes["video_clips"] = artifact_hash(clips)
     return hashes
 
 
 def finetune(world_model: str | None, episodes: str, out: str, params: Params, clips: str | None = None,
              checkpoints: str | None = None, metrics_path: str | None = "metrics/finetune.json",
              curve_path: str | None = "metrics/finetune_curve.csv", parent_run_id: str | None = None,
-             progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) and write the agent artifact to `out`; returns the summary written to metrics_path."""
-    from tqdm import tqdm
+             progress: bool = True, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Train (or resume) and write the agent artifact to `out`; returns the summary written to metrics_path.
 
+    on_step(global_step) is called after every update (tests use it to simulate a kill).
+    """
     from veorl import tracking
-    from veorl.agent import build_agent_modules, save_agent
-    from veorl.checkpoint import CheckpointManager, CheckpointMismatch, assert_resumable, run_directory
+    from veorl.agent import assemble_agent, save_agent
+    from veorl.checkpoint import run_directory
     from veorl.data.clips import ClipStore
     from veorl.data.episodes import EpisodeStore
-    from veorl.data.samplers import ClipSampler, EpisodeWindowSampler, Prefetcher
+    from veorl.data.samplers import ClipSampler, EpisodeWindowSampler
     from veorl.models.world_models import load_world_model
-    from veorl.runtime import configure_torch_threads, resolve_device, write_resolved_config
+    from veorl.runtime import (
+        configure_torch_threads,
+        resolve_device,
+        write_resolved_config,
+    )
 
     fp, model = params.finetune, params.model
     sw = switches(fp)
@@ -418,17 +417,19 @@ def finetune(world_model: str | None, episodes: str, out: str, params: Params, c
         video_wm, _ = load_world_model(world_model, device=device)
         check_pretrained_sizes(model, video_wm, world_model)
     upstream = upstream_hashes(world_model, episodes, clips, sw)
+    config = params.section_dict(*SECTIONS)
+    # one folder per (maths-relevant config, inputs): a new world model or a `dvc exp run -S` variation
+    # trains in its own folder instead of being refused by the persisted one
+    run_dir = run_directory(checkpoints, config, upstream) if checkpoints else None
 
-    # -- the networks ------------------------------------------------------------------------------
+    # -- the networks (built in a fixed order from the seed: a resumed run rebuilds the same ones) --------
     trunk = guidance = actor = critic = policy = None
-    loops: list[PhaseLoop] = []
-    phases: dict[str, Any] = {}
-    seq_samples = fp.batch * fp.seq_len
+    windows = fp.batch * fp.seq_len
     if fp.algo == "bc":
         policy = PixelPolicy(model.cnn_depth, action_dim, model.actor_units, model.actor_layers).to(device)
-        phases["bc"] = BehaviourCloning(policy, fp)
         bc_batches = EpisodeWindowSampler(store, fp.batch, fp.seq_len, fp.seed, BC_STREAM, keys=("image", "action"))
-        loops.append(PhaseLoop("bc", fp.bc_steps, 0, fp.batch * (fp.seq_len - 1), phases["bc"].update, bc_batches))
+        phases = [Phase("bc", fp.bc_steps, lambda: BehaviourCloning(policy, fp), bc_batches,
+                        fp.batch * (fp.seq_len - 1))]
     else:
         trunk = build_trunk_world_model(model, action_dim, video_wm if sw.pretrained_encoder else None).to(device)
         if sw.needs_guidance:
@@ -437,10 +438,10 @@ def finetune(world_model: str | None, episodes: str, out: str, params: Params, c
         actor = Actor(feat_dim, action_dim, model.actor_units, model.actor_layers, kind=meta["action_kind"],
                       min_std=model.actor_min_std).to(device)
         critic = Critic(feat_dim, model.critic_units, model.critic_layers).to(device)
-        phases["world_model"] = WorldModelPhase(trunk, params, sw, video_wm, guidance)
-        phases["policy"] = PolicyPhase(trunk, actor, critic, params, sw, guidance)
-        target = EpisodeWindowSampler(store, fp.batch, fp.seq_len, fp.seed, TARGET_STREAM, keys=("image", "action", "reward"))
+        target = EpisodeWindowSampler(store, fp.batch, fp.seq_len, fp.seed, TARGET_STREAM,
+                                      keys=("image", "action", "reward"))
         source = ClipSampler(clip_store, fp.source_batch, fp.source_len, fp.seed, SOURCE_STREAM) if clip_store else None
+        starts = EpisodeWindowSampler(store, fp.batch, fp.seq_len, fp.seed, START_STREAM, keys=("image", "action"))
 
         def world_model_batch(step: int) -> dict[str, Any]:
             batch = dict(target(step))
@@ -448,79 +449,21 @@ def finetune(world_model: str | None, episodes: str, out: str, params: Params, c
                 batch["source"] = source(step)["image"]
             return batch
 
-        def world_model_update(batch: dict[str, Any]) -> dict[str, float]:
-            return phases["world_model"].update(batch, batch.get("source"))
+        def policy_phase() -> PolicyPhase:
+            phase = PolicyPhase(trunk, actor, critic, params, sw, guidance)
+            phase.freeze_world_model()
+            return phase
 
-        starts = EpisodeWindowSampler(store, fp.batch, fp.seq_len, fp.seed, START_STREAM, keys=("image", "action"))
-        loops.append(PhaseLoop("world_model", fp.world_model_steps, 0, seq_samples, world_model_update, world_model_batch))
-        loops.append(PhaseLoop("policy", fp.policy_steps, fp.world_model_steps, seq_samples * fp.horizon,
-                               phases["policy"].update, starts))
+        phases = [Phase("world_model", fp.world_model_steps,
+                        lambda: WorldModelPhase(trunk, params, sw, video_wm, guidance), world_model_batch, windows),
+                  Phase("policy", fp.policy_steps, policy_phase, starts, windows * fp.horizon)]
+    loop = TrainingLoop(STAGE, phases, seed=fp.seed, config=config, upstream=upstream, checkpoints=run_dir,
+                        log_every=fp.log_every, checkpoint_every=fp.checkpoint_every, prefetch=fp.prefetch,
+                        device=device, progress=progress, on_step=on_step)
 
-    # -- resume ------------------------------------------------------------------------------------
-    config = params.section_dict(*SECTIONS)
-    if checkpoints:
-        # one folder per (maths-relevant config, inputs): a new world model or a `dvc exp run -S` variation
-        # trains in its own folder instead of being refused by the persisted one
-        checkpoints = run_directory(checkpoints, {**config, "upstream": upstream})
-    manager = CheckpointManager(checkpoints) if checkpoints else None
-    progress_state = {loop.name: 0 for loop in loops}
-    curve: list[dict[str, Any]] = []
-    elapsed = {loop.name: 0.0 for loop in loops}
-    saved = manager.load_latest() if manager else None
-    if saved is not None:
-        assert_resumable(saved["config"], config, where=f"{checkpoints}")
-        if saved["upstream"] != upstream:
-            raise CheckpointMismatch(f"refusing to resume from {checkpoints}: its inputs differ (checkpoint "
-                                     f"{saved['upstream']}, now {upstream}); delete the directory to train from scratch")
-        for name, state in saved["phases"].items():
-            phases[name].load_state_dict(state)
-        progress_state.update(saved["progress"])
-        curve = list(saved["curve"])
-        elapsed.update(saved["elapsed"])
-        log.info("resumed from %s at %s", checkpoints, progress_state)
-
-    def checkpoint(global_step: int) -> None:
-        if manager is None:
-            return
-        manager.save(global_step, {"config": config, "upstream": upstream, "progress": dict(progress_state),
-                                   "phases": {n: p.state_dict() for n, p in phases.items()}, "curve": curve,
-                                   "elapsed": dict(elapsed)})
-
-    # -- train -------------------------------------------------------------------------------------
-    run_dir = checkpoints
     with tracking.stage_run(STAGE, params, parent_run_id, run_dir=run_dir, sections=SECTIONS, upstream=upstream,
                             tags={"veorl.algo": fp.algo, "veorl.guidance": fp.guidance}) as stage:
-        for loop in loops:
-            done = min(progress_state[loop.name], loop.total) if loop.name in progress_state else 0
-            if loop.name == "policy":
-                phases["policy"].freeze_world_model()
-            if done >= loop.total:
-                continue
-            window = MetricWindow()
-            bar = tqdm(total=loop.total, initial=done, desc=f"finetune {loop.name}", unit="update", disable=not progress)
-            with Prefetcher(loop.make_batch, done, loop.total, depth=fp.prefetch, device=device) as batches:
-                for step, batch in batches:
-                    reseed(fp.seed, loop.name, step)
-                    started = time.perf_counter()
-                    metrics = loop.update(batch)
-                    seconds = time.perf_counter() - started
-                    elapsed[loop.name] += seconds
-                    bad = [k for k, v in metrics.items() if not np.isfinite(v)]
-                    if bad:
-                        raise FloatingPointError(f"finetune {loop.name} step {step + 1}: non-finite {bad} ({metrics})")
-                    window.add({**metrics, "seconds_per_update": seconds, "samples_per_second": loop.samples_per_update / seconds})
-                    progress_state[loop.name] = step + 1
-                    global_step = loop.offset + step + 1
-                    bar.update(1)
-                    if (step + 1) % fp.log_every == 0 or step + 1 == loop.total:
-                        row = window.flush()
-                        bar.set_postfix({k: f"{row[k]:.3g}" for k in ("wm_loss", "actor_loss", "imagined_return", "bc_loss")
-                                         if k in row})
-                        curve.append({"step": global_step, "phase": loop.name, **row})
-                        tracking.log_metrics({f"{loop.name}/{k}": v for k, v in row.items()}, step=global_step)
-                    if (step + 1) % fp.checkpoint_every == 0 or step + 1 == loop.total:
-                        checkpoint(global_step)
-            bar.close()
+        result = loop.run(stage.run_id)
 
         # -- the agent artifact ----------------------------------------------------------------------
         agent_meta = {
@@ -529,45 +472,42 @@ def finetune(world_model: str | None, episodes: str, out: str, params: Params, c
             "switches": {"pretrained_encoder": sw.pretrained_encoder, "use_mmd": sw.use_mmd,
                          "use_latent_action": sw.use_latent_action, "use_intrinsic": sw.use_intrinsic},
             "bc": {"units": model.actor_units, "layers": model.actor_layers, "loss": fp.bc_loss} if fp.algo == "bc" else None,
-            "trained_updates": dict(progress_state), "mlflow_run_id": stage.run_id,
+            "trained_updates": dict(result.progress), "mlflow_run_id": stage.run_id,
         }
-        modules = agent_modules(fp.algo, trunk, actor, guidance, sw, policy)
-        expected = build_agent_modules(agent_meta)
-        if set(expected.state_dict()) != set(modules.state_dict()):
-            raise RuntimeError("the agent modules do not match the layout veorl.agent rebuilds")
+        trained = {"policy": policy, "actor": actor}
+        if trunk is not None:
+            trained.update(encoder=trunk.encoder, trunk_net=trunk.trunk_net)
+        if guidance is not None:
+            trained.update(fbc=guidance.fbc, codebook=guidance.codebook)
+        modules = assemble_agent(agent_meta, trained)
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "agent.json").unlink(missing_ok=True)
         write_resolved_config(out, params, SECTIONS, upstream=upstream, algo=fp.algo)
         save_agent(out, modules, agent_meta)
+        record_content_hash(out)
 
-        summary = summarise(fp.algo, curve, progress_state, elapsed, loops)
-        summary.update(task=meta["task"], agent=str(out))
+        summary = {"algo": fp.algo, **result.summary(), "task": meta["task"], "agent": str(out),
+                   "mlflow_run_id": stage.run_id}
         tracking.log_metrics({f"final/{k}": v for k, v in numeric_leaves(summary).items()})
         tracking.log_dict(agent_meta, "agent/agent.json")
         if metrics_path:
             atomic_write_json(metrics_path, summary)
             tracking.log_artifact(metrics_path)
         if curve_path:
-            write_curve(curve_path, curve)
+            write_curve(curve_path, result.curve)
             tracking.log_artifact(curve_path)
     return summary
 
 
-
-
-def summarise(algo: str, curve: list[dict[str, Any]], progress: dict[str, int], elapsed: dict[str, float],
-              loops: list[PhaseLoop]) -> dict[str, Any]:
-    """metrics/finetune.json: the last logged window of each phase, update counts, time and throughput."""
-    summary: dict[str, Any] = {"algo": algo, "updates": dict(progress), "seconds": {k: round(v, 3) for k, v in elapsed.items()}}
-    for loop in loops:
-        rows = [r for r in curve if r["phase"] == loop.name]
-        if rows:
-            summary[loop.name] = {k: v for k, v in rows[-1].items() if k not in ("step", "phase")}
-        if elapsed.get(loop.name, 0.0) > 0 and progress.get(loop.name, 0) > 0:
-            summary.setdefault("throughput", {})[f"{loop.name}_samples_per_second"] = round(
-                loop.samples_per_update * progress[loop.name] / elapsed[loop.name], 3)
-    return summary
-
-
-__all__ = ["finetune", "WorldModelPhase", "PolicyPhase", "PolicyLosses", "build_guidance", "plan_posterior_targets",
-           "dataset_metadata", "reseed", "FinetuneError", "CURVE_COLUMNS"]
+__all__ = [
+    "FinetuneError",
+    "ImaginedReturns",
+    "PolicyLosses",
+    "PolicyPhase",
+    "WorldModelLosses",
+    "WorldModelPhase",
+    "build_guidance",
+    "dataset_metadata",
+    "finetune",
+    "upstream_hashes",
+]

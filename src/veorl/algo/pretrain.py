@@ -19,45 +19,161 @@ The method doc's phase 2 also trains the Trunk Net (a DreamerV2 world model on t
 actions). In this project that belongs to fine-tuning (components.finetune), which starts from this
 stage's artifact; `veorl.algo.world_model_losses.trunk_world_model_loss` is the shared loss it uses.
 
-The phases are separate trainers with separate optimizers, run one after the other by `pretrain`, which
-also owns checkpoint/resume (exact: a resumed run reproduces the uninterrupted run's parameters bit for
-bit on CPU), MLflow tracking, the metrics files and the artifact.
+The phases are separate trainers with separate optimizers, run one after the other by `pretrain` through
+the shared training loop (veorl.algo.loop: checkpoints and exact resume, curve, MLflow metrics and figures).
+`pretrain` writes the world-model artifact and the metrics files.
 """
 
 from __future__ import annotations
 
 import abc
-import csv
-import io
 import logging
-import sys
-import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from veorl import tracking
-from veorl.algo.segmentation import Segments, keyframe_sequence, pad_segments, segment_behaviours
+from veorl.algo.loop import Phase, Trainer, TrainingLoop, detached, write_curve
+from veorl.algo.segmentation import (
+    Segments,
+    keyframe_sequence,
+    pad_segments,
+    segment_behaviours,
+)
 from veorl.algo.world_model_losses import flat_states, linear_mmd, masked_mean
-from veorl.checkpoint import CheckpointManager, assert_resumable, rng_state, run_directory, seed_everything, set_rng_state
+from veorl.checkpoint import run_directory
 from veorl.config import Params, PretrainParams
-from veorl.data.clips import MANIFEST, ClipStore, clips_hash
-from veorl.data.episodes import EpisodeStore, dataset_hash
-from veorl.data.samplers import ClipSampler, EpisodeWindowSampler, JointSampler, Prefetcher
+from veorl.data.clips import MANIFEST, ClipStore
+from veorl.data.episodes import EpisodeStore
+from veorl.data.samplers import ClipSampler, EpisodeWindowSampler, JointSampler
 from veorl.models.ban import codebook_stats
 from veorl.models.networks import IMAGE_SIZE, postprocess, preprocess
 from veorl.models.world_models import VideoWorldModel, save_world_model
-from veorl.storage import atomic_path, atomic_write_json, provenance
+from veorl.storage import (
+    artifact_hash,
+    atomic_write_json,
+    provenance,
+    record_content_hash,
+)
 
 log = logging.getLogger(__name__)
 
+STAGE = "pretrain"
 CONFIG_SECTIONS = ("model", "pretrain")
 # Each phase draws its batches from its own RNG streams, so phase 2 never replays phase 1's batches.
-PHASE_STREAMS = {1: (0, 1), 2: (2, 3)}
+PHASE_STREAMS = {"phase1": (0, 1), "phase2": (2, 3)}
+
+Batch = dict[str, dict[str, torch.Tensor]]
+
+
+def _frames(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Losses
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Phase1Losses:
+    loss: torch.Tensor        # what phase 1 minimises
+    image_nll: torch.Tensor
+    kl_loss: torch.Tensor     # balanced KL with free nats (optimised)
+    kl: torch.Tensor          # raw KL(posterior || prior)
+    vq_loss: torch.Tensor
+    mmd: torch.Tensor
+    grad_norm: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Phase2Losses:
+    loss: torch.Tensor
+    image_nll: torch.Tensor
+    kl_loss: torch.Tensor
+    kl: torch.Tensor
+    fbc_loss: torch.Tensor
+    mmd: torch.Tensor
+    behaviours_per_seq: torch.Tensor
+    keyframes: torch.Tensor
+    grad_norm: torch.Tensor | None = None
+
+
+class PhaseTrainer(Trainer):
+    """Shared optimisation step: one Adam over the phase's trainable modules, gradient-norm clipping.
+
+    It counts the codes the batches use: since the last curve row (codebook perplexity and usage, added
+    to each row) and since the last figure (the usage figure).
+    """
+
+    def __init__(self, model: VideoWorldModel, cfg: PretrainParams):
+        self.model, self.cfg = model, cfg
+        self.parameters = [p for m in self.trainable_modules() for p in m.parameters()]
+        self.optimizer = torch.optim.Adam(self.parameters, lr=cfg.optim.lr, eps=cfg.optim.eps)
+        # Kept on the model's device so counting never waits for it.
+        device = model.codebook.vectors.device
+        self.usage = torch.zeros(model.codebook.K, dtype=torch.float32, device=device)
+        self.figure_usage = torch.zeros_like(self.usage)
+
+    @abc.abstractmethod
+    def trainable_modules(self) -> list[nn.Module]:
+        """The modules this phase optimises (everything else stays untouched)."""
+
+    @abc.abstractmethod
+    def forward(self, batch: Batch) -> tuple[Any, list[tuple[torch.Tensor, torch.Tensor | None]]]:
+        """(losses, [(codes, mask or None), ...] the batch chose), without side effects."""
+
+    def losses(self, batch: Batch) -> Any:
+        """The loss terms of one batch (a pure function of the batch and torch's RNG); `loss` is minimised."""
+        return self.forward(batch)[0]
+
+    def update(self, batch: Batch) -> Any:
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, codes = self.forward(batch)
+        losses.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        for chosen, mask in codes:
+            # index_add_ rather than bincount, which reads the largest code back to size its output (a sync).
+            index = chosen.reshape(-1)
+            weights = (torch.ones_like(index, dtype=self.usage.dtype) if mask is None
+                       else mask.reshape(-1).to(self.usage.dtype))
+            self.usage.index_add_(0, index, weights)
+            self.figure_usage.index_add_(0, index, weights)
+        return replace(detached(losses), grad_norm=grad_norm.detach())
+
+    def extra_metrics(self) -> dict[str, float]:
+        stats = codebook_stats(self.usage.double().cpu())
+        self.usage.zero_()
+        return {"codebook_perplexity": stats.perplexity, "codebook_used": float(stats.used)}
+
+    def figures(self, batch: Batch) -> dict[str, Any]:
+        usage = self.figure_usage.double().cpu()
+        self.figure_usage.zero_()
+        target = batch["target"]["image"]
+        top_codes = [int(c) for c in torch.argsort(usage, descending=True)[:6] if usage[c] > 0] or [0]
+        keyframe = self.name == "phase2"
+        horizon = 4 if keyframe else min(8, target.shape[1])
+        recon = keyframe_figure(self.model, target) if keyframe else reconstruction_figure(self.model, target)
+        return {"reconstruction": recon,
+                "open_loop": open_loop_figure(self.model, target, top_codes, horizon, keyframe=keyframe),
+                "codebook_usage": usage_figure(usage, f"{self.name} codebook usage")}
+
+    def state_dict(self) -> dict[str, Any]:
+        # The whole model: the phase reads modules it does not train (phase 2: the frozen BAN side).
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "usage": self.usage.cpu().clone(), "figure_usage": self.figure_usage.cpu().clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.usage.copy_(state["usage"])
+        self.figure_usage.copy_(state["figure_usage"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -65,63 +181,21 @@ PHASE_STREAMS = {1: (0, 1), 2: (2, 3)}
 # ------------------------------------------------------------------------------------------------
 
 
-def _frames(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 3)
-
-
-class PhaseTrainer(abc.ABC):
-    """Shared optimisation step: one Adam over the phase's trainable modules, gradient-norm clipping."""
-
-    phase: int = 0
-
-    def __init__(self, model: VideoWorldModel, cfg: PretrainParams):
-        self.model, self.cfg = model, cfg
-        self.parameters = [p for m in self.trainable_modules() for p in m.parameters()]
-        self.optimizer = torch.optim.Adam(self.parameters, lr=cfg.optim.lr, eps=cfg.optim.eps)
-        # Code counts since the last figure; kept on the model's device so counting never forces a sync.
-        self.usage = torch.zeros(model.codebook.K, dtype=torch.float32, device=model.codebook.vectors.device)
-
-    @abc.abstractmethod
-    def trainable_modules(self) -> list[nn.Module]:
-        """The modules this phase optimises (everything else stays untouched)."""
-
-    @abc.abstractmethod
-    def losses(self, batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Scalar loss terms of one batch; "loss" is the total that is minimised."""
-
-    def update(self, batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """One optimisation step on a batch; returns detached loss terms and the gradient norm."""
-        self.optimizer.zero_grad(set_to_none=True)
-        terms = self.losses(batch)
-        terms["loss"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.cfg.optim.grad_clip)
-        self.optimizer.step()
-        out = {k: v.detach() for k, v in terms.items() if isinstance(v, torch.Tensor) and v.dim() == 0}
-        out["grad_norm"] = grad_norm.detach()
-        return out
-
-    def _count_codes(self, codes: torch.Tensor) -> None:
-        self.usage += torch.bincount(codes.reshape(-1), minlength=self.model.codebook.K).to(self.usage.dtype)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "usage": self.usage.cpu().clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.usage = state["usage"].to(self.usage.device, self.usage.dtype).clone()
-
-
 class Phase1Trainer(PhaseTrainer):
     """Latent behaviours + Plan Net on frame sequences (encoder, BAN, codebook, Plan Net, decoder learn)."""
 
-    phase = 1
+    name = "phase1"
 
     def trainable_modules(self) -> list[nn.Module]:
         m = self.model
         return [m.encoder, m.ban, m.codebook, m.plan_net, m.decoder]
 
+    def before_first_update(self, batch: Batch) -> None:
+        if self.cfg.codebook_init == "data":
+            self.initialise_codebook(batch)
+
     @torch.no_grad()
-    def initialise_codebook(self, batch: dict[str, dict[str, torch.Tensor]]) -> None:
+    def initialise_codebook(self, batch: Batch) -> None:
         """Set the codebook to K distinct BAN outputs of `batch` (pretrain.codebook_init = "data").
 
         With the VQ-VAE default U(-1/K, 1/K) the codes sit far from the BAN's outputs, so a handful of
@@ -140,12 +214,14 @@ class Phase1Trainer(PhaseTrainer):
         vectors[distinct:] += 1e-3 * torch.randn_like(vectors[distinct:])  # repeated codes nudged apart
         m.codebook.vectors.copy_(vectors)
 
-    def losses(self, batch):
+    def forward(self, batch: Batch) -> tuple[Phase1Losses, list[tuple[torch.Tensor, None]]]:
         m, cfg = self.model, self.cfg
         target = preprocess(batch["target"]["image"])
         source = preprocess(batch["source"]["image"])
         (b, t), (bs, ts) = target.shape[:2], source.shape[:2]
-        # One encoder pass over every frame of both domains; the same tensor is the decoder's target.
+        # One encoder pass over every frame of both domains; the same tensor is the decoder's target. This
+        # shared pass (and the straight-through quantisation the BAN learns by) is why phase 1 does not use
+        # VideoWorldModel.plan_posterior, only the Plan Net filtering step it shares with it (filter_plan).
         frames = torch.cat([_frames(target), _frames(source)])
         embed = m.encoder(frames)
         target_embed = embed[: b * t].reshape(b, t, -1)
@@ -156,26 +232,24 @@ class Phase1Trainer(PhaseTrainer):
         pre_quant = [m.ban(e) for e in sequences]
         flat_z = torch.cat([z.reshape(-1, z.shape[-1]) for z in pre_quant])
         flat_zq, codes, vq = m.codebook.quantise(flat_z, beta=cfg.vq_beta)
-        self._count_codes(codes)
 
         posts, priors, features = [], [], []
         offset = 0
         for e, z in zip(sequences, pre_quant):
             count = z.shape[0] * z.shape[1]
-            latent_action = flat_zq[offset:offset + count].reshape(z.shape)
+            latent_actions = flat_zq[offset:offset + count].reshape(z.shape)
             offset += count
-            # The Plan Net's action at frame t is the latent action of t-1 -> t (none before frame 0).
-            prev_action = torch.cat([latent_action.new_zeros(z.shape[0], 1, z.shape[-1]), latent_action], 1)
-            post, prior = m.plan_net.observe(e, prev_action)
+            post, prior = m.filter_plan(e, latent_actions)
             posts.append(post)
             priors.append(prior)
             features.append(m.plan_net.feature(post).reshape(-1, m.feat_dim))
         pixels = frames if cfg.ban_on_source else frames[: b * t]
         image = -m.decoder.log_prob(torch.cat(features), pixels).mean()
-        kl, kl_value = m.plan_net.kl_loss(flat_states(*posts), flat_states(*priors), balance=cfg.kl_balance,
-                                          free=cfg.free_nats)
-        loss = image + cfg.kl_scale * kl + vq + cfg.mmd_weight * mmd
-        return {"loss": loss, "image_nll": image, "kl_loss": kl, "kl": kl_value, "vq": vq, "mmd": mmd}
+        kl_loss, kl = m.plan_net.kl_loss(flat_states(*posts), flat_states(*priors), balance=cfg.kl_balance,
+                                         free=cfg.free_nats)
+        loss = image + cfg.kl_scale * kl_loss + vq + cfg.mmd_weight * mmd
+        losses = Phase1Losses(loss=loss, image_nll=image, kl_loss=kl_loss, kl=kl, vq_loss=vq, mmd=mmd)
+        return losses, [(codes, None)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -199,7 +273,7 @@ class KeyframeBatch:
 class Phase2Trainer(PhaseTrainer):
     """Keyframe Plan Net + F_BC (encoder, Plan Net, keyframe decoder, F_BC learn; BAN side frozen)."""
 
-    phase = 2
+    name = "phase2"
 
     def __init__(self, model: VideoWorldModel, cfg: PretrainParams):
         if not bool(model.behaviour_frozen):
@@ -247,14 +321,12 @@ class Phase2Trainer(PhaseTrainer):
             segments=segments,
         )
 
-    def losses(self, batch):
+    def forward(self, batch: Batch) -> tuple[Phase2Losses, list[tuple[torch.Tensor, torch.Tensor]]]:
         m, cfg = self.model, self.cfg
         target = preprocess(batch["target"]["image"])
         source = preprocess(batch["source"]["image"])
         frames = torch.cat([_frames(target), _frames(source)])
         kf = self.keyframes(frames, [tuple(target.shape[:2]), tuple(source.shape[:2])])
-        for seg in kf.segments:
-            self._count_codes(seg.code[seg.mask])
         rows, slots = kf.mask.shape
         valid = kf.mask.reshape(-1)
         # Only real keyframes are encoded; padded slots get zero embeddings. They come after every real
@@ -267,16 +339,17 @@ class Phase2Trainer(PhaseTrainer):
         post, prior = m.plan_net.observe(embed, kf.prev_action)
         feature = m.plan_net.feature(post)
         image = -m.keyframe_decoder.log_prob(feature.reshape(-1, m.feat_dim)[valid], keyframe_pixels).mean()
-        kl, kl_value = m.plan_net.kl_loss(post, prior, balance=cfg.kl_balance, free=cfg.free_nats, mask=kf.mask)
+        kl_loss, kl = m.plan_net.kl_loss(post, prior, balance=cfg.kl_balance, free=cfg.free_nats, mask=kf.mask)
         # Like a reward head, F_BC's gradient also shapes the Plan Net state it reads.
         fbc_error = (m.fbc(feature) - kf.next_action).square().mean(-1)
         fbc = masked_mean(fbc_error, kf.next_mask)
         n_target = kf.target_rows
         mmd = linear_mmd(embed[n_target:], embed[:n_target], kf.mask[n_target:], kf.mask[:n_target])
-        loss = image + cfg.kl_scale * kl + fbc + cfg.mmd_weight * mmd
+        loss = image + cfg.kl_scale * kl_loss + fbc + cfg.mmd_weight * mmd
         behaviours = kf.mask[:, 1:].sum(1).to(torch.float32)
-        return {"loss": loss, "image_nll": image, "kl_loss": kl, "kl": kl_value, "fbc": fbc, "mmd": mmd,
-                "behaviours_per_seq": behaviours.mean(), "keyframes": valid.sum().to(torch.float32)}
+        losses = Phase2Losses(loss=loss, image_nll=image, kl_loss=kl_loss, kl=kl, fbc_loss=fbc, mmd=mmd,
+                              behaviours_per_seq=behaviours.mean(), keyframes=valid.sum().to(torch.float32))
+        return losses, [(seg.code, seg.mask) for seg in kf.segments]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -299,10 +372,7 @@ def image_grid(frames: np.ndarray, border: int = 2) -> np.ndarray:
 def reconstruction_figure(model: VideoWorldModel, images: torch.Tensor, frames: int = 8) -> np.ndarray:
     """Row 1: target frames; row 2: Plan Net posterior reconstructions through the phase-1 decoder."""
     x = preprocess(images[:1, :frames])
-    embed = model.encoder(x)
-    latent_action, _ = model.codebook.nearest(model.ban(model.behaviour_embed(x)))
-    prev = torch.cat([latent_action.new_zeros(1, 1, latent_action.shape[-1]), latent_action], 1)
-    post, _ = model.plan_net.observe(embed, prev, sample=False)
+    _, post = model.plan_posterior(x)
     recon = model.decoder(model.plan_net.feature(post))
     rows = torch.stack([postprocess(x[0]), postprocess(recon[0])])
     return image_grid(rows.cpu().numpy())
@@ -329,10 +399,7 @@ def open_loop_figure(model: VideoWorldModel, images: torch.Tensor, codes: list[i
     """One row per latent behaviour: from the same start state, the Plan Net rolled forward with that
     codebook vector held fixed, decoded (first column: the start frame's reconstruction)."""
     x = preprocess(images[:1, :context])
-    embed = model.encoder(x)
-    latent_action, _ = model.codebook.nearest(model.ban(model.behaviour_embed(x)))
-    prev = torch.cat([latent_action.new_zeros(1, 1, latent_action.shape[-1]), latent_action], 1)
-    post, _ = model.plan_net.observe(embed, prev, sample=False)
+    _, post = model.plan_posterior(x)
     start = post[:, -1]
     decoder = model.keyframe_decoder if keyframe else model.decoder
     count = len(codes)
@@ -362,46 +429,23 @@ def usage_figure(counts: torch.Tensor, title: str):
 
 
 # ------------------------------------------------------------------------------------------------
-# Driver: phases, checkpoints, tracking, outputs
+# Driver: the phases, the artifact, the metrics files
 # ------------------------------------------------------------------------------------------------
 
 
 def upstream_hashes(clips: str | Path, episodes: str | Path) -> dict[str, str]:
-    """Hashes of the input datasets: the clip manifest (it lists every shard) and the episodes' card."""
-    return {"video_clips": clips_hash(clips), "target_episodes": dataset_hash(episodes)}
-
-
-@dataclass
-class TrainingState:
-    phase: int = 1                     # phase being trained (or last finished)
-    step: int = 0                      # updates done in that phase
-    curve: list[dict[str, Any]] = field(default_factory=list)
-    summary: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-def _write_curve(path: Path, rows: list[dict[str, Any]]) -> None:
-    columns = ["step", "phase", "phase_step"]
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
+    """Content hashes of the inputs, as the steps that wrote them recorded them (veorl.storage.artifact_hash)."""
+    return {"video_clips": artifact_hash(clips), "target_episodes": artifact_hash(episodes)}
 
 
 def pretrain(params: Params, clips: str | Path, episodes: str | Path, out: str | Path,
              checkpoints: str | Path | None = None, parent_run_id: str | None = None,
              metrics_path: str | Path = "metrics/pretrain.json", curve_path: str | Path = "metrics/pretrain_curve.csv",
-             on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+             on_step: Callable[[int], None] | None = None, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) phases 1 and 2 and write the world-model artifact and metrics. Returns the metrics.
 
     on_step(global_step) is called after every update (tests use it to simulate a kill).
     """
-    from tqdm import tqdm
-
     from veorl.runtime import configure_torch_threads, resolve_device
 
     cfg = params.pretrain
@@ -416,149 +460,61 @@ def pretrain(params: Params, clips: str | Path, episodes: str | Path, out: str |
     EpisodeWindowSampler(episode_store, cfg.batch, cfg.seq_len, cfg.seed)
     ClipSampler(clip_store, cfg.source_batch, cfg.source_len, cfg.seed)
     upstream = upstream_hashes(clips, episodes)
-    run_config = {**params.section_dict(*CONFIG_SECTIONS), "upstream": upstream}
+    config = params.section_dict(*CONFIG_SECTIONS)
 
-    seed_everything(cfg.seed)
+    torch.manual_seed(cfg.seed)
     model = VideoWorldModel(params.model).to(device)
-    if checkpoints is not None:
-        checkpoints = run_directory(checkpoints, run_config)
-    manager = CheckpointManager(checkpoints) if checkpoints is not None else None
-    state = TrainingState()
-    saved = manager.load_latest() if manager is not None else None
-    if saved is not None:
-        assert_resumable(saved["config"], run_config, where=f"checkpoint in {checkpoints}")
-        model.load_state_dict(saved["model"])
-        state = TrainingState(phase=saved["phase"], step=saved["step"], curve=saved["curve"], summary=saved["summary"])
-        log.info("resuming pretraining at phase %d step %d from %s", state.phase, state.step, checkpoints)
-    elif checkpoints is None:
-        log.info("no --checkpoints directory: this run cannot be resumed if interrupted")
+    run_dir = run_directory(checkpoints, config, upstream) if checkpoints is not None else None
 
-    totals = {1: cfg.phase1_steps, 2: cfg.phase2_steps}
-    if saved is not None and state.phase == 2 and saved.get("phase1_steps", totals[1]) != totals[1]:
-        log.warning("phase 2 already started after %s phase-1 steps; pretrain.phase1_steps=%d is ignored",
-                    saved.get("phase1_steps"), totals[1])
-        totals[1] = saved["phase1_steps"]
-    per_step_sequences = cfg.batch + cfg.source_batch
-    per_step_frames = cfg.batch * cfg.seq_len + cfg.source_batch * cfg.source_len
-    started = time.perf_counter()
+    def sampler(phase: str) -> JointSampler:
+        target_stream, source_stream = PHASE_STREAMS[phase]
+        return JointSampler(
+            target=EpisodeWindowSampler(episode_store, cfg.batch, cfg.seq_len, cfg.seed, target_stream,
+                                        keys=("image",)),
+            source=ClipSampler(clip_store, cfg.source_batch, cfg.source_len, cfg.seed, source_stream))
 
-    with tracking.stage_run("pretrain", params, parent_run_id, run_dir=checkpoints, sections=CONFIG_SECTIONS + ("tracking",),
+    def phase2() -> Phase2Trainer:
+        model.freeze_behaviours()
+        return Phase2Trainer(model, cfg)
+
+    sequences = cfg.batch + cfg.source_batch
+    loop = TrainingLoop(
+        STAGE, [Phase("phase1", cfg.phase1_steps, lambda: Phase1Trainer(model, cfg), sampler("phase1"), sequences),
+                Phase("phase2", cfg.phase2_steps, phase2, sampler("phase2"), sequences)],
+        seed=cfg.seed, config=config, upstream=upstream, checkpoints=run_dir, log_every=cfg.log_every,
+        checkpoint_every=cfg.checkpoint_every, figure_every=cfg.image_log_every, prefetch=cfg.prefetch, device=device,
+        progress=progress, on_step=on_step)
+
+    with tracking.stage_run(STAGE, params, parent_run_id, run_dir=run_dir, sections=CONFIG_SECTIONS + ("tracking",),
                             upstream=upstream) as run:
-        for phase, trainer_cls in ((1, Phase1Trainer), (2, Phase2Trainer)):
-            if state.phase > phase:
-                continue
-            if phase == 2:
-                model.freeze_behaviours()
-            trainer = trainer_cls(model, cfg)
-            start = state.step if state.phase == phase else 0
-            if saved is not None and saved["phase"] == phase:
-                trainer.load_state_dict(saved["trainer"])
-                set_rng_state(saved["rng"])
-                saved = None
-            state.phase, state.step = phase, start
-            total = totals[phase]
-            offset = sum(totals[p] for p in totals if p < phase)
-            target_stream, source_stream = PHASE_STREAMS[phase]
-            sampler = JointSampler(
-                target=EpisodeWindowSampler(episode_store, cfg.batch, cfg.seq_len, cfg.seed, target_stream, keys=("image",)),
-                source=ClipSampler(clip_store, cfg.source_batch, cfg.source_len, cfg.seed, source_stream),
-            )
-
-            def checkpoint(done: int) -> None:
-                if manager is None:
-                    return
-                manager.save(offset + done, {
-                    "format": 1, "phase": phase, "step": done, "phase1_steps": totals[1], "config": run_config,
-                    "model": model.state_dict(), "trainer": trainer.state_dict(), "rng": rng_state(),
-                    "sampler": sampler.state_dict(), "curve": state.curve, "summary": state.summary,
-                    "mlflow_run_id": run.run_id,
-                })
-
-            summary = state.summary.setdefault(f"phase{phase}", {})
-            session_steps, train_time, wait_time = 0, 0.0, 0.0
-            bar = tqdm(total=total, initial=start, desc=f"pretrain phase {phase}", unit="step", file=sys.stderr,
-                       dynamic_ncols=True, disable=total == 0)
-            with Prefetcher(sampler, start, total, depth=cfg.prefetch, device=device) as batches:
-                iterator = iter(batches)
-                while True:
-                    t0 = time.perf_counter()
-                    try:
-                        step, batch = next(iterator)
-                    except StopIteration:
-                        break
-                    t1 = time.perf_counter()
-                    if phase == 1 and step == 0 and cfg.codebook_init == "data":
-                        trainer.initialise_codebook(batch)
-                    terms = trainer.update(batch)
-                    t2 = time.perf_counter()
-                    wait_time += t1 - t0
-                    train_time += t2 - t0
-                    session_steps += 1
-                    done = step + 1
-                    state.step = done
-                    global_step = offset + done
-                    if done % cfg.log_every == 0 or done == total:
-                        values = {k: float(v) for k, v in terms.items()}
-                        stats = codebook_stats(trainer.usage.cpu().double())
-                        steps_per_s = session_steps / max(train_time, 1e-9)
-                        values.update({"codebook_perplexity": stats.perplexity, "codebook_used": stats.used,
-                                       "steps_per_s": steps_per_s, "samples_per_s": steps_per_s * per_step_sequences,
-                                       "frames_per_s": steps_per_s * per_step_frames,
-                                       "data_wait_fraction": wait_time / max(train_time, 1e-9)})
-                        state.curve.append({"step": global_step, "phase": phase, "phase_step": done,
-                                            **{k: round(v, 6) for k, v in values.items()}})
-                        tracking.log_metrics({f"phase{phase}/{k}": v for k, v in values.items()}, step=global_step)
-                        summary.update({"steps": done, "final": {k: values[k] for k in terms}, "codebook_perplexity":
-                                        stats.perplexity, "codebook_used": stats.used,
-                                        "throughput": {k: values[k] for k in ("steps_per_s", "samples_per_s", "frames_per_s",
-                                                                               "data_wait_fraction")}})
-                        bar.set_postfix(loss=f"{values['loss']:.1f}", ppl=f"{stats.perplexity:.1f}")
-                    if done % cfg.image_log_every == 0 or done == total:
-                        _log_figures(model, batch, trainer, phase, global_step)
-                        trainer.usage.zero_()
-                    if done % cfg.checkpoint_every == 0 or done == total:
-                        checkpoint(done)
-                    bar.update(1)
-                    if on_step is not None:
-                        on_step(global_step)
-            bar.close()
-            summary.setdefault("steps", state.step)
-            if session_steps:
-                log.info("phase %d: %d updates in %.1f s (%.2f steps/s, data wait %.0f%%)", phase, session_steps,
-                         train_time, session_steps / train_time, 100 * wait_time / max(train_time, 1e-9))
+        result = loop.run(run.run_id)
         model.freeze_behaviours()  # a run with phase2_steps=0 still hands over a frozen BAN side
-        metrics = {"phase1": state.summary.get("phase1", {}), "phase2": state.summary.get("phase2", {}),
-                   "codebook_perplexity": state.summary.get("phase1", {}).get("codebook_perplexity"),
-                   "elapsed_s": time.perf_counter() - started, "device": str(device),
-                   "resumed": bool(run.resumed), "mlflow_run_id": run.run_id}
+        metrics = result.summary()
+        metrics.update(codebook_perplexity=metrics.get("phase1", {}).get("codebook_perplexity"),
+                       mlflow_run_id=run.run_id)
         out = Path(out)
-        config = params.section_dict(*CONFIG_SECTIONS)
-        prov = provenance(config, upstream, stage="pretrain", mlflow_run_id=run.run_id)
-        save_world_model(out, model, config, prov)
+        save_world_model(out, model, config, provenance(config, upstream, stage=STAGE, mlflow_run_id=run.run_id))
+        record_content_hash(out)
         atomic_write_json(metrics_path, metrics)
-        _write_curve(Path(curve_path), state.curve)
+        write_curve(curve_path, result.curve)
         tracking.log_artifact(out, "video_world_model")
         tracking.log_artifact(metrics_path, "metrics")
         tracking.log_artifact(curve_path, "metrics")
     return metrics
 
 
-def _log_figures(model: VideoWorldModel, batch: dict[str, dict[str, torch.Tensor]], trainer: PhaseTrainer, phase: int,
-                 global_step: int) -> None:
-    if tracking.active_run_id() is None:
-        return
-    target = batch["target"]["image"]
-    usage = trainer.usage.cpu().double()
-    top_codes = [int(c) for c in torch.argsort(usage, descending=True)[:6] if usage[c] > 0] or [0]
-    tag = f"step{global_step:07d}"
-    recon = reconstruction_figure(model, target) if phase == 1 else keyframe_figure(model, target)
-    tracking.log_image(recon, f"figures/phase{phase}/reconstruction_{tag}.png")
-    horizon = min(8, target.shape[1]) if phase == 1 else 4
-    tracking.log_image(open_loop_figure(model, target, top_codes, horizon, keyframe=phase == 2),
-                       f"figures/phase{phase}/open_loop_{tag}.png")
-    tracking.log_figure(usage_figure(usage, f"phase {phase} codebook usage"),
-                        f"figures/phase{phase}/codebook_usage_{tag}.png")
-
-
-__all__ = ["Phase1Trainer", "Phase2Trainer", "PhaseTrainer", "pretrain", "upstream_hashes", "image_grid",
-           "reconstruction_figure", "keyframe_figure", "open_loop_figure", "usage_figure"]
+__all__ = [
+    "KeyframeBatch",
+    "Phase1Losses",
+    "Phase1Trainer",
+    "Phase2Losses",
+    "Phase2Trainer",
+    "PhaseTrainer",
+    "image_grid",
+    "keyframe_figure",
+    "open_loop_figure",
+    "pretrain",
+    "reconstruction_figure",
+    "upstream_hashes",
+    "usage_figure",
+]

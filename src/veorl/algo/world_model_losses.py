@@ -58,12 +58,14 @@ def image_nll(decoder: torch.nn.Module, feature: torch.Tensor, target: torch.Ten
 
 @dataclass(frozen=True)
 class TrunkLosses:
+    """The Trunk Net loss (`loss`, minimised) and its terms, with the posterior and embeddings it computed."""
+
     loss: torch.Tensor
-    image: torch.Tensor
-    reward: torch.Tensor
-    discount: torch.Tensor | None
-    kl: torch.Tensor
-    kl_value: torch.Tensor
+    image_nll: torch.Tensor
+    reward_nll: torch.Tensor
+    discount_nll: torch.Tensor | None
+    kl_loss: torch.Tensor          # the optimised KL term: balanced, with free nats
+    kl: torch.Tensor               # the raw KL(posterior || prior), detached
     post: RSSMState
     embed: torch.Tensor
 
@@ -87,10 +89,10 @@ def trunk_world_model_loss(model: TrunkWorldModel, image: torch.Tensor, action: 
     if model.discount_head is not None and discount is not None:
         discount_loss = -model.discount_head.log_prob(feature, discount).mean()
         loss = loss + discount_loss
-    kl, kl_value = model.trunk_net.kl_loss(post, prior, balance=kl_balance, free=free_nats)
-    loss = loss + kl_scale * kl
-    return TrunkLosses(loss=loss, image=image_loss, reward=reward_loss, discount=discount_loss, kl=kl, kl_value=kl_value,
-                       post=post, embed=embed)
+    kl_loss, kl_value = model.trunk_net.kl_loss(post, prior, balance=kl_balance, free=free_nats)
+    loss = loss + kl_scale * kl_loss
+    return TrunkLosses(loss=loss, image_nll=image_loss, reward_nll=reward_loss, discount_nll=discount_loss,
+                       kl_loss=kl_loss, kl=kl_value, post=post, embed=embed)
 
 
 def flat_states(*states: RSSMState) -> RSSMState:
@@ -98,5 +100,12 @@ def flat_states(*states: RSSMState) -> RSSMState:
     return RSSMState.cat([s.reshape_batch(-1) for s in states], 0)
 
 
-__all__ = ["masked_mean", "masked_embedding_mean", "linear_mmd", "image_nll", "TrunkLosses", "trunk_world_model_loss",
-           "flat_states"]
+__all__ = [
+    "TrunkLosses",
+    "flat_states",
+    "image_nll",
+    "linear_mmd",
+    "masked_embedding_mean",
+    "masked_mean",
+    "trunk_world_model_loss",
+]

@@ -13,15 +13,30 @@ from pathlib import Path
 
 import numpy as np
 
-from veorl.storage import read_json, sha256_file, tree_hash
+from veorl.storage import (
+    PROVENANCE,
+    read_json,
+    recorded_content_hash,
+    sha256_file,
+    tree_hash,
+)
 
 MANIFEST = "manifest.json"
 
 
-def clips_hash(root: str | Path) -> str:
-    """Content hash of ingested clips: their manifest (which lists every shard) or, without one, every file."""
+def clips_hash(root: str | Path, recorded: bool = True) -> str:
+    """Content hash of ingested clips: the one components.ingest recorded in provenance.json, else the hash of
+    their manifest (which lists every shard with its content hash), else of every file.
+
+    The ingest step records exactly this value (computed with recorded=False), so every reader of the clips,
+    whether it looks at the record or at the files, names them by the same hash.
+    """
+    if recorded:
+        hashed = recorded_content_hash(root)
+        if hashed:
+            return hashed
     manifest = Path(root) / MANIFEST
-    return sha256_file(manifest) if manifest.is_file() else tree_hash(root)
+    return sha256_file(manifest) if manifest.is_file() else tree_hash(root, exclude=(PROVENANCE,))
 
 
 class ClipStore:

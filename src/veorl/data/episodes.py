@@ -22,7 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from veorl.storage import atomic_write_bytes, sha256_file, tree_hash
+from veorl.storage import (
+    PROVENANCE,
+    atomic_write_bytes,
+    recorded_content_hash,
+    sha256_file,
+    tree_hash,
+)
 
 REQUIRED_KEYS = ("image", "action", "reward", "discount")
 OPTIONAL_BOOL_KEYS = ("success", "is_terminal", "is_first")
@@ -31,10 +37,19 @@ CARD = "card.json"  # the dataset card written by components.collect
 _NAME = re.compile(r"^(\d+)-(\d+)\.npz$")
 
 
-def dataset_hash(dataset: str | Path) -> str:
-    """Content hash of an episode dataset: its card (which records every episode) or, without one, every file."""
+def dataset_hash(dataset: str | Path, recorded: bool = True) -> str:
+    """Content hash of an episode dataset: the one components.collect recorded in provenance.json, else the hash
+    of its card (which records every episode), else of every file.
+
+    The collect step records exactly this value (computed with recorded=False), so every reader of the dataset
+    names it by the same hash.
+    """
+    if recorded:
+        hashed = recorded_content_hash(dataset)
+        if hashed:
+            return hashed
     card = Path(dataset) / CARD
-    return sha256_file(card) if card.is_file() else tree_hash(dataset)
+    return sha256_file(card) if card.is_file() else tree_hash(dataset, exclude=(PROVENANCE,))
 
 
 class EpisodeError(ValueError):

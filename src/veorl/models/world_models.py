@@ -111,6 +111,25 @@ class VideoWorldModel(nn.Module):
         z = self.ban(self.behaviour_embed(image))
         return self.codebook.nearest(z)
 
+    def filter_plan(self, embed: torch.Tensor, latent_actions: torch.Tensor,
+                    sample: bool = True) -> tuple[RSSMState, RSSMState]:
+        """Plan Net posterior and prior over frame embeddings (B, T, E) given the latent actions of their
+        transitions (B, T-1, Z): the action entering frame t is the latent action of t-1 -> t, none at frame 0."""
+        if latent_actions.shape[:-1] != (embed.shape[0], embed.shape[1] - 1):
+            raise ValueError(f"latent actions {tuple(latent_actions.shape)} must be one per transition of the "
+                             f"embeddings {tuple(embed.shape)}")
+        entering = torch.cat([latent_actions.new_zeros(latent_actions.shape[0], 1, latent_actions.shape[-1]),
+                              latent_actions], 1)
+        return self.plan_net.observe(embed, entering, sample=sample)
+
+    @torch.no_grad()
+    def plan_posterior(self, image: torch.Tensor, sample: bool = False) -> tuple[torch.Tensor, RSSMState]:
+        """What the video model says about frame sequences (B, T, 64, 64, 3): the quantised latent actions of
+        their transitions (B, T-1, Z) and the Plan Net posterior (B, T) filtered with them (at its mean by default)."""
+        latent_actions, _ = self.infer_latent_actions(image)
+        posterior, _ = self.filter_plan(self.encoder(image), latent_actions, sample=sample)
+        return latent_actions, posterior
+
     def next_latent_action(self, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """F_BC's prediction snapped to the nearest codebook vector: (latent action, code)."""
         return self.codebook.nearest(self.fbc(feature))
@@ -196,5 +215,13 @@ def load_world_model(path_dir: str | Path, device: str | torch.device = "cpu") -
     return model, meta
 
 
-__all__ = ["VideoWorldModel", "TrunkWorldModel", "build_rssm", "build_trunk_world_model", "save_world_model",
-           "load_world_model", "WEIGHTS_FILE", "MODEL_CONFIG_FILE"]
+__all__ = [
+    "MODEL_CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "TrunkWorldModel",
+    "VideoWorldModel",
+    "build_rssm",
+    "build_trunk_world_model",
+    "load_world_model",
+    "save_world_model",
+]
