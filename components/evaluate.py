@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ def run(agent: str, out: str, params: Params, *, parent_run_id: str | None = Non
     from veorl.evaluation import (
         evaluate_agent,
         plot_returns,
+        reward_diagnostics,
         summarise,
         write_episodes_csv,
     )
@@ -72,6 +74,14 @@ def run(agent: str, out: str, params: Params, *, parent_run_id: str | None = Non
         plot_returns(out_dir / "returns.png", results,
                      title=f"{meta['algo']} on {meta['task']}: success {summary['success_rate']:.2f}")
         write_resolved_config(out_dir, params, SECTIONS, upstream=upstream, protocol=protocol)
+        rewards = reward_diagnostics(results)
+        if rewards is not None:
+            from veorl.diagnostics import DIAGNOSTICS_FILE, check
+
+            report = {"reward": rewards}
+            report["warnings"] = check(report, f"evaluate ({meta['algo']})")
+            atomic_write_json(out_dir / DIAGNOSTICS_FILE, report)
+            tracking.log_metrics({f"diagnostics/reward/{k}": v for k, v in rewards.items() if math.isfinite(v)})
         metrics = {"task": meta["task"], "algo": meta["algo"], **summary, "protocol": protocol, "status": "ok"}
         tracking.log_metrics({k: v for k, v in summary.items()})
         for r in results:

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     parts = [f"{summary['algo']} agent written to {args.out}"]
-    for phase, key in (("world_model", "wm_loss"), ("policy", "imagined_return"), ("bc", "bc_loss")):
+    for phase, key in (("world_model", "loss"), ("policy", "imagined_return"), ("bc", "bc_loss")):
         if phase in summary and key in summary[phase]:
             parts.append(f"{phase} {key} {summary[phase][key]:.4g}")
     print("; ".join(parts))

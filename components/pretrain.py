@@ -23,12 +23,12 @@ log = logging.getLogger("veorl.components.pretrain")
 
 def run(clips: str, episodes: str, out: str, params: Params, *, checkpoints: str | None = None,
         parent_run_id: str | None = None, metrics: str = "metrics/pretrain.json",
-        curve: str = "metrics/pretrain_curve.csv") -> dict:
+        curve: str = "metrics/pretrain_curve.csv", progress: bool = True) -> dict:
     """Pretrain (or resume) and write the artifact and metrics files; returns the metrics dict."""
     from veorl.algo.pretrain import pretrain
 
     return pretrain(params, clips, episodes, out, checkpoints=checkpoints, parent_run_id=parent_run_id,
-                    metrics_path=metrics, curve_path=curve)
+                    metrics_path=metrics, curve_path=curve, progress=progress)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="checkpoint directory; re-running with the same directory resumes (default: no checkpoints)")
     parser.add_argument("--metrics", default="metrics/pretrain.json", help="final metrics JSON (default: %(default)s)")
     parser.add_argument("--curve", default="metrics/pretrain_curve.csv", help="learning curve CSV (default: %(default)s)")
-    add_component_args(parser, progress=False, tracking=True)
+    add_component_args(parser, tracking=True)
     return parser
 
 
@@ -51,13 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     args, params = parse_component_args(build_parser(), argv)
     try:
         metrics = run(args.clips, args.episodes, args.out, params, checkpoints=args.checkpoints,
-                      parent_run_id=args.parent_run_id, metrics=args.metrics, curve=args.curve)
+                      parent_run_id=args.parent_run_id, metrics=args.metrics, curve=args.curve,
+                      progress=not args.no_progress)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     p1, p2 = metrics.get("phase1", {}), metrics.get("phase2", {})
     log.info("pretraining done: phase 1 loss %s, phase 2 loss %s, codebook perplexity %s -> %s",
-             p1.get("final", {}).get("loss"), p2.get("final", {}).get("loss"), metrics.get("codebook_perplexity"), args.out)
+             p1.get("loss"), p2.get("loss"), metrics.get("codebook_perplexity"), args.out)
     return 0
 
 

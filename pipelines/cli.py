@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from veorl.config import PRESETS
 from pipelines.veorl_pipeline import (DEFAULT_GPU_IMAGE, DEFAULT_IMAGE, DEFAULT_RESOURCES, GPU_IMAGE_ENV, IMAGE_ENV,
                                       PACKAGE_PATH, PIPELINE_NAME, CompileOptions, build_pipeline, compile_pipeline)
 
@@ -77,7 +78,7 @@ def options_from_args(args: argparse.Namespace) -> CompileOptions:
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("pipeline parameters (per run)")
-    group.add_argument("--preset", default=None, choices=["smoke", "cpu", "paper"], help="sizes and step counts (pipeline default: paper)")
+    group.add_argument("--preset", default=None, choices=sorted(PRESETS), help="sizes and step counts (pipeline default: paper)")
     group.add_argument("--task", default=None, help="target task (collect.task)")
     group.add_argument("--algo", default=None, choices=["veorl", "dreamerv2", "bc"], help="finetune.algo")
     group.add_argument("--model-name", default=None, help="register.model_name")

@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a file: make `components` and `veorl` importable from the checkout
     sys.path.insert(0, str(REPO))
 
+from veorl.config import PRESETS  # noqa: E402
 from veorl.storage import atomic_path, atomic_write_text, read_json  # noqa: E402
 
 # Two-sided 95% Student t quantiles t_{0.975, df} for df = 1..30 (beyond: the normal 1.96 is within 2%).
@@ -268,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--doc", default="docs/results.md", metavar="FILE", help="markdown written (default: %(default)s)")
     parser.add_argument("--figure", default="docs/results.png", metavar="FILE", help="bar chart written (default: %(default)s)")
     parser.add_argument("--params", default="params.yaml", help="params.yaml (default: %(default)s)")
-    parser.add_argument("--preset", choices=["smoke", "cpu", "paper"], default=None, help="override the preset of params.yaml")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="override the preset of params.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="parameter override applied to every run (repeatable)")
     parser.add_argument("--notes", default=None, metavar="FILE",

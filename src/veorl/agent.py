@@ -27,12 +27,13 @@ from torch import nn
 from veorl.config import ModelParams
 from veorl.models.actor_critic import Actor, PixelPolicy, policy_inputs
 from veorl.models.ban import Codebook
-from veorl.models.networks import FBC, Encoder
+from veorl.models.networks import FBC, DenseHead, Encoder
 from veorl.models.rssm import RSSMState
 from veorl.models.world_models import build_rssm
 from veorl.storage import atomic_path, atomic_write_json, read_json
 
 WEIGHTS_FILE = "agent.pt"
+REWARD_HEAD_FILE = "reward_head.pt"  # diagnostics only: acting never reads it
 META_FILE = "agent.json"
 FORMAT_VERSION = 1
 ALGOS = ("veorl", "dreamerv2", "bc")
@@ -119,6 +120,8 @@ class Agent:
         self.device = torch.device(device)
         self.modules = modules.to(self.device).eval()
         self.modules.requires_grad_(False)
+        self.reward_head: nn.Module | None = None
+        self.reward_scale = 1.0
 
     @classmethod
     def load(cls, path: str, device: str = "cpu") -> Agent:
@@ -143,7 +146,30 @@ class Agent:
             modules.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise AgentError(f"{weights_path}: weights do not match {META_FILE}: {exc}") from None
-        return cls(modules, meta, device)
+        agent = cls(modules, meta, device)
+        head_path = root / REWARD_HEAD_FILE
+        if meta.get("reward_head") and head_path.is_file():
+            agent.load_reward_head(head_path)
+        return agent
+
+    # -- diagnostics: what the world model expects, next to what the simulator pays ----------------------
+
+    def load_reward_head(self, path: str | Path) -> None:
+        """The Trunk Net's reward head (not needed to act): lets evaluation compare predicted and real rewards."""
+        spec = self.meta["reward_head"]
+        head = DenseHead(self.modules["trunk_net"].feat_dim, 1, int(spec["units"]), int(spec["layers"]))
+        head.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.reward_head = head.to(self.device).eval().requires_grad_(False)
+        self.reward_scale = float(spec.get("reward_scale", 1.0))
+
+    @torch.no_grad()
+    def predicted_reward(self, state: dict[str, np.ndarray]) -> np.ndarray:
+        """The reward the world model predicts on the state `act` returned (simulator units), (B,)."""
+        if self.reward_head is None:
+            raise AgentError("this agent has no reward head (bc agents, or artifacts saved without one)")
+        feature = torch.cat([torch.as_tensor(state["stoch"], device=self.device),
+                             torch.as_tensor(state["deter"], device=self.device)], -1)
+        return (self.reward_head(feature).reshape(-1) / self.reward_scale).cpu().numpy()
 
     def initial_state(self, batch: int) -> dict[str, np.ndarray]:
         if self.algo == "bc":
@@ -193,6 +219,7 @@ class Agent:
 __all__ = [
     "ALGOS",
     "META_FILE",
+    "REWARD_HEAD_FILE",
     "WEIGHTS_FILE",
     "Agent",
     "AgentError",

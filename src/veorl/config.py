@@ -295,7 +295,7 @@ class TrackingParams(Section):
     )
 
 
-PresetName = Literal["smoke", "cpu", "paper"]
+PresetName = Literal["smoke", "cpu", "laptop", "paper"]
 
 
 with warnings.catch_warnings():
@@ -303,7 +303,8 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message='Field name "register"')
 
     class Params(Section):
-        preset: PresetName = Field(default="cpu", description="Sizes and step counts: smoke (tests), cpu (default), paper (GPU cluster).")
+        preset: PresetName = Field(default="cpu", description="Sizes and step counts: smoke (tests), cpu (default, ~10 min), laptop (a working agent in under an hour "
+                                                                    "on 2 cores), paper (GPU cluster).")
         source_videos: SourceVideosParams = Field(default_factory=SourceVideosParams)
         ingest: IngestParams = Field(default_factory=IngestParams)
         collect: CollectParams = Field(default_factory=CollectParams)
@@ -357,6 +358,26 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "policy_steps": 400, "bc_steps": 300, "horizon": 10, "checkpoint_every": 50, "log_every": 10,
                      "slow_critic_every": 20, "threads": 1, "critic_warmup": 50},
         "evaluate": {"episodes": 4, "videos": 1},
+        "ingest": {"window": 25, "stride": 12},
+    },
+    # A working agent on a 2-core laptop: the cpu preset's network sizes with enough target data (50 medium
+    # episodes) and updates to train on them (whole chain under an hour, one fine-tuning run under 20 min).
+    # The source tasks leave out both tasks the results compare on (drawer-open, handle-press).
+    "laptop": {
+        "source_videos": {"episodes_per_task": 4, "episode_length": 150,
+                          "tasks": ["door-open", "button-press-topdown", "plate-slide", "coffee-push"]},
+        "collect": {"episodes": 50, "episode_length": 200, "medium_random_prob": 0.45},
+        "model": {
+            "cnn_depth": 16, "deter": 128, "stoch": 32, "hidden": 128, "head_units": 200, "fbc_hidden": 96,
+            "actor_units": 200, "actor_layers": 3, "critic_units": 200, "critic_layers": 2,
+        },
+        "pretrain": {"batch": 8, "seq_len": 32, "source_batch": 8, "source_len": 16, "phase1_steps": 600,
+                     "phase2_steps": 300, "checkpoint_every": 100, "log_every": 20, "image_log_every": 300,
+                     "threads": 1, "codebook_restart_every": 25},
+        "finetune": {"batch": 8, "seq_len": 32, "source_batch": 8, "source_len": 16, "world_model_steps": 1200,
+                     "policy_steps": 1500, "bc_steps": 1500, "horizon": 10, "checkpoint_every": 100,
+                     "log_every": 25, "slow_critic_every": 50, "threads": 1, "critic_warmup": 100},
+        "evaluate": {"episodes": 10, "videos": 1},
         "ingest": {"window": 25, "stride": 12},
     },
     "smoke": {

@@ -15,6 +15,10 @@ Latent behaviours (video world model):
 - action probe: how much of the data action's variance a per-code mean action explains on held-out sequences
   (R^2; 0 = the code says nothing about what the robot did).
 
+Along the agent's own evaluation rollouts (written by evaluation, beside its metrics):
+- the reward the Trunk Net's reward head predicts on the states the agent filtered vs what the simulator paid
+  (their ratio and per-step correlation).
+
 Imagined policy (Trunk Net world model + actor):
 - predicted return over the horizon from the same start states under the data's own next actions, the same
   actions shuffled across sequences, and each constant corner of the action box. A world model that responds to
@@ -65,6 +69,10 @@ THRESHOLDS: tuple[Threshold, ...] = (
               "a constant corner action imagines over twice the data's return: a model error the actor can exploit"),
     Threshold("policy.data_over_shuffled", 1.0, None,
               "data actions imagine no more return than shuffled ones: the model barely responds to actions"),
+    Threshold("reward.predicted_over_simulator", None, 1.5,
+              "along the agent's own rollouts the world model predicts over 1.5x the reward the simulator pays"),
+    Threshold("reward.correlation", 0.3, None,
+              "predicted and simulator rewards barely move together along the agent's own rollouts"),
 )
 
 

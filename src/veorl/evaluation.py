@@ -9,16 +9,15 @@ naming the episode and the step; nothing is averaged over the episodes that did 
 
 from __future__ import annotations
 
-import concurrent.futures as futures
+import contextlib
 import csv
-import multiprocessing
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from veorl.parallel import run_parallel, worker_count
 from veorl.storage import atomic_path
 
 
@@ -34,6 +33,9 @@ class EpisodeResult:
     success: bool
     length: int
     video: str | None = None
+    predicted_return: float | None = None  # the world model's reward summed over the steps it was compared on
+    simulator_return: float | None = None  # the simulator's reward over the same steps
+    reward_correlation: float | None = None  # per-step correlation of the two (nan when either is constant)
 
 
 def upscale(frame: np.ndarray, size: int) -> np.ndarray:
@@ -50,18 +52,27 @@ def play_episode(agent: Any, env: Any, episode: int, seed: int, max_steps: int,
     """One deterministic episode; returns the result and (when `record`) the frames the agent observed."""
     where = f"episode {episode} (seed {seed})"
     try:
-        obs = env.reset(seed=seed)
+        # Episode i plays task variation i: the episodes of one evaluation start from distinct configurations
+        # (a seed alone picks a variation at random, and 10 seeds can share one).
+        obs = env.reset(seed=seed, variation=episode)
     except Exception as exc:
         raise EvaluationError(f"{where}: the simulator failed to reset: {type(exc).__name__}: {exc}") from exc
     state = agent.initial_state(1)
     frames: list[np.ndarray] = [obs["image"]] if record else []
     total, success, steps = 0.0, False, 0
+    # The world model's reward on each state the agent filtered, against the reward that came with that
+    # observation (the first observation comes with none).
+    compare = getattr(agent, "reward_head", None) is not None
+    predicted, paid, last_reward = [], [], None
     for step in range(max_steps):
         image = np.asarray(obs["image"], dtype=np.uint8)[None]
         try:
             action, state = agent.act(image, state)
         except Exception as exc:
             raise EvaluationError(f"{where}, step {step}: the policy crashed: {type(exc).__name__}: {exc}") from exc
+        if compare and last_reward is not None:
+            predicted.append(float(agent.predicted_reward(state)[0]))
+            paid.append(last_reward)
         action = np.asarray(action)
         if action.shape != (1, agent.action_dim):
             raise EvaluationError(f"{where}, step {step}: the policy returned an action of shape {action.shape}, "
@@ -75,13 +86,20 @@ def play_episode(agent: Any, env: Any, episode: int, seed: int, max_steps: int,
         if not np.isfinite(reward):
             raise EvaluationError(f"{where}, step {step}: the simulator returned a non-finite reward {reward}")
         total += float(reward)
+        last_reward = float(reward)
         success = success or bool(info.get("success", False))
         steps = step + 1
         if record:
             frames.append(obs["image"])
         if done:
             break
-    return EpisodeResult(episode=episode, seed=seed, ret=total, success=success, length=steps), frames
+    comparison = {}
+    if predicted:
+        p, r = np.asarray(predicted), np.asarray(paid)
+        correlation = float(np.corrcoef(p, r)[0, 1]) if p.std() > 0 and r.std() > 0 else float("nan")
+        comparison = {"predicted_return": float(p.sum()), "simulator_return": float(r.sum()),
+                      "reward_correlation": correlation}
+    return EpisodeResult(episode=episode, seed=seed, ret=total, success=success, length=steps, **comparison), frames
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,8 +115,7 @@ def _init_worker(agent_dir: str, device: str, threads: int) -> None:
     from veorl.agent import Agent
     from veorl.envs import make_env
 
-    # Several workers share the cores: one intra-op thread each avoids oversubscription (0 = leave as is).
-    if threads > 0:
+    if threads > 0:  # 0 = leave torch's setting as it is
         torch.set_num_threads(threads)
     agent = Agent.load(agent_dir, device=device)
     meta = agent.meta
@@ -117,7 +134,8 @@ def _close_worker() -> None:
     _worker.clear()
 
 
-def _run_one(episode: int, seed: int, video_path: str | None, video_size: int, fps: int) -> EpisodeResult:
+def _run_one(job: tuple[int, int, str | None, int, int]) -> EpisodeResult:
+    episode, seed, video_path, video_size, fps = job
     result, frames = play_episode(_worker["agent"], _worker["env"], episode, seed, _worker["episode_length"],
                                   record=video_path is not None)
     if video_path is None:
@@ -140,38 +158,28 @@ def evaluate_agent(agent_dir: str | Path, episodes: int, seed: int, workers: int
     for i in range(episodes):
         path = str(Path(video_dir) / f"episode_{i:03d}.mp4") if video_dir is not None and i < videos else None
         jobs.append((i, seed + i, path, video_size, fps))
-    workers = max(1, min(workers, episodes))
+    workers = worker_count(workers, episodes)
+    if workers > 1:
+        from veorl.agent import Agent
+
+        # Fail here with the loader's own message rather than from inside every worker.
+        Agent.load(str(agent_dir), device="cpu")
     results: list[EpisodeResult] = []
     bar = tqdm(total=episodes, desc="evaluate", unit="episode", disable=not progress)
     try:
-        if workers == 1:
-            # One worker: play in this process and skip the start-up cost of a pool.
-            _init_worker(str(agent_dir), device, threads=0)
-            try:
-                for job in jobs:
-                    results.append(_run_one(*job))
-                    bar.update(1)
-            finally:
-                _close_worker()
-        else:
-            from veorl.agent import Agent
-
-            # Fail here with the loader's own message rather than as an anonymous broken worker pool.
-            Agent.load(str(agent_dir), device="cpu")
-            context = multiprocessing.get_context("spawn")
-            with futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                             initargs=(str(agent_dir), device, 1)) as pool:
-                pending = [pool.submit(_run_one, *job) for job in jobs]
-                try:
-                    for done in futures.as_completed(pending):
-                        results.append(done.result())
-                        bar.update(1)
-                except BaseException:
-                    for other in pending:
-                        other.cancel()
-                    raise
-    except BrokenProcessPool as exc:
-        raise EvaluationError(f"an evaluation worker died (killed or out of memory): {exc}") from exc
+        # Several workers share the cores: one intra-op thread each avoids oversubscription; in this process
+        # (threads 0) torch keeps its own setting.
+        outcomes = run_parallel(_run_one, jobs, workers, initializer=_init_worker,
+                                initargs=(str(agent_dir), device, 1 if workers > 1 else 0), cleanup=_close_worker)
+        # closing(): raising below stops the other workers now, not whenever the generator is collected.
+        with contextlib.closing(outcomes):
+            for outcome in outcomes:
+                if outcome.died:
+                    episode = jobs[outcome.index][0]
+                    raise EvaluationError(f"episode {episode} (seed {seed + episode}): the evaluation worker died "
+                                          f"(killed, out of memory or crashed in the simulator); no score is reported")
+                results.append(outcome.value)
+                bar.update(1)
     finally:
         bar.close()
     return sorted(results, key=lambda r: r.episode)
@@ -191,6 +199,22 @@ def summarise(results: list[EpisodeResult]) -> dict[str, float | int]:
         "success_std": float(successes.std()),
         "mean_length": float(lengths.mean()),
     }
+
+
+def reward_diagnostics(results: list[EpisodeResult]) -> dict[str, float] | None:
+    """Predicted vs simulator reward along the agent's own rollouts (None for agents without a reward head).
+
+    A world model that over-predicts on the states the agent visits is what a collapsed actor exploits."""
+    compared = [r for r in results if r.predicted_return is not None]
+    if not compared:
+        return None
+    predicted = float(np.mean([r.predicted_return for r in compared]))
+    paid = float(np.mean([r.simulator_return for r in compared]))
+    correlations = [r.reward_correlation for r in compared if r.reward_correlation is not None
+                    and np.isfinite(r.reward_correlation)]
+    return {"predicted_return": predicted, "simulator_return": paid,
+            "predicted_over_simulator": predicted / paid if paid > 1e-8 else float("nan"),
+            "correlation": float(np.mean(correlations)) if correlations else float("nan")}
 
 
 def write_episodes_csv(path: str | Path, results: list[EpisodeResult]) -> None:

@@ -41,7 +41,7 @@ from typing import Any, Iterator
 
 from veorl import tracking
 from veorl.config import Params
-from veorl.storage import code_version, read_json, sha256_file, tree_hash
+from veorl.storage import artifact_hash, code_version, read_json, sha256_file
 
 log = logging.getLogger("veorl.registry")
 
@@ -114,7 +114,7 @@ def read_agent(agent_dir: str | Path) -> AgentInfo:
     if (root / "provenance.json").is_file():
         with contextlib.suppress(OSError, json.JSONDecodeError):
             provenance = read_json(root / "provenance.json")
-    return AgentInfo(str(root), tree_hash(root), meta, provenance if isinstance(provenance, dict) else {})
+    return AgentInfo(str(root), artifact_hash(root), meta, provenance if isinstance(provenance, dict) else {})
 
 
 def _finite_number(value: Any) -> bool:
@@ -242,16 +242,6 @@ def standing_from_tags(version: str, tags: dict[str, str]) -> Standing:
 # ----------------------------------------------------------------------------------------------
 
 
-def tracking_uri(params: Params) -> str:
-    """MLFLOW_TRACKING_URI or tracking.uri; a relative sqlite path is made absolute so every process agrees."""
-    uri = tracking.tracking_uri(params)
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):]).expanduser().resolve()
-        db.parent.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{db}"
-    return uri
-
-
 def local_store_path(uri: str) -> Path | None:
     """The file behind a local store URI (sqlite file or file-store directory); None for remote stores."""
     if uri.startswith("sqlite:///"):
@@ -304,26 +294,6 @@ def file_lock(path: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------
 # MLflow
 # ----------------------------------------------------------------------------------------------
-
-
-def ensure_experiment(client, name: str, artifact_location: str | None, uri: str) -> str:
-    """Experiment id by name, creating it on first use with tracking.artifact_location (e.g. s3://...) when set."""
-    from mlflow.exceptions import MlflowException
-
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None and not artifact_location:
-        return tracking.ensure_experiment(name, uri)
-    if experiment is None:
-        try:
-            return client.create_experiment(name, artifact_location=artifact_location)
-        except MlflowException:
-            experiment = client.get_experiment_by_name(name)  # created concurrently by another stage
-            if experiment is None:
-                raise
-    if artifact_location and experiment.artifact_location.rstrip("/") != artifact_location.rstrip("/"):
-        log.warning("experiment %r already stores artifacts in %s, not tracking.artifact_location=%s; keeping its own",
-                    name, experiment.artifact_location, artifact_location)
-    return experiment.experiment_id
 
 
 def ensure_registered_model(client, name: str) -> None:
@@ -398,14 +368,13 @@ def version_tags(agent: AgentInfo, evaluation: EvaluationInfo) -> dict[str, str]
     return tags
 
 
-def _log_and_register(client, agent: AgentInfo, evaluation: EvaluationInfo, params: Params,
+def _log_and_register(agent: AgentInfo, evaluation: EvaluationInfo, params: Params,
                       parent_run_id: str | None) -> tuple[Any, str]:
     """Log the agent as a pyfunc model in a `register` run and create a registry version from it."""
     import mlflow
 
     from veorl.serving import log_agent_model
 
-    ensure_experiment(client, params.tracking.experiment, params.tracking.artifact_location, tracking_uri(params))
     upstream = {"agent": agent.content_hash, "evaluation": evaluation.content_hash}
     with tracking.stage_run("register", params, parent_run_id, sections=("register", "tracking"), upstream=upstream) as run:
         numbers = {k: float(evaluation.metrics[k]) for k in EVALUATION_NUMBERS if _finite_number(evaluation.metrics.get(k))}
@@ -455,7 +424,7 @@ def register_agent(agent_dir: str | Path, eval_dir: str | Path, params: Params, 
     reg = params.register
     agent = read_agent(agent_dir)
     evaluation = read_evaluation(eval_dir, agent, reg.metric)
-    uri = tracking_uri(params)
+    uri = tracking.tracking_uri(params)
     lock = lock_path(params, uri)
     guard = file_lock(lock) if lock is not None else contextlib.nullcontext()
     with guard:
@@ -476,7 +445,7 @@ def register_agent(agent_dir: str | Path, eval_dir: str | Path, params: Params, 
                 version = existing[0]
                 run_id = version.run_id
             else:
-                version, run_id = _log_and_register(client, agent, evaluation, params, parent_run_id)
+                version, run_id = _log_and_register(agent, evaluation, params, parent_run_id)
                 if lock is None:
                     version = _first_of_duplicates(client, reg.model_name, agent, evaluation, version)
             number = str(version.version)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from veorl.config import ConfigError, Params, dump_resolved, load_params
+from veorl.config import PRESETS, ConfigError, Params, dump_resolved, load_params
 from veorl.storage import atomic_write_json, provenance
 
 log = logging.getLogger("veorl")
@@ -18,7 +18,7 @@ log = logging.getLogger("veorl")
 def add_params_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("parameters")
     group.add_argument("--params", default="params.yaml", help="params.yaml to read (default: %(default)s; missing = defaults)")
-    group.add_argument("--preset", choices=["smoke", "cpu", "paper"], default=None,
+    group.add_argument("--preset", choices=sorted(PRESETS), default=None,
                        help="override the preset named in params.yaml (sizes and step counts only)")
     group.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one parameter (repeatable), e.g. --set ingest.window=16")
@@ -40,6 +40,9 @@ def parse_component_args(parser: argparse.ArgumentParser, argv: list[str] | None
     """Parse a component's command line, set up logging and load the validated parameters (exit 2 when invalid)."""
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    if hasattr(args, "no_progress") and not sys.stderr.isatty():
+        # Progress bars are for terminals; in a log file (DVC, KFP, CI) every redraw would be a line of noise.
+        args.no_progress = True
     return args, load_from_args(args)
 
 

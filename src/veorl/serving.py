@@ -11,14 +11,16 @@ served model is a pure step function, and the caller carries the state between c
 
 Input: a dict of numpy arrays, "image" (B, 64, 64, 3) uint8 plus one float32 array per state key.
 Output: a dict with "action" and the new state under the same keys as the input state.
-The model's artifacts are the agent directory itself (agent.pt + agent.json + provenance); the veorl package is
-logged as code so the model loads wherever torch, numpy and mlflow of the pinned versions are installed.
+The model's artifacts are the agent directory itself (agent.pt + agent.json + provenance); the whole veorl package
+is logged as code so the model loads wherever torch, numpy and mlflow of the pinned versions are installed, and
+loading it in a process that already has veorl leaves that process's imports as they were (see CODE_MARKER).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,7 @@ class AgentPolicy(mlflow.pyfunc.PythonModel):
 
         self.agent = Agent.load(context.artifacts[AGENT_ARTIFACT], device="cpu")
         self.state_keys = tuple(sorted(self.agent.initial_state(1)))
+        _drop_model_code_from_sys_path()
 
     def predict(self, context, model_input, params=None):
         if not isinstance(model_input, dict):
@@ -99,24 +102,36 @@ def pinned_requirements() -> list[str]:
     return pins
 
 
-# What acting imports (veorl.agent -> config, models, storage); a test loads a logged model in a fresh process and
-# checks that veorl then comes from the model's own code directory, so a missing module here fails loudly.
-SERVING_CODE = ("__init__.py", "agent.py", "config.py", "storage.py", "serving.py", "models")
+# The model's code is the whole veorl package, copied when the model is logged, not a hand-picked subset:
+# - a model must load where veorl is not installed (a serving image with only the pinned requirements), so the code
+#   travels with it (MLflow's code_paths) and matches the weights it was logged with;
+# - MLflow puts that directory in front of sys.path when the model loads, and a process spawned afterwards (spawn
+#   copies the parent's sys.path) imports veorl from there. A partial copy then broke every later worker with
+#   "No module named veorl.video"; a complete copy can always be imported, whatever a child needs.
+# AgentPolicy.load_context also takes the directory off sys.path again once acting is imported (see there), so
+# loading a model leaves the interpreter importing veorl from where it did before.
+CODE_MARKER = "MODEL_CODE"
 
 
 def _package_code_copy(workdir: Path) -> Path:
-    """A copy of the parts of the veorl package that acting needs (no caches), logged as the model's code."""
+    """A copy of the whole veorl package (no caches, plus a marker file), logged as the model's code."""
     import veorl
 
     source = Path(veorl.__file__).resolve().parent
     target = workdir / "veorl"
-    target.mkdir(parents=True)
-    for name in SERVING_CODE:
-        if (source / name).is_dir():
-            shutil.copytree(source / name, target / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        else:
-            shutil.copy2(source / name, target / name)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", CODE_MARKER))
+    (target / CODE_MARKER).write_text("veorl as logged with an MLflow model: see veorl.serving\n")
     return target
+
+
+def _drop_model_code_from_sys_path() -> None:
+    """Remove the sys.path entries MLflow added for models' bundled veorl code (they hold veorl/MODEL_CODE).
+
+    Modules already imported keep working: a package finds its submodules through its own __path__, not
+    sys.path. What changes is only what later *fresh* imports of veorl see, above all spawned worker processes,
+    which then import veorl from where this interpreter would have without the model.
+    """
+    sys.path[:] = [entry for entry in sys.path if not (Path(entry or ".") / "veorl" / CODE_MARKER).is_file()]
 
 
 def log_agent_model(agent_dir: str | Path, name: str = "agent", tags: dict[str, str] | None = None):

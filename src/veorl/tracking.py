@@ -46,17 +46,13 @@ def _mlflow():
 
 
 def tracking_uri(params: Params) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.uri
+    """MLFLOW_TRACKING_URI when set, else params.tracking.uri.
 
-
-def _sqlite_file(uri: str) -> Path | None:
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(uri[len("sqlite:///"):]).expanduser().resolve()
-
-
-def _absolute_uri(uri: str) -> str:
-    """sqlite URIs relative to the cwd become absolute, so subprocesses and later calls agree."""
+    A relative sqlite path is made absolute (and its folder created), so that every later call and every
+    subprocess, whatever its working directory, opens the same store. May hold credentials (user:password@):
+    pass it through storage.redact before it goes into a message.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.uri
     db = _sqlite_file(uri)
     if db is None:
         return uri
@@ -64,26 +60,36 @@ def _absolute_uri(uri: str) -> str:
     return f"sqlite:///{db}"
 
 
+def _sqlite_file(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    # abspath, not resolve(): an absolute path given by the caller comes back unchanged (symlinks kept).
+    return Path(os.path.abspath(os.path.expanduser(uri[len("sqlite:///"):])))
+
+
 def ensure_experiment(name: str, uri: str, artifact_location: str | None = None) -> str:
     """Id of experiment `name`, created when missing.
 
-    New experiments store artifacts at `artifact_location` when given, else next to a sqlite store
-    (./mlartifacts beside the database file), else wherever the tracking server puts them.
+    New experiments store artifacts at `artifact_location` when given (e.g. s3://bucket/mlflow), else next to a
+    sqlite store (./mlartifacts beside the database file), else wherever the tracking server puts them. An
+    existing experiment keeps its own location (MLflow cannot move it); a different request is only warned about.
     """
     mlflow = _mlflow()
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    db = _sqlite_file(uri)
-    location = artifact_location or ((db.parent / "mlartifacts").as_uri() if db is not None else None)
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except Exception:  # another process created it in the meantime
-        found = client.get_experiment_by_name(name)
-        if found is None:
-            raise
-        return found.experiment_id
+    if found is None:
+        db = _sqlite_file(uri)
+        location = artifact_location or ((db.parent / "mlartifacts").as_uri() if db is not None else None)
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except Exception:  # another process created it in the meantime
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
+    if artifact_location and found.artifact_location.rstrip("/") != artifact_location.rstrip("/"):
+        log.warning("experiment %r already stores artifacts in %s, not tracking.artifact_location=%s; keeping its own",
+                    name, found.artifact_location, artifact_location)
+    return found.experiment_id
 
 
 def _loggable_params(params: Params, sections: tuple[str, ...]) -> dict[str, str]:
@@ -114,9 +120,9 @@ def stage_run(stage: str, params: Params, parent_run_id: str | None = None, *, r
     The run ends FINISHED on success, KILLED on KeyboardInterrupt, FAILED on any other exception.
     """
     mlflow = _mlflow()
-    uri = _absolute_uri(tracking_uri(params))
+    uri = tracking_uri(params)
     mlflow.set_tracking_uri(uri)
-    experiment_id = ensure_experiment(params.tracking.experiment, uri, getattr(params.tracking, "artifact_location", None))
+    experiment_id = ensure_experiment(params.tracking.experiment, uri, params.tracking.artifact_location)
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)
     parent = parent_run_id or os.environ.get(PARENT_RUN_ENV) or None
 
@@ -130,7 +136,7 @@ def stage_run(stage: str, params: Params, parent_run_id: str | None = None, *, r
             resumed = False
         if not resumed:
             log.info("run id %s from %s is not in experiment %r of %s; starting a new run", previous, run_dir,
-                     params.tracking.experiment, uri)
+                     params.tracking.experiment, redact(uri))
     while mlflow.active_run() is not None:  # a caller's leftover run must not swallow ours
         mlflow.end_run()
 
@@ -200,7 +206,8 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
 def log_params(params: dict[str, Any]) -> None:
     mlflow = _active()
     if mlflow is not None:
-        mlflow.log_params({k: str(v)[:_MAX_PARAM_CHARS] for k, v in params.items()})
+        # Params are stored in clear text and shown to anyone who can read the experiment: no credentials.
+        mlflow.log_params({k: redact(str(v))[:_MAX_PARAM_CHARS] for k, v in params.items()})
 
 
 def log_figure(figure: Any, name: str) -> None:

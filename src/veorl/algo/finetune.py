@@ -45,10 +45,11 @@ from veorl.algo.imagination import (
     imagine,
 )
 from veorl.algo.loop import Phase, Trainer, TrainingLoop, detached, write_curve
-from veorl.algo.returns import discount_weights, lambda_return
+from veorl.algo.returns import ReturnNormaliser, discount_weights, lambda_return
 from veorl.algo.world_model_losses import linear_mmd, trunk_world_model_loss
 from veorl.config import ModelParams, Params
 from veorl.data.episodes import CARD
+from veorl.diagnostics import DIAGNOSTICS_FILE, check, policy_diagnostics, target_windows
 from veorl.models.actor_critic import Actor, Critic, PixelPolicy, policy_inputs
 from veorl.models.networks import preprocess
 from veorl.models.rssm import RSSMState
@@ -59,6 +60,7 @@ from veorl.models.world_models import (
 )
 from veorl.storage import (
     artifact_hash,
+    atomic_path,
     atomic_write_json,
     read_json,
     record_content_hash,
@@ -103,6 +105,7 @@ class WorldModelLosses:
     mmd: torch.Tensor | None = None     # with MMD on and source clips
     fbc_loss: torch.Tensor | None = None  # aligned guidance only: F_BC to the BAN's latent action
     map_loss: torch.Tensor | None = None  # aligned guidance only: M(f) to the Plan Net posterior
+    ensemble_loss: torch.Tensor | None = None  # prior ensemble heads to the posterior (reads detached states)
     trunk_grad_norm: torch.Tensor | None = None
     guidance_grad_norm: torch.Tensor | None = None
 
@@ -138,6 +141,11 @@ class WorldModelPhase(Trainer):
         if self.sw.use_mmd and batch.get("source") is not None:
             mmd = linear_mmd(self.trunk.encoder(preprocess(batch["source"])), trunk.embed)
             loss = loss + fp.mmd_weight * mmd
+        ensemble_loss = None
+        if self.trunk.ensemble is not None:
+            # The heads read detached states, so this term trains them and leaves the Trunk Net as it is.
+            ensemble_loss = self.trunk.ensemble.loss(trunk.post)
+            loss = loss + ensemble_loss
         fbc_loss = map_loss = None
         if self.train_guidance:
             latent_actions, plan_posterior = self.video_wm.plan_posterior(image)
@@ -146,7 +154,8 @@ class WorldModelPhase(Trainer):
             fbc_loss = (self.guidance.fbc(feature[:, :-1]) - latent_actions).square().mean()
             map_loss = self.guidance.state_map.loss(feature, plan_posterior)
         return WorldModelLosses(loss=loss, image_nll=trunk.image_nll, reward_nll=trunk.reward_nll,
-                                kl_loss=trunk.kl_loss, kl=trunk.kl, mmd=mmd, fbc_loss=fbc_loss, map_loss=map_loss)
+                                kl_loss=trunk.kl_loss, kl=trunk.kl, mmd=mmd, fbc_loss=fbc_loss, map_loss=map_loss,
+                                ensemble_loss=ensemble_loss)
 
     def update(self, batch: Batch) -> WorldModelLosses:
         losses = self.losses(batch)
@@ -191,8 +200,20 @@ class PolicyLosses:
     intrinsic: torch.Tensor             # mean intrinsic reward (0 when it is off)
     entropy: torch.Tensor
     value: torch.Tensor                 # mean slow-critic value
+    return_scale: torch.Tensor | None = None  # what the actor's returns are divided by (1 without normalisation)
+    actor_bc_loss: torch.Tensor | None = None  # -log pi(data action | start state), with actor_bc_weight > 0
+    uncertainty: torch.Tensor | None = None  # mean ensemble disagreement along imagined states, with the penalty on
     actor_grad_norm: torch.Tensor | None = None
     critic_grad_norm: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class StartStates:
+    """Trunk Net posteriors of a target batch, flattened (B*T), and the data action that followed each one."""
+
+    states: RSSMState
+    next_action: torch.Tensor  # (B*T, A): the action taken after the observation of each start state
+    has_next: torch.Tensor     # (B*T,): 0 for the last step of a window, whose next action is not in the batch
 
 
 @dataclass(frozen=True)
@@ -204,17 +225,25 @@ class ImaginedReturns:
 
     traj: Imagination
     extrinsic: torch.Tensor   # (H, N) reward head on s_1..s_H
-    reward: torch.Tensor      # (H, N) extrinsic + intrinsic_weight * intrinsic (when on)
+    reward: torch.Tensor      # (H, N) extrinsic + intrinsic_weight * intrinsic - uncertainty_weight * disagreement
     values: torch.Tensor      # (H+1, N) slow critic on s_0..s_H, with the rollout's graph
     returns: torch.Tensor     # (H, N) lambda-returns, the critic's targets
     weights: torch.Tensor     # (H, N) discount weights of the start states, no gradient
+    uncertainty: torch.Tensor | None = None  # (H, N) ensemble disagreement on s_1..s_H, when the penalty is on
 
 
 class PolicyPhase(Trainer):
     """Actor, critic and slow critic trained on imagined rollouts of the frozen Trunk Net.
 
     `losses` runs in steps (start states, imagination and returns, actor loss, critic loss) so a new
-    term changes one of them.
+    term changes one of them. Offline conservatism (each part one setting away from the release):
+    - uncertainty penalty: imagined rewards minus uncertainty_weight x the disagreement of the Trunk Net's prior
+      ensemble (Offline DreamerV2), so returns fall where the model is guessing;
+    - behaviour-regularised actor: actor_bc_weight x -log pi(a_data | s) for the data action that followed each
+      start state, next to the return term (TD3+BC's balance: with normalised returns both terms are O(1));
+    - return normalisation: the actor's returns (and so its entropy bonus, relative to them) divided by
+      max(1, P95 - P5) of the lambda-returns, tracked with an EMA (`ReturnNormaliser`);
+    - critic warm-up: the first critic_warmup updates train the critic only.
     """
 
     name = "policy"
@@ -224,10 +253,15 @@ class PolicyPhase(Trainer):
         fp = params.finetune
         if sw.needs_guidance and guidance is None:
             raise FinetuneError("the latent-action input and the intrinsic reward need behaviour guidance")
+        if fp.uncertainty_weight > 0 and fp.ensemble_size and trunk.ensemble is None:
+            raise FinetuneError("finetune.uncertainty_weight > 0 needs the Trunk Net's prior ensemble (ensemble_size)")
         self.trunk, self.actor, self.critic, self.fp, self.sw, self.guidance = trunk, actor, critic, fp, sw, guidance
         self.slow_critic = copy.deepcopy(critic).requires_grad_(False)
         self.actor_optimizer = torch.optim.Adam(actor.parameters(), lr=fp.actor_optim.lr, eps=fp.actor_optim.eps)
         self.critic_optimizer = torch.optim.Adam(critic.parameters(), lr=fp.critic_optim.lr, eps=fp.critic_optim.eps)
+        self.normaliser = ReturnNormaliser(fp.return_norm_decay) if fp.return_norm == "percentile" else None
+        self.penalise = trunk.ensemble is not None and fp.uncertainty_weight > 0
+        self.disagreement_on_data: float | None = None  # EMA of the ensemble disagreement at the start states
         self.updates = 0
 
     def freeze_world_model(self) -> None:
@@ -236,12 +270,19 @@ class PolicyPhase(Trainer):
         if self.guidance is not None:
             self.guidance.requires_grad_(False)
 
-    def start_states(self, batch: Batch) -> RSSMState:
-        """Trunk Net posteriors of a target batch, every step of every sequence a start state: (B*T, ...)."""
+    def start_states(self, batch: Batch) -> StartStates:
+        """Every step of every target sequence is a start state: (B*T, ...), with the data action that followed it."""
         with torch.no_grad():
             embed = self.trunk.encoder(preprocess(batch["image"]))
             posterior, _ = self.trunk.trunk_net.observe(embed, batch["action"])
-        return posterior.reshape_batch(-1).detach()
+        action = batch["action"]
+        rows, steps = action.shape[:2]
+        # Index t holds the action that led to observation t, so the one taken after it sits at t+1.
+        following = torch.cat([action[:, 1:], torch.zeros_like(action[:, :1])], 1)
+        has_next = torch.ones(rows, steps, device=action.device, dtype=action.dtype)
+        has_next[:, -1] = 0.0
+        return StartStates(posterior.reshape_batch(-1).detach(), following.reshape(rows * steps, -1),
+                           has_next.reshape(-1))
 
     def imagine_returns(self, start: RSSMState) -> ImaginedReturns:
         fp, sw = self.fp, self.sw
@@ -254,19 +295,54 @@ class PolicyPhase(Trainer):
         values = self.slow_critic(policy_inputs(traj.features, latent))
         extrinsic = self.trunk.reward_head(traj.features[1:])
         reward = extrinsic + fp.intrinsic_weight * traj.intrinsic[1:] if sw.use_intrinsic else extrinsic
+        uncertainty = None
+        if self.penalise:
+            # In units of the disagreement on the data's own states (an EMA): about 1 where the model was
+            # trained, growing where it guesses, so uncertainty_weight reads the same whatever the model's
+            # scale. It carries the rollout's graph: the actor is steered away from where it grows.
+            uncertainty = self.trunk.ensemble.disagreement(traj.states.deter[1:]) / self.uncertainty_reference
+            reward = reward - fp.uncertainty_weight * uncertainty
         discount = torch.full_like(reward, fp.discount)
         returns = lambda_return(reward, values[1:], discount, fp.lambda_)
         return ImaginedReturns(traj=traj, extrinsic=extrinsic, reward=reward, values=values, returns=returns,
-                               weights=discount_weights(discount))
+                               weights=discount_weights(discount), uncertainty=uncertainty)
+
+    @property
+    def uncertainty_reference(self) -> float:
+        return self.disagreement_on_data if self.disagreement_on_data else 1.0
+
+    @torch.no_grad()
+    def _track_disagreement(self, start: RSSMState) -> None:
+        level = float(self.trunk.ensemble.disagreement(start.deter).mean())
+        decay = self.fp.return_norm_decay
+        previous = self.disagreement_on_data
+        self.disagreement_on_data = level if previous is None else decay * previous + (1.0 - decay) * level
+
+    @property
+    def return_scale(self) -> float:
+        return self.normaliser.scale if self.normaliser is not None else 1.0
 
     def actor_loss(self, r: ImaginedReturns) -> torch.Tensor:
-        """Maximise returns (backpropagated through the dynamics) or, for discrete actions, REINFORCE with the
-        slow critic as baseline; plus the entropy bonus."""
+        """Maximise normalised returns (backpropagated through the dynamics) or, for discrete actions, REINFORCE
+        with the slow critic as baseline; plus the entropy bonus. The scale is the normaliser's before this
+        batch (it is updated after the step), so the loss is a pure function of the batch and the state."""
+        scale = self.return_scale
         if self.actor.kind == "continuous":
-            objective = r.returns
+            objective = r.returns / scale
         else:
-            objective = r.traj.log_probs * (r.returns - r.values[:-1]).detach()
+            objective = r.traj.log_probs * ((r.returns - r.values[:-1]) / scale).detach()
         return -(r.weights * (objective + self.fp.actor_entropy * r.traj.entropies)).mean()
+
+    def behaviour_loss(self, r: ImaginedReturns, start: StartStates) -> torch.Tensor:
+        """-log pi(a_data | s_0): how unlikely the actor finds the action the data took after each start state."""
+        latent = r.traj.latent_actions[0] if self.sw.use_latent_action else None
+        dist = self.actor(policy_inputs(r.traj.features[0].detach(), latent))
+        action = start.next_action
+        if self.actor.kind == "continuous":
+            # The truncated normal lives strictly inside (-1, 1); data actions at the bounds are moved just inside.
+            action = action.clamp(-1.0 + 1e-3, 1.0 - 1e-3)
+        nll = -dist.log_prob(action)
+        return (nll * start.has_next).sum() / start.has_next.sum().clamp_min(1.0)
 
     def critic_loss(self, r: ImaginedReturns) -> torch.Tensor:
         """NLL of the lambda-return under the critic, on detached inputs and targets."""
@@ -275,24 +351,45 @@ class PolicyPhase(Trainer):
 
     def losses(self, batch: Batch) -> PolicyLosses:
         """The policy losses of one target batch (its posteriors are the start states)."""
-        r = self.imagine_returns(self.start_states(batch))
+        return self._losses_and_returns(batch)[0]
+
+    def _losses_and_returns(self, batch: Batch) -> tuple[PolicyLosses, torch.Tensor, StartStates]:
+        start = self.start_states(batch)
+        if self.penalise and self.disagreement_on_data is None:
+            self._track_disagreement(start.states)  # the first batch sets the unit before any penalty
+        r = self.imagine_returns(start.states)
+        actor_loss = self.actor_loss(r)
+        bc = None
+        if self.fp.actor_bc_weight > 0:
+            bc = self.behaviour_loss(r, start)
+            actor_loss = actor_loss + self.fp.actor_bc_weight * bc
         return PolicyLosses(
-            actor_loss=self.actor_loss(r), critic_loss=self.critic_loss(r),
+            actor_loss=actor_loss, critic_loss=self.critic_loss(r),
             imagined_return=r.returns.detach().mean(), imagined_reward=r.extrinsic.detach().mean(),
             intrinsic=r.traj.intrinsic[1:].detach().mean(), entropy=r.traj.entropies.detach().mean(),
-            value=r.values.detach().mean())
+            value=r.values.detach().mean(), return_scale=torch.tensor(self.return_scale), actor_bc_loss=bc,
+            uncertainty=r.uncertainty.detach().mean() if r.uncertainty is not None else None,
+        ), r.returns.detach(), start
 
     def update(self, batch: Batch) -> PolicyLosses:
-        losses = self.losses(batch)
-        self.actor_optimizer.zero_grad(set_to_none=True)
-        losses.actor_loss.backward()
-        actor_grad = _clip_step(self.actor_optimizer, list(self.actor.parameters()), self.fp.actor_optim.grad_clip)
+        losses, returns, start = self._losses_and_returns(batch)
+        actor_grad = None
+        if self.updates >= self.fp.critic_warmup:
+            self.actor_optimizer.zero_grad(set_to_none=True)
+            losses.actor_loss.backward()
+            actor_grad = _clip_step(self.actor_optimizer, list(self.actor.parameters()), self.fp.actor_optim.grad_clip)
         self.critic_optimizer.zero_grad(set_to_none=True)
         losses.critic_loss.backward()
         critic_grad = _clip_step(self.critic_optimizer, list(self.critic.parameters()), self.fp.critic_optim.grad_clip)
+        if self.normaliser is not None:
+            self.normaliser.update(returns)
+        if self.penalise:
+            self._track_disagreement(start.states)
         self.updates += 1
         if self.updates % self.fp.slow_critic_every == 0:
             self.slow_critic.load_state_dict(self.critic.state_dict())
+        if actor_grad is None:  # warm-up: report a zero norm so the column keeps one meaning (no actor step)
+            actor_grad = torch.zeros(())
         return replace(detached(losses), actor_grad_norm=actor_grad, critic_grad_norm=critic_grad)
 
     def state_dict(self) -> dict[str, Any]:
@@ -301,7 +398,9 @@ class PolicyPhase(Trainer):
                 "guidance": self.guidance.state_dict() if self.guidance is not None else None,
                 "actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
                 "slow_critic": self.slow_critic.state_dict(), "actor_optimizer": self.actor_optimizer.state_dict(),
-                "critic_optimizer": self.critic_optimizer.state_dict(), "updates": self.updates}
+                "critic_optimizer": self.critic_optimizer.state_dict(), "updates": self.updates,
+                "normaliser": self.normaliser.state_dict() if self.normaliser is not None else None,
+                "disagreement_on_data": self.disagreement_on_data}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.trunk.load_state_dict(state["trunk"])
@@ -313,6 +412,9 @@ class PolicyPhase(Trainer):
         self.actor_optimizer.load_state_dict(state["actor_optimizer"])
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         self.updates = int(state["updates"])
+        if self.normaliser is not None:
+            self.normaliser.load_state_dict(state["normaliser"])
+        self.disagreement_on_data = state["disagreement_on_data"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -371,6 +473,27 @@ def upstream_hashes(world_model: str | None, episodes: str, clips: str | None, s
     return hashes
 
 
+@torch.no_grad()
+def agent_diagnostics(params: Params, store, trunk: TrunkWorldModel | None, actor: Actor | None,
+                      guidance: BehaviourGuidance | None, sw: Switches, policy: PixelPolicy | None,
+                      device: str) -> dict[str, Any]:
+    """The end-of-fine-tuning diagnostics (veorl.diagnostics) on target windows, with threshold warnings."""
+    fp = params.finetune
+    length = max(fp.seq_len, fp.horizon + 1)
+    windows = target_windows(store, fp.diagnostics_sequences, length, seed=fp.seed)
+    if trunk is not None:
+        figures = policy_diagnostics(trunk, actor, windows, fp.horizon, reward_scale=fp.reward_scale,
+                                     guidance=guidance, use_latent_action=sw.use_latent_action,
+                                     ensemble=trunk.ensemble, seed=fp.seed, device=device)
+    else:
+        mean, _ = policy(preprocess(torch.as_tensor(windows["image"], device=device)).flatten(0, 1))
+        figures = {"action_spread": float(mean.std(0, unbiased=False).mean()),
+                   "share_at_bounds": float((mean.abs() > 0.99).float().mean())}
+    report = {"policy": figures}
+    report["warnings"] = check(report, f"finetune ({fp.algo})")
+    return report
+
+
 def finetune(world_model: str | None, episodes: str, out: str, params: Params, clips: str | None = None,
              checkpoints: str | None = None, metrics_path: str | None = "metrics/finetune.json",
              curve_path: str | None = "metrics/finetune_curve.csv", parent_run_id: str | None = None,
@@ -380,7 +503,7 @@ def finetune(world_model: str | None, episodes: str, out: str, params: Params, c
     on_step(global_step) is called after every update (tests use it to simulate a kill).
     """
     from veorl import tracking
-    from veorl.agent import assemble_agent, save_agent
+    from veorl.agent import REWARD_HEAD_FILE, assemble_agent, save_agent
     from veorl.checkpoint import run_directory
     from veorl.data.clips import ClipStore
     from veorl.data.episodes import EpisodeStore
@@ -431,7 +554,8 @@ def finetune(world_model: str | None, episodes: str, out: str, params: Params, c
         phases = [Phase("bc", fp.bc_steps, lambda: BehaviourCloning(policy, fp), bc_batches,
                         fp.batch * (fp.seq_len - 1))]
     else:
-        trunk = build_trunk_world_model(model, action_dim, video_wm if sw.pretrained_encoder else None).to(device)
+        trunk = build_trunk_world_model(model, action_dim, video_wm if sw.pretrained_encoder else None,
+                                        ensemble_size=fp.ensemble_size).to(device)
         if sw.needs_guidance:
             guidance = build_guidance(video_wm, trunk, fp.guidance, model).to(device)
         feat_dim = trunk.feat_dim + (model.latent_action_dim if sw.use_latent_action else 0)
@@ -473,6 +597,8 @@ def finetune(world_model: str | None, episodes: str, out: str, params: Params, c
                          "use_latent_action": sw.use_latent_action, "use_intrinsic": sw.use_intrinsic},
             "bc": {"units": model.actor_units, "layers": model.actor_layers, "loss": fp.bc_loss} if fp.algo == "bc" else None,
             "trained_updates": dict(result.progress), "mlflow_run_id": stage.run_id,
+            "reward_head": ({"units": model.head_units, "layers": model.head_layers, "reward_scale": fp.reward_scale}
+                            if trunk is not None else None),
         }
         trained = {"policy": policy, "actor": actor}
         if trunk is not None:
@@ -483,6 +609,11 @@ def finetune(world_model: str | None, episodes: str, out: str, params: Params, c
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "agent.json").unlink(missing_ok=True)
         write_resolved_config(out, params, SECTIONS, upstream=upstream, algo=fp.algo)
+        report = agent_diagnostics(params, store, trunk, actor, guidance, sw, policy, device)
+        atomic_write_json(Path(out) / DIAGNOSTICS_FILE, report)
+        if trunk is not None:  # for evaluation's predicted-vs-simulator reward diagnostic; acting never reads it
+            with atomic_path(Path(out) / REWARD_HEAD_FILE) as tmp:
+                torch.save({k: v.detach().cpu() for k, v in trunk.reward_head.state_dict().items()}, tmp)
         save_agent(out, modules, agent_meta)
         record_content_hash(out)
 
@@ -490,6 +621,8 @@ def finetune(world_model: str | None, episodes: str, out: str, params: Params, c
                    "mlflow_run_id": stage.run_id}
         tracking.log_metrics({f"final/{k}": v for k, v in numeric_leaves(summary).items()})
         tracking.log_dict(agent_meta, "agent/agent.json")
+        tracking.log_metrics({f"diagnostics/{k}": v for k, v in numeric_leaves(report).items()})
+        tracking.log_dict(report, f"agent/{DIAGNOSTICS_FILE}")
         if metrics_path:
             atomic_write_json(metrics_path, summary)
             tracking.log_artifact(metrics_path)

@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 CURVE_KEYS = ("step", "phase", "phase_step")
 TIME_SECTIONS = ("sample", "update", "log", "checkpoint")
 CHECKPOINT_FORMAT = 2
+REPORT_EVERY_S = 30.0  # progress lines in the log when no progress bar is shown
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -383,6 +384,7 @@ class TrainingLoop:
                 window = MetricWindow.from_state(window_state, self.device)
             window_state = None
 
+            last_report = time.monotonic()
             bar = tqdm(total=total, initial=done, desc=f"{self.stage} {phase.name}", unit="update", file=sys.stderr,
                        dynamic_ncols=True, disable=not self.progress)
             with Prefetcher(phase.batches, done, total, depth=self.prefetch, device=self.device) as batches:
@@ -413,6 +415,12 @@ class TrainingLoop:
                         curve.append(row)
                         tracking.log_metrics(self._mlflow_metrics(row), step=global_step)
                         bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k.endswith("loss")}, refresh=False)
+                        if not self.progress and (last or time.monotonic() - last_report >= REPORT_EVERY_S):
+                            # Without a bar (logs, CI): a line now and then says how far the phase is.
+                            last_report = time.monotonic()
+                            losses = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k.endswith("loss"))
+                            log.info("%s %s: %d/%d updates, %.2f updates/s; %s", self.stage, phase.name, done, total,
+                                     row.get("throughput/updates_per_s", float("nan")), losses)
                     if self.figure_every and (done % self.figure_every == 0 or last) and tracking.active_run_id():
                         self._log_figures(trainer, batch, phase.name, global_step)
                     t3 = time.perf_counter()

@@ -53,7 +53,9 @@ from veorl.data.episodes import EpisodeStore
 from veorl.data.samplers import ClipSampler, EpisodeWindowSampler, JointSampler
 from veorl.models.ban import codebook_stats
 from veorl.models.networks import IMAGE_SIZE, postprocess, preprocess
+from veorl.diagnostics import DIAGNOSTICS_FILE, check, codebook_diagnostics, target_windows
 from veorl.models.world_models import VideoWorldModel, save_world_model
+from veorl.trees import numeric_leaves
 from veorl.storage import (
     artifact_hash,
     atomic_write_json,
@@ -88,6 +90,7 @@ class Phase1Losses:
     kl: torch.Tensor          # raw KL(posterior || prior)
     vq_loss: torch.Tensor
     mmd: torch.Tensor
+    forward_loss: torch.Tensor | None = None  # latent-action forward prediction (pretrain.forward_weight > 0)
     grad_norm: torch.Tensor | None = None
 
 
@@ -139,13 +142,16 @@ class PhaseTrainer(Trainer):
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.cfg.optim.grad_clip)
         self.optimizer.step()
         for chosen, mask in codes:
-            # index_add_ rather than bincount, which reads the largest code back to size its output (a sync).
             index = chosen.reshape(-1)
             weights = (torch.ones_like(index, dtype=self.usage.dtype) if mask is None
                        else mask.reshape(-1).to(self.usage.dtype))
-            self.usage.index_add_(0, index, weights)
-            self.figure_usage.index_add_(0, index, weights)
+            self.count_codes(index, weights)
         return replace(detached(losses), grad_norm=grad_norm.detach())
+
+    def count_codes(self, index: torch.Tensor, weights: torch.Tensor) -> None:
+        # index_add_ rather than bincount, which reads the largest code back to size its output (a sync).
+        self.usage.index_add_(0, index, weights)
+        self.figure_usage.index_add_(0, index, weights)
 
     def extra_metrics(self) -> dict[str, float]:
         stats = codebook_stats(self.usage.double().cpu())
@@ -186,9 +192,48 @@ class Phase1Trainer(PhaseTrainer):
 
     name = "phase1"
 
+    def __init__(self, model: VideoWorldModel, cfg: PretrainParams):
+        super().__init__(model, cfg)
+        # Code counts since the last dead-code restart, and updates taken (the restart schedule).
+        self.restart_usage = torch.zeros_like(self.usage)
+        self.updates = 0
+
     def trainable_modules(self) -> list[nn.Module]:
         m = self.model
-        return [m.encoder, m.ban, m.codebook, m.plan_net, m.decoder]
+        modules = [m.encoder, m.ban, m.codebook, m.plan_net, m.decoder]
+        return modules + [m.latent_forward] if self.cfg.forward_weight > 0 else modules
+
+    def update(self, batch: Batch) -> Any:
+        losses = super().update(batch)
+        self.updates += 1
+        every = self.cfg.codebook_restart_every
+        if every and self.updates % every == 0:
+            self.restart_dead_codes(batch)
+        return losses
+
+    def count_codes(self, index: torch.Tensor, weights: torch.Tensor) -> None:
+        super().count_codes(index, weights)
+        self.restart_usage.index_add_(0, index, weights)
+
+    @torch.no_grad()
+    def restart_dead_codes(self, batch: Batch) -> int:
+        """Codes no transition chose since the last restart move onto BAN outputs of this batch."""
+        m = self.model
+        sequences = [batch["target"]["image"]] + ([batch["source"]["image"]] if self.cfg.ban_on_source else [])
+        z = torch.cat([m.ban(m.encoder(preprocess(x))).reshape(-1, m.latent_action_dim) for x in sequences])
+        restarted = m.codebook.restart_dead(self.restart_usage, z)
+        self.restart_usage.zero_()
+        if restarted:
+            log.debug("phase 1 update %d: restarted %d dead codes", self.updates, restarted)
+        return restarted
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "restart_usage": self.restart_usage.cpu().clone(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.restart_usage.copy_(state["restart_usage"])
+        self.updates = int(state["updates"])
 
     def before_first_update(self, batch: Batch) -> None:
         if self.cfg.codebook_init == "data":
@@ -233,12 +278,14 @@ class Phase1Trainer(PhaseTrainer):
         flat_z = torch.cat([z.reshape(-1, z.shape[-1]) for z in pre_quant])
         flat_zq, codes, vq = m.codebook.quantise(flat_z, beta=cfg.vq_beta)
 
-        posts, priors, features = [], [], []
+        posts, priors, features, forward_terms = [], [], [], []
         offset = 0
         for e, z in zip(sequences, pre_quant):
             count = z.shape[0] * z.shape[1]
             latent_actions = flat_zq[offset:offset + count].reshape(z.shape)
             offset += count
+            if cfg.forward_weight > 0:
+                forward_terms.append(m.forward_prediction_loss(e, latent_actions))
             post, prior = m.filter_plan(e, latent_actions)
             posts.append(post)
             priors.append(prior)
@@ -248,7 +295,12 @@ class Phase1Trainer(PhaseTrainer):
         kl_loss, kl = m.plan_net.kl_loss(flat_states(*posts), flat_states(*priors), balance=cfg.kl_balance,
                                          free=cfg.free_nats)
         loss = image + cfg.kl_scale * kl_loss + vq + cfg.mmd_weight * mmd
-        losses = Phase1Losses(loss=loss, image_nll=image, kl_loss=kl_loss, kl=kl, vq_loss=vq, mmd=mmd)
+        forward_loss = None
+        if forward_terms:
+            forward_loss = sum(forward_terms) / len(forward_terms)
+            loss = loss + cfg.forward_weight * forward_loss
+        losses = Phase1Losses(loss=loss, image_nll=image, kl_loss=kl_loss, kl=kl, vq_loss=vq, mmd=mmd,
+                              forward_loss=forward_loss)
         return losses, [(codes, None)]
 
 
@@ -339,7 +391,8 @@ class Phase2Trainer(PhaseTrainer):
         post, prior = m.plan_net.observe(embed, kf.prev_action)
         feature = m.plan_net.feature(post)
         image = -m.keyframe_decoder.log_prob(feature.reshape(-1, m.feat_dim)[valid], keyframe_pixels).mean()
-        kl_loss, kl = m.plan_net.kl_loss(post, prior, balance=cfg.kl_balance, free=cfg.free_nats, mask=kf.mask)
+        free = cfg.free_nats if cfg.phase2_free_nats is None else cfg.phase2_free_nats
+        kl_loss, kl = m.plan_net.kl_loss(post, prior, balance=cfg.kl_balance, free=free, mask=kf.mask)
         # Like a reward head, F_BC's gradient also shapes the Plan Net state it reads.
         fbc_error = (m.fbc(feature) - kf.next_action).square().mean(-1)
         fbc = masked_mean(fbc_error, kf.next_mask)
@@ -493,6 +546,13 @@ def pretrain(params: Params, clips: str | Path, episodes: str | Path, out: str |
         metrics.update(codebook_perplexity=metrics.get("phase1", {}).get("codebook_perplexity"),
                        mlflow_run_id=run.run_id)
         out = Path(out)
+        windows = target_windows(episode_store, cfg.diagnostics_sequences, cfg.seq_len, seed=cfg.seed)
+        report = {"codebook": codebook_diagnostics(model, windows, device=device)}
+        report["warnings"] = check(report, "pretrain")
+        metrics["diagnostics"] = report["codebook"]
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / DIAGNOSTICS_FILE, report)
+        tracking.log_metrics({f"diagnostics/{k}": v for k, v in numeric_leaves(report).items()})
         save_world_model(out, model, config, provenance(config, upstream, stage=STAGE, mlflow_run_id=run.run_id))
         record_content_hash(out)
         atomic_write_json(metrics_path, metrics)

@@ -24,7 +24,7 @@ episode length; the presets pair the probability with the length, and the band w
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import contextlib
 import os
 import re
 import shutil
@@ -36,6 +36,7 @@ import numpy as np
 
 from veorl.data.episodes import CARD, EPISODE_DIR, EpisodeError, episode_files, load_episode, save_episode
 from veorl.envs import cached_env, close_cached_env
+from veorl.parallel import DIED_REASON, run_parallel
 from veorl.storage import atomic_write_json, atomic_write_json_if_changed, read_json, sha256_json
 
 META_DIR = "episode_meta"
@@ -170,24 +171,25 @@ def collect_dataset(out: str | Path, cfg: Any, workers: int | None = None, progr
         else:
             jobs.append((str(out), index, recipe))
 
-    n_workers = max(1, min(workers or cfg.workers, len(jobs)))
     bar = tqdm(total=len(jobs), desc=f"collect {cfg.task} ({cfg.quality})", unit="ep", disable=not progress or not jobs)
+    died: list[int] = []
     try:
-        if n_workers == 1:
-            try:
-                for job in jobs:
-                    result.collected.append(collect_episode(job)["index"])
-                    bar.update()
-            finally:
-                close_cached_env()
-        elif jobs:
-            # spawn, not fork: each worker opens its own EGL context and MuJoCo model from a clean interpreter.
-            with mp.get_context("spawn").Pool(n_workers) as pool:
-                for meta in pool.imap_unordered(collect_episode, jobs):
-                    result.collected.append(meta["index"])
-                    bar.update()
+        # Each worker opens its own EGL context and MuJoCo model (spawned by the driver, see veorl.parallel) and
+        # keeps it in veorl.envs.cached_env for all the episodes it collects.
+        outcomes = run_parallel(collect_episode, jobs, workers or cfg.workers, cleanup=close_cached_env)
+        with contextlib.closing(outcomes):  # an interrupt stops the workers now, not when the generator is collected
+            for outcome in outcomes:
+                if outcome.died:
+                    died.append(jobs[outcome.index][1])
+                else:
+                    result.collected.append(outcome.value["index"])
+                bar.update()
     finally:
         bar.close()
+    if died:
+        # The other episodes are on disk under their final names, so a re-run collects only these.
+        raise RuntimeError(f"collecting episode(s) {sorted(died)} killed their worker process "
+                           f"({DIED_REASON}); re-run to retry them")
     result.collected.sort()
     result.card = dataset_card(out, cfg)
     return result

@@ -137,13 +137,21 @@ class MetaWorldEnv:
     # Env interface
     # ------------------------------------------------------------------------------------------
 
-    def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
+    @property
+    def variations(self) -> int:
+        """How many distinct task variations (goal/object configurations) resets choose from."""
+        return len(self._goal_tasks)
+
+    def reset(self, seed: int | None = None, variation: int | None = None) -> dict[str, np.ndarray]:
+        """Start an episode. `variation` picks the task variation (modulo `variations`); without it, the seed
+        picks one at random, so two seeds can share a variation. Evaluation passes it to see distinct starts."""
         if self._closed:
             raise EnvError("environment is closed")
         if seed is None:
             seed = int(self._seed_stream.integers(2**31 - 1))
-        rng = np.random.default_rng(seed)
-        self._env.set_task(self._goal_tasks[int(rng.integers(len(self._goal_tasks)))])
+        if variation is None:
+            variation = int(np.random.default_rng(seed).integers(len(self._goal_tasks)))
+        self._env.set_task(self._goal_tasks[int(variation) % len(self._goal_tasks)])
         self._env.seed(int(seed))
         state, _ = self._env.reset()
         self._steps = 0

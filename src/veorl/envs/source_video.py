@@ -15,7 +15,7 @@ camera positions by a few centimetres (`camera_jitter`), so no two videos share 
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import contextlib
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from veorl.envs import cached_env, close_cached_env
+from veorl.parallel import DIED_REASON, run_parallel, worker_count
 from veorl.storage import atomic_write_json, atomic_write_json_if_changed, read_json, sha256_json
 
 META_DIR = "render_meta"
@@ -175,27 +176,28 @@ def render_source_videos(out: str | Path, cfg: Any, target_task: str | None = No
         else:
             jobs.append((str(out), recipe))
 
-    n_workers = max(1, min(workers or cfg.workers, len(jobs)))
+    n_workers = worker_count(workers or cfg.workers, len(jobs))
     bar = tqdm(total=len(jobs), desc="source videos", unit="ep", disable=not progress or not jobs)
+    died: list[str] = []
+    # Jobs come grouped by task, and a chunk of one task's episodes reuses one worker's cached environment.
+    chunk = max(1, min(cfg.episodes_per_task, len(jobs) // n_workers or 1))
     try:
-        if n_workers == 1:
-            try:
-                for job in jobs:
-                    meta = render_episode(job)
+        outcomes = run_parallel(render_episode, jobs, n_workers, cleanup=close_cached_env, chunksize=chunk)
+        with contextlib.closing(outcomes):  # an interrupt stops the workers now, not when the generator is collected
+            for outcome in outcomes:
+                if outcome.died:
+                    recipe = jobs[outcome.index][1]
+                    died.append(f"{recipe['task']}-{recipe['episode']:03d}")
+                else:
+                    meta = outcome.value
                     metas[(meta["recipe"]["task"], meta["recipe"]["episode"])] = meta
-                    bar.update()
-            finally:
-                close_cached_env()
-        elif jobs:
-            # spawn: every worker opens its own EGL context from a clean interpreter (no inherited GL state).
-            with mp.get_context("spawn").Pool(n_workers) as pool:
-                # Jobs arrive grouped by task, and chunks of a task's episodes reuse one worker's environment.
-                chunk = max(1, min(cfg.episodes_per_task, len(jobs) // n_workers or 1))
-                for meta in pool.imap_unordered(render_episode, jobs, chunksize=chunk):
-                    metas[(meta["recipe"]["task"], meta["recipe"]["episode"])] = meta
-                    bar.update()
+                bar.update()
     finally:
         bar.close()
+    if died:
+        # Finished episodes are on disk with their meta files, so a re-run renders only these.
+        raise RuntimeError(f"rendering source episode(s) {sorted(died)} killed their worker process "
+                           f"({DIED_REASON}); re-run to retry them")
     result.rendered = sorted(f"{recipe['task']}-{recipe['episode']:03d}" for _, recipe in jobs)
 
     files = [f for task, ep in plan for f in metas[(task, ep)]["files"]]

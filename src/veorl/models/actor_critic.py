@@ -16,23 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from veorl.models.networks import Encoder
+from veorl.models.networks import MLP, Encoder
 
 ActionKind = Literal["continuous", "discrete"]
 
 _SQRT2 = math.sqrt(2.0)
 _LOG_SQRT_2PI_E = 0.5 * math.log(2.0 * math.pi * math.e)
-
-
-def mlp(input_dim: int, units: int, layers: int, output_dim: int) -> nn.Sequential:
-    """`layers` hidden ELU layers of `units`, then a linear output layer."""
-    blocks: list[nn.Module] = []
-    width = input_dim
-    for _ in range(layers):
-        blocks += [nn.Linear(width, units), nn.ELU()]
-        width = units
-    blocks.append(nn.Linear(width, output_dim))
-    return nn.Sequential(*blocks)
 
 
 def _std_normal_cdf(x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +106,7 @@ class Actor(nn.Module):
         if kind not in ("continuous", "discrete"):
             raise ValueError(f"Actor: kind must be 'continuous' or 'discrete', got {kind!r}")
         self.input_dim, self.action_dim, self.kind, self.min_std = input_dim, action_dim, kind, min_std
-        self.net = mlp(input_dim, units, layers, 2 * action_dim if kind == "continuous" else action_dim)
+        self.net = MLP(input_dim, 2 * action_dim if kind == "continuous" else action_dim, units, layers)
 
     def forward(self, inputs: torch.Tensor) -> TruncatedNormal | OneHotCategorical:
         if inputs.shape[-1] != self.input_dim:
@@ -137,7 +126,7 @@ class Critic(nn.Module):
     def __init__(self, input_dim: int, units: int, layers: int):
         super().__init__()
         self.input_dim = input_dim
-        self.net = mlp(input_dim, units, layers, 1)
+        self.net = MLP(input_dim, 1, units, layers)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         if inputs.shape[-1] != self.input_dim:
@@ -166,7 +155,7 @@ class PixelPolicy(nn.Module):
         super().__init__()
         self.encoder = Encoder(cnn_depth)
         self.action_dim = action_dim
-        self.head = mlp(self.encoder.output_dim, units, layers, 2 * action_dim)
+        self.head = MLP(self.encoder.output_dim, 2 * action_dim, units, layers)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean in [-1, 1], log-std clamped to [-5, 2]) of the action for each frame."""

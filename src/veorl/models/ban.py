@@ -90,6 +90,23 @@ class Codebook(nn.Module):
         z_q = z + (codes - z).detach()
         return z_q, idx, vq_loss
 
+    @torch.no_grad()
+    def restart_dead(self, counts: torch.Tensor, candidates: torch.Tensor, noise: float = 1e-3) -> int:
+        """Move every code with a zero count onto a randomly chosen row of `candidates` (current BAN outputs).
+
+        A code no transition picks gets no gradient from the VQ loss, so once dead it stays dead and the
+        codebook shrinks to a few latent behaviours; restarting it on live data gives it transitions to win.
+        The small noise keeps two codes restarted on the same row apart. Returns the number restarted.
+        """
+        dead = (counts.reshape(-1) <= 0).nonzero().flatten()
+        flat = candidates.reshape(-1, self.dim)
+        if dead.numel() == 0 or flat.shape[0] == 0:
+            return 0
+        rows = torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)
+        fresh = flat[rows] + noise * torch.randn(dead.numel(), self.dim, device=flat.device, dtype=flat.dtype)
+        self.vectors[dead.to(self.vectors.device)] = fresh.to(self.vectors.dtype)
+        return int(dead.numel())
+
     def usage(self, indices: torch.Tensor, mask: torch.Tensor | None = None) -> CodebookStats:
         flat = indices.reshape(-1)
         if mask is not None:

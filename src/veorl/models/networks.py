@@ -109,7 +109,10 @@ class Decoder(nn.Module):
 
 
 class MLP(nn.Module):
-    """`layers` hidden layers of `units` with activation `act`, then a linear output of size `out`."""
+    """`layers` hidden layers of `units` with activation `act`, then a linear output of size `out_dim`.
+
+    The one MLP of the package: heads, F_BC, actor, critic and the bc policy all build theirs with it.
+    """
 
     def __init__(self, in_dim: int, out_dim: int, units: int, layers: int, act: type[nn.Module] = nn.ELU):
         super().__init__()
@@ -162,7 +165,7 @@ class FBC(nn.Module):
 
     def __init__(self, feat_dim: int, hidden: int = 125, latent_dim: int = 8):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(feat_dim, hidden), nn.ELU(), nn.Linear(hidden, latent_dim))
+        self.net = MLP(feat_dim, latent_dim, hidden, layers=1)
         self.feat_dim, self.latent_dim = feat_dim, latent_dim
 
     def forward(self, feature: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,8 @@ from torch import nn
 
 from veorl.config import ModelParams
 from veorl.models.ban import BehaviourAbstraction, Codebook
-from veorl.models.networks import FBC, BinaryHead, Decoder, DenseHead, Encoder
+from veorl.models.networks import FBC, MLP, BinaryHead, Decoder, DenseHead, Encoder
+from veorl.models.ensemble import PriorEnsemble
 from veorl.models.rssm import RSSM, RSSMState
 from veorl.storage import atomic_path, atomic_write_json, read_json
 
@@ -53,6 +54,9 @@ class VideoWorldModel(nn.Module):
         self.decoder = Decoder(feat_dim, params.cnn_depth)
         self.keyframe_decoder = Decoder(feat_dim, params.cnn_depth)
         self.fbc = FBC(feat_dim, params.fbc_hidden, params.latent_action_dim)
+        # Predicts the change e_t+1 - e_t from (e_t, quantised latent action); trained in phase 1 with
+        # pretrain.forward_weight > 0 so the code, its only route to the change, has to describe the motion.
+        self.latent_forward = MLP(embed_dim + params.latent_action_dim, embed_dim, params.ban_hidden, 2)
         # Set once phase 2 begins: from then on the BAN reads the frozen phase-1 encoder copy.
         self.register_buffer("behaviour_frozen", torch.tensor(False))
         self.behaviour_encoder.load_state_dict(self.encoder.state_dict())
@@ -101,6 +105,15 @@ class VideoWorldModel(nn.Module):
 
     # -- inference helpers used downstream ------------------------------------------------------------
 
+    def forward_prediction_loss(self, embed: torch.Tensor, latent_actions: torch.Tensor) -> torch.Tensor:
+        """Squared error (summed over the embedding) of predicting e_t+1 - e_t from (e_t, abar_t), averaged over
+        transitions. Embeddings enter detached: this term shapes the BAN and codebook (through the straight-
+        through latent actions), not the encoder, which could otherwise shrink every change to nothing."""
+        now = embed[..., :-1, :].detach()
+        change = (embed[..., 1:, :] - embed[..., :-1, :]).detach()
+        predicted = self.latent_forward(torch.cat([now, latent_actions], -1))
+        return (predicted - change).square().sum(-1).mean()
+
     def behaviour_embed(self, image: torch.Tensor) -> torch.Tensor:
         """Embeddings the BAN reads: the frozen phase-1 encoder copy after phase 1, the live encoder before."""
         return (self.behaviour_encoder if bool(self.behaviour_frozen) else self.encoder)(image)
@@ -142,7 +155,7 @@ class VideoWorldModel(nn.Module):
 class TrunkWorldModel(nn.Module):
     """DreamerV2 world model on target data with real actions (trained during fine-tuning)."""
 
-    def __init__(self, params: ModelParams, action_dim: int, discount_head: bool = False):
+    def __init__(self, params: ModelParams, action_dim: int, discount_head: bool = False, ensemble_size: int = 0):
         super().__init__()
         self.params = params
         self.action_dim = action_dim
@@ -152,6 +165,8 @@ class TrunkWorldModel(nn.Module):
         self.decoder = Decoder(feat_dim, params.cnn_depth)
         self.reward_head = DenseHead(feat_dim, 1, params.head_units, params.head_layers)
         self.discount_head = BinaryHead(feat_dim, params.head_units, params.head_layers) if discount_head else None
+        # Offline conservatism: extra prior heads whose disagreement penalises imagined rewards (None = off).
+        self.ensemble = PriorEnsemble(self.trunk_net, ensemble_size) if ensemble_size else None
 
     @property
     def feat_dim(self) -> int:
@@ -159,9 +174,10 @@ class TrunkWorldModel(nn.Module):
 
 
 def build_trunk_world_model(params: ModelParams, action_dim: int, video_world_model: VideoWorldModel | None = None,
-                            discount_head: bool = False, init_decoder: bool = False) -> TrunkWorldModel:
+                            discount_head: bool = False, init_decoder: bool = False,
+                            ensemble_size: int = 0) -> TrunkWorldModel:
     """A Trunk Net world model whose encoder (and optionally decoder) starts from the pretrained video model."""
-    trunk = TrunkWorldModel(params, action_dim, discount_head)
+    trunk = TrunkWorldModel(params, action_dim, discount_head, ensemble_size)
     if video_world_model is not None:
         trunk.encoder.load_state_dict(video_world_model.encoder.state_dict())
         if init_decoder:

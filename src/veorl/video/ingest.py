@@ -21,7 +21,7 @@ frames are genuine, and the warning makes the loss visible. A source shorter tha
 
 from __future__ import annotations
 
-import concurrent.futures as futures
+import contextlib
 import logging
 import multiprocessing
 import shutil
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Container, Sequence
 
 from veorl.config import IngestParams, Params
+from veorl.parallel import Outcome, run_parallel
 from veorl.storage import atomic_write_json, read_json, redact, sha256_json
 from veorl.video.decode import DecodeError, ImageSequenceReader, SquareFrameConverter, open_video, square_frames
 from veorl.video.shards import CLIPS_DIR, ClipShardWriter
@@ -132,24 +133,34 @@ def ingest_source(source: Source, settings: dict[str, Any], out_dir: str | Path,
     return entry
 
 
-# Worker-process state, set once per process by _init_worker.
-_worker_frames = None
-_worker_reusable: frozenset[str] = frozenset()
+# Worker state, set once per process by _init_worker (or in this process when ingesting without a pool).
+_worker_frames: Any = None
+_worker_reusable: Container[str] = frozenset()
 
 
-def _init_worker(frame_counter, reusable_keys: frozenset[str]) -> None:
+def _init_worker(frames: Any, reusable_keys: Container[str]) -> None:
+    """frames: a shared multiprocessing Value (pool workers) or a callable taking a frame count (in process)."""
     global _worker_frames, _worker_reusable
-    _worker_frames, _worker_reusable = frame_counter, reusable_keys
+    _worker_frames, _worker_reusable = frames, reusable_keys
 
 
-def _report_to_counter(n: int) -> None:
-    if n and _worker_frames is not None:
-        with _worker_frames.get_lock():
-            _worker_frames.value += n
+def _reset_worker() -> None:
+    _init_worker(None, frozenset())
 
 
-def _worker_task(index: int, source: Source, settings: dict[str, Any], out_dir: str) -> tuple[int, dict[str, Any]]:
-    return index, ingest_source(source, settings, out_dir, _worker_reusable, _report_to_counter)
+def _report_frames(n: int) -> None:
+    if not n or _worker_frames is None:
+        return
+    if callable(_worker_frames):
+        _worker_frames(n)
+        return
+    with _worker_frames.get_lock():
+        _worker_frames.value += n
+
+
+def _worker_task(job: tuple[int, Source, dict[str, Any], str]) -> tuple[int, dict[str, Any]]:
+    index, source, settings, out_dir = job
+    return index, ingest_source(source, settings, out_dir, _worker_reusable, _report_frames)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,11 +329,7 @@ def ingest(sources: Sequence[str], out: str | Path, params: Params, progress: bo
     stats["workers"] = workers if pending else 0
     try:
         with logging_redirect_tqdm():  # warnings print above the bars instead of through them
-            if workers == 1:
-                for index in pending:
-                    finish_one(index, ingest_source(expanded[index], settings, out_dir, reusable, frame_bar.update))
-            else:
-                _run_pool(expanded, pending, settings, out_dir, frozenset(reusable), workers, finish_one, frame_bar)
+            _run_workers(expanded, pending, settings, out_dir, reusable, workers, finish_one, frame_bar)
     finally:
         source_bar.close()
         frame_bar.close()
@@ -339,31 +346,46 @@ def ingest(sources: Sequence[str], out: str | Path, params: Params, progress: bo
     return manifest
 
 
-def _run_pool(expanded: list[Source], pending: list[int], settings: dict[str, Any], out_dir: Path, reusable_keys: frozenset[str],
-              workers: int, finish_one: Callable[[int, dict[str, Any]], None], frame_bar) -> None:
-    # spawn, not fork: the parent may hold boto3/tqdm threads, and a forked copy of a lock held by one of them
-    # would hang a worker for good.
-    context = multiprocessing.get_context("spawn")
-    frame_counter = context.Value("q", 0)
-    with futures.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
-                                     initargs=(frame_counter, reusable_keys)) as pool:
-        running = {pool.submit(_worker_task, index, expanded[index], settings, str(out_dir)): index for index in pending}
-        shown = 0
-        while running:
-            done, _ = futures.wait(running, timeout=0.25, return_when=futures.FIRST_COMPLETED)
-            frames = frame_counter.value
-            frame_bar.update(frames - shown)
-            shown = frames
-            for future in done:
-                index = running.pop(future)
-                try:
-                    _, entry = future.result()
-                except futures.process.BrokenProcessPool:
-                    # The pool cannot tell which source killed its process (an FFmpeg crash, the OOM killer), so
-                    # every source still in it is marked; failed sources are retried by the next run.
-                    entry = _blank_entry(expanded[index])
-                    entry["error"] = "worker process died while this source was queued or decoding; re-run to retry"
-                finish_one(index, entry)
+def _run_workers(expanded: list[Source], pending: list[int], settings: dict[str, Any], out_dir: Path,
+                 reusable: dict[str, dict[str, Any]], workers: int, finish_one: Callable[[int, dict[str, Any]], None],
+                 frame_bar) -> None:
+    jobs = [(index, expanded[index], settings, str(out_dir)) for index in pending]
+    if workers <= 1:
+        # In this process the live `reusable` dict is shared, so a later copy of a source ingested in this very
+        # run is reused instead of decoded again, and frames count straight into the bar.
+        initargs: tuple = (frame_bar.update, reusable)
+        poll = None
+    else:
+        # Pool workers get a snapshot of the keys and count frames in shared memory, read back by `poll`.
+        counter = multiprocessing.get_context("spawn").Value("q", 0)
+        initargs = (counter, frozenset(reusable))
+        shown = [0]
+
+        def poll() -> None:
+            frames = counter.value
+            frame_bar.update(frames - shown[0])
+            shown[0] = frames
+
+    outcomes = run_parallel(_worker_task, jobs, workers, initializer=_init_worker, initargs=initargs,
+                            cleanup=_reset_worker, poll=poll)
+    with contextlib.closing(outcomes):  # an interrupt stops the workers now, not when the generator is collected
+        for outcome in outcomes:
+            _finish_outcome(outcome, pending, expanded, finish_one)
+    if poll is not None:
+        poll()
+
+
+def _finish_outcome(outcome: Outcome, pending: list[int], expanded: list[Source],
+                    finish_one: Callable[[int, dict[str, Any]], None]) -> None:
+    if outcome.died:
+        # Only the source whose decoding took the process down (an FFmpeg crash, the OOM killer) lands here: the
+        # driver re-ran the sources that shared the pool with it. Failed sources are retried by the next run.
+        index = pending[outcome.index]
+        entry = _blank_entry(expanded[index])
+        entry["error"] = "worker process died while decoding this source; re-run to retry"
+    else:
+        index, entry = outcome.value
+    finish_one(index, entry)
 
 
 def summarize(manifest: dict[str, Any], out: str | Path | None = None) -> str:
