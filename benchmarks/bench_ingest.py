@@ -39,7 +39,7 @@ def synthetic_frames(count: int, size: int, seed: int):
     colours = rng.integers(60, 256, (2, 3))
     for t in range(count):
         dy, dx = int(size / 2 * (1 + np.sin(t / 40))), (2 * t) % size
-        frame = texture[dy:dy + size, dx:dx + size].copy()
+        frame = texture[dy : dy + size, dx : dx + size].copy()
         for k in range(2):
             cy = size / 2 + size / 3 * np.sin(t / (9 + 4 * k) + k)
             cx = size / 2 + size / 3 * np.cos(t / (13 + 3 * k))
@@ -61,7 +61,8 @@ def make_videos(folder: Path, count: int, frames: int, size: int, seed: int = 0)
 
 
 def bare_decode(paths: list[Path], to_rgb: bool = True) -> tuple[int, float]:
-    """Frames and seconds for decoding every file with PyAV (to full-size RGB arrays, or not at all) and nothing else."""
+    """Frames and seconds for decoding every file with PyAV (to full-size RGB arrays, or not at all) and nothing
+    else."""
     import av
 
     started, frames = time.perf_counter(), 0
@@ -83,7 +84,9 @@ def full_ingest(paths: list[Path], out: Path, workers: int) -> tuple[int, float,
     manifest = ingest([str(p) for p in paths], out, params, progress=False)
     elapsed = time.perf_counter() - started
     if manifest["totals"]["failed"]:
-        raise RuntimeError(f"benchmark videos failed to ingest: {[e['error'] for e in manifest['sources'] if e['error']]}")
+        raise RuntimeError(
+            f"benchmark videos failed to ingest: {[e['error'] for e in manifest['sources'] if e['error']]}"
+        )
     return manifest["totals"]["frames_decoded"], elapsed, manifest
 
 
@@ -92,17 +95,28 @@ def memory_child(folder: str, count: int, workers: int, out: str) -> None:
     paths = sorted(Path(folder).glob("*.mp4"))[:count]
     frames, seconds, _ = full_ingest(paths, Path(out), workers)
     to_mib = 1 / 1024  # ru_maxrss is in KiB on Linux
-    print(json.dumps({
-        "videos": len(paths), "workers": workers, "frames": frames, "seconds": seconds,
-        "peak_rss_main_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * to_mib,
-        "peak_rss_worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * to_mib,
-    }))
+    print(
+        json.dumps(
+            {
+                "videos": len(paths),
+                "workers": workers,
+                "frames": frames,
+                "seconds": seconds,
+                "peak_rss_main_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * to_mib,
+                "peak_rss_worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * to_mib,
+            }
+        )
+    )
 
 
 def measure_memory(folder: Path, count: int, workers: int, scratch: Path) -> dict:
     out = scratch / f"mem_{count}_{workers}"
-    done = subprocess.run([sys.executable, __file__, "--memory-child", str(folder), str(count), str(workers), str(out)],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, __file__, "--memory-child", str(folder), str(count), str(workers), str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -110,10 +124,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--videos", type=int, default=12, help="videos for the speed comparison (default: %(default)s)")
     parser.add_argument("--frames", type=int, default=300, help="frames per speed-test video (default: %(default)s)")
-    parser.add_argument("--size", type=int, default=256, help="frame side of the synthetic videos (default: %(default)s)")
-    parser.add_argument("--memory-counts", default="10,100", help="video counts compared for peak memory (default: %(default)s)")
-    parser.add_argument("--memory-frames", type=int, default=90, help="frames per memory-test video (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per speed measurement; the best counts (default: %(default)s)")
+    parser.add_argument(
+        "--size", type=int, default=256, help="frame side of the synthetic videos (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--memory-counts", default="10,100", help="video counts compared for peak memory (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--memory-frames", type=int, default=90, help="frames per memory-test video (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs per speed measurement; the best counts (default: %(default)s)"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--memory-child", nargs=4, metavar=("DIR", "COUNT", "WORKERS", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -148,19 +170,31 @@ def main(argv: list[str] | None = None) -> int:
         make_videos(scratch / "memory", max(counts), args.memory_frames, args.size, seed=1000)
         results["memory"] = [measure_memory(scratch / "memory", c, w, scratch) for w in (1, 2) for c in counts]
 
-    print(f"\n{args.videos} videos x {args.frames} frames, {args.size}x{args.size} H.264 -> 64x64 clips (best of {args.repeats})")
+    print(
+        f"\n{args.videos} videos x {args.frames} frames, {args.size}x{args.size} H.264 -> 64x64 clips "
+        f"(best of {args.repeats})"
+    )
     print(f"  bare PyAV decode to RGB : {results['bare_fps']:8.0f} frames/s   (full-size RGB arrays, the reference)")
-    print(f"  PyAV decode, no RGB     : {results['decode_only_fps']:8.0f} frames/s   (decoder alone, a floor nobody can beat)")
-    print(f"  ingest, workers=1       : {results['ingest_w1_fps']:8.0f} frames/s   "
-          f"(bare/ingest = {results['overhead_w1']:.2f}x; target < 1.3x)")
+    print(
+        f"  PyAV decode, no RGB     : {results['decode_only_fps']:8.0f} frames/s   "
+        "(decoder alone, a floor nobody can beat)"
+    )
+    print(
+        f"  ingest, workers=1       : {results['ingest_w1_fps']:8.0f} frames/s   "
+        f"(bare/ingest = {results['overhead_w1']:.2f}x; target < 1.3x)"
+    )
     print(f"  ingest, workers=2       : {results['ingest_w2_fps']:8.0f} frames/s")
-    print(f"  decoder alone / ingest  : {results['decode_only_fps'] / results['ingest_w1_fps']:8.2f}x "
-          "  (what hashing, crop/resize/RGB, windows and shard writes add to decoding)")
+    print(
+        f"  decoder alone / ingest  : {results['decode_only_fps'] / results['ingest_w1_fps']:8.2f}x "
+        "  (what hashing, crop/resize/RGB, windows and shard writes add to decoding)"
+    )
     print(f"peak resident memory, fresh process per row ({args.memory_frames} frames per video):")
     for row in results["memory"]:
         worker = f"{row['peak_rss_worker_mib']:6.1f} MiB" if row["workers"] > 1 else "     (none)"
-        print(f"  {row['videos']:4d} videos, workers={row['workers']}: main {row['peak_rss_main_mib']:6.1f} MiB, "
-              f"largest worker {worker}, {row['frames'] / row['seconds']:6.0f} frames/s")
+        print(
+            f"  {row['videos']:4d} videos, workers={row['workers']}: main {row['peak_rss_main_mib']:6.1f} MiB, "
+            f"largest worker {worker}, {row['frames'] / row['seconds']:6.0f} frames/s"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -49,7 +49,9 @@ def run_import(source: str, out: str, params: Params) -> dict[str, Any]:
     """Validate and copy episode files from `source` into `out`; returns the card (rejections included)."""
     cfg = params.collect
     description = {"env": cfg.env, "task": cfg.task, "camera": cfg.camera, "size": cfg.size, "quality": "imported"}
-    result = import_dataset(source, out, image_size=cfg.size, action_dim=ACTION_DIMS.get(cfg.env), description=description)
+    result = import_dataset(
+        source, out, image_size=cfg.size, action_dim=ACTION_DIMS.get(cfg.env), description=description
+    )
     if result.card["episodes"] > 0:  # an import that accepted nothing left the dataset (and its provenance) alone
         write_resolved_config(out, params, SECTIONS, upstream={"imported_from": tree_hash(source)})
         record_content_hash(out, dataset_hash(out, recorded=False))
@@ -62,11 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Quality levels: expert (scripted expert + small noise), medium (expert with random-action mixing and "
-               "noise; ~30-70% success on drawer-open at the cpu preset), mixed (a share of expert episodes, rest medium).",
+        "noise; ~30-70% success on drawer-open at the cpu preset), mixed (a share of expert episodes, rest medium).",
     )
     parser.add_argument("--out", required=True, help="dataset directory to write (episodes/, card.json, config.json)")
-    parser.add_argument("--import-from", dest="import_from", metavar="SRC_DIR", default=None,
-                        help="instead of collecting, validate and import the .npz episode files under SRC_DIR")
+    parser.add_argument(
+        "--import-from",
+        dest="import_from",
+        metavar="SRC_DIR",
+        default=None,
+        help="instead of collecting, validate and import the .npz episode files under SRC_DIR",
+    )
     add_component_args(parser)
     return parser
 
@@ -81,13 +88,17 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         for row in card["rejected"]:
             print(f"rejected {row['file']}: {row['reason']}", file=sys.stderr)
-        print(f"imported {card['episodes']} episodes ({card['steps']} steps) into {args.out}; "
-              f"rejected {len(card['rejected'])}")
+        print(
+            f"imported {card['episodes']} episodes ({card['steps']} steps) into {args.out}; "
+            f"rejected {len(card['rejected'])}"
+        )
         return 0 if card["episodes"] > 0 else 1
     card = run(args.out, params, progress=not args.no_progress)
-    print(f"{card['episodes']} episodes ({card['steps']} steps) in {args.out}: "
-          f"return {card['return_mean']:.1f} +- {card['return_std']:.1f}, success rate {card['success_rate']:.2f} "
-          f"({card['quality']})")
+    print(
+        f"{card['episodes']} episodes ({card['steps']} steps) in {args.out}: "
+        f"return {card['return_mean']:.1f} +- {card['return_std']:.1f}, success rate {card['success_rate']:.2f} "
+        f"({card['quality']})"
+    )
     return 0
 
 

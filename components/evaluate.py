@@ -26,8 +26,9 @@ log = logging.getLogger("veorl.evaluate")
 SECTIONS = ("evaluate",)
 
 
-def run(agent: str, out: str, params: Params, *, parent_run_id: str | None = None,
-        progress: bool = True) -> dict[str, Any]:
+def run(
+    agent: str, out: str, params: Params, *, parent_run_id: str | None = None, progress: bool = True
+) -> dict[str, Any]:
     """Evaluate the agent artifact `agent` into `out`; returns the contents of OUT/metrics.json."""
     from veorl import tracking
     from veorl.agent import META_FILE, AgentError
@@ -59,20 +60,49 @@ def run(agent: str, out: str, params: Params, *, parent_run_id: str | None = Non
         old.unlink()
     for key in ("task", "camera", "episode_length"):
         if getattr(params.collect, key) != meta[key]:
-            log.info("params.collect.%s=%r differs from the agent's %r; evaluating on the agent's", key,
-                     getattr(params.collect, key), meta[key])
-    protocol = {"env": meta["env"], "task": meta["task"], "camera": meta["camera"],
-                "episode_length": int(meta["episode_length"]), "episodes": ev.episodes, "seed": ev.seed}
+            log.info(
+                "params.collect.%s=%r differs from the agent's %r; evaluating on the agent's",
+                key,
+                getattr(params.collect, key),
+                meta[key],
+            )
+    protocol = {
+        "env": meta["env"],
+        "task": meta["task"],
+        "camera": meta["camera"],
+        "episode_length": int(meta["episode_length"]),
+        "episodes": ev.episodes,
+        "seed": ev.seed,
+    }
     upstream = {"agent": artifact_hash(agent)}
-    with tracking.stage_run("evaluate", params, parent_run_id, sections=SECTIONS, upstream=upstream,
-                            tags={"veorl.algo": meta["algo"], "veorl.task": meta["task"]}):
+    with tracking.stage_run(
+        "evaluate",
+        params,
+        parent_run_id,
+        sections=SECTIONS,
+        upstream=upstream,
+        tags={"veorl.algo": meta["algo"], "veorl.task": meta["task"]},
+    ):
         tracking.log_params({f"protocol.{k}": v for k, v in protocol.items()})
-        results = evaluate_agent(agent, ev.episodes, ev.seed, workers=ev.workers, videos=ev.videos, video_size=ev.video_size,
-                                 video_dir=out_dir / "rollouts", device=ev.device, fps=ev.video_fps, progress=progress)
+        results = evaluate_agent(
+            agent,
+            ev.episodes,
+            ev.seed,
+            workers=ev.workers,
+            videos=ev.videos,
+            video_size=ev.video_size,
+            video_dir=out_dir / "rollouts",
+            device=ev.device,
+            fps=ev.video_fps,
+            progress=progress,
+        )
         summary = summarise(results)
         write_episodes_csv(out_dir / "episodes.csv", results)
-        plot_returns(out_dir / "returns.png", results,
-                     title=f"{meta['algo']} on {meta['task']}: success {summary['success_rate']:.2f}")
+        plot_returns(
+            out_dir / "returns.png",
+            results,
+            title=f"{meta['algo']} on {meta['task']}: success {summary['success_rate']:.2f}",
+        )
         write_resolved_config(out_dir, params, SECTIONS, upstream=upstream, protocol=protocol)
         rewards = reward_diagnostics(results)
         if rewards is not None:
@@ -97,8 +127,12 @@ def run(agent: str, out: str, params: Params, *, parent_run_id: str | None = Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m components.evaluate", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m components.evaluate",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--agent", required=True, metavar="DIR", help="agent artifact of components.finetune")
     parser.add_argument("--out", required=True, metavar="DIR", help="evaluation output directory")
     add_component_args(parser, tracking=True)
@@ -118,9 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     except EvaluationError as exc:
         print(f"evaluation failed, no score reported: {exc}", file=sys.stderr)
         return 1
-    print(f"{metrics['algo']} on {metrics['task']}: success rate {metrics['success_rate']:.2f} "
-          f"(+- {metrics['success_std']:.2f}), return {metrics['mean_return']:.1f} +- {metrics['std_return']:.1f} "
-          f"over {metrics['episodes']} episodes")
+    print(
+        f"{metrics['algo']} on {metrics['task']}: success rate {metrics['success_rate']:.2f} "
+        f"(+- {metrics['success_std']:.2f}), return {metrics['mean_return']:.1f} +- {metrics['std_return']:.1f} "
+        f"over {metrics['episodes']} episodes"
+    )
     return 0
 
 

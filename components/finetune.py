@@ -21,30 +21,67 @@ from veorl.config import Params
 from veorl.runtime import add_component_args, parse_component_args
 
 
-def run(world_model: str, episodes: str, out: str, params: Params, *, clips: str | None = None,
-        checkpoints: str | None = None, parent_run_id: str | None = None,
-        metrics: str | None = "metrics/finetune.json", curve: str | None = "metrics/finetune_curve.csv",
-        progress: bool = True) -> dict[str, Any]:
+def run(
+    world_model: str,
+    episodes: str,
+    out: str,
+    params: Params,
+    *,
+    clips: str | None = None,
+    checkpoints: str | None = None,
+    parent_run_id: str | None = None,
+    metrics: str | None = "metrics/finetune.json",
+    curve: str | None = "metrics/finetune_curve.csv",
+    progress: bool = True,
+) -> dict[str, Any]:
     """Fine-tune and write the agent artifact to `out`; returns the summary (also written to `metrics`)."""
     from veorl.algo.finetune import finetune
 
-    return finetune(world_model, episodes, out, params, clips=clips, checkpoints=checkpoints, metrics_path=metrics,
-                    curve_path=curve, parent_run_id=parent_run_id, progress=progress)
+    return finetune(
+        world_model,
+        episodes,
+        out,
+        params,
+        clips=clips,
+        checkpoints=checkpoints,
+        metrics_path=metrics,
+        curve_path=curve,
+        parent_run_id=parent_run_id,
+        progress=progress,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m components.finetune", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--world-model", required=True, metavar="DIR",
-                        help="video world model artifact of components.pretrain (ignored by the dreamerv2 and bc baselines)")
+    parser = argparse.ArgumentParser(
+        prog="python -m components.finetune",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--world-model",
+        required=True,
+        metavar="DIR",
+        help="video world model artifact of components.pretrain (ignored by the dreamerv2 and bc baselines)",
+    )
     parser.add_argument("--episodes", required=True, metavar="DIR", help="target episodes of components.collect")
     parser.add_argument("--clips", default=None, metavar="DIR", help="ingested video clips for the MMD term (optional)")
     parser.add_argument("--out", required=True, metavar="DIR", help="agent artifact directory to write")
-    parser.add_argument("--checkpoints", default=None, metavar="DIR",
-                        help="checkpoint directory; an existing checkpoint there is resumed (default: no checkpoints)")
-    parser.add_argument("--metrics", default="metrics/finetune.json", metavar="FILE", help="summary JSON (default: %(default)s)")
-    parser.add_argument("--curve", default="metrics/finetune_curve.csv", metavar="FILE",
-                        help="training curve CSV (default: %(default)s)")
+    parser.add_argument(
+        "--checkpoints",
+        default=None,
+        metavar="DIR",
+        help="checkpoint directory; an existing checkpoint there is resumed (default: no checkpoints)",
+    )
+    parser.add_argument(
+        "--metrics", default="metrics/finetune.json", metavar="FILE", help="summary JSON (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--curve",
+        default="metrics/finetune_curve.csv",
+        metavar="FILE",
+        help="training curve CSV (default: %(default)s)",
+    )
     add_component_args(parser, tracking=True)
     return parser
 
@@ -57,9 +94,18 @@ def main(argv: list[str] | None = None) -> int:
     from veorl.data.episodes import EpisodeError
 
     try:
-        summary = run(args.world_model, args.episodes, args.out, params, clips=args.clips, checkpoints=args.checkpoints,
-                      parent_run_id=args.parent_run_id, metrics=args.metrics, curve=args.curve,
-                      progress=not args.no_progress)
+        summary = run(
+            args.world_model,
+            args.episodes,
+            args.out,
+            params,
+            clips=args.clips,
+            checkpoints=args.checkpoints,
+            parent_run_id=args.parent_run_id,
+            metrics=args.metrics,
+            curve=args.curve,
+            progress=not args.no_progress,
+        )
     except (FinetuneError, CheckpointMismatch, EpisodeError, AgentError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

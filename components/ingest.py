@@ -58,11 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m components.ingest",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Writes OUT/manifest.json, OUT/clips/<key>-<k>.npy (uint8 N x window x size x size x 3), OUT/config.json "
-               "and OUT/provenance.json.",
+        epilog="Writes OUT/manifest.json, OUT/clips/<key>-<k>.npy (uint8 N x window x size x size x 3), "
+        "OUT/config.json and OUT/provenance.json.",
     )
-    parser.add_argument("--source", action="append", required=True, metavar="SRC",
-                        help="video file, folder, glob (quote it) or s3://bucket/prefix; repeatable")
+    parser.add_argument(
+        "--source",
+        action="append",
+        required=True,
+        metavar="SRC",
+        help="video file, folder, glob (quote it) or s3://bucket/prefix; repeatable",
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created; re-runs resume in it)")
     add_component_args(parser)
     return parser

@@ -35,8 +35,10 @@ def run(agent: str, evaluation: str, out: str, params: Params, *, parent_run_id:
     outcome = register_agent(agent, evaluation, params, parent_run_id=parent_run_id)
     # --out is a single file inside the evaluation's directory, so provenance travels inside it rather than as
     # config.json/provenance.json files that would overwrite the evaluation's own.
-    outcome["provenance"] = provenance(params.section_dict(*SECTIONS),
-                                       upstream={"agent": outcome["agent_hash"], "evaluation": outcome["evaluation_hash"]})
+    outcome["provenance"] = provenance(
+        params.section_dict(*SECTIONS),
+        upstream={"agent": outcome["agent_hash"], "evaluation": outcome["evaluation_hash"]},
+    )
     atomic_write_json(Path(out), outcome)
     return outcome
 
@@ -45,9 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m components.register",
         description="Log an evaluated agent as an MLflow pyfunc model, register a version and move @champion to it "
-                    "only when its evaluation beats the champion's (same protocol, register.metric, register.margin).",
+        "only when its evaluation beats the champion's (same protocol, register.metric, register.margin).",
     )
-    parser.add_argument("--agent", required=True, help="agent artifact directory (agent.pt + agent.json), e.g. models/agent")
+    parser.add_argument(
+        "--agent", required=True, help="agent artifact directory (agent.pt + agent.json), e.g. models/agent"
+    )
     parser.add_argument("--evaluation", required=True, help="evaluation directory holding metrics.json, e.g. eval")
     parser.add_argument("--out", required=True, help="registration outcome JSON to write, e.g. eval/registration.json")
     add_component_args(parser, progress=False, tracking=True)
@@ -67,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: registration failed: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
         return 1
     alias = outcome["alias"] or "no alias"
-    print(f"{outcome['model_name']} v{outcome['version']}: {alias} ({outcome['reason']})"
-          + ("" if outcome["new_version"] else " [already registered]"))
+    print(
+        f"{outcome['model_name']} v{outcome['version']}: {alias} ({outcome['reason']})"
+        + ("" if outcome["new_version"] else " [already registered]")
+    )
     return 0
 
 

@@ -53,8 +53,14 @@ def run(out: str, params: Params, *, progress: bool = True) -> dict[str, Any]:
     result = render_source_videos(out, params.source_videos, target_task=params.collect.task, progress=progress)
     config_missing = not (out_dir / "config.json").exists() or not (out_dir / "provenance.json").exists()
     if result.changed or config_missing:
-        write_resolved_config(out, params, SECTIONS, target_task=params.collect.task, videos_rendered=result.rendered,
-                              videos_kept=result.kept)
+        write_resolved_config(
+            out,
+            params,
+            SECTIONS,
+            target_task=params.collect.task,
+            videos_rendered=result.rendered,
+            videos_kept=result.kept,
+        )
     record_content_hash(out_dir)
     return result.card
 
@@ -98,12 +104,20 @@ def external_sources(folder: str | Path) -> list[str] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m components.source_videos", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 2)[2],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m components.source_videos",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", required=True, help="directory for the video files, card.json and config.json")
-    parser.add_argument("--external", action="append", default=[], metavar="URI",
-                        help="record this s3:// prefix, file or folder of videos instead of rendering (repeatable)")
+    parser.add_argument(
+        "--external",
+        action="append",
+        default=[],
+        metavar="URI",
+        help="record this s3:// prefix, file or folder of videos instead of rendering (repeatable)",
+    )
     add_component_args(parser)
     return parser
 

@@ -25,7 +25,9 @@ def requirements(pyproject: str, extras: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("pyproject", help="path to pyproject.toml")
-    parser.add_argument("--extra", action="append", default=[], help="optional dependency group to include (repeatable)")
+    parser.add_argument(
+        "--extra", action="append", default=[], help="optional dependency group to include (repeatable)"
+    )
     args = parser.parse_args(argv)
     sys.stdout.write("".join(line + "\n" for line in requirements(args.pyproject, args.extra)))
     return 0

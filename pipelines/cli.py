@@ -2,14 +2,15 @@
 
     python -m pipelines.cli compile [--out pipelines/veorl_pipeline.yaml] [--image IMG] [--gpu-image IMG] ...
     python -m pipelines.cli upload --host https://kfp.example.org [--version v2]
-    python -m pipelines.cli submit --host https://kfp.example.org [--preset paper] [--set finetune.policy_steps=1000] ...
+    python -m pipelines.cli submit --host https://kfp.example.org [--preset paper]
+        [--set finetune.policy_steps=1000] ...
     python -m pipelines.cli run-local --preset smoke [--pipeline-root local_outputs]
 
 `compile` writes the YAML that is checked in (with no options it reproduces pipelines/veorl_pipeline.yaml).
 `upload` registers the compiled pipeline (or a new version of it) in the KFP UI; `submit` compiles with the given
 options (or takes --package) and starts a run through kfp.Client. The token for an authenticated endpoint comes
-from $KFP_TOKEN (never from the command line, so it stays out of shell history and logs). `run-local` executes the pipeline on this machine with kfp.local's SubprocessRunner (no
-cluster, no Docker); run it from the repository root.
+from $KFP_TOKEN (never from the command line, so it stays out of shell history and logs). `run-local` executes the
+pipeline on this machine with kfp.local's SubprocessRunner (no cluster, no Docker); run it from the repository root.
 """
 
 import argparse
@@ -19,9 +20,19 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pipelines.veorl_pipeline import (
+    DEFAULT_GPU_IMAGE,
+    DEFAULT_IMAGE,
+    DEFAULT_RESOURCES,
+    GPU_IMAGE_ENV,
+    IMAGE_ENV,
+    PACKAGE_PATH,
+    PIPELINE_NAME,
+    CompileOptions,
+    build_pipeline,
+    compile_pipeline,
+)
 from veorl.config import PRESETS
-from pipelines.veorl_pipeline import (DEFAULT_GPU_IMAGE, DEFAULT_IMAGE, DEFAULT_RESOURCES, GPU_IMAGE_ENV, IMAGE_ENV,
-                                      PACKAGE_PATH, PIPELINE_NAME, CompileOptions, build_pipeline, compile_pipeline)
 
 TOKEN_ENV = "KFP_TOKEN"
 
@@ -35,27 +46,59 @@ def _key_value(text: str) -> tuple[str, str]:
 
 def _add_compile_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("compile options (fixed in the YAML)")
-    group.add_argument("--image", default=None,
-                       help=f"image of the CPU steps (default: ${IMAGE_ENV} or {DEFAULT_IMAGE})")
-    group.add_argument("--gpu-image", default=None,
-                       help=f"image of pretrain and finetune (default: ${GPU_IMAGE_ENV} or {DEFAULT_GPU_IMAGE})")
+    group.add_argument(
+        "--image", default=None, help=f"image of the CPU steps (default: ${IMAGE_ENV} or {DEFAULT_IMAGE})"
+    )
+    group.add_argument(
+        "--gpu-image",
+        default=None,
+        help=f"image of pretrain and finetune (default: ${GPU_IMAGE_ENV} or {DEFAULT_GPU_IMAGE})",
+    )
     group.add_argument("--cpu", default=None, help="CPU request of every CPU step, e.g. 4 (default: per step)")
-    group.add_argument("--memory", default=None, help="memory request/limit of every CPU step, e.g. 8G (default: per step)")
-    group.add_argument("--gpu-cpu", default=None, help="CPU request of pretrain and finetune (default: %s)" % DEFAULT_RESOURCES["pretrain"][0])
-    group.add_argument("--gpu-memory", default=None,
-                       help="memory request/limit of pretrain and finetune (default: %s)" % DEFAULT_RESOURCES["pretrain"][1])
-    group.add_argument("--gpus", type=int, default=1, help="GPUs per training step; 0 trains on CPU (default: %(default)s)")
-    group.add_argument("--accelerator", default="nvidia.com/gpu", help="accelerator resource type (default: %(default)s)")
+    group.add_argument(
+        "--memory", default=None, help="memory request/limit of every CPU step, e.g. 8G (default: per step)"
+    )
+    group.add_argument(
+        "--gpu-cpu",
+        default=None,
+        help=f"CPU request of pretrain and finetune (default: {DEFAULT_RESOURCES['pretrain'][0]})",
+    )
+    group.add_argument(
+        "--gpu-memory",
+        default=None,
+        help=f"memory request/limit of pretrain and finetune (default: {DEFAULT_RESOURCES['pretrain'][1]})",
+    )
+    group.add_argument(
+        "--gpus", type=int, default=1, help="GPUs per training step; 0 trains on CPU (default: %(default)s)"
+    )
+    group.add_argument(
+        "--accelerator", default="nvidia.com/gpu", help="accelerator resource type (default: %(default)s)"
+    )
     group.add_argument("--retries", type=int, default=1, help="retries of the training steps (default: %(default)s)")
-    group.add_argument("--env", action="append", type=_key_value, default=[], metavar="NAME=VALUE",
-                       help="constant environment variable in every step (repeatable), e.g. "
-                            "MLFLOW_TRACKING_URI=http://mlflow.mlflow:5000 or AWS_ENDPOINT_URL_S3=http://minio:9000; "
-                            "never put credentials here, use --secret-env")
-    group.add_argument("--secret-env", default="", metavar="SECRET",
-                       help="Kubernetes secret whose keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (see --secret-key) "
-                            "become env vars of every step (needs kfp-kubernetes)")
-    group.add_argument("--secret-key", action="append", default=[], metavar="KEY",
-                       help="secret key to expose (repeatable; replaces the AWS pair)")
+    group.add_argument(
+        "--env",
+        action="append",
+        type=_key_value,
+        default=[],
+        metavar="NAME=VALUE",
+        help="constant environment variable in every step (repeatable), e.g. "
+        "MLFLOW_TRACKING_URI=http://mlflow.mlflow:5000 or AWS_ENDPOINT_URL_S3=http://minio:9000; "
+        "never put credentials here, use --secret-env",
+    )
+    group.add_argument(
+        "--secret-env",
+        default="",
+        metavar="SECRET",
+        help="Kubernetes secret whose keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (see --secret-key) "
+        "become env vars of every step (needs kfp-kubernetes)",
+    )
+    group.add_argument(
+        "--secret-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="secret key to expose (repeatable; replaces the AWS pair)",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> CompileOptions:
@@ -65,8 +108,14 @@ def options_from_args(args: argparse.Namespace) -> CompileOptions:
             resources[step] = (args.gpu_cpu or cpu, args.gpu_memory or memory)
         else:
             resources[step] = (args.cpu or cpu, args.memory or memory)
-    changes = {"resources": resources, "gpus": args.gpus, "accelerator": args.accelerator, "retries": args.retries,
-               "env": dict(args.env), "secret_env": args.secret_env}
+    changes = {
+        "resources": resources,
+        "gpus": args.gpus,
+        "accelerator": args.accelerator,
+        "retries": args.retries,
+        "env": dict(args.env),
+        "secret_env": args.secret_env,
+    }
     if args.secret_key:
         changes["secret_keys"] = tuple(args.secret_key)
     if args.image:
@@ -78,14 +127,28 @@ def options_from_args(args: argparse.Namespace) -> CompileOptions:
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("pipeline parameters (per run)")
-    group.add_argument("--preset", default=None, choices=sorted(PRESETS), help="sizes and step counts (pipeline default: paper)")
+    group.add_argument(
+        "--preset", default=None, choices=sorted(PRESETS), help="sizes and step counts (pipeline default: paper)"
+    )
     group.add_argument("--task", default=None, help="target task (collect.task)")
     group.add_argument("--algo", default=None, choices=["veorl", "dreamerv2", "bc"], help="finetune.algo")
     group.add_argument("--model-name", default=None, help="register.model_name")
-    group.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="parameter override (repeatable), as for the components")
-    group.add_argument("--video-source", dest="video_sources", action="append", default=[], metavar="URI",
-                       help="s3:// prefix of unlabeled videos to ingest instead of rendering (repeatable)")
+    group.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="parameter override (repeatable), as for the components",
+    )
+    group.add_argument(
+        "--video-source",
+        dest="video_sources",
+        action="append",
+        default=[],
+        metavar="URI",
+        help="s3:// prefix of unlabeled videos to ingest instead of rendering (repeatable)",
+    )
     group.add_argument("--checkpoint-root", default=None, help="shared checkpoint directory for resumable training")
     group.add_argument("--parent-run-id", default=None, help="MLflow run to nest the stage runs under")
 
@@ -139,9 +202,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
         package = args.package or str(compile_pipeline(Path(tmp) / "veorl_pipeline.yaml", options_from_args(args)))
         client = _client(args)
         result = client.create_run_from_pipeline_package(
-            package, arguments=arguments, run_name=args.run_name, experiment_name=args.experiment,
-            namespace=args.namespace, pipeline_root=args.pipeline_root, enable_caching=not args.no_cache,
-            service_account=args.service_account)
+            package,
+            arguments=arguments,
+            run_name=args.run_name,
+            experiment_name=args.experiment,
+            namespace=args.namespace,
+            pipeline_root=args.pipeline_root,
+            enable_caching=not args.no_cache,
+            service_account=args.service_account,
+        )
     print(json.dumps({"run_id": result.run_id, "host": args.host, "arguments": arguments}, sort_keys=True))
     return 0
 
@@ -163,8 +232,12 @@ def cmd_run_local(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.cli", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.cli",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("compile", help="compile the pipeline to YAML")
@@ -177,25 +250,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", default=None, help="Kubeflow profile namespace (multi-user installs)")
     p.add_argument("--name", default=PIPELINE_NAME, help="pipeline name in the UI (default: %(default)s)")
     p.add_argument("--version", default=None, help="upload as a new version of the existing pipeline --name")
-    p.add_argument("--package", default=None, help="upload this compiled YAML instead of compiling with the options below")
+    p.add_argument(
+        "--package", default=None, help="upload this compiled YAML instead of compiling with the options below"
+    )
     _add_compile_options(p)
     p.set_defaults(func=cmd_upload)
 
     p = sub.add_parser("submit", help="submit a run to a Kubeflow Pipelines endpoint")
     p.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kubeflow.example.org/pipeline")
     p.add_argument("--namespace", default=None, help="Kubeflow profile namespace (multi-user installs)")
-    p.add_argument("--pipeline-root", default=None, help="where KFP stores this run's artifacts, e.g. s3://bucket/kfp "
-                                                         "(default: the installation's)")
-    p.add_argument("--service-account", default=None, help="Kubernetes service account of the run's pods (e.g. with IRSA)")
+    p.add_argument(
+        "--pipeline-root",
+        default=None,
+        help="where KFP stores this run's artifacts, e.g. s3://bucket/kfp (default: the installation's)",
+    )
+    p.add_argument(
+        "--service-account", default=None, help="Kubernetes service account of the run's pods (e.g. with IRSA)"
+    )
     p.add_argument("--experiment", default=PIPELINE_NAME, help="KFP experiment name (default: %(default)s)")
     p.add_argument("--run-name", default=None, help="run name (default: generated by KFP)")
-    p.add_argument("--package", default=None, help="submit this compiled YAML instead of compiling with the options below")
+    p.add_argument(
+        "--package", default=None, help="submit this compiled YAML instead of compiling with the options below"
+    )
     p.add_argument("--no-cache", action="store_true", help="disable step caching for this run")
     _add_run_arguments(p)
     _add_compile_options(p)
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("run-local", help="run the pipeline here with kfp.local (SubprocessRunner; from the repository root)")
+    p = sub.add_parser(
+        "run-local", help="run the pipeline here with kfp.local (SubprocessRunner; from the repository root)"
+    )
     p.add_argument("--pipeline-root", default="local_outputs", help="where step outputs go (default: %(default)s)")
     p.add_argument("--cache", action="store_true", help="enable kfp.local's step cache")
     _add_run_arguments(p)

@@ -21,9 +21,10 @@ acts on the registry, which lives outside the pipeline.
 """
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, List, NamedTuple
+from typing import NamedTuple
 
 from kfp import compiler, dsl
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
@@ -62,15 +63,19 @@ class CompileOptions:
     gpus: int = 1
     accelerator: str = "nvidia.com/gpu"
     retries: int = 1  # training steps only; they resume from checkpoint_root when it is set
-    env: dict[str, str] = field(default_factory=dict)  # non-secret settings, e.g. MLFLOW_TRACKING_URI, AWS_ENDPOINT_URL_S3
+    env: dict[str, str] = field(
+        default_factory=dict
+    )  # non-secret settings, e.g. MLFLOW_TRACKING_URI, AWS_ENDPOINT_URL_S3
     secret_env: str = ""  # Kubernetes secret exposed to every step as env vars (needs kfp-kubernetes)
     secret_keys: tuple[str, ...] = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")  # secret keys = env var names
 
     @classmethod
     def from_env(cls, **changes) -> "CompileOptions":
         """Defaults, with the images taken from VEORL_IMAGE / VEORL_GPU_IMAGE when set."""
-        options = cls(image=os.environ.get(IMAGE_ENV) or DEFAULT_IMAGE,
-                      gpu_image=os.environ.get(GPU_IMAGE_ENV) or DEFAULT_GPU_IMAGE)
+        options = cls(
+            image=os.environ.get(IMAGE_ENV) or DEFAULT_IMAGE,
+            gpu_image=os.environ.get(GPU_IMAGE_ENV) or DEFAULT_GPU_IMAGE,
+        )
         return replace(options, **changes)
 
 
@@ -81,8 +86,9 @@ class CompileOptions:
 # ----------------------------------------------------------------------------------------------
 
 
-def resolve_config(preset: str, task: str, algo: str, model_name: str, overrides: List[str]) -> NamedTuple(
-        "StageConfigs", source_videos=str, ingest=str, collect=str, pretrain=str, finetune=str, evaluate=str, register=str):
+def resolve_config(preset: str, task: str, algo: str, model_name: str, overrides: list[str]) -> NamedTuple(
+    "StageConfigs", source_videos=str, ingest=str, collect=str, pretrain=str, finetune=str, evaluate=str, register=str
+):
     """Validate the whole configuration once; emit each stage's part of it (the keys it reads) as JSON."""
     from collections import namedtuple
 
@@ -93,7 +99,7 @@ def resolve_config(preset: str, task: str, algo: str, model_name: str, overrides
     return StageConfigs(**documents)
 
 
-def source_videos(config: str, video_sources: List[str], videos: Output[Dataset]) -> str:
+def source_videos(config: str, video_sources: list[str], videos: Output[Dataset]) -> str:
     """Render unlabeled source videos, or record external ones (s3:// prefixes) with a content fingerprint."""
     from components.source_videos import run, run_external
     from pipelines.steps import params_for_stage
@@ -133,9 +139,18 @@ def collect(config: str, episodes: Output[Dataset]) -> str:
     return content_hash
 
 
-def pretrain(config: str, clips_hash: str, episodes_hash: str, checkpoint_root: str, parent_run_id: str,
-             clips: Input[Dataset], episodes: Input[Dataset], world_model: Output[Model], metrics: Output[Metrics],
-             training_log: Output[Artifact]) -> str:
+def pretrain(
+    config: str,
+    clips_hash: str,
+    episodes_hash: str,
+    checkpoint_root: str,
+    parent_run_id: str,
+    clips: Input[Dataset],
+    episodes: Input[Dataset],
+    world_model: Output[Model],
+    metrics: Output[Metrics],
+    training_log: Output[Artifact],
+) -> str:
     """Phases 1 and 2: the action-free video world model."""
     import os
 
@@ -145,21 +160,39 @@ def pretrain(config: str, clips_hash: str, episodes_hash: str, checkpoint_root: 
     from veorl.trees import numeric_leaves
 
     os.makedirs(training_log.path, exist_ok=True)
-    summary = run(clips.path, episodes.path, world_model.path, params_for_stage(config),
-                  checkpoints=checkpoint_dir(checkpoint_root, "pretrain", config, clips_hash, episodes_hash),
-                  parent_run_id=parent_run_id or None, metrics=os.path.join(training_log.path, "metrics.json"),
-                  curve=os.path.join(training_log.path, "curve.csv"))
+    summary = run(
+        clips.path,
+        episodes.path,
+        world_model.path,
+        params_for_stage(config),
+        checkpoints=checkpoint_dir(checkpoint_root, "pretrain", config, clips_hash, episodes_hash),
+        parent_run_id=parent_run_id or None,
+        metrics=os.path.join(training_log.path, "metrics.json"),
+        curve=os.path.join(training_log.path, "curve.csv"),
+    )
     for name, value in sorted(numeric_leaves(summary).items()):
         metrics.log_metric(name, value)
     content_hash = artifact_hash(world_model.path)
-    world_model.metadata.update({"content_hash": content_hash, "upstream_clips": clips_hash,
-                                 "upstream_episodes": episodes_hash})
+    world_model.metadata.update(
+        {"content_hash": content_hash, "upstream_clips": clips_hash, "upstream_episodes": episodes_hash}
+    )
     return content_hash
 
 
-def finetune(config: str, world_model_hash: str, episodes_hash: str, clips_hash: str, checkpoint_root: str,
-             parent_run_id: str, world_model: Input[Model], episodes: Input[Dataset], clips: Input[Dataset],
-             agent: Output[Model], metrics: Output[Metrics], training_log: Output[Artifact]) -> str:
+def finetune(
+    config: str,
+    world_model_hash: str,
+    episodes_hash: str,
+    clips_hash: str,
+    checkpoint_root: str,
+    parent_run_id: str,
+    world_model: Input[Model],
+    episodes: Input[Dataset],
+    clips: Input[Dataset],
+    agent: Output[Model],
+    metrics: Output[Metrics],
+    training_log: Output[Artifact],
+) -> str:
     """The Trunk Net world model and phase-3 policy learning: the deployable agent."""
     import os
 
@@ -170,10 +203,17 @@ def finetune(config: str, world_model_hash: str, episodes_hash: str, clips_hash:
 
     os.makedirs(training_log.path, exist_ok=True)
     checkpoints = checkpoint_dir(checkpoint_root, "finetune", config, world_model_hash, episodes_hash, clips_hash)
-    summary = run(world_model.path, episodes.path, agent.path, params_for_stage(config), clips=clips.path,
-                  checkpoints=checkpoints, parent_run_id=parent_run_id or None,
-                  metrics=os.path.join(training_log.path, "metrics.json"),
-                  curve=os.path.join(training_log.path, "curve.csv"))
+    summary = run(
+        world_model.path,
+        episodes.path,
+        agent.path,
+        params_for_stage(config),
+        clips=clips.path,
+        checkpoints=checkpoints,
+        parent_run_id=parent_run_id or None,
+        metrics=os.path.join(training_log.path, "metrics.json"),
+        curve=os.path.join(training_log.path, "curve.csv"),
+    )
     for name, value in sorted(numeric_leaves(summary).items()):
         metrics.log_metric(name, value)
     content_hash = artifact_hash(agent.path)
@@ -181,8 +221,14 @@ def finetune(config: str, world_model_hash: str, episodes_hash: str, clips_hash:
     return content_hash
 
 
-def evaluate(config: str, agent_hash: str, parent_run_id: str, agent: Input[Model], evaluation: Output[Artifact],
-             metrics: Output[Metrics]) -> str:
+def evaluate(
+    config: str,
+    agent_hash: str,
+    parent_run_id: str,
+    agent: Input[Model],
+    evaluation: Output[Artifact],
+    metrics: Output[Metrics],
+) -> str:
     """Deterministic-policy episodes in the simulator: metrics.json, episodes.csv, rollout videos."""
     from components.evaluate import run
     from pipelines.steps import params_for_stage
@@ -197,8 +243,15 @@ def evaluate(config: str, agent_hash: str, parent_run_id: str, agent: Input[Mode
     return content_hash
 
 
-def register(config: str, agent_hash: str, evaluation_hash: str, parent_run_id: str, agent: Input[Model],
-             evaluation: Input[Artifact], registration: Output[Artifact]) -> str:
+def register(
+    config: str,
+    agent_hash: str,
+    evaluation_hash: str,
+    parent_run_id: str,
+    agent: Input[Model],
+    evaluation: Input[Artifact],
+    registration: Output[Artifact],
+) -> str:
     """Register the agent in MLflow; @champion moves only when its evaluation wins. Returns models:/NAME/VERSION."""
     import os
 
@@ -206,11 +259,22 @@ def register(config: str, agent_hash: str, evaluation_hash: str, parent_run_id: 
     from pipelines.steps import params_for_stage
 
     os.makedirs(registration.path, exist_ok=True)
-    outcome = run(agent.path, evaluation.path, os.path.join(registration.path, "registration.json"),
-                  params_for_stage(config), parent_run_id=parent_run_id or None)
-    registration.metadata.update({"version": outcome["version"], "alias": outcome["alias"] or "none",
-                                  "reason": outcome["reason"], "agent_hash": agent_hash,
-                                  "evaluation_hash": evaluation_hash})
+    outcome = run(
+        agent.path,
+        evaluation.path,
+        os.path.join(registration.path, "registration.json"),
+        params_for_stage(config),
+        parent_run_id=parent_run_id or None,
+    )
+    registration.metadata.update(
+        {
+            "version": outcome["version"],
+            "alias": outcome["alias"] or "none",
+            "reason": outcome["reason"],
+            "agent_hash": agent_hash,
+            "evaluation_hash": evaluation_hash,
+        }
+    )
     return outcome["model_uri"]
 
 
@@ -232,10 +296,13 @@ def _configure(task: dsl.PipelineTask, step: str, options: CompileOptions) -> ds
         try:
             from kfp import kubernetes
         except ImportError as exc:
-            raise RuntimeError("secret_env needs the kfp-kubernetes package (pip install kfp-kubernetes) "
-                               "to expose a Kubernetes secret as environment variables") from exc
-        kubernetes.use_secret_as_env(task, secret_name=options.secret_env,
-                                     secret_key_to_env={key: key for key in options.secret_keys})
+            raise RuntimeError(
+                "secret_env needs the kfp-kubernetes package (pip install kfp-kubernetes) "
+                "to expose a Kubernetes secret as environment variables"
+            ) from exc
+        kubernetes.use_secret_as_env(
+            task, secret_name=options.secret_env, secret_key_to_env={key: key for key in options.secret_keys}
+        )
     return task
 
 
@@ -251,12 +318,21 @@ def build_pipeline(options: CompileOptions | None = None) -> Callable:
     pretrain_op, finetune_op = component(pretrain, gpu=True), component(finetune, gpu=True)
     evaluate_op, register_op = component(evaluate), component(register)
 
-    @dsl.pipeline(name=PIPELINE_NAME,
-                  description="VeoRL: a video world model from unlabeled action-free video guides offline model-based RL; "
-                              "ends with the agent registered in MLflow (@champion only when it beats the champion).")
-    def veorl(preset: str = "paper", task: str = "", algo: str = "", model_name: str = "",
-              overrides: List[str] = [], video_sources: List[str] = [],
-              checkpoint_root: str = "", parent_run_id: str = "") -> str:
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="VeoRL: a video world model from unlabeled action-free video guides offline model-based RL; "
+        "ends with the agent registered in MLflow (@champion only when it beats the champion).",
+    )
+    def veorl(
+        preset: str = "paper",
+        task: str = "",
+        algo: str = "",
+        model_name: str = "",
+        overrides: list[str] = [],  # noqa: B006 - kfp compiles the literal default into the YAML; never mutated
+        video_sources: list[str] = [],  # noqa: B006 - kfp compiles the literal default into the YAML; never mutated
+        checkpoint_root: str = "",
+        parent_run_id: str = "",
+    ) -> str:
         """Run the VeoRL workflow end to end.
 
         Args:
@@ -272,30 +348,71 @@ def build_pipeline(options: CompileOptions | None = None) -> Callable:
         Returns:
             The registered model version as models:/NAME/VERSION.
         """
-        configs = _configure(resolve_op(preset=preset, task=task, algo=algo, model_name=model_name, overrides=overrides),
-                             "resolve-config", options)
+        configs = _configure(
+            resolve_op(preset=preset, task=task, algo=algo, model_name=model_name, overrides=overrides),
+            "resolve-config",
+            options,
+        )
         config = configs.outputs
-        videos = _configure(source_videos_op(config=config["source_videos"], video_sources=video_sources),
-                            "source-videos", options)
-        clips = _configure(ingest_op(config=config["ingest"], videos_hash=videos.outputs["Output"],
-                                     videos=videos.outputs["videos"]), "ingest", options)
+        videos = _configure(
+            source_videos_op(config=config["source_videos"], video_sources=video_sources), "source-videos", options
+        )
+        clips = _configure(
+            ingest_op(config=config["ingest"], videos_hash=videos.outputs["Output"], videos=videos.outputs["videos"]),
+            "ingest",
+            options,
+        )
         episodes = _configure(collect_op(config=config["collect"]), "collect", options)
-        world_model = _configure(pretrain_op(
-            config=config["pretrain"], clips_hash=clips.outputs["Output"], episodes_hash=episodes.outputs["Output"],
-            checkpoint_root=checkpoint_root, parent_run_id=parent_run_id,
-            clips=clips.outputs["clips"], episodes=episodes.outputs["episodes"]), "pretrain", options)
-        agent = _configure(finetune_op(
-            config=config["finetune"], world_model_hash=world_model.outputs["Output"],
-            episodes_hash=episodes.outputs["Output"], clips_hash=clips.outputs["Output"],
-            checkpoint_root=checkpoint_root, parent_run_id=parent_run_id, world_model=world_model.outputs["world_model"],
-            episodes=episodes.outputs["episodes"], clips=clips.outputs["clips"]), "finetune", options)
-        evaluation = _configure(evaluate_op(
-            config=config["evaluate"], agent_hash=agent.outputs["Output"], parent_run_id=parent_run_id,
-            agent=agent.outputs["agent"]), "evaluate", options)
-        registration = _configure(register_op(
-            config=config["register"], agent_hash=agent.outputs["Output"], evaluation_hash=evaluation.outputs["Output"],
-            parent_run_id=parent_run_id, agent=agent.outputs["agent"], evaluation=evaluation.outputs["evaluation"]),
-            "register", options)
+        world_model = _configure(
+            pretrain_op(
+                config=config["pretrain"],
+                clips_hash=clips.outputs["Output"],
+                episodes_hash=episodes.outputs["Output"],
+                checkpoint_root=checkpoint_root,
+                parent_run_id=parent_run_id,
+                clips=clips.outputs["clips"],
+                episodes=episodes.outputs["episodes"],
+            ),
+            "pretrain",
+            options,
+        )
+        agent = _configure(
+            finetune_op(
+                config=config["finetune"],
+                world_model_hash=world_model.outputs["Output"],
+                episodes_hash=episodes.outputs["Output"],
+                clips_hash=clips.outputs["Output"],
+                checkpoint_root=checkpoint_root,
+                parent_run_id=parent_run_id,
+                world_model=world_model.outputs["world_model"],
+                episodes=episodes.outputs["episodes"],
+                clips=clips.outputs["clips"],
+            ),
+            "finetune",
+            options,
+        )
+        evaluation = _configure(
+            evaluate_op(
+                config=config["evaluate"],
+                agent_hash=agent.outputs["Output"],
+                parent_run_id=parent_run_id,
+                agent=agent.outputs["agent"],
+            ),
+            "evaluate",
+            options,
+        )
+        registration = _configure(
+            register_op(
+                config=config["register"],
+                agent_hash=agent.outputs["Output"],
+                evaluation_hash=evaluation.outputs["Output"],
+                parent_run_id=parent_run_id,
+                agent=agent.outputs["agent"],
+                evaluation=evaluation.outputs["evaluation"],
+            ),
+            "register",
+            options,
+        )
         registration.set_caching_options(enable_caching=False)
         return registration.outputs["Output"]
 

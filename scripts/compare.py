@@ -23,7 +23,7 @@ import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,38 @@ from veorl.config import PRESETS  # noqa: E402
 from veorl.storage import atomic_path, atomic_write_text, read_json  # noqa: E402
 
 # Two-sided 95% Student t quantiles t_{0.975, df} for df = 1..30 (beyond: the normal 1.96 is within 2%).
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+_T975 = [
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+]
 METRICS = (("success_rate", "success rate"), ("mean_return", "return"))
 
 
@@ -89,8 +119,9 @@ def stale_reason(path: Path, args: argparse.Namespace, algo: str, seed: int) -> 
     if not provenance.is_file():
         return "its agent has no provenance.json"
     saved = read_json(provenance)
-    params = load_params(args.params, preset=args.preset,
-                         overrides=[f"finetune.algo={algo}", f"finetune.seed={seed}", *args.overrides])
+    params = load_params(
+        args.params, preset=args.preset, overrides=[f"finetune.algo={algo}", f"finetune.seed={seed}", *args.overrides]
+    )
     current = params.section_dict(*[k for k in saved["config"] if k != "preset"])
     if saved["config"] != current:
         keys = sorted(k for k in current if saved["config"].get(k) != current[k])
@@ -121,13 +152,28 @@ def run_one(args: argparse.Namespace, algo: str, seed: int) -> dict[str, Any]:
         if reason is None:
             print(f"[compare] {algo} seed {seed}: finished earlier, skipping ({path})", file=sys.stderr)
             return done
-        raise RuntimeError(f"{path} holds a finished {algo} run that does not match this comparison: {reason}; "
-                           f"use another --results folder or delete it")
+        raise RuntimeError(
+            f"{path} holds a finished {algo} run that does not match this comparison: {reason}; "
+            f"use another --results folder or delete it"
+        )
     path.mkdir(parents=True, exist_ok=True)
     common = _stage_args(args, algo, seed)
-    finetune_argv = ["--world-model", args.world_model, "--episodes", args.episodes, "--out", str(path / "agent"),
-                     "--checkpoints", str(path / "checkpoints"), "--metrics", str(path / "finetune.json"),
-                     "--curve", str(path / "finetune_curve.csv"), "--no-progress", *common]
+    finetune_argv = [
+        "--world-model",
+        args.world_model,
+        "--episodes",
+        args.episodes,
+        "--out",
+        str(path / "agent"),
+        "--checkpoints",
+        str(path / "checkpoints"),
+        "--metrics",
+        str(path / "finetune.json"),
+        "--curve",
+        str(path / "finetune_curve.csv"),
+        "--no-progress",
+        *common,
+    ]
     if args.clips:
         finetune_argv += ["--clips", args.clips]
     evaluate_argv = ["--agent", str(path / "agent"), "--out", str(path / "eval"), "--no-progress", *common]
@@ -140,9 +186,16 @@ def run_one(args: argparse.Namespace, algo: str, seed: int) -> dict[str, Any]:
         else:
             log_path = path / f"{module}.log"
             with atomic_path(log_path) as tmp, open(tmp, "w") as log_file:
-                code = subprocess.run([sys.executable, "-m", f"components.{module}", *argv], cwd=REPO, stdout=log_file,
-                                      stderr=subprocess.STDOUT).returncode
-        print(f"[compare] {algo} seed {seed}: {module} exit {code} in {time.perf_counter() - started:.0f}s", file=sys.stderr)
+                code = subprocess.run(
+                    [sys.executable, "-m", f"components.{module}", *argv],
+                    cwd=REPO,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                ).returncode
+        print(
+            f"[compare] {algo} seed {seed}: {module} exit {code} in {time.perf_counter() - started:.0f}s",
+            file=sys.stderr,
+        )
         if code != 0:
             raise RuntimeError(f"{module} failed for {algo} seed {seed} (exit {code}; see {path / (module + '.log')})")
     result = finished(path)
@@ -162,8 +215,11 @@ def aggregate(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, dict[str,
         if not by_seed:
             continue
         seeds = sorted(by_seed)
-        table[algo] = {"seeds": seeds, **{key: seed_statistics([float(by_seed[s][key]) for s in seeds]) for key, _ in METRICS},
-                       "per_seed": {str(s): {key: by_seed[s][key] for key, _ in METRICS} for s in seeds}}
+        table[algo] = {
+            "seeds": seeds,
+            **{key: seed_statistics([float(by_seed[s][key]) for s in seeds]) for key, _ in METRICS},
+            "per_seed": {str(s): {key: by_seed[s][key] for key, _ in METRICS} for s in seeds},
+        }
     return table
 
 
@@ -175,8 +231,10 @@ def _fmt(stats: dict[str, Any], digits: int) -> tuple[str, str, str]:
 
 
 def markdown_table(table: dict[str, dict[str, Any]]) -> str:
-    lines = ["| algorithm | seeds | success rate: mean | std | 95% CI | return: mean | std | 95% CI |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| algorithm | seeds | success rate: mean | std | 95% CI | return: mean | std | 95% CI |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for algo, row in table.items():
         s_mean, s_std, s_ci = _fmt(row["success_rate"], 3)
         r_mean, r_std, r_ci = _fmt(row["mean_return"], 1)
@@ -194,8 +252,12 @@ def bar_chart(path: Path, table: dict[str, dict[str, Any]], title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
     for ax, (key, label) in zip(axes, METRICS):
         means = [table[a][key]["mean"] for a in algos]
-        errors = [[0.0 if table[a][key]["std"] is None else table[a][key]["mean"] - table[a][key]["ci_low"] for a in algos]] * 2
-        ax.bar(algos, means, yerr=errors, capsize=6, color=["tab:blue", "tab:orange", "tab:green", "tab:red"][:len(algos)])
+        errors = [
+            [0.0 if table[a][key]["std"] is None else table[a][key]["mean"] - table[a][key]["ci_low"] for a in algos]
+        ] * 2
+        ax.bar(
+            algos, means, yerr=errors, capsize=6, color=["tab:blue", "tab:orange", "tab:green", "tab:red"][: len(algos)]
+        )
         for i, a in enumerate(algos):  # each seed as a dot, so the spread is visible, not only summarised
             values = [float(v[key]) for v in table[a]["per_seed"].values()]
             ax.scatter([i] * len(values), values, color="black", s=12, zorder=3)
@@ -209,14 +271,20 @@ def bar_chart(path: Path, table: dict[str, dict[str, Any]], title: str) -> None:
     plt.close(fig)
 
 
-def write_document(doc: Path, figure: Path, table: dict[str, dict[str, Any]], args: argparse.Namespace,
-                   protocol: dict[str, Any], failures: list[str]) -> None:
+def write_document(
+    doc: Path,
+    figure: Path,
+    table: dict[str, dict[str, Any]],
+    args: argparse.Namespace,
+    protocol: dict[str, Any],
+    failures: list[str],
+) -> None:
     relative_figure = os.path.relpath(figure.resolve(), doc.resolve().parent)
     command = "python scripts/compare.py " + " ".join(args.argv)
     lines = [
         "# Results: VeoRL against its baselines",
         "",
-        f"Generated by `scripts/compare.py` on {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; "
+        f"Generated by `scripts/compare.py` on {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}; "
         "re-run the command below to reproduce (finished runs are reused).",
         "",
         "```",
@@ -228,16 +296,19 @@ def write_document(doc: Path, figure: Path, table: dict[str, dict[str, Any]], ar
         f"- task: `{protocol.get('task')}` ({protocol.get('env')}, camera `{protocol.get('camera')}`, "
         f"episodes of {protocol.get('episode_length')} steps); preset `{protocol.get('preset')}`",
         f"- each seed trains one agent (`finetune.seed`); every agent is evaluated on the same "
-        f"{protocol.get('episodes')} episodes (seeds {protocol.get('seed')}..{protocol.get('seed', 0) + protocol.get('episodes', 1) - 1}), "
+        f"{protocol.get('episodes')} episodes (seeds {protocol.get('seed')}.."
+        f"{protocol.get('seed', 0) + protocol.get('episodes', 1) - 1}), "
         "deterministic policy; success = any step flagged success",
-        "- upstream artifacts (shared by all runs): " + ", ".join(f"`{k}` {v}" for k, v in protocol.get("upstream", {}).items()),
+        "- upstream artifacts (shared by all runs): "
+        + ", ".join(f"`{k}` {v}" for k, v in protocol.get("upstream", {}).items()),
         "- statistics over seeds: mean, sample standard deviation, 95% confidence interval of the mean (Student t)",
         "",
         "## Table",
         "",
         markdown_table(table),
         "",
-        f"![success rate and return per algorithm (bars: mean over seeds, whiskers: 95% CI, dots: seeds)]({relative_figure})",
+        "![success rate and return per algorithm (bars: mean over seeds, whiskers: 95% CI, dots: seeds)]"
+        f"({relative_figure})",
         "",
         "## Per seed",
         "",
@@ -251,30 +322,63 @@ def write_document(doc: Path, figure: Path, table: dict[str, dict[str, Any]], ar
         lines += ["", "## Runs that failed (not in the table)", ""] + [f"- {f}" for f in failures]
     if args.notes:
         lines += ["", "## Observations", "", Path(args.notes).read_text().strip()]
-    lines += ["", "The numbers above are what these runs measured, whatever they show; small presets train for minutes "
-              "on a CPU and are not comparable to the paper's 40k+50k-step GPU runs.", ""]
+    lines += [
+        "",
+        "The numbers above are what these runs measured, whatever they show; small presets train for minutes "
+        "on a CPU and are not comparable to the paper's 40k+50k-step GPU runs.",
+        "",
+    ]
     atomic_write_text(doc, "\n".join(lines))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python scripts/compare.py", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--world-model", required=True, metavar="DIR", help="video world model artifact (components.pretrain)")
+    parser = argparse.ArgumentParser(
+        prog="python scripts/compare.py",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--world-model", required=True, metavar="DIR", help="video world model artifact (components.pretrain)"
+    )
     parser.add_argument("--episodes", required=True, metavar="DIR", help="target episodes (components.collect)")
     parser.add_argument("--clips", default=None, metavar="DIR", help="ingested video clips (MMD term of veorl)")
-    parser.add_argument("--algos", nargs="+", default=["veorl", "dreamerv2"], choices=["veorl", "dreamerv2", "bc"],
-                        help="algorithms to compare (default: %(default)s)")
+    parser.add_argument(
+        "--algos",
+        nargs="+",
+        default=["veorl", "dreamerv2"],
+        choices=["veorl", "dreamerv2", "bc"],
+        help="algorithms to compare (default: %(default)s)",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default: %(default)s)")
-    parser.add_argument("--results", default="results/compare", metavar="DIR", help="run folders (default: %(default)s)")
-    parser.add_argument("--doc", default="docs/results.md", metavar="FILE", help="markdown written (default: %(default)s)")
-    parser.add_argument("--figure", default="docs/results.png", metavar="FILE", help="bar chart written (default: %(default)s)")
+    parser.add_argument(
+        "--results", default="results/compare", metavar="DIR", help="run folders (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--doc", default="docs/results.md", metavar="FILE", help="markdown written (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--figure", default="docs/results.png", metavar="FILE", help="bar chart written (default: %(default)s)"
+    )
     parser.add_argument("--params", default="params.yaml", help="params.yaml (default: %(default)s)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="override the preset of params.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="parameter override applied to every run (repeatable)")
-    parser.add_argument("--notes", default=None, metavar="FILE",
-                        help="markdown appended under 'Observations' (what the runs show, written by a person)")
-    parser.add_argument("--in-process", action="store_true", help="run the stages in this process (faster start; tests)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="parameter override applied to every run (repeatable)",
+    )
+    parser.add_argument(
+        "--notes",
+        default=None,
+        metavar="FILE",
+        help="markdown appended under 'Observations' (what the runs show, written by a person)",
+    )
+    parser.add_argument(
+        "--in-process", action="store_true", help="run the stages in this process (faster start; tests)"
+    )
     return parser
 
 

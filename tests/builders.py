@@ -29,8 +29,14 @@ ACTION_DIM = 4  # Meta-World
 IMAGE_SIZE = 64  # the only frame size the networks accept
 
 # The evaluation protocol of the smoke preset (what components.evaluate records next to the scores).
-EVALUATION_PROTOCOL = {"env": "metaworld", "task": "drawer-open", "camera": "corner", "episode_length": 40,
-                       "episodes": 2, "seed": 1000}
+EVALUATION_PROTOCOL = {
+    "env": "metaworld",
+    "task": "drawer-open",
+    "camera": "corner",
+    "episode_length": 40,
+    "episodes": 2,
+    "seed": 1000,
+}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -65,7 +71,7 @@ def moving_square_video(length: int, seed: int, size: int = IMAGE_SIZE) -> np.nd
         if rng.random() < 0.2:
             velocity = rng.integers(-3, 4, 2)
         y, x = (y + velocity[0]) % span, (x + velocity[1]) % span
-        frames[t, y:y + side, x:x + side] = colour
+        frames[t, y : y + side, x : x + side] = colour
     return frames
 
 
@@ -121,8 +127,9 @@ def write_variants(folder: Path, size: int = 16) -> dict[str, str]:
     return expected
 
 
-def synthetic_episode(length: int, seed: int, action_dim: int = ACTION_DIM, size: int = IMAGE_SIZE,
-                      success: bool = False) -> dict[str, np.ndarray]:
+def synthetic_episode(
+    length: int, seed: int, action_dim: int = ACTION_DIM, size: int = IMAGE_SIZE, success: bool = False
+) -> dict[str, np.ndarray]:
     """An episode in the rollout layout (veorl.envs.rollout): moving-square frames, a zero action, reward and
     success at t=0, rewards in [0, 1], discount 1, `is_first` only at t=0; with `success`, the last quarter succeeds."""
     rng = np.random.default_rng([seed, 0xE915])
@@ -132,16 +139,28 @@ def synthetic_episode(length: int, seed: int, action_dim: int = ACTION_DIM, size
     reward[0] = 0.0
     flags = np.zeros(length, bool)
     if success:
-        flags[length - max(1, length // 4):] = True
+        flags[length - max(1, length // 4) :] = True
     is_first = np.zeros(length, bool)
     is_first[0] = True
-    return {"image": moving_square_video(length, seed, size), "action": action, "reward": reward,
-            "discount": np.ones(length, np.float32), "success": flags, "is_terminal": np.zeros(length, bool),
-            "is_first": is_first}
+    return {
+        "image": moving_square_video(length, seed, size),
+        "action": action,
+        "reward": reward,
+        "discount": np.ones(length, np.float32),
+        "success": flags,
+        "is_terminal": np.zeros(length, bool),
+        "is_first": is_first,
+    }
 
 
-def write_episodes(root: Path, episodes: int = 2, length: int | Sequence[int] = 16, seed: int = 0,
-                   params: Params | None = None, successes: int | None = None) -> Path:
+def write_episodes(
+    root: Path,
+    episodes: int = 2,
+    length: int | Sequence[int] = 16,
+    seed: int = 0,
+    params: Params | None = None,
+    successes: int | None = None,
+) -> Path:
     """An episode dataset in `root`, laid out as components.collect writes it; returns `root`.
 
     root/episodes/<i:06d>-<length>.npz   written by veorl.data.episodes.save_episode (validated on the way)
@@ -170,13 +189,23 @@ def write_episodes(root: Path, episodes: int = 2, length: int | Sequence[int] = 
     succeeded = set(range(successes)) if successes is not None else set(range(0, episodes, 2))
     for index in range(episodes):
         recipe = episode_recipe(cfg, index)
-        episode = synthetic_episode(lengths[index], recipe["episode_seed"], ACTION_DIM, cfg.size,
-                                    success=index in succeeded)
+        episode = synthetic_episode(
+            lengths[index], recipe["episode_seed"], ACTION_DIM, cfg.size, success=index in succeeded
+        )
         path = save_episode(root / EPISODE_DIR, index, episode)
-        atomic_write_json(root / META_DIR / f"{index:06d}.json", {
-            "index": index, "file": f"{EPISODE_DIR}/{path.name}", "recipe": recipe, "recipe_hash": sha256_json(recipe),
-            "seed": recipe["episode_seed"], "level": recipe["level"],
-            "return": float(episode["reward"].sum()), "success": bool(episode["success"].any())})
+        atomic_write_json(
+            root / META_DIR / f"{index:06d}.json",
+            {
+                "index": index,
+                "file": f"{EPISODE_DIR}/{path.name}",
+                "recipe": recipe,
+                "recipe_hash": sha256_json(recipe),
+                "seed": recipe["episode_seed"],
+                "level": recipe["level"],
+                "return": float(episode["reward"].sum()),
+                "success": bool(episode["success"].any()),
+            },
+        )
     dataset_card(root, cfg)
     return root
 
@@ -186,8 +215,17 @@ def write_episodes(root: Path, episodes: int = 2, length: int | Sequence[int] = 
 # ------------------------------------------------------------------------------------------------
 
 
-def write_clips(root: Path, clips: int = 3, window: int = 12, stride: int = 6, sources: int = 1,
-                clips_per_shard: int = 16, failed: int = 0, seed: int = 1, size: int = IMAGE_SIZE) -> Path:
+def write_clips(
+    root: Path,
+    clips: int = 3,
+    window: int = 12,
+    stride: int = 6,
+    sources: int = 1,
+    clips_per_shard: int = 16,
+    failed: int = 0,
+    seed: int = 1,
+    size: int = IMAGE_SIZE,
+) -> Path:
     """An ingested-clips directory in `root`, laid out as veorl.video.ingest writes it; returns `root`.
 
     Each of `sources` synthetic sources is a moving-square frame stream just long enough for `clips` windows
@@ -215,31 +253,92 @@ def write_clips(root: Path, clips: int = 3, window: int = 12, stride: int = 6, s
         for frame in frames:
             writer.add(frame)
         writer.close()
-        entries.append(_source_entry(f"synthetic/source-{s}.mp4", key, content, status="ok", frames=writer.frames,
-                                     clips=writer.clips, shards=writer.shards, size=size))
+        entries.append(
+            _source_entry(
+                f"synthetic/source-{s}.mp4",
+                key,
+                content,
+                status="ok",
+                frames=writer.frames,
+                clips=writer.clips,
+                shards=writer.shards,
+                size=size,
+            )
+        )
     for f in range(failed):
-        entries.append(_source_entry(f"synthetic/broken-{f}.mp4", None, None, status="failed",
-                                     error="no decodable frames (synthetic failure)"))
+        entries.append(
+            _source_entry(
+                f"synthetic/broken-{f}.mp4",
+                None,
+                None,
+                status="failed",
+                error="no decodable frames (synthetic failure)",
+            )
+        )
     ok = [e for e in entries if e["status"] == "ok"]
-    totals = {"sources": len(entries), "ok": len(ok), "failed": len(entries) - len(ok), "duplicates": 0, "warnings": 0,
-              "frames": sum(e["frames"] for e in ok), "frames_decoded": sum(e["frames_decoded"] for e in ok),
-              "clips": sum(e["clips"] for e in ok), "shards": sum(len(e["shards"]) for e in ok)}
-    manifest = {"version": MANIFEST_VERSION, "size": size, "window": window, "stride": stride, "fps": settings["fps"],
-                "image_fps": settings["image_fps"], "interpolation": settings["interpolation"],
-                "clips_per_shard": clips_per_shard, "params_hash": settings_sha, "complete": True, "sources": entries,
-                "totals": totals,
-                "last_run": {"ingested": len(ok), "reused": 0, "failed": failed, "workers": 1, "seconds": 0.0}}
+    totals = {
+        "sources": len(entries),
+        "ok": len(ok),
+        "failed": len(entries) - len(ok),
+        "duplicates": 0,
+        "warnings": 0,
+        "frames": sum(e["frames"] for e in ok),
+        "frames_decoded": sum(e["frames_decoded"] for e in ok),
+        "clips": sum(e["clips"] for e in ok),
+        "shards": sum(len(e["shards"]) for e in ok),
+    }
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "size": size,
+        "window": window,
+        "stride": stride,
+        "fps": settings["fps"],
+        "image_fps": settings["image_fps"],
+        "interpolation": settings["interpolation"],
+        "clips_per_shard": clips_per_shard,
+        "params_hash": settings_sha,
+        "complete": True,
+        "sources": entries,
+        "totals": totals,
+        "last_run": {"ingested": len(ok), "reused": 0, "failed": failed, "workers": 1, "seconds": 0.0},
+    }
     atomic_write_json(root / MANIFEST, manifest)
     return root
 
 
-def _source_entry(uri: str, key: str | None, content: str | None, *, status: str, frames: int = 0, clips: int = 0,
-                  shards: list | None = None, size: int = IMAGE_SIZE, error: str | None = None) -> dict[str, Any]:
+def _source_entry(
+    uri: str,
+    key: str | None,
+    content: str | None,
+    *,
+    status: str,
+    frames: int = 0,
+    clips: int = 0,
+    shards: list | None = None,
+    size: int = IMAGE_SIZE,
+    error: str | None = None,
+) -> dict[str, Any]:
     ok = status == "ok"
-    return {"uri": uri, "kind": "video", "key": key, "content_hash": content, "fingerprint": None, "status": status,
-            "error": error, "warning": None, "note": None, "frames": frames, "frames_decoded": frames, "clips": clips,
-            "shards": list(shards or []), "width": size if ok else None, "height": size if ok else None,
-            "fps_in": 30.0 if ok else None, "codec": "synthetic" if ok else None, "seconds": 0.0}
+    return {
+        "uri": uri,
+        "kind": "video",
+        "key": key,
+        "content_hash": content,
+        "fingerprint": None,
+        "status": status,
+        "error": error,
+        "warning": None,
+        "note": None,
+        "frames": frames,
+        "frames_decoded": frames,
+        "clips": clips,
+        "shards": list(shards or []),
+        "width": size if ok else None,
+        "height": size if ok else None,
+        "fps_in": 30.0 if ok else None,
+        "codec": "synthetic" if ok else None,
+        "seconds": 0.0,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -247,8 +346,9 @@ def _source_entry(uri: str, key: str | None, content: str | None, *, status: str
 # ------------------------------------------------------------------------------------------------
 
 
-def make_agent(path: Path, seed: int = 0, task: str = "drawer-open", episode_length: int = 40,
-               params: Params | None = None) -> Path:
+def make_agent(
+    path: Path, seed: int = 0, task: str = "drawer-open", episode_length: int = 40, params: Params | None = None
+) -> Path:
     """A real, untrained agent artifact at the smoke preset's model sizes (`seed` makes its weights distinct)."""
     import torch
 
@@ -256,9 +356,18 @@ def make_agent(path: Path, seed: int = 0, task: str = "drawer-open", episode_len
     from veorl.storage import atomic_write_json
 
     model = (params or smoke_params()).model
-    meta = {"algo": "veorl", "env": "metaworld", "task": task, "camera": "corner", "image_size": IMAGE_SIZE,
-            "action_dim": ACTION_DIM, "episode_length": episode_length, "model": model.model_dump(mode="json"),
-            "use_latent_action": True, "action_kind": "continuous"}
+    meta = {
+        "algo": "veorl",
+        "env": "metaworld",
+        "task": task,
+        "camera": "corner",
+        "image_size": IMAGE_SIZE,
+        "action_dim": ACTION_DIM,
+        "episode_length": episode_length,
+        "model": model.model_dump(mode="json"),
+        "use_latent_action": True,
+        "action_kind": "continuous",
+    }
     torch.manual_seed(seed)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -267,20 +376,36 @@ def make_agent(path: Path, seed: int = 0, task: str = "drawer-open", episode_len
     return path
 
 
-def write_evaluation(path: Path, agent: Path, success_rate: float, *, status: str = "ok", task: str = "drawer-open",
-                     protocol: dict[str, Any] | None = None, mean_return: float = 100.0) -> Path:
+def write_evaluation(
+    path: Path,
+    agent: Path,
+    success_rate: float,
+    *,
+    status: str = "ok",
+    task: str = "drawer-open",
+    protocol: dict[str, Any] | None = None,
+    mean_return: float = 100.0,
+) -> Path:
     """An evaluation directory as components.evaluate writes it: metrics.json and a provenance naming the agent.
 
     metrics.json is written with plain json.dumps, so a NaN score lands in the file as NaN (as a buggy writer would).
     """
-    from veorl.storage import atomic_write_json, tree_hash
+    from veorl.storage import artifact_hash, atomic_write_json
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    metrics = {"task": task, "algo": "veorl", "episodes": 2, "mean_return": mean_return, "std_return": 5.0,
-               "success_rate": success_rate, "success_std": 0.0, "mean_length": 40.0,
-               "protocol": dict(protocol or EVALUATION_PROTOCOL, task=task), "status": status}
+    metrics = {
+        "task": task,
+        "algo": "veorl",
+        "episodes": 2,
+        "mean_return": mean_return,
+        "std_return": 5.0,
+        "success_rate": success_rate,
+        "success_std": 0.0,
+        "mean_length": 40.0,
+        "protocol": dict(protocol or EVALUATION_PROTOCOL, task=task),
+        "status": status,
+    }
     (path / "metrics.json").write_text(json.dumps(metrics))
-    atomic_write_json(path / "provenance.json", {"upstream": {"agent": tree_hash(agent)}})
+    atomic_write_json(path / "provenance.json", {"upstream": {"agent": artifact_hash(agent)}})
     return path
-

@@ -11,19 +11,28 @@ import numpy as np
 import pytest
 import torch
 
+from tests.builders import smoke_params
 from veorl.agent import Agent, AgentError, agent_layout, assemble_agent, build_agent_modules, save_agent
-from veorl.config import resolve
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_agent(root: Path, algo: str = "veorl", use_latent_action: bool = True, episode_length: int = 6) -> Path:
     """A freshly initialised agent at smoke sizes, saved as an artifact (what acting needs, untrained)."""
-    model = resolve({}, preset="smoke").model
-    meta = {"algo": algo, "env": "metaworld", "task": "drawer-open", "camera": "corner", "image_size": 64, "action_dim": 4,
-            "episode_length": episode_length, "action_kind": "continuous", "model": model.model_dump(mode="json"),
-            "use_latent_action": use_latent_action and algo == "veorl",
-            "bc": {"units": model.actor_units, "layers": model.actor_layers} if algo == "bc" else None}
+    model = smoke_params().model
+    meta = {
+        "algo": algo,
+        "env": "metaworld",
+        "task": "drawer-open",
+        "camera": "corner",
+        "image_size": 64,
+        "action_dim": 4,
+        "episode_length": episode_length,
+        "action_kind": "continuous",
+        "model": model.model_dump(mode="json"),
+        "use_latent_action": use_latent_action and algo == "veorl",
+        "bc": {"units": model.actor_units, "layers": model.actor_layers} if algo == "bc" else None,
+    }
     torch.manual_seed(0)
     return save_agent(root, build_agent_modules(meta), meta)
 
@@ -119,8 +128,9 @@ def test_assemble_agent_takes_the_layout_from_trained_modules(tmp_path):
     with_latent = dict(build_agent_modules({**meta, "use_latent_action": True}).items())
     fresh = dict(build_agent_modules(meta).items())
     # fbc and codebook exist in training (for the intrinsic reward), but acting without the latent action skips them
-    modules = assemble_agent(meta, {**fresh, "fbc": with_latent["fbc"], "codebook": with_latent["codebook"],
-                                    "policy": None})
+    modules = assemble_agent(
+        meta, {**fresh, "fbc": with_latent["fbc"], "codebook": with_latent["codebook"], "policy": None}
+    )
     assert tuple(modules) == ("encoder", "trunk_net", "actor") and modules["actor"] is fresh["actor"]
     # the actor of a latent-action agent reads a wider input: shapes are checked, not only names
     with pytest.raises(AgentError, match="actor"):
@@ -131,9 +141,13 @@ def test_assemble_agent_takes_the_layout_from_trained_modules(tmp_path):
 
 def test_acting_imports_no_simulator_and_no_training_code(tmp_path):
     root = tiny_agent(tmp_path)
-    code = ("import sys; from veorl.agent import Agent; import numpy as np; a = Agent.load(sys.argv[1]); "
-            "a.act(np.zeros((1, 64, 64, 3), np.uint8), a.initial_state(1)); "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('metaworld', 'mujoco', 'gymnasium', 'mlflow') "
-            "or m.startswith(('veorl.algo', 'veorl.envs', 'veorl.data'))]; print(bad); sys.exit(1 if bad else 0)")
-    result = subprocess.run([sys.executable, "-c", code, str(root)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    code = (
+        "import sys; from veorl.agent import Agent; import numpy as np; a = Agent.load(sys.argv[1]); "
+        "a.act(np.zeros((1, 64, 64, 3), np.uint8), a.initial_state(1)); "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('metaworld', 'mujoco', 'gymnasium', 'mlflow') "
+        "or m.startswith(('veorl.algo', 'veorl.envs', 'veorl.data'))]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(root)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -19,7 +19,6 @@ from veorl.data.clips import ClipStore, clips_hash
 from veorl.data.episodes import EPISODE_DIR, EpisodeStore, dataset_hash, import_episodes, load_episode
 from veorl.storage import read_json, sha256_file
 
-
 # ------------------------------------------------------------------------------------------------
 # params
 # ------------------------------------------------------------------------------------------------
@@ -89,7 +88,7 @@ def test_clip_builder_writes_what_clip_store_reads(clip_builder):
     # Clip c of a source is frames [c*stride, c*stride + window) of its stream, in order across shards.
     stream = builders.moving_square_video(6 + 4 * 3, seed=4 * 1000 + 0)
     for c in range(5):
-        np.testing.assert_array_equal(store.clip(c), stream[3 * c: 3 * c + 6], err_msg=f"clip {c}")
+        np.testing.assert_array_equal(store.clip(c), stream[3 * c : 3 * c + 6], err_msg=f"clip {c}")
     batch = store.sample(3, 4, np.random.default_rng(0))
     assert batch.shape == (3, 4, 64, 64, 3) and batch.dtype == np.uint8
 

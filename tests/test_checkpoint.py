@@ -3,7 +3,6 @@ prefetching samplers."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
@@ -11,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from tests.builders import write_clips, write_episodes
 from veorl.checkpoint import CheckpointManager, CheckpointMismatch, assert_resumable, config_differences, run_directory
 from veorl.data.clips import ClipStore
-from veorl.data.episodes import EpisodeStore, save_episode
+from veorl.data.episodes import EpisodeStore
 from veorl.data.samplers import ClipSampler, EpisodeWindowSampler, JointSampler, Prefetcher, step_rng
 
 
@@ -59,8 +59,15 @@ def test_optimizer_state_round_trips_through_the_safe_loader(tmp_path):
     model(torch.ones(1, 3)).sum().backward()
     optimizer.step()
     manager = CheckpointManager(tmp_path)
-    manager.save(1, {"optimizer": optimizer.state_dict(), "curve": [{"step": 1, "phase": "a", "loss": 0.5}],
-                     "progress": {"a": 1}, "mlflow_run_id": None})
+    manager.save(
+        1,
+        {
+            "optimizer": optimizer.state_dict(),
+            "curve": [{"step": 1, "phase": "a", "loss": 0.5}],
+            "progress": {"a": 1},
+            "mlflow_run_id": None,
+        },
+    )
     state = manager.load_latest()
     other = torch.optim.Adam(torch.nn.Linear(3, 2).parameters(), lr=0.1)
     other.load_state_dict(state["optimizer"])
@@ -92,7 +99,7 @@ def test_resume_guard_names_the_key():
     changed = {"model": {"deter": 200}, "pretrain": {"optim": {"lr": 1e-3}, "phase1_steps": 10, "log_every": 5}}
     with pytest.raises(CheckpointMismatch, match=r"pretrain\.optim\.lr: checkpoint has 0\.0003, now 0\.001"):
         assert_resumable(saved, changed)
-    assert config_differences(saved, {"model": {"deter": 200}}) [0][0] == "pretrain.optim.lr"
+    assert config_differences(saved, {"model": {"deter": 200}})[0][0] == "pretrain.optim.lr"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -100,35 +107,27 @@ def test_resume_guard_names_the_key():
 # ------------------------------------------------------------------------------------------------
 
 
-def _episodes(tmp_path, lengths=(30, 45)):
-    rng = np.random.default_rng(0)
-    for i, n in enumerate(lengths):
-        save_episode(tmp_path / "episodes" / "episodes", i, {
-            "image": rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8),
-            "action": rng.uniform(-1, 1, (n, 4)).astype(np.float32),
-            "reward": rng.normal(size=n).astype(np.float32), "discount": np.ones(n, np.float32)})
-    return EpisodeStore(tmp_path / "episodes", cache_episodes=1)
+def _episodes(tmp_path, lengths=(30, 45)) -> EpisodeStore:
+    root = write_episodes(tmp_path / "episodes", episodes=len(lengths), length=lengths)
+    return EpisodeStore(root, cache_episodes=1)
 
 
-def _clips(tmp_path, shards=(5, 3), window=10):
-    root = tmp_path / "clips"
-    (root / "clips").mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    entries = []
-    for k, n in enumerate(shards):
-        np.save(root / "clips" / f"src-{k}.npy", rng.integers(0, 256, (n, window, 64, 64, 3), dtype=np.uint8))
-        entries.append({"file": f"clips/src-{k}.npy", "clips": n})
-    (root / "manifest.json").write_text(json.dumps({"version": 1, "size": 64, "window": window,
-                                                    "sources": [{"status": "ok", "shards": entries}]}))
+def _clips(tmp_path, shards=(5, 3), window=10) -> ClipStore:
+    """Clips of `window` frames in shards of shards[0], shards[1], ... clips."""
+    root = write_clips(tmp_path / "clips", clips=sum(shards), window=window, clips_per_shard=shards[0])
     return ClipStore(root)
 
 
 def test_batches_are_a_function_of_seed_and_step(tmp_path):
     episodes, clips = _episodes(tmp_path), _clips(tmp_path)
-    a = JointSampler(target=EpisodeWindowSampler(episodes, 3, 8, seed=5, keys=("image", "action")),
-                     source=ClipSampler(clips, 4, 6, seed=5))
-    b = JointSampler(target=EpisodeWindowSampler(EpisodeStore(tmp_path / "episodes"), 3, 8, seed=5, keys=("image", "action")),
-                     source=ClipSampler(ClipStore(tmp_path / "clips"), 4, 6, seed=5))
+    a = JointSampler(
+        target=EpisodeWindowSampler(episodes, 3, 8, seed=5, keys=("image", "action")),
+        source=ClipSampler(clips, 4, 6, seed=5),
+    )
+    b = JointSampler(
+        target=EpisodeWindowSampler(EpisodeStore(tmp_path / "episodes"), 3, 8, seed=5, keys=("image", "action")),
+        source=ClipSampler(ClipStore(tmp_path / "clips"), 4, 6, seed=5),
+    )
     for step in (7, 0, 3, 7):  # any order: no hidden sequential state
         x, y = a(step), b(step)
         assert np.array_equal(x["target"]["image"], y["target"]["image"])

@@ -12,15 +12,41 @@ from veorl.config import PRESETS, ConfigError, load_params, parameters_markdown,
 def test_defaults_are_the_release_numbers():
     p = resolve({}, preset="paper")
     assert (p.pretrain.batch, p.pretrain.seq_len, p.pretrain.source_len) == (50, 50, 25)
-    assert (p.model.deter, p.model.stoch, p.model.hidden, p.model.codebook_size, p.model.latent_action_dim) == (200, 50, 200, 50, 8)
+    assert (p.model.deter, p.model.stoch, p.model.hidden, p.model.codebook_size, p.model.latent_action_dim) == (
+        200,
+        50,
+        200,
+        50,
+        8,
+    )
     assert (p.pretrain.phase1_steps, p.pretrain.phase2_steps, p.finetune.policy_steps) == (40_000, 40_000, 50_000)
     assert p.finetune.lambda_ == 0.95 and p.finetune.actor_optim.lr == 8e-5 and p.pretrain.optim.lr == 3e-4
 
 
 def test_presets_change_sizes_only_never_algorithm_switches():
-    algorithm_keys = {"algo", "guidance", "use_intrinsic", "use_latent_action", "use_mmd", "ban_on_source", "rssm_kind",
-                      "mmd_weight", "kl_balance", "free_nats", "phase2_free_nats", "vq_beta", "discount", "lambda", "quality",
-                      "task", "forward_weight", "return_norm", "actor_bc_weight", "ensemble_size", "uncertainty_weight"}
+    algorithm_keys = {
+        "algo",
+        "guidance",
+        "use_intrinsic",
+        "use_latent_action",
+        "use_mmd",
+        "ban_on_source",
+        "rssm_kind",
+        "mmd_weight",
+        "kl_balance",
+        "free_nats",
+        "phase2_free_nats",
+        "vq_beta",
+        "discount",
+        "lambda",
+        "quality",
+        "task",
+        "forward_weight",
+        "return_norm",
+        "actor_bc_weight",
+        "ensemble_size",
+        "uncertainty_weight",
+    }
 
     def keys(tree, prefix=""):
         for k, v in tree.items():
@@ -38,7 +64,9 @@ def test_precedence_preset_then_file_then_override(tmp_path):
     f = tmp_path / "params.yaml"
     f.write_text(yaml.safe_dump({"preset": "smoke", "pretrain": {"batch": 7}}))
     p = load_params(f)
-    assert p.preset == "smoke" and p.pretrain.batch == 7 and p.pretrain.seq_len == PRESETS["smoke"]["pretrain"]["seq_len"]
+    assert (
+        p.preset == "smoke" and p.pretrain.batch == 7 and p.pretrain.seq_len == PRESETS["smoke"]["pretrain"]["seq_len"]
+    )
     p = load_params(f, preset="cpu", overrides=["pretrain.batch=3", "finetune.lambda=0.5", "collect.quality=expert"])
     assert p.preset == "cpu" and p.pretrain.batch == 3 and p.finetune.lambda_ == 0.5 and p.collect.quality == "expert"
     assert p.model.deter == PRESETS["cpu"]["model"]["deter"]
@@ -84,7 +112,9 @@ def test_invalid_yaml_file(tmp_path):
 def test_repo_params_file_is_valid_and_cli_reports_errors():
     p = load_params("params.yaml")
     assert p.preset == "cpu"
-    out = subprocess.run([sys.executable, "-m", "veorl.config", "--set", "evaluate.episodes=0"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "veorl.config", "--set", "evaluate.episodes=0"], capture_output=True, text=True
+    )
     assert out.returncode == 2 and "evaluate.episodes" in out.stdout
 
 

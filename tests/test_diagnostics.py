@@ -4,7 +4,6 @@ import json
 import logging
 
 import numpy as np
-import pytest
 
 from veorl.diagnostics import DIAGNOSTICS_FILE, action_probe_r2, check
 
@@ -20,10 +19,14 @@ def test_action_probe_sees_a_code_that_names_the_action_and_not_a_random_one():
 
 
 def test_check_warns_only_past_thresholds(caplog):
-    healthy = {"codebook": {"target_perplexity": 12.0, "reversed_distinct": 0.9},
-               "policy": {"action_spread": 0.4, "share_at_bounds": 0.1}}
-    collapsed = {"codebook": {"target_perplexity": 1.1, "reversed_distinct": 0.0},
-                 "policy": {"action_spread": 0.0, "share_at_bounds": 1.0}}
+    healthy = {
+        "codebook": {"target_perplexity": 12.0, "reversed_distinct": 0.9},
+        "policy": {"action_spread": 0.4, "share_at_bounds": 0.1},
+    }
+    collapsed = {
+        "codebook": {"target_perplexity": 1.1, "reversed_distinct": 0.0},
+        "policy": {"action_spread": 0.0, "share_at_bounds": 1.0},
+    }
     with caplog.at_level(logging.WARNING, logger="veorl.diagnostics"):
         assert check(healthy, "agent") == []
         warnings = check(collapsed, "agent")

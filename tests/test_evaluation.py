@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.builders import smoke_params
 from veorl.agent import Agent, build_agent_modules, save_agent
-from veorl.config import resolve
 from veorl.evaluation import EpisodeResult, EvaluationError, evaluate_agent, play_episode, summarise, upscale
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,36 +22,58 @@ EPISODE_LENGTH = 5
 
 def tiny_agent(root: Path, poison: bool = False) -> Path:
     """An untrained agent at smoke sizes; `poison` fills the actor's output layer with NaN."""
-    model = resolve({}, preset="smoke").model
-    meta = {"algo": "veorl", "env": "metaworld", "task": "drawer-open", "camera": "corner", "image_size": 64, "action_dim": 4,
-            "episode_length": EPISODE_LENGTH, "action_kind": "continuous", "model": model.model_dump(mode="json"),
-            "use_latent_action": True, "bc": None}
+    model = smoke_params().model
+    meta = {
+        "algo": "veorl",
+        "env": "metaworld",
+        "task": "drawer-open",
+        "camera": "corner",
+        "image_size": 64,
+        "action_dim": 4,
+        "episode_length": EPISODE_LENGTH,
+        "action_kind": "continuous",
+        "model": model.model_dump(mode="json"),
+        "use_latent_action": True,
+        "bc": None,
+    }
     torch.manual_seed(0)
     modules = build_agent_modules(meta)
     if poison:
         with torch.no_grad():
-            modules["actor"].net[-1].weight.fill_(float("nan"))
+            modules["actor"].net.net[-1].weight.fill_(float("nan"))  # the MLP's output layer
     return save_agent(root, modules, meta)
 
 
-@pytest.fixture
-def tracking_env(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return {**os.environ, "MLFLOW_TRACKING_URI": uri}
-
-
-def test_evaluate_cli_writes_metrics_episodes_videos_and_plot(tmp_path, tracking_env):
+def test_evaluate_cli_writes_metrics_episodes_videos_and_plot(tmp_path, mlflow_store):
     agent = tiny_agent(tmp_path / "agent")
     out = tmp_path / "eval"
-    cmd = [sys.executable, "-m", "components.evaluate", "--preset", "smoke", "--agent", str(agent), "--out", str(out),
-           "--set", "evaluate.video_size=128", "--no-progress"]
-    result = subprocess.run(cmd, cwd=REPO, env=tracking_env, capture_output=True, text=True, timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "components.evaluate",
+        "--preset",
+        "smoke",
+        "--agent",
+        str(agent),
+        "--out",
+        str(out),
+        "--set",
+        "evaluate.video_size=128",
+        "--no-progress",
+    ]
+    # the subprocess inherits MLFLOW_TRACKING_URI (the test's store) from mlflow_store
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "ok" and metrics["algo"] == "veorl" and metrics["task"] == "drawer-open"
-    assert metrics["protocol"] == {"env": "metaworld", "task": "drawer-open", "camera": "corner",
-                                   "episode_length": EPISODE_LENGTH, "episodes": 2, "seed": 1000}
+    assert metrics["protocol"] == {
+        "env": "metaworld",
+        "task": "drawer-open",
+        "camera": "corner",
+        "episode_length": EPISODE_LENGTH,
+        "episodes": 2,
+        "seed": 1000,
+    }
     with open(out / "episodes.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [int(r["episode"]) for r in rows] == [0, 1] and all(int(r["length"]) == EPISODE_LENGTH for r in rows)
@@ -79,7 +100,7 @@ def test_nan_policy_fails_with_episode_and_step(tmp_path):
         evaluate_agent(agent, episodes=2, seed=7, workers=1, progress=False)
 
 
-def test_failed_evaluation_exits_nonzero_and_leaves_no_score(tmp_path, tracking_env, capsys):
+def test_failed_evaluation_exits_nonzero_and_leaves_no_score(tmp_path, mlflow_store, capsys):
     from components.evaluate import main
 
     out = tmp_path / "eval"
@@ -111,13 +132,15 @@ def test_a_crashing_policy_is_reported_with_its_step(tmp_path):
 
     env = make_env("metaworld", "drawer-open", camera="corner", size=64, episode_length=EPISODE_LENGTH, seed=0)
     try:
-        with pytest.raises(EvaluationError, match=r"episode 4 \(seed 9\), step 2: the policy crashed: RuntimeError: boom"):
+        with pytest.raises(
+            EvaluationError, match=r"episode 4 \(seed 9\), step 2: the policy crashed: RuntimeError: boom"
+        ):
             play_episode(CrashesAtStepTwo(), env, episode=4, seed=9, max_steps=EPISODE_LENGTH)
     finally:
         env.close()
 
 
-def test_missing_agent_is_a_clear_error(tmp_path, tracking_env, capsys):
+def test_missing_agent_is_a_clear_error(tmp_path, mlflow_store, capsys):
     from components.evaluate import main
 
     assert main(["--preset", "smoke", "--agent", str(tmp_path / "nothing"), "--out", str(tmp_path / "eval")]) == 2
@@ -126,8 +149,14 @@ def test_missing_agent_is_a_clear_error(tmp_path, tracking_env, capsys):
 
 def test_summary_statistics_and_upscaling():
     results = [EpisodeResult(0, 0, 10.0, True, 5), EpisodeResult(1, 1, 20.0, False, 7)]
-    assert summarise(results) == {"episodes": 2, "mean_return": 15.0, "std_return": 5.0, "success_rate": 0.5,
-                                  "success_std": 0.5, "mean_length": 6.0}
+    assert summarise(results) == {
+        "episodes": 2,
+        "mean_return": 15.0,
+        "std_return": 5.0,
+        "success_rate": 0.5,
+        "success_std": 0.5,
+        "mean_length": 6.0,
+    }
     with pytest.raises(EvaluationError):
         summarise([])
     frame = np.arange(2 * 2 * 3, dtype=np.uint8).reshape(2, 2, 3)
@@ -140,7 +169,9 @@ def test_parallel_workers_give_the_same_episodes_as_one_process(tmp_path):
     agent = tiny_agent(tmp_path / "agent")
     serial = evaluate_agent(agent, episodes=3, seed=11, workers=1, progress=False)
     parallel = evaluate_agent(agent, episodes=3, seed=11, workers=2, progress=False)
-    assert [(r.episode, r.seed, r.length, r.success) for r in serial] == [(r.episode, r.seed, r.length, r.success) for r in parallel]
+    assert [(r.episode, r.seed, r.length, r.success) for r in serial] == [
+        (r.episode, r.seed, r.length, r.success) for r in parallel
+    ]
     assert [r.ret for r in serial] == pytest.approx([r.ret for r in parallel], rel=1e-5)
     assert Agent.load(str(agent)).meta["episode_length"] == EPISODE_LENGTH
 
@@ -163,7 +194,7 @@ def test_seed_statistics_by_hand():
     compare = _compare_module()
     stats = compare.seed_statistics([0.2, 0.4, 0.6])
     # mean 0.4; sample variance ((0.2)^2 + 0 + (0.2)^2) / 2 = 0.04 -> std 0.2; t_{0.975,2} = 4.303
-    half = 4.303 * 0.2 / 3 ** 0.5
+    half = 4.303 * 0.2 / 3**0.5
     assert stats["mean"] == pytest.approx(0.4) and stats["std"] == pytest.approx(0.2)
     assert (stats["ci_low"], stats["ci_high"]) == pytest.approx((0.4 - half, 0.4 + half))
     assert compare.seed_statistics([0.5])["std"] is None
@@ -172,37 +203,87 @@ def test_seed_statistics_by_hand():
 def test_compare_skips_finished_runs_and_writes_the_document(tmp_path):
     compare = _compare_module()
     results = tmp_path / "results"
-    finished = {("veorl", 0): (0.5, 100.0), ("veorl", 1): (1.0, 300.0), ("dreamerv2", 0): (0.0, 50.0), ("dreamerv2", 1): (0.5, 70.0)}
+    finished = {
+        ("veorl", 0): (0.5, 100.0),
+        ("veorl", 1): (1.0, 300.0),
+        ("dreamerv2", 0): (0.0, 50.0),
+        ("dreamerv2", 1): (0.5, 70.0),
+    }
     from veorl.algo.baselines import switches
     from veorl.algo.finetune import upstream_hashes
     from veorl.config import load_params
 
+    # The inputs are empty folders: their content hash exists, but training from them would fail the run.
+    (tmp_path / "none").mkdir()
     for (algo, seed), (success, ret) in finished.items():
         path = compare.run_dir(results, algo, seed) / "eval"
         path.mkdir(parents=True)
-        (path / "metrics.json").write_text(json.dumps({
-            "status": "ok", "success_rate": success, "mean_return": ret, "task": "drawer-open", "algo": algo,
-            "protocol": {"env": "metaworld", "task": "drawer-open", "camera": "corner", "episode_length": 200,
-                         "episodes": 4, "seed": 1000}}))
+        (path / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "status": "ok",
+                    "success_rate": success,
+                    "mean_return": ret,
+                    "task": "drawer-open",
+                    "algo": algo,
+                    "protocol": {
+                        "env": "metaworld",
+                        "task": "drawer-open",
+                        "camera": "corner",
+                        "episode_length": 200,
+                        "episodes": 4,
+                        "seed": 1000,
+                    },
+                }
+            )
+        )
         # what a finished run's agent records: the settings it was trained with and the inputs it read
-        params = load_params("params.yaml", preset="smoke", overrides=[f"finetune.algo={algo}", f"finetune.seed={seed}"])
+        params = load_params(
+            "params.yaml", preset="smoke", overrides=[f"finetune.algo={algo}", f"finetune.seed={seed}"]
+        )
         agent = path.parent / "agent"
         agent.mkdir()
-        (agent / "provenance.json").write_text(json.dumps({
-            "config": params.section_dict("model", "finetune"),
-            "upstream": upstream_hashes(str(tmp_path / "none"), str(tmp_path / "none"), None, switches(params.finetune))}))
+        (agent / "provenance.json").write_text(
+            json.dumps(
+                {
+                    "config": params.section_dict("model", "finetune"),
+                    "upstream": upstream_hashes(
+                        str(tmp_path / "none"), str(tmp_path / "none"), None, switches(params.finetune)
+                    ),
+                }
+            )
+        )
     doc, figure = tmp_path / "docs" / "results.md", tmp_path / "docs" / "results.png"
-    # The inputs do not exist: any attempt to train instead of skipping would fail the run.
-    argv = ["--world-model", str(tmp_path / "none"), "--episodes", str(tmp_path / "none"), "--algos", "veorl",
-            "dreamerv2", "--seeds", "0", "1", "--results", str(results), "--doc", str(doc), "--figure", str(figure),
-            "--preset", "smoke", "--in-process"]
+    # Any attempt to train instead of skipping would fail the run (no episodes, no world model).
+    argv = [
+        "--world-model",
+        str(tmp_path / "none"),
+        "--episodes",
+        str(tmp_path / "none"),
+        "--algos",
+        "veorl",
+        "dreamerv2",
+        "--seeds",
+        "0",
+        "1",
+        "--results",
+        str(results),
+        "--doc",
+        str(doc),
+        "--figure",
+        str(figure),
+        "--preset",
+        "smoke",
+        "--in-process",
+    ]
     # Finished runs made with other settings are not passed off as results of this comparison.
     assert compare.main(argv + ["--set", "finetune.discount=0.5"]) == 1
     assert not doc.exists()
     code = compare.main(argv)
     assert code == 0
     text = doc.read_text()
-    # veorl: success mean 0.75, std sqrt(0.125) = 0.354, t_{0.975,1} = 12.706 -> half width 12.706 * 0.354 / sqrt(2) = 3.176
+    # veorl: success mean 0.75, std sqrt(0.125) = 0.354, t_{0.975,1} = 12.706
+    # -> half width 12.706 * 0.354 / sqrt(2) = 3.176
     assert "| veorl | 2 | 0.750 | 0.354 | [-2.426, 3.926] | 200.0 | 141.4 |" in text
     assert "| dreamerv2 | 2 | 0.250 | 0.354 |" in text
     assert "![" in text and "(results.png)" in text
@@ -211,26 +292,65 @@ def test_compare_skips_finished_runs_and_writes_the_document(tmp_path):
     assert summary["table"]["veorl"]["per_seed"]["1"] == {"success_rate": 1.0, "mean_return": 300.0}
 
 
-def test_compare_reports_a_failed_run_and_exits_nonzero(tmp_path, tracking_env):
+def test_compare_reports_a_failed_run_and_exits_nonzero(tmp_path, mlflow_store):
     compare = _compare_module()
-    code = compare.main(["--world-model", str(tmp_path / "none"), "--episodes", str(tmp_path / "none"), "--algos", "bc",
-                         "--seeds", "0", "--results", str(tmp_path / "r"), "--doc", str(tmp_path / "d.md"), "--figure",
-                         str(tmp_path / "f.png"), "--preset", "smoke", "--in-process"])
+    code = compare.main(
+        [
+            "--world-model",
+            str(tmp_path / "none"),
+            "--episodes",
+            str(tmp_path / "none"),
+            "--algos",
+            "bc",
+            "--seeds",
+            "0",
+            "--results",
+            str(tmp_path / "r"),
+            "--doc",
+            str(tmp_path / "d.md"),
+            "--figure",
+            str(tmp_path / "f.png"),
+            "--preset",
+            "smoke",
+            "--in-process",
+        ]
+    )
     assert code == 1  # nothing finished: no table, no document claiming a score
     assert not (tmp_path / "d.md").exists()
 
 
 @pytest.mark.slow
-def test_compare_runs_finetune_and_evaluate_per_seed(tmp_path, tracking_env):
-    from tests.algo.test_finetune import make_episodes
-
+def test_compare_runs_finetune_and_evaluate_per_seed(tmp_path, mlflow_store, episode_builder):
     compare = _compare_module()
-    episodes = make_episodes(tmp_path / "episodes")
-    args = ["--world-model", str(tmp_path / "unused"), "--episodes", str(episodes), "--algos", "bc", "dreamerv2",
-            "--seeds", "0", "1", "--results", str(tmp_path / "r"), "--doc", str(tmp_path / "results.md"),
-            "--figure", str(tmp_path / "results.png"), "--preset", "smoke", "--set", "evaluate.videos=0", "--in-process"]
+    episodes = episode_builder("episodes")
+    args = [
+        "--world-model",
+        str(tmp_path / "unused"),
+        "--episodes",
+        str(episodes),
+        "--algos",
+        "bc",
+        "dreamerv2",
+        "--seeds",
+        "0",
+        "1",
+        "--results",
+        str(tmp_path / "r"),
+        "--doc",
+        str(tmp_path / "results.md"),
+        "--figure",
+        str(tmp_path / "results.png"),
+        "--preset",
+        "smoke",
+        "--set",
+        "evaluate.videos=0",
+        "--in-process",
+    ]
     assert compare.main(args) == 0
     for algo in ("bc", "dreamerv2"):
         for seed in (0, 1):
-            assert json.loads((tmp_path / "r" / algo / f"seed-{seed}" / "eval" / "metrics.json").read_text())["status"] == "ok"
+            assert (
+                json.loads((tmp_path / "r" / algo / f"seed-{seed}" / "eval" / "metrics.json").read_text())["status"]
+                == "ok"
+            )
     assert "| bc | 2 |" in (tmp_path / "results.md").read_text()

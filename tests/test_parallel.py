@@ -56,8 +56,9 @@ def test_one_worker_runs_in_this_process_with_initializer_and_cleanup():
 def test_workers_stream_every_item_with_their_own_initialised_state():
     _state.clear()
     items = [3, 1, 4, 1, 5]
-    outcomes = list(run_parallel(_work, items, 2, initializer=_setup, initargs=("pool",), cleanup=_teardown,
-                                 chunksize=2))
+    outcomes = list(
+        run_parallel(_work, items, 2, initializer=_setup, initargs=("pool",), cleanup=_teardown, chunksize=2)
+    )
     by_index = {o.index: o.value for o in outcomes}
     assert sorted(by_index) == list(range(len(items)))
     assert [by_index[i][0] for i in range(len(items))] == [x * x for x in items]

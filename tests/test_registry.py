@@ -8,61 +8,33 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from veorl.config import resolve
-from veorl.registry import (CHALLENGER, CHAMPION, Decision, EvaluationInfo, Standing, decide, protocol_differences,
-                            read_agent, read_evaluation)
-from veorl.storage import atomic_write_json, tree_hash
+from tests.builders import EVALUATION_PROTOCOL, make_agent, smoke_params, write_evaluation
+from veorl.registry import (
+    CHALLENGER,
+    CHAMPION,
+    Decision,
+    EvaluationInfo,
+    Standing,
+    decide,
+    protocol_differences,
+    read_agent,
+    read_evaluation,
+)
+from veorl.storage import artifact_hash
 
 REPO = Path(__file__).resolve().parents[1]
-PROTOCOL = {"env": "metaworld", "task": "drawer-open", "camera": "corner", "episode_length": 40, "episodes": 2, "seed": 1000}
-
-
-def make_agent(path: Path, seed: int, task: str = "drawer-open") -> Path:
-    """A real (untrained) agent artifact with the smoke preset's model sizes; `seed` makes its weights distinct."""
-    import torch
-
-    from veorl.agent import build_agent_modules, save_agent
-
-    params = resolve({}, preset="smoke")
-    meta = {"algo": "veorl", "env": "metaworld", "task": task, "camera": "corner", "image_size": 64, "action_dim": 4,
-            "episode_length": 40, "model": params.model.model_dump(mode="json"), "use_latent_action": True,
-            "action_kind": "continuous"}
-    torch.manual_seed(seed)
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path / "provenance.json", {"upstream": {"world_model": f"wm-{seed}"}, "code_version": "test"})
-    save_agent(path, build_agent_modules(meta), meta)
-    return path
-
-
-def write_evaluation(path: Path, agent: Path, success_rate: float, *, status: str = "ok", task: str = "drawer-open",
-                     protocol: dict | None = None, mean_return: float = 100.0) -> Path:
-    """An evaluation directory as components.evaluate writes it (metrics.json + provenance naming the agent)."""
-    path.mkdir(parents=True, exist_ok=True)
-    metrics = {"task": task, "algo": "veorl", "episodes": 2, "mean_return": mean_return, "std_return": 5.0,
-               "success_rate": success_rate, "success_std": 0.0, "mean_length": 40.0,
-               "protocol": dict(protocol or PROTOCOL, task=task), "status": status}
-    path.joinpath("metrics.json").write_text(json.dumps(metrics))  # json.dumps writes NaN as NaN, like a buggy writer
-    atomic_write_json(path / "provenance.json", {"upstream": {"agent": tree_hash(agent)}})
-    return path
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    """An empty MLflow sqlite store for this test (MLFLOW_TRACKING_URI, inherited by subprocesses)."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    return uri
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +42,10 @@ def agent_dir(tmp_path_factory) -> Path:
     return make_agent(tmp_path_factory.mktemp("agent") / "agent", seed=0)
 
 
-def evaluation(metrics_value: float | None = 0.5, problem: str | None = None, protocol: dict | None = None) -> EvaluationInfo:
-    metrics = {"success_rate": metrics_value, "protocol": protocol or PROTOCOL, "status": "ok"}
+def evaluation(
+    metrics_value: float | None = 0.5, problem: str | None = None, protocol: dict | None = None
+) -> EvaluationInfo:
+    metrics = {"success_rate": metrics_value, "protocol": protocol or EVALUATION_PROTOCOL, "status": "ok"}
     return EvaluationInfo("eval/metrics.json", "h", metrics, problem)
 
 
@@ -85,26 +59,31 @@ def test_first_eligible_version_becomes_champion():
     assert decision == Decision(CHAMPION, decision.reason) and "no @champion" in decision.reason
 
 
-@pytest.mark.parametrize("value, best, margin, alias", [
-    (0.6, 0.5, 0.0, CHAMPION),      # better
-    (0.4, 0.5, 0.0, CHALLENGER),    # worse
-    (0.5, 0.5, 0.0, CHALLENGER),    # a tie does not promote
-    (0.55, 0.5, 0.1, CHALLENGER),   # better, but not by more than the margin
-    (0.65, 0.5, 0.1, CHAMPION),     # better by more than the margin
-])
+@pytest.mark.parametrize(
+    "value, best, margin, alias",
+    [
+        (0.6, 0.5, 0.0, CHAMPION),  # better
+        (0.4, 0.5, 0.0, CHALLENGER),  # worse
+        (0.5, 0.5, 0.0, CHALLENGER),  # a tie does not promote
+        (0.55, 0.5, 0.1, CHALLENGER),  # better, but not by more than the margin
+        (0.65, 0.5, 0.1, CHAMPION),  # better by more than the margin
+    ],
+)
 def test_champion_only_when_beaten_by_more_than_margin(value, best, margin, alias):
-    champion = Standing("3", {"success_rate": best}, dict(PROTOCOL))
+    champion = Standing("3", {"success_rate": best}, dict(EVALUATION_PROTOCOL))
     decision = decide(evaluation(value), champion, "success_rate", margin)
     assert decision.alias == alias
     assert "v3" in decision.reason
 
 
 def test_different_protocol_is_never_compared():
-    champion = Standing("2", {"success_rate": 0.0}, dict(PROTOCOL, episodes=10))
+    champion = Standing("2", {"success_rate": 0.0}, dict(EVALUATION_PROTOCOL, episodes=10))
     decision = decide(evaluation(1.0), champion, "success_rate", 0.0)
     assert decision.alias == CHALLENGER
     assert "protocol differs" in decision.reason and "episodes" in decision.reason
-    assert protocol_differences(PROTOCOL, dict(PROTOCOL, seed=7)) == ["seed: 1000 vs champion's 7"]
+    assert protocol_differences(EVALUATION_PROTOCOL, dict(EVALUATION_PROTOCOL, seed=7)) == [
+        "seed: 1000 vs champion's 7"
+    ]
 
 
 def test_champion_without_protocol_is_not_comparable():
@@ -117,14 +96,17 @@ def test_ineligible_evaluation_gets_no_alias_even_on_an_empty_registry():
     assert decision.alias is None and "evaluation failed" in decision.reason
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("missing", "evaluation missing"),
-    ("failed", "status 'failed'"),
-    ("nan", "not a finite number"),
-    ("other_task", "different task"),
-    ("other_agent", "different agent"),
-    ("garbage", "unreadable"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing", "evaluation missing"),
+        ("failed", "status 'failed'"),
+        ("nan", "not a finite number"),
+        ("other_task", "different task"),
+        ("other_agent", "different agent"),
+        ("garbage", "unreadable"),
+    ],
+)
 def test_read_evaluation_flags_every_reason_not_to_promote(tmp_path, agent_dir, case, expected):
     eval_dir = tmp_path / "eval"
     if case == "failed":
@@ -144,13 +126,23 @@ def test_read_evaluation_flags_every_reason_not_to_promote(tmp_path, agent_dir, 
     assert ok.problem is None
 
 
-def test_incomplete_agent_is_a_clear_error(tmp_path, store, capsys):
+def test_incomplete_agent_is_a_clear_error(tmp_path, mlflow_store, capsys):
     from components.register import main
 
     (tmp_path / "agent").mkdir()
     (tmp_path / "agent" / "agent.pt").write_bytes(b"")
-    code = main(["--agent", str(tmp_path / "agent"), "--evaluation", str(tmp_path / "eval"), "--out",
-                 str(tmp_path / "registration.json"), "--preset", "smoke"])
+    code = main(
+        [
+            "--agent",
+            str(tmp_path / "agent"),
+            "--evaluation",
+            str(tmp_path / "eval"),
+            "--out",
+            str(tmp_path / "registration.json"),
+            "--preset",
+            "smoke",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "agent.json" in err and "not a complete agent artifact" in err
@@ -166,10 +158,19 @@ def test_served_model_handles_a_stateless_bc_agent(tmp_path):
     from veorl.agent import Agent, build_agent_modules, save_agent
     from veorl.serving import AgentPolicy, example_io
 
-    params = resolve({}, preset="smoke")
-    meta = {"algo": "bc", "env": "metaworld", "task": "drawer-open", "camera": "corner", "image_size": 64, "action_dim": 4,
-            "episode_length": 40, "model": params.model.model_dump(mode="json"), "use_latent_action": False,
-            "bc": {"units": 32, "layers": 2}}
+    params = smoke_params()
+    meta = {
+        "algo": "bc",
+        "env": "metaworld",
+        "task": "drawer-open",
+        "camera": "corner",
+        "image_size": 64,
+        "action_dim": 4,
+        "episode_length": 40,
+        "model": params.model.model_dump(mode="json"),
+        "use_latent_action": False,
+        "bc": {"units": 32, "layers": 2},
+    }
     torch.manual_seed(0)
     save_agent(tmp_path / "bc", build_agent_modules(meta), meta)
     agent = Agent.load(str(tmp_path / "bc"))
@@ -192,6 +193,31 @@ def test_served_model_handles_a_stateless_bc_agent(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
+def _import_in_child(module: str) -> str:
+    """Runs in a spawned process: import `module` and say which veorl package it came from."""
+    import importlib
+
+    importlib.import_module(module)
+    import veorl
+
+    return veorl.__file__
+
+
+def test_model_code_is_the_whole_package(tmp_path):
+    """The code logged with the model is every module of veorl, so whatever imports it serves is complete."""
+    import veorl
+    from veorl.serving import CODE_MARKER, _package_code_copy
+
+    source = Path(veorl.__file__).parent
+    copy = _package_code_copy(tmp_path)
+
+    def modules(root: Path) -> set[str]:
+        return {str(p.relative_to(root)) for p in root.rglob("*.py") if "__pycache__" not in p.parts}
+
+    assert modules(copy) == modules(source) and len(modules(source)) > 20
+    assert (copy / CODE_MARKER).is_file() and not list(copy.rglob("*.pyc"))
+
+
 def _client(uri: str):
     from mlflow import MlflowClient
 
@@ -202,23 +228,23 @@ def _champion_version(uri: str, name: str = "veorl-agent") -> str:
     return str(_client(uri).get_model_version_by_alias(name, CHAMPION).version)
 
 
-def test_promotion_sequence_and_served_model(tmp_path, store):
+def test_promotion_sequence_and_served_model(tmp_path, mlflow_store):
     import mlflow
 
     from components.register import run
     from veorl.agent import Agent
     from veorl.serving import initial_state
 
-    params = resolve({}, preset="smoke")
+    params = smoke_params()
     out = tmp_path / "registration.json"
     first = make_agent(tmp_path / "a1", seed=1)
     r1 = run(str(first), str(write_evaluation(tmp_path / "e1", first, 0.5)), str(out), params)
     assert (r1["alias"], r1["version"], r1["new_version"]) == (CHAMPION, "1", True)
     written = json.loads(out.read_text())
-    assert written["version"] == "1" and written["provenance"]["upstream"]["agent"] == tree_hash(first)
+    assert written["version"] == "1" and written["provenance"]["upstream"]["agent"] == artifact_hash(first)
 
     # The registered model is a pyfunc: observation + recurrent state -> action + new state, as the agent acts.
-    mlflow.set_tracking_uri(store)
+    mlflow.set_tracking_uri(mlflow_store)
     model = mlflow.pyfunc.load_model("models:/veorl-agent@champion")
     state = initial_state(model, batch=2)
     image = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
@@ -230,47 +256,59 @@ def test_promotion_sequence_and_served_model(tmp_path, store):
     second_step = model.predict({"image": image, **{k: v for k, v in served.items() if k != "action"}})
     assert np.allclose(second_step["action"], agent.act(image, new_state)[0], atol=1e-6)
 
-    # In a fresh process the model brings its own code: veorl is imported from the model, not from this checkout.
-    probe = (f"import mlflow, numpy as np\nmlflow.set_tracking_uri({store!r})\n"
-             "m = mlflow.pyfunc.load_model('models:/veorl-agent@champion')\n"
-             "from veorl.serving import initial_state\nimport veorl.agent\n"
-             "out = m.predict({'image': np.zeros((1, 64, 64, 3), np.uint8), **initial_state(m)})\n"
-             "print(veorl.agent.__file__, out['action'].shape)")
+    # Loading the model in this process leaves it importing veorl from where it did: a process spawned now (as
+    # ingestion and evaluation workers are) gets this checkout's veorl, complete, not the model's code copy.
+    import veorl
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        child_veorl = pool.submit(_import_in_child, "veorl.video.ingest").result(timeout=300)
+    assert child_veorl == veorl.__file__
+
+    # In a fresh process the model brings its own code: veorl is imported from the model, not from this checkout,
+    # and that copy is the whole package (a module acting does not need imports from it too).
+    probe = (
+        f"import mlflow, numpy as np\nmlflow.set_tracking_uri({mlflow_store!r})\n"
+        "m = mlflow.pyfunc.load_model('models:/veorl-agent@champion')\n"
+        "from veorl.serving import initial_state\nimport veorl.agent, veorl.video.ingest\n"
+        "out = m.predict({'image': np.zeros((1, 64, 64, 3), np.uint8), **initial_state(m)})\n"
+        "print(veorl.agent.__file__, veorl.video.ingest.__file__, out['action'].shape)"
+    )
     fresh = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert fresh.returncode == 0, fresh.stderr[-2000:]
-    loaded_from, shape = fresh.stdout.strip().splitlines()[-1].split(" ", 1)
+    loaded_from, ingest_from, shape = fresh.stdout.strip().splitlines()[-1].split(" ", 2)
     assert not loaded_from.startswith(str(REPO)) and "/code/veorl/agent.py" in loaded_from and shape == "(1, 4)"
+    assert ingest_from == loaded_from.replace("/agent.py", "/video/ingest.py")
 
     worse = make_agent(tmp_path / "a2", seed=2)
     r2 = run(str(worse), str(write_evaluation(tmp_path / "e2", worse, 0.25)), str(out), params)
     assert r2["alias"] == CHALLENGER and "does not beat" in r2["reason"]
-    assert _champion_version(store) == "1"
+    assert _champion_version(mlflow_store) == "1"
 
     better = make_agent(tmp_path / "a3", seed=3)
     r3 = run(str(better), str(write_evaluation(tmp_path / "e3", better, 0.75)), str(out), params)
     assert r3["alias"] == CHAMPION and r3["version"] == "3"
-    assert _champion_version(store) == "3"
+    assert _champion_version(mlflow_store) == "3"
 
     failed = make_agent(tmp_path / "a4", seed=4)
     r4 = run(str(failed), str(write_evaluation(tmp_path / "e4", failed, 1.0, status="failed")), str(out), params)
     assert r4["alias"] is None and r4["aliases_now"] == [] and "status 'failed'" in r4["reason"]
-    assert _champion_version(store) == "3"
+    assert _champion_version(mlflow_store) == "3"
 
     # Tags carry the evaluation and the provenance; the reason is recorded on the version.
-    tags = _client(store).get_model_version("veorl-agent", "2").tags
+    tags = _client(mlflow_store).get_model_version("veorl-agent", "2").tags
     assert tags["veorl.metric.success_rate"] == "0.25" and tags["veorl.decision"] == CHALLENGER
-    assert json.loads(tags["veorl.protocol"]) == PROTOCOL and tags["veorl.upstream.world_model"] == "wm-2"
-    assert tags["veorl.agent_hash"] == tree_hash(worse)
+    assert json.loads(tags["veorl.protocol"]) == EVALUATION_PROTOCOL and tags["veorl.upstream.world_model"] == "wm-2"
+    assert tags["veorl.agent_hash"] == artifact_hash(worse)
 
     # Idempotent: the same agent and evaluation again changes nothing.
-    versions_before = len(_client(store).search_model_versions("name = 'veorl-agent'"))
+    versions_before = len(_client(mlflow_store).search_model_versions("name = 'veorl-agent'"))
     again = run(str(better), str(tmp_path / "e3"), str(out), params)
     assert (again["version"], again["alias"], again["new_version"]) == ("3", CHAMPION, False)
-    assert len(_client(store).search_model_versions("name = 'veorl-agent'")) == versions_before
-    assert _champion_version(store) == "3"
+    assert len(_client(mlflow_store).search_model_versions("name = 'veorl-agent'")) == versions_before
+    assert _champion_version(mlflow_store) == "3"
 
 
-def test_concurrent_registrations_leave_exactly_the_best_champion(tmp_path, store):
+def test_concurrent_registrations_leave_exactly_the_best_champion(tmp_path, mlflow_store):
     """Three `components.register` processes at once on one sqlite store: one champion, and it is the best."""
     scores = {"low": 0.2, "best": 0.9, "mid": 0.5}
     jobs = []
@@ -280,15 +318,34 @@ def test_concurrent_registrations_leave_exactly_the_best_champion(tmp_path, stor
         jobs.append((label, agent, evaluation_dir))
     # Real, separate processes started together, each running the component's CLI as DVC or a container would.
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    procs = [subprocess.Popen([sys.executable, "-m", "components.register", "--agent", str(agent), "--evaluation",
-                               str(ev), "--out", str(tmp_path / f"registration-{label}.json"), "--preset", "smoke"],
-                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for label, agent, ev in jobs]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "components.register",
+                "--agent",
+                str(agent),
+                "--evaluation",
+                str(ev),
+                "--out",
+                str(tmp_path / f"registration-{label}.json"),
+                "--preset",
+                "smoke",
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for label, agent, ev in jobs
+    ]
     for proc in procs:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-2000:]
 
-    client = _client(store)
+    client = _client(mlflow_store)
     versions = client.search_model_versions("name = 'veorl-agent'")
     assert len(versions) == 3
     holders = [v for v in versions if CHAMPION in (client.get_model_version("veorl-agent", v.version).aliases or [])]
@@ -299,18 +356,21 @@ def test_concurrent_registrations_leave_exactly_the_best_champion(tmp_path, stor
     assert sorted(o["version"] for o in outcomes) == ["1", "2", "3"]
 
 
-def test_optimistic_settle_recovers_a_lost_update(tmp_path, store):
+def test_optimistic_settle_recovers_a_lost_update(tmp_path, mlflow_store):
     """Without a lock (remote store), a stale registration that overwrites @champion is corrected by re-verification."""
     from veorl.registry import _settle_aliases, ensure_registered_model
 
-    params = resolve({}, preset="smoke", overrides=["register.verify_delay=0.6"])
-    client = _client(store)
+    params = smoke_params("register.verify_delay=0.6")
+    client = _client(mlflow_store)
     ensure_registered_model(client, "veorl-agent")
     source = str(tmp_path)  # the alias logic never opens the model files
 
     def add_version(score: float) -> tuple[str, EvaluationInfo]:
         info = evaluation(score)
-        tags = {"veorl.metric.success_rate": str(score), "veorl.protocol": json.dumps(PROTOCOL, sort_keys=True)}
+        tags = {
+            "veorl.metric.success_rate": str(score),
+            "veorl.protocol": json.dumps(EVALUATION_PROTOCOL, sort_keys=True),
+        }
         return str(client.create_model_version("veorl-agent", source, tags=tags).version), info
 
     first, _ = add_version(0.5)
@@ -321,7 +381,7 @@ def test_optimistic_settle_recovers_a_lost_update(tmp_path, store):
     overwritten = threading.Event()
 
     def stale_writer():  # a registration that decided against the old champion and sets the alias late
-        other = _client(store)
+        other = _client(mlflow_store)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if str(other.get_model_version_by_alias("veorl-agent", CHAMPION).version) == strong:
@@ -336,4 +396,4 @@ def test_optimistic_settle_recovers_a_lost_update(tmp_path, store):
     writer.join()
     assert overwritten.is_set(), "the stale write never happened, so re-verification was not exercised"
     assert decision.alias == CHAMPION
-    assert _champion_version(store) == strong
+    assert _champion_version(mlflow_store) == strong

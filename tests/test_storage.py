@@ -2,8 +2,17 @@
 
 import pytest
 
-from veorl.storage import (S3Location, artifact_hash, atomic_path, atomic_write_json, read_json, record_content_hash,
-                           redact, sha256_file, tree_hash)
+from veorl.storage import (
+    S3Location,
+    artifact_hash,
+    atomic_path,
+    atomic_write_json,
+    read_json,
+    record_content_hash,
+    redact,
+    sha256_file,
+    tree_hash,
+)
 
 
 def test_atomic_path_failure_leaves_previous_content_and_no_temp(tmp_path):
@@ -42,8 +51,10 @@ def test_s3_uri_parsing_and_redaction(monkeypatch):
         S3Location.parse("s3:///nokey")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sekrit-value-123")
     assert "sekrit" not in redact("failed with key sekrit-value-123")
-    assert redact("cannot reach https://alice:pa55word@mlflow.example.org/api") == \
-        "cannot reach https://<redacted>@mlflow.example.org/api"
+    assert (
+        redact("cannot reach https://alice:pa55word@mlflow.example.org/api")
+        == "cannot reach https://<redacted>@mlflow.example.org/api"
+    )
 
 
 def test_content_hash_is_recorded_once_and_read_back(tmp_path):

@@ -59,8 +59,9 @@ def test_a_stage_run_nests_under_the_parent_given_or_from_the_environment(store,
 def test_params_and_metrics_are_logged_with_numeric_leaves(store):
     params = smoke("pretrain.batch=3")
     with tracking.stage_run("pretrain", params, sections=("pretrain",)) as run:
-        tracking.log_metrics({"loss": np.float32(1.5), "steps": 7, "nan": math.nan, "inf": math.inf, "none": None},
-                             step=4)
+        tracking.log_metrics(
+            {"loss": np.float32(1.5), "steps": 7, "nan": math.nan, "inf": math.inf, "none": None}, step=4
+        )
         tracking.log_metrics(numeric_leaves({"eval": {"success_rate": 0.25, "episodes": 2, "ok": True, "name": "x"}}))
         tracking.log_params({"extra.note": "hello"})
     data = client(store).get_run(run.run_id).data
@@ -94,7 +95,9 @@ def test_resumed_stage_continues_its_run_and_records_changed_settings(store, tmp
     with tracking.stage_run("pretrain", smoke(), run_dir=run_dir, sections=("pretrain",)) as first:
         tracking.log_metrics({"loss": 2.0}, step=1)
     assert (run_dir / tracking.RUN_ID_FILE).read_text().strip() == first.run_id and not first.resumed
-    with tracking.stage_run("pretrain", smoke("pretrain.log_every=5"), run_dir=run_dir, sections=("pretrain",)) as again:
+    with tracking.stage_run(
+        "pretrain", smoke("pretrain.log_every=5"), run_dir=run_dir, sections=("pretrain",)
+    ) as again:
         tracking.log_metrics({"loss": 1.0}, step=2)
     assert again.run_id == first.run_id and again.resumed
     run = client(store).get_run(first.run_id)
@@ -112,8 +115,10 @@ def test_run_status_follows_how_the_stage_ended(store):
         raise KeyboardInterrupt
     with tracking.stage_run("finetune", params) as finished:
         pass
-    status = {name: client(store).get_run(run.run_id).info.status
-              for name, run in (("failed", failed), ("killed", killed), ("finished", finished))}
+    status = {
+        name: client(store).get_run(run.run_id).info.status
+        for name, run in (("failed", failed), ("killed", killed), ("finished", finished))
+    }
     assert status == {"failed": "FAILED", "killed": "KILLED", "finished": "FINISHED"}
 
 
@@ -145,4 +150,4 @@ def test_tracking_uri_and_experiment_helpers(store, tmp_path, monkeypatch, caplo
     assert client(store).get_experiment(other).artifact_location == wanted
     with caplog.at_level(logging.WARNING, logger="veorl.tracking"):
         assert tracking.ensure_experiment("exp", store, artifact_location=wanted) == first
-    assert "already stores artifacts" in caplog.text and Path(location[len("file://"):]).name == "mlartifacts"
+    assert "already stores artifacts" in caplog.text and Path(location[len("file://") :]).name == "mlartifacts"

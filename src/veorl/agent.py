@@ -69,8 +69,14 @@ def build_agent_modules(meta: dict[str, Any]) -> nn.ModuleDict:
         modules["fbc"] = FBC(trunk_net.feat_dim, model.fbc_hidden, model.latent_action_dim)
         modules["codebook"] = Codebook(model.codebook_size, model.latent_action_dim)
         actor_input += model.latent_action_dim
-    modules["actor"] = Actor(actor_input, action_dim, model.actor_units, model.actor_layers,
-                             kind=meta.get("action_kind", "continuous"), min_std=model.actor_min_std)
+    modules["actor"] = Actor(
+        actor_input,
+        action_dim,
+        model.actor_units,
+        model.actor_layers,
+        kind=meta.get("action_kind", "continuous"),
+        min_std=model.actor_min_std,
+    )
     return nn.ModuleDict({name: modules[name] for name in agent_layout(meta)})
 
 
@@ -99,7 +105,9 @@ def save_agent(out_dir: str | Path, modules: nn.ModuleDict, meta: dict[str, Any]
     out.mkdir(parents=True, exist_ok=True)
     expected = set(agent_layout(meta))
     if set(modules.keys()) != expected:
-        raise AgentError(f"agent modules {sorted(modules.keys())} do not match what {meta['algo']} acting needs {sorted(expected)}")
+        raise AgentError(
+            f"agent modules {sorted(modules.keys())} do not match what {meta['algo']} acting needs {sorted(expected)}"
+        )
     (out / META_FILE).unlink(missing_ok=True)
     state = {k: v.detach().cpu() for k, v in modules.state_dict().items()}
     with atomic_path(out / WEIGHTS_FILE) as tmp:
@@ -128,18 +136,25 @@ class Agent:
         root = Path(path)
         meta_path, weights_path = root / META_FILE, root / WEIGHTS_FILE
         if not meta_path.is_file():
-            raise AgentError(f"{meta_path} not found: {root} is not a complete agent artifact (run components.finetune)")
+            raise AgentError(
+                f"{meta_path} not found: {root} is not a complete agent artifact (run components.finetune)"
+            )
         if not weights_path.is_file():
             raise AgentError(f"{weights_path} not found although {META_FILE} exists: the agent artifact is corrupt")
         meta = read_json(meta_path)
-        missing = [k for k in ("algo", "action_dim", "image_size", "model", "env", "task", "camera", "episode_length")
-                   if k not in meta]
+        missing = [
+            k
+            for k in ("algo", "action_dim", "image_size", "model", "env", "task", "camera", "episode_length")
+            if k not in meta
+        ]
         if missing:
             raise AgentError(f"{meta_path}: missing keys {missing}")
         if meta["algo"] not in ALGOS:
             raise AgentError(f"{meta_path}: unknown algo {meta['algo']!r} (known: {', '.join(ALGOS)})")
         if int(meta.get("format", 0)) > FORMAT_VERSION:
-            raise AgentError(f"{meta_path}: format {meta['format']} is newer than this code understands ({FORMAT_VERSION})")
+            raise AgentError(
+                f"{meta_path}: format {meta['format']} is newer than this code understands ({FORMAT_VERSION})"
+            )
         modules = build_agent_modules(meta)
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
         try:
@@ -167,8 +182,10 @@ class Agent:
         """The reward the world model predicts on the state `act` returned (simulator units), (B,)."""
         if self.reward_head is None:
             raise AgentError("this agent has no reward head (bc agents, or artifacts saved without one)")
-        feature = torch.cat([torch.as_tensor(state["stoch"], device=self.device),
-                             torch.as_tensor(state["deter"], device=self.device)], -1)
+        feature = torch.cat(
+            [torch.as_tensor(state["stoch"], device=self.device), torch.as_tensor(state["deter"], device=self.device)],
+            -1,
+        )
         return (self.reward_head(feature).reshape(-1) / self.reward_scale).cpu().numpy()
 
     def initial_state(self, batch: int) -> dict[str, np.ndarray]:
@@ -213,7 +230,9 @@ class Agent:
             latent_action, _ = self.modules["codebook"].nearest(self.modules["fbc"](feature))
         action = self.modules["actor"](policy_inputs(feature, latent_action)).mode()
         new_state = {"deter": posterior.deter, "stoch": posterior.stoch, "prev_action": action}
-        return action.cpu().numpy().astype(np.float32), {k: v.cpu().numpy().astype(np.float32) for k, v in new_state.items()}
+        return action.cpu().numpy().astype(np.float32), {
+            k: v.cpu().numpy().astype(np.float32) for k, v in new_state.items()
+        }
 
 
 __all__ = [

@@ -36,8 +36,18 @@ _NAME = re.compile(r"^ckpt-(\d+)\.pt$")
 # Settings that may change between an interrupted run and its resumption: how long to train, how
 # often to log or checkpoint, where and with how many threads to run, how far to prefetch.
 RESUMABLE_CHANGES: tuple[str, ...] = (
-    "preset", "*.phase1_steps", "*.phase2_steps", "*.world_model_steps", "*.policy_steps", "*.bc_steps",
-    "*.checkpoint_every", "*.log_every", "*.image_log_every", "*.prefetch", "*.device", "*.threads",
+    "preset",
+    "*.phase1_steps",
+    "*.phase2_steps",
+    "*.world_model_steps",
+    "*.policy_steps",
+    "*.bc_steps",
+    "*.checkpoint_every",
+    "*.log_every",
+    "*.image_log_every",
+    "*.prefetch",
+    "*.device",
+    "*.threads",
 )
 
 
@@ -45,8 +55,9 @@ class CheckpointMismatch(ValueError):
     """The checkpoint was made with a configuration that changes the mathematics of training."""
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any],
-                       allowed: Iterable[str] = RESUMABLE_CHANGES) -> list[tuple[str, Any, Any]]:
+def config_differences(
+    saved: dict[str, Any], current: dict[str, Any], allowed: Iterable[str] = RESUMABLE_CHANGES
+) -> list[tuple[str, Any, Any]]:
     """(key, saved value, current value) for every key that differs and is not allowed to change."""
     allowed = tuple(allowed)
     flat_saved, flat_current = flatten(saved), flatten(current)
@@ -58,18 +69,24 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any],
     return diffs
 
 
-def assert_resumable(saved: dict[str, Any], current: dict[str, Any], where: str = "checkpoint",
-                     allowed: Iterable[str] = RESUMABLE_CHANGES) -> None:
+def assert_resumable(
+    saved: dict[str, Any],
+    current: dict[str, Any],
+    where: str = "checkpoint",
+    allowed: Iterable[str] = RESUMABLE_CHANGES,
+) -> None:
     diffs = config_differences(saved, current, allowed)
     if diffs:
         lines = "\n".join(f"  {key}: checkpoint has {a!r}, now {b!r}" for key, a, b in diffs)
         raise CheckpointMismatch(
             f"refusing to resume from {where}: the configuration differs in settings that change the training maths\n"
-            f"{lines}\nRestore those settings to continue, or delete the checkpoint directory to train from scratch.")
+            f"{lines}\nRestore those settings to continue, or delete the checkpoint directory to train from scratch."
+        )
 
 
-def run_directory(root: str | Path, config: dict[str, Any], upstream: dict[str, str],
-                  allowed: Iterable[str] = RESUMABLE_CHANGES) -> Path:
+def run_directory(
+    root: str | Path, config: dict[str, Any], upstream: dict[str, str], allowed: Iterable[str] = RESUMABLE_CHANGES
+) -> Path:
     """The checkpoint folder of one training configuration and its inputs: `root/run-<hash>`.
 
     The hash covers every setting that changes the training maths and the content hashes of the inputs
@@ -115,7 +132,7 @@ class CheckpointManager:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
         atomic_write_text(self.directory / LATEST, final.name + "\n")
-        for _, old in self.checkpoints()[:-self.keep]:
+        for _, old in self.checkpoints()[: -self.keep]:
             old.unlink(missing_ok=True)
         return final
 

@@ -41,12 +41,24 @@ class SourceVideosParams(Section):
         default=["door-open", "button-press-topdown", "handle-press", "plate-slide", "coffee-push"],
         description="Meta-World v3 task names (without -v3) to film; must not include the target task.",
     )
-    cameras: list[str] = Field(default=["corner2", "corner3"], description="Cameras filmed, one video per camera per episode.")
+    cameras: list[str] = Field(
+        default=["corner2", "corner3"], description="Cameras filmed, one video per camera per episode."
+    )
     episodes_per_task: int = Field(default=10, ge=1, description="Scripted episodes rendered per task.")
-    episode_length: int = Field(default=200, ge=2, le=500, description="Frames kept per episode (Meta-World episodes end at 500 steps).")
-    action_noise: float = Field(default=0.3, ge=0.0, description="Gaussian sigma added to the scripted policy's actions.")
-    camera_jitter: float = Field(default=0.03, ge=0.0, description="Gaussian sigma (metres) of a per-episode camera position offset, for visual variety.")
-    render_size: int = Field(default=96, ge=16, description="Rendered frame side in pixels (ingestion resizes it later).")
+    episode_length: int = Field(
+        default=200, ge=2, le=500, description="Frames kept per episode (Meta-World episodes end at 500 steps)."
+    )
+    action_noise: float = Field(
+        default=0.3, ge=0.0, description="Gaussian sigma added to the scripted policy's actions."
+    )
+    camera_jitter: float = Field(
+        default=0.03,
+        ge=0.0,
+        description="Gaussian sigma (metres) of a per-episode camera position offset, for visual variety.",
+    )
+    render_size: int = Field(
+        default=96, ge=16, description="Rendered frame side in pixels (ingestion resizes it later)."
+    )
     fps: int = Field(default=30, ge=1, description="Frame rate written into the video files.")
     codec: str = Field(default="libx264", description="PyAV encoder used for the files.")
     container: str = Field(default="mp4", description="File extension / container.")
@@ -63,10 +75,18 @@ class IngestParams(Section):
     stride: int = Field(default=12, ge=1, description="Frames between the starts of consecutive clips.")
     clips_per_shard: int = Field(default=256, ge=1, description="Clips per shard file.")
     workers: int = Field(default=2, ge=1, description="Parallel decoding processes.")
-    image_fps: float = Field(default=5.0, gt=0, description="Frame rate of image-sequence folders (BridgeData records at 5 Hz); used when fps is set.")
+    image_fps: float = Field(
+        default=5.0,
+        gt=0,
+        description="Frame rate of image-sequence folders (BridgeData records at 5 Hz); used when fps is set.",
+    )
     interpolation: Literal["area", "bilinear", "bicubic", "lanczos"] = Field(
-        default="area", description="swscale filter of the resize (area averages pixels when shrinking, so no aliasing).")
-    image_extensions: list[str] = Field(default=[".jpg", ".jpeg", ".png"], description="Frame files of image-sequence folders.")
+        default="area",
+        description="swscale filter of the resize (area averages pixels when shrinking, so no aliasing).",
+    )
+    image_extensions: list[str] = Field(
+        default=[".jpg", ".jpeg", ".png"], description="Frame files of image-sequence folders."
+    )
     video_extensions: list[str] = Field(
         default=[".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ts", ".gif"],
         description="Files treated as videos when a folder or glob is expanded.",
@@ -89,15 +109,26 @@ class CollectParams(Section):
     camera: str = Field(default="corner", description="Camera the observations are rendered from.")
     size: int = Field(default=64, ge=8, description="Observation side in pixels.")
     episodes: int = Field(default=20, ge=1, description="Episodes collected.")
-    episode_length: int = Field(default=500, ge=2, le=500, description="Environment steps per episode (action repeat 1; Meta-World's own limit is 500).")
+    episode_length: int = Field(
+        default=500,
+        ge=2,
+        le=500,
+        description="Environment steps per episode (action repeat 1; Meta-World's own limit is 500).",
+    )
     quality: Literal["expert", "medium", "mixed"] = Field(default="medium", description="Behaviour data quality level.")
     medium_random_prob: float = Field(
-        default=0.7, ge=0.0, le=1.0,
-        description="Per-step probability of a uniformly random action in `medium`. It slows the expert, so it is tuned with "
-                    "episode_length: 0.7 at 500 steps and 0.45 at 200 steps (cpu preset) give ~55-65% success on drawer-open.")
+        default=0.7,
+        ge=0.0,
+        le=1.0,
+        description="Per-step probability of a uniformly random action in `medium`. It slows the expert, so it is "
+        "tuned with episode_length: 0.7 at 500 steps and 0.45 at 200 steps (cpu preset) give ~55-65% success on "
+        "drawer-open.",
+    )
     medium_noise: float = Field(default=0.5, ge=0.0, description="Gaussian sigma on expert actions in `medium`.")
     expert_noise: float = Field(default=0.1, ge=0.0, description="Gaussian sigma on expert actions in `expert`.")
-    mixed_expert_fraction: float = Field(default=0.3, ge=0.0, le=1.0, description="Share of expert episodes in `mixed` (rest medium).")
+    mixed_expert_fraction: float = Field(
+        default=0.3, ge=0.0, le=1.0, description="Share of expert episodes in `mixed` (rest medium)."
+    )
     seed: int = Field(default=0, description="Environment and policy seed.")
     workers: int = Field(default=2, ge=1, description="Parallel collection processes.")
 
@@ -157,32 +188,49 @@ class PretrainParams(Section):
     kl_balance: float = Field(default=0.8, ge=0, le=1, description="KL balancing: weight on the prior side.")
     free_nats: float = Field(default=1.0, ge=0, description="Free nats of the phase-1 Plan Net KL term.")
     phase2_free_nats: float | None = Field(
-        default=None, ge=0, description="Free nats of the phase-2 (keyframe) Plan Net KL term; null = same as free_nats.")
+        default=None,
+        ge=0,
+        description="Free nats of the phase-2 (keyframe) Plan Net KL term; null = same as free_nats.",
+    )
     kl_scale: float = Field(default=1.0, ge=0)
     forward_weight: float = Field(
-        default=1.0, ge=0,
-        description="Latent-action forward loss: a predictor from (e_t, quantised latent action) to e_t+1, so the code is "
-                    "the only route to the change (makes latent actions name behaviours); 0 = off (release).")
+        default=1.0,
+        ge=0,
+        description="Latent-action forward loss: a predictor from (e_t, quantised latent action) to e_t+1, so the code "
+        "is the only route to the change (makes latent actions name behaviours); 0 = off (release).",
+    )
     diagnostics_sequences: int = Field(default=16, ge=2, description="Target windows the end-of-stage diagnostics use.")
     codebook_restart_every: int = Field(
-        default=100, ge=0,
-        description="Phase-1 updates between dead-code restarts (codes unused since the last check move onto BAN outputs "
-                    "of the current batch); 0 = never (release).")
+        default=100,
+        ge=0,
+        description="Phase-1 updates between dead-code restarts (codes unused since the last check move onto BAN "
+        "outputs of the current batch); 0 = never (release).",
+    )
     vq_beta: float = Field(default=1.0, ge=0, description="Commitment weight of the VQ loss.")
     codebook_init: Literal["uniform", "data"] = Field(
         default="uniform",
         description="uniform: U(-1/K, 1/K) as in VQ-VAE; data: the codebook starts as K BAN outputs of the first batch "
-                    "(a common remedy for codebook collapse). Initialisation only; the losses are the same.")
-    mmd_weight: float = Field(default=5.0, ge=0, description="Weight of linear MMD between source and target embeddings.")
-    ban_on_source: bool = Field(default=True, description="Train BAN and Plan Net on source clips too (paper intent); false = release (target frames only).")
+        "(a common remedy for codebook collapse). Initialisation only; the losses are the same.",
+    )
+    mmd_weight: float = Field(
+        default=5.0, ge=0, description="Weight of linear MMD between source and target embeddings."
+    )
+    ban_on_source: bool = Field(
+        default=True,
+        description="Train BAN and Plan Net on source clips too (paper intent); false = release (target frames only).",
+    )
     checkpoint_every: int = Field(default=500, ge=1, description="Steps between atomic checkpoints.")
     log_every: int = Field(default=50, ge=1, description="Steps between metric logs.")
     image_log_every: int = Field(default=5000, ge=1, description="Steps between image artifacts.")
     prefetch: int = Field(default=2, ge=0, description="Batches prepared ahead in a background thread.")
     seed: int = Field(default=0)
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N.")
-    threads: int = Field(default=0, ge=0, description="torch intra-op threads; 0 = all cores (the cpu preset uses 1: "
-                                                      "faster on a small shared CPU, and leaves a core to the prefetch thread).")
+    threads: int = Field(
+        default=0,
+        ge=0,
+        description="torch intra-op threads; 0 = all cores (the cpu preset uses 1: "
+        "faster on a small shared CPU, and leaves a core to the prefetch thread).",
+    )
 
 
 class FinetuneParams(Section):
@@ -190,11 +238,13 @@ class FinetuneParams(Section):
 
     algo: Literal["veorl", "dreamerv2", "bc"] = Field(
         default="veorl",
-        description="veorl: full method; dreamerv2: offline DreamerV2 (no video, no guidance); bc: behaviour cloning from pixels.",
+        description="veorl: full method; dreamerv2: offline DreamerV2 (no video, no guidance); "
+        "bc: behaviour cloning from pixels.",
     )
     guidance: Literal["aligned", "release"] = Field(
         default="aligned",
-        description="aligned: F_BC and Plan Net stepping trained on the Trunk Net space (our fix); release: the authors' behaviour.",
+        description="aligned: F_BC and Plan Net stepping trained on the Trunk Net space (our fix); "
+        "release: the authors' behaviour.",
     )
     batch: int = Field(default=50, ge=1, description="Target sequences per batch (world model, start states, bc).")
     seq_len: int = Field(default=50, ge=2, description="Steps per target sequence.")
@@ -203,37 +253,52 @@ class FinetuneParams(Section):
     world_model_steps: int = Field(default=40_000, ge=0, description="Trunk Net (and guidance alignment) updates.")
     policy_steps: int = Field(default=50_000, ge=0, description="Phase-3 actor/critic updates.")
     bc_steps: int = Field(default=20_000, ge=0, description="Updates of the behaviour-cloning baseline.")
-    world_model_optim: OptimParams = Field(default_factory=OptimParams, description="Trunk world model and guidance optimiser.")
+    world_model_optim: OptimParams = Field(
+        default_factory=OptimParams, description="Trunk world model and guidance optimiser."
+    )
     actor_optim: OptimParams = Field(default_factory=lambda: OptimParams(lr=8e-5), description="Actor optimiser.")
     critic_optim: OptimParams = Field(default_factory=lambda: OptimParams(lr=8e-5), description="Critic optimiser.")
     bc_optim: OptimParams = Field(default_factory=OptimParams, description="Behaviour-cloning baseline optimiser.")
-    bc_loss: Literal["mse", "gaussian"] = Field(default="mse", description="bc: MSE to the dataset action, or Gaussian NLL with a learned std.")
+    bc_loss: Literal["mse", "gaussian"] = Field(
+        default="mse", description="bc: MSE to the dataset action, or Gaussian NLL with a learned std."
+    )
     kl_balance: float = Field(default=0.8, ge=0, le=1, description="KL balancing: weight on the prior side.")
     free_nats: float = Field(default=1.0, ge=0, description="Free nats of the KL term.")
     kl_scale: float = Field(default=1.0, ge=0, description="Weight of the KL term.")
-    reward_scale: float = Field(default=1.0, gt=0, description="Multiplies target rewards before the reward head learns them.")
+    reward_scale: float = Field(
+        default=1.0, gt=0, description="Multiplies target rewards before the reward head learns them."
+    )
     horizon: int = Field(default=15, ge=1, description="Imagination horizon H.")
     discount: float = Field(default=0.99, gt=0, le=1, description="Discount of imagined returns.")
     lambda_: float = Field(default=0.95, ge=0, le=1, alias="lambda", description="lambda of the lambda-return.")
     actor_entropy: float = Field(default=1e-4, ge=0, description="Weight of the actor's entropy bonus.")
     slow_critic_every: int = Field(default=100, ge=1, description="Updates between slow-critic refreshes.")
     critic_warmup: int = Field(
-        default=1000, ge=0, description="First policy updates that train the critic only (actor frozen) so the returns "
-                                        "the actor follows come from a fitted critic.")
+        default=1000,
+        ge=0,
+        description="First policy updates that train the critic only (actor frozen) so the returns "
+        "the actor follows come from a fitted critic.",
+    )
     return_norm: Literal["percentile", "none"] = Field(
         default="percentile",
-        description="percentile: the actor's returns divided by max(1, P95 - P5) of the lambda-returns (EMA); none = raw "
-                    "returns (release). Entropy and behaviour terms then act on the normalised scale.")
+        description="percentile: the actor's returns divided by max(1, P95 - P5) of the lambda-returns (EMA); "
+        "none = raw returns (release). Entropy and behaviour terms then act on the normalised scale.",
+    )
     return_norm_decay: float = Field(default=0.99, ge=0, lt=1, description="EMA decay of the return percentiles.")
     actor_bc_weight: float = Field(
-        default=1.0, ge=0,
-        description="Offline conservatism: weight of the actor's log-likelihood of the data action that followed each start "
-                    "state, relative to the normalised return (TD3+BC style); 0 = off (release).")
+        default=1.0,
+        ge=0,
+        description="Offline conservatism: weight of the actor's log-likelihood of the data action that followed each "
+        "start state, relative to the normalised return (TD3+BC style); 0 = off (release).",
+    )
     ensemble_size: int = Field(
-        default=5, ge=0,
-        description="Trunk Net prior heads whose disagreement penalises imagined rewards (Offline DreamerV2); 0 = off.")
+        default=5,
+        ge=0,
+        description="Trunk Net prior heads whose disagreement penalises imagined rewards (Offline DreamerV2); 0 = off.",
+    )
     uncertainty_weight: float = Field(
-        default=1.0, ge=0, description="lambda of the penalty: imagined reward minus lambda x ensemble disagreement.")
+        default=1.0, ge=0, description="lambda of the penalty: imagined reward minus lambda x ensemble disagreement."
+    )
     diagnostics_sequences: int = Field(default=16, ge=2, description="Target windows the end-of-stage diagnostics use.")
 
     @field_validator("ensemble_size")
@@ -242,11 +307,14 @@ class FinetuneParams(Section):
         if value == 1:
             raise ValueError("one prior head cannot disagree with itself: use 0 (off) or at least 2")
         return value
+
     intrinsic_weight: float = Field(default=1.0, ge=0, description="Weight of the Plan Net intrinsic reward.")
     use_intrinsic: bool = Field(default=True, description="Ablation: intrinsic reward on/off.")
     use_latent_action: bool = Field(default=True, description="Ablation: latent action input of actor and critic.")
     use_mmd: bool = Field(default=True, description="Ablation: MMD term while training the Trunk Net encoder.")
-    mmd_weight: float = Field(default=5.0, ge=0, description="Weight of linear MMD between source and target embeddings.")
+    mmd_weight: float = Field(
+        default=5.0, ge=0, description="Weight of linear MMD between source and target embeddings."
+    )
     checkpoint_every: int = Field(default=500, ge=1, description="Updates between atomic checkpoints.")
     log_every: int = Field(default=50, ge=1, description="Updates between metric logs (curve rows, MLflow).")
     prefetch: int = Field(default=2, ge=0, description="Batches prepared ahead in a background thread.")
@@ -264,7 +332,9 @@ class EvaluateParams(Section):
     seed: int = Field(default=1000, description="Seed of the first evaluation episode; episode i uses seed+i.")
     workers: int = Field(default=2, ge=1, description="Parallel evaluation processes.")
     videos: int = Field(default=2, ge=0, description="Rollouts rendered to MP4.")
-    video_size: int = Field(default=64, ge=16, description="Side of the rendered rollout videos (agent frames upscaled).")
+    video_size: int = Field(
+        default=64, ge=16, description="Side of the rendered rollout videos (agent frames upscaled)."
+    )
     video_fps: int = Field(default=30, ge=1, description="Frame rate of the rollout videos.")
     device: str = Field(default="cpu", description="Device the agent acts on (cpu | cuda | cuda:N).")
 
@@ -273,25 +343,31 @@ class RegisterParams(Section):
     """Promotion of an evaluated agent in the MLflow model registry (@champion / @challenger)."""
 
     model_name: str = Field(default="veorl-agent", description="Registered model name in the MLflow registry.")
-    metric: Literal["success_rate", "mean_return"] = Field(default="success_rate", description="Metric compared for promotion.")
+    metric: Literal["success_rate", "mean_return"] = Field(
+        default="success_rate", description="Metric compared for promotion."
+    )
     margin: float = Field(default=0.0, ge=0, description="A challenger must beat the champion by more than this.")
     lock_file: str | None = Field(
         default=None,
         description="File lock shared by concurrent registrations; null = next to a local sqlite store "
-                    "(remote stores then use an optimistic check-then-set with re-verification).",
+        "(remote stores then use an optimistic check-then-set with re-verification).",
     )
-    verify_delay: float = Field(default=0.5, ge=0, description="Seconds to wait before re-verifying @champion on a remote store.")
+    verify_delay: float = Field(
+        default=0.5, ge=0, description="Seconds to wait before re-verifying @champion on a remote store."
+    )
 
 
 class TrackingParams(Section):
     """Where MLflow records runs and models."""
 
     experiment: str = Field(default="veorl", description="MLflow experiment name.")
-    uri: str = Field(default="sqlite:///mlruns.db", description="Default tracking store; MLFLOW_TRACKING_URI wins when set.")
+    uri: str = Field(
+        default="sqlite:///mlruns.db", description="Default tracking store; MLFLOW_TRACKING_URI wins when set."
+    )
     artifact_location: str | None = Field(
         default=None,
         description="Artifact root (e.g. s3://bucket/mlflow) used when the experiment is first created; "
-                    "null = the store's default. An existing experiment keeps its own.",
+        "null = the store's default. An existing experiment keeps its own.",
     )
 
 
@@ -303,8 +379,11 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message='Field name "register"')
 
     class Params(Section):
-        preset: PresetName = Field(default="cpu", description="Sizes and step counts: smoke (tests), cpu (default, ~10 min), laptop (a working agent in under an hour "
-                                                                    "on 2 cores), paper (GPU cluster).")
+        preset: PresetName = Field(
+            default="cpu",
+            description="Sizes and step counts: smoke (tests), cpu (default, ~10 min), laptop (a working agent in "
+            "under an hour on 2 cores), paper (GPU cluster).",
+        )
         source_videos: SourceVideosParams = Field(default_factory=SourceVideosParams)
         ingest: IngestParams = Field(default_factory=IngestParams)
         collect: CollectParams = Field(default_factory=CollectParams)
@@ -316,15 +395,23 @@ with warnings.catch_warnings():
         tracking: TrackingParams = Field(default_factory=TrackingParams)
 
         @model_validator(mode="after")
-        def _cross_checks(self) -> "Params":
+        def _cross_checks(self) -> Params:
             if self.pretrain.source_len > self.ingest.window:
-                raise ValueError(f"pretrain.source_len ({self.pretrain.source_len}) exceeds ingest.window ({self.ingest.window})")
+                raise ValueError(
+                    f"pretrain.source_len ({self.pretrain.source_len}) exceeds ingest.window ({self.ingest.window})"
+                )
             if self.collect.task in self.source_videos.tasks:
-                raise ValueError(f"source_videos.tasks must not contain the target task collect.task={self.collect.task!r}")
+                raise ValueError(
+                    f"source_videos.tasks must not contain the target task collect.task={self.collect.task!r}"
+                )
             if self.ingest.size != self.model.image_size:
-                raise ValueError(f"ingest.size ({self.ingest.size}) must equal model.image_size ({self.model.image_size})")
+                raise ValueError(
+                    f"ingest.size ({self.ingest.size}) must equal model.image_size ({self.model.image_size})"
+                )
             if self.collect.size != self.model.image_size:
-                raise ValueError(f"collect.size ({self.collect.size}) must equal model.image_size ({self.model.image_size})")
+                raise ValueError(
+                    f"collect.size ({self.collect.size}) must equal model.image_size ({self.model.image_size})"
+                )
             return self
 
         def section_dict(self, *names: str) -> dict[str, Any]:
@@ -337,26 +424,70 @@ with warnings.catch_warnings():
 # ----------------------------------------------------------------------------------------------
 
 _SMALL_MODEL = {
-    "cnn_depth": 16, "deter": 64, "stoch": 16, "hidden": 64, "ban_hidden": 64, "codebook_size": 16,
-    "head_units": 64, "fbc_hidden": 64, "actor_units": 64, "actor_layers": 2, "critic_units": 64, "critic_layers": 2,
+    "cnn_depth": 16,
+    "deter": 64,
+    "stoch": 16,
+    "hidden": 64,
+    "ban_hidden": 64,
+    "codebook_size": 16,
+    "head_units": 64,
+    "fbc_hidden": 64,
+    "actor_units": 64,
+    "actor_layers": 2,
+    "critic_units": 64,
+    "critic_layers": 2,
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "cpu": {
-        "source_videos": {"episodes_per_task": 3, "episode_length": 150, "tasks": ["door-open", "button-press-topdown", "handle-press"]},
+        "source_videos": {
+            "episodes_per_task": 3,
+            "episode_length": 150,
+            "tasks": ["door-open", "button-press-topdown", "handle-press"],
+        },
         "collect": {"episodes": 12, "episode_length": 200, "medium_random_prob": 0.45},
         "model": {
-            "cnn_depth": 16, "deter": 128, "stoch": 32, "hidden": 128, "head_units": 200, "fbc_hidden": 96,
-            "actor_units": 200, "actor_layers": 3, "critic_units": 200, "critic_layers": 2,
+            "cnn_depth": 16,
+            "deter": 128,
+            "stoch": 32,
+            "hidden": 128,
+            "head_units": 200,
+            "fbc_hidden": 96,
+            "actor_units": 200,
+            "actor_layers": 3,
+            "critic_units": 200,
+            "critic_layers": 2,
         },
-        "pretrain": {"batch": 8, "seq_len": 32, "source_batch": 8, "source_len": 16, "phase1_steps": 200, "phase2_steps": 200,
-                     "checkpoint_every": 50, "log_every": 10, "image_log_every": 200, "threads": 1,
-                     "codebook_restart_every": 20},
+        "pretrain": {
+            "batch": 8,
+            "seq_len": 32,
+            "source_batch": 8,
+            "source_len": 16,
+            "phase1_steps": 200,
+            "phase2_steps": 200,
+            "checkpoint_every": 50,
+            "log_every": 10,
+            "image_log_every": 200,
+            "threads": 1,
+            "codebook_restart_every": 20,
+        },
         # One torch thread: with the 2 cores shared, a second OpenMP thread spin-waits and doubles wall time.
-        "finetune": {"batch": 8, "seq_len": 32, "source_batch": 8, "source_len": 16, "world_model_steps": 600,
-                     "policy_steps": 400, "bc_steps": 300, "horizon": 10, "checkpoint_every": 50, "log_every": 10,
-                     "slow_critic_every": 20, "threads": 1, "critic_warmup": 50},
+        "finetune": {
+            "batch": 8,
+            "seq_len": 32,
+            "source_batch": 8,
+            "source_len": 16,
+            "world_model_steps": 600,
+            "policy_steps": 400,
+            "bc_steps": 300,
+            "horizon": 10,
+            "checkpoint_every": 50,
+            "log_every": 10,
+            "slow_critic_every": 20,
+            "threads": 1,
+            "critic_warmup": 50,
+        },
         "evaluate": {"episodes": 4, "videos": 1},
         "ingest": {"window": 25, "stride": 12},
     },
@@ -364,34 +495,96 @@ PRESETS: dict[str, dict[str, Any]] = {
     # episodes) and updates to train on them (whole chain under an hour, one fine-tuning run under 20 min).
     # The source tasks leave out both tasks the results compare on (drawer-open, handle-press).
     "laptop": {
-        "source_videos": {"episodes_per_task": 4, "episode_length": 150,
-                          "tasks": ["door-open", "button-press-topdown", "plate-slide", "coffee-push"]},
+        "source_videos": {
+            "episodes_per_task": 4,
+            "episode_length": 150,
+            "tasks": ["door-open", "button-press-topdown", "plate-slide", "coffee-push"],
+        },
         "collect": {"episodes": 50, "episode_length": 200, "medium_random_prob": 0.45},
         "model": {
-            "cnn_depth": 16, "deter": 128, "stoch": 32, "hidden": 128, "head_units": 200, "fbc_hidden": 96,
-            "actor_units": 200, "actor_layers": 3, "critic_units": 200, "critic_layers": 2,
+            "cnn_depth": 16,
+            "deter": 128,
+            "stoch": 32,
+            "hidden": 128,
+            "head_units": 200,
+            "fbc_hidden": 96,
+            "actor_units": 200,
+            "actor_layers": 3,
+            "critic_units": 200,
+            "critic_layers": 2,
         },
-        "pretrain": {"batch": 8, "seq_len": 32, "source_batch": 8, "source_len": 16, "phase1_steps": 600,
-                     "phase2_steps": 300, "checkpoint_every": 100, "log_every": 20, "image_log_every": 300,
-                     "threads": 1, "codebook_restart_every": 25},
-        "finetune": {"batch": 8, "seq_len": 32, "source_batch": 8, "source_len": 16, "world_model_steps": 1200,
-                     "policy_steps": 1500, "bc_steps": 1500, "horizon": 10, "checkpoint_every": 100,
-                     "log_every": 25, "slow_critic_every": 50, "threads": 1, "critic_warmup": 100},
+        "pretrain": {
+            "batch": 8,
+            "seq_len": 32,
+            "source_batch": 8,
+            "source_len": 16,
+            "phase1_steps": 600,
+            "phase2_steps": 300,
+            "checkpoint_every": 100,
+            "log_every": 20,
+            "image_log_every": 300,
+            "threads": 1,
+            "codebook_restart_every": 25,
+        },
+        "finetune": {
+            "batch": 8,
+            "seq_len": 32,
+            "source_batch": 8,
+            "source_len": 16,
+            "world_model_steps": 1200,
+            "policy_steps": 1500,
+            "bc_steps": 1500,
+            "horizon": 10,
+            "checkpoint_every": 100,
+            "log_every": 25,
+            "slow_critic_every": 50,
+            "threads": 1,
+            "critic_warmup": 100,
+        },
         "evaluate": {"episodes": 10, "videos": 1},
         "ingest": {"window": 25, "stride": 12},
     },
     "smoke": {
-        "source_videos": {"episodes_per_task": 1, "episode_length": 30, "tasks": ["door-open", "button-press-topdown"],
-                          "cameras": ["corner2"], "workers": 1},
+        "source_videos": {
+            "episodes_per_task": 1,
+            "episode_length": 30,
+            "tasks": ["door-open", "button-press-topdown"],
+            "cameras": ["corner2"],
+            "workers": 1,
+        },
         "ingest": {"window": 12, "stride": 6, "clips_per_shard": 16, "workers": 1},
         "collect": {"episodes": 2, "episode_length": 40, "workers": 1},
         "model": _SMALL_MODEL,
-        "pretrain": {"batch": 2, "seq_len": 10, "source_batch": 2, "source_len": 8, "phase1_steps": 3, "phase2_steps": 3,
-                     "checkpoint_every": 2, "log_every": 1, "image_log_every": 3, "prefetch": 1, "threads": 1,
-                     "codebook_restart_every": 2},
-        "finetune": {"batch": 2, "seq_len": 10, "source_batch": 2, "source_len": 8, "world_model_steps": 3, "policy_steps": 3,
-                     "bc_steps": 3, "horizon": 4, "checkpoint_every": 2, "log_every": 1, "slow_critic_every": 2, "prefetch": 1,
-                     "threads": 1, "critic_warmup": 1},
+        "pretrain": {
+            "batch": 2,
+            "seq_len": 10,
+            "source_batch": 2,
+            "source_len": 8,
+            "phase1_steps": 3,
+            "phase2_steps": 3,
+            "checkpoint_every": 2,
+            "log_every": 1,
+            "image_log_every": 3,
+            "prefetch": 1,
+            "threads": 1,
+            "codebook_restart_every": 2,
+        },
+        "finetune": {
+            "batch": 2,
+            "seq_len": 10,
+            "source_batch": 2,
+            "source_len": 8,
+            "world_model_steps": 3,
+            "policy_steps": 3,
+            "bc_steps": 3,
+            "horizon": 4,
+            "checkpoint_every": 2,
+            "log_every": 1,
+            "slow_critic_every": 2,
+            "prefetch": 1,
+            "threads": 1,
+            "critic_warmup": 1,
+        },
         "evaluate": {"episodes": 2, "workers": 1, "videos": 1},
     },
 }
@@ -447,8 +640,12 @@ def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def resolve(raw: dict[str, Any] | None = None, preset: str | None = None, overrides: list[str] | None = None,
-            origin: str = "params") -> Params:
+def resolve(
+    raw: dict[str, Any] | None = None,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+    origin: str = "params",
+) -> Params:
     """Build validated Params from a params.yaml-like dict, an optional preset override and `key=value` overrides."""
     raw = copy.deepcopy(raw or {})
     if not isinstance(raw, dict):
@@ -458,7 +655,9 @@ def resolve(raw: dict[str, Any] | None = None, preset: str | None = None, overri
         _set_path(raw, path, value)
     chosen = preset or raw.get("preset", "cpu")
     if not isinstance(chosen, str) or chosen not in PRESETS:
-        raise ConfigError(f"invalid parameters ({origin}):\n  preset: must be one of {sorted(PRESETS)} (got {chosen!r})")
+        raise ConfigError(
+            f"invalid parameters ({origin}):\n  preset: must be one of {sorted(PRESETS)} (got {chosen!r})"
+        )
     raw["preset"] = chosen
     merged = deep_merge(PRESETS[chosen], raw)
     try:
@@ -467,7 +666,9 @@ def resolve(raw: dict[str, Any] | None = None, preset: str | None = None, overri
         raise ConfigError(_format_errors(err, origin)) from None
 
 
-def load_params(path: str | Path = "params.yaml", preset: str | None = None, overrides: list[str] | None = None) -> Params:
+def load_params(
+    path: str | Path = "params.yaml", preset: str | None = None, overrides: list[str] | None = None
+) -> Params:
     """Load params.yaml (missing file = all defaults), apply a preset and overrides, validate."""
     path = Path(path)
     raw: dict[str, Any] = {}
@@ -485,9 +686,12 @@ def dump_resolved(params: Params, *sections: str) -> str:
     return json.dumps(data, indent=2, sort_keys=True)
 
 
+REFERENCE_PRESETS = ("paper", "cpu", "laptop", "smoke")  # the columns of the parameter reference
+
+
 def parameters_markdown() -> str:
-    """A reference table of every parameter: key, default (paper), cpu and smoke preset values, meaning."""
-    resolved = {name: resolve({}, preset=name).model_dump(by_alias=True, mode="json") for name in ("paper", "cpu", "smoke")}
+    """A reference table of every parameter: key, default (paper), each preset's value, meaning."""
+    resolved = {name: resolve({}, preset=name).model_dump(by_alias=True, mode="json") for name in REFERENCE_PRESETS}
 
     def walk(model: type[BaseModel], prefix: str) -> list[tuple[str, str]]:
         rows: list[tuple[str, str]] = []
@@ -506,22 +710,24 @@ def parameters_markdown() -> str:
             node = node[part]
         return json.dumps(node)
 
-    lines = ["| key | paper (default) | cpu | smoke | meaning |", "|---|---|---|---|---|"]
+    header = " | ".join(["paper (default)", *REFERENCE_PRESETS[1:]])
+    lines = [f"| key | {header} | meaning |", "|---" * (len(REFERENCE_PRESETS) + 2) + "|"]
     for dotted, desc in walk(Params, ""):
         if dotted == "preset":
             continue
-        cells = [value(p, dotted) for p in ("paper", "cpu", "smoke")]
-        cpu = cells[1] if cells[1] != cells[0] else "="
-        smoke = cells[2] if cells[2] != cells[0] else "="
-        lines.append(f"| `{dotted}` | {cells[0]} | {cpu} | {smoke} | {desc} |")
+        cells = [value(p, dotted) for p in REFERENCE_PRESETS]
+        shown = [cells[0]] + [c if c != cells[0] else "=" for c in cells[1:]]
+        lines.append(f"| `{dotted}` | {' | '.join(shown)} | {desc} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m veorl.config",
-                                     description="Validate params.yaml and print the resolved parameters (or a reference table).")
+    parser = argparse.ArgumentParser(
+        prog="python -m veorl.config",
+        description="Validate params.yaml and print the resolved parameters (or a reference table).",
+    )
     parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="override the preset")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")

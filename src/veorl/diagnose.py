@@ -35,11 +35,16 @@ def render(artifact: Path, diagnostics: dict) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m veorl.diagnose", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Thresholds:\n" + "\n".join(
-                                         f"  {t.key}: {'< ' + str(t.low) if t.low is not None else '> ' + str(t.high)}"
-                                         f" means {t.meaning}" for t in THRESHOLDS))
+    parser = argparse.ArgumentParser(
+        prog="python -m veorl.diagnose",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Thresholds:\n"
+        + "\n".join(
+            f"  {t.key}: {'< ' + str(t.low) if t.low is not None else '> ' + str(t.high)} means {t.meaning}"
+            for t in THRESHOLDS
+        ),
+    )
     parser.add_argument("artifacts", nargs="+", type=Path, help="world-model or agent directories")
     parser.add_argument("--json", action="store_true", help="print the raw JSON instead of the report")
     args = parser.parse_args(argv)
@@ -47,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     for artifact in args.artifacts:
         path = artifact / DIAGNOSTICS_FILE
         if not path.is_file():
-            print(f"error: {path} not found (diagnostics are written at the end of pretrain and finetune)",
-                  file=sys.stderr)
+            print(
+                f"error: {path} not found (diagnostics are written at the end of pretrain and finetune)",
+                file=sys.stderr,
+            )
             status = 2
             continue
         diagnostics = json.loads(path.read_text())

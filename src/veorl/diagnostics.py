@@ -55,24 +55,52 @@ class Threshold:
 
 
 THRESHOLDS: tuple[Threshold, ...] = (
-    Threshold("codebook.target_perplexity", 2.0, None,
-              "nearly one code for every target transition: the latent actions do not name behaviours"),
+    Threshold(
+        "codebook.target_perplexity",
+        2.0,
+        None,
+        "nearly one code for every target transition: the latent actions do not name behaviours",
+    ),
     Threshold("codebook.codes_per_sequence", 1.5, None, "target sequences use one code throughout"),
-    Threshold("codebook.reversed_distinct", 0.5, None,
-              "playing a transition backwards mostly keeps its code: codes do not encode the motion"),
-    Threshold("codebook.static_distinct", 0.5, None,
-              "a still frame pair mostly gets the moving pair's code: codes do not encode the motion"),
+    Threshold(
+        "codebook.reversed_distinct",
+        0.5,
+        None,
+        "playing a transition backwards mostly keeps its code: codes do not encode the motion",
+    ),
+    Threshold(
+        "codebook.static_distinct",
+        0.5,
+        None,
+        "a still frame pair mostly gets the moving pair's code: codes do not encode the motion",
+    ),
     Threshold("codebook.action_probe_r2", 0.05, None, "the code says next to nothing about the data action"),
     Threshold("policy.action_spread", 0.05, None, "the actor plays nearly the same action in every state (collapse)"),
     Threshold("policy.share_at_bounds", None, 0.8, "most action components sit at the bounds of the action box"),
-    Threshold("policy.corner_over_data", None, 2.0,
-              "a constant corner action imagines over twice the data's return: a model error the actor can exploit"),
-    Threshold("policy.data_over_shuffled", 1.0, None,
-              "data actions imagine no more return than shuffled ones: the model barely responds to actions"),
-    Threshold("reward.predicted_over_simulator", None, 1.5,
-              "along the agent's own rollouts the world model predicts over 1.5x the reward the simulator pays"),
-    Threshold("reward.correlation", 0.3, None,
-              "predicted and simulator rewards barely move together along the agent's own rollouts"),
+    Threshold(
+        "policy.corner_over_data",
+        None,
+        2.0,
+        "a constant corner action imagines over twice the data's return: a model error the actor can exploit",
+    ),
+    Threshold(
+        "policy.data_over_shuffled",
+        1.0,
+        None,
+        "data actions imagine no more return than shuffled ones: the model barely responds to actions",
+    ),
+    Threshold(
+        "reward.predicted_over_simulator",
+        None,
+        1.5,
+        "along the agent's own rollouts the world model predicts over 1.5x the reward the simulator pays",
+    ),
+    Threshold(
+        "reward.correlation",
+        0.3,
+        None,
+        "predicted and simulator rewards barely move together along the agent's own rollouts",
+    ),
 )
 
 
@@ -85,7 +113,9 @@ def check(diagnostics: dict[str, Any], where: str) -> list[str]:
     for threshold in THRESHOLDS:
         value = flat.get(threshold.key)
         if isinstance(value, (int, float)) and np.isfinite(value) and threshold.crossed(float(value)):
-            bound = f"< {threshold.low}" if threshold.low is not None and value < threshold.low else f"> {threshold.high}"
+            bound = (
+                f"< {threshold.low}" if threshold.low is not None and value < threshold.low else f"> {threshold.high}"
+            )
             message = f"{where}: {threshold.key} = {value:.3g} ({bound}): {threshold.meaning}"
             log.warning(message)
             warnings.append(message)
@@ -110,7 +140,7 @@ def target_windows(store, count: int, length: int, seed: int) -> dict[str, np.nd
             raise ValueError(f"diagnostics need episodes of at least {length} steps, episode {index} has {steps}")
         start = int(rng.integers(0, steps - length + 1))
         for key in out:
-            out[key].append(np.asarray(episode[key][start:start + length]))
+            out[key].append(np.asarray(episode[key][start : start + length]))
     return {k: np.stack(v) for k, v in out.items()}
 
 
@@ -157,9 +187,9 @@ def codebook_diagnostics(model, windows: dict[str, np.ndarray], device: str | to
     model.eval()
     try:
         image = torch.as_tensor(windows["image"], device=device)
-        embed = model.behaviour_embed(preprocess(image))                    # (B, T, E)
+        embed = model.behaviour_embed(preprocess(image))  # (B, T, E)
         now, following = embed[:, :-1], embed[:, 1:]
-        codes = model.codebook.indices(model.ban.pair(now, following))       # (B, T-1)
+        codes = model.codebook.indices(model.ban.pair(now, following))  # (B, T-1)
         reversed_codes = model.codebook.indices(model.ban.pair(following, now))
         static_codes = model.codebook.indices(model.ban.pair(now, now))
         segments = segment_behaviours(codes)
@@ -200,9 +230,19 @@ def _predicted_return(trunk, start, actions: torch.Tensor, ensemble=None) -> tup
 
 
 @torch.no_grad()
-def policy_diagnostics(trunk, actor, windows: dict[str, np.ndarray], horizon: int, reward_scale: float = 1.0,
-                       guidance=None, use_latent_action: bool = False, ensemble=None, seed: int = 0,
-                       device: str | torch.device = "cpu", max_corners: int = 16) -> dict[str, Any]:
+def policy_diagnostics(
+    trunk,
+    actor,
+    windows: dict[str, np.ndarray],
+    horizon: int,
+    reward_scale: float = 1.0,
+    guidance=None,
+    use_latent_action: bool = False,
+    ensemble=None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    max_corners: int = 16,
+) -> dict[str, Any]:
     """Imagined returns of data / shuffled / constant-corner actions and the actor's action spread.
 
     Predicted returns are divided by reward_scale, so they read in the simulator's reward units.
@@ -221,7 +261,7 @@ def policy_diagnostics(trunk, actor, windows: dict[str, np.ndarray], horizon: in
     embed = trunk.encoder(preprocess(image))
     posterior, _ = trunk.trunk_net.observe(embed, actions, sample=False)
     start = posterior[:, 0]
-    data_actions = actions[:, 1:horizon + 1]
+    data_actions = actions[:, 1 : horizon + 1]
     generator = torch.Generator().manual_seed(seed)
     # A derangement-like shuffle: roll by a random non-zero offset so no window keeps its own actions.
     offset = int(torch.randint(1, max(count, 2), (1,), generator=generator)) if count > 1 else 0
@@ -274,5 +314,13 @@ def _ratio(a: float, b: float) -> float:
     return float(a / b) if b > 1e-8 else float("nan")
 
 
-__all__ = ["DIAGNOSTICS_FILE", "THRESHOLDS", "Threshold", "check", "target_windows", "codebook_diagnostics",
-           "policy_diagnostics", "action_probe_r2"]
+__all__ = [
+    "DIAGNOSTICS_FILE",
+    "THRESHOLDS",
+    "Threshold",
+    "check",
+    "target_windows",
+    "codebook_diagnostics",
+    "policy_diagnostics",
+    "action_probe_r2",
+]

@@ -39,7 +39,8 @@ class EpisodeResult:
 
 
 def upscale(frame: np.ndarray, size: int) -> np.ndarray:
-    """Nearest-neighbour resize of an (H, W, 3) frame to (size, size, 3): keeps the pixels the agent saw, only bigger."""
+    """Nearest-neighbour resize of an (H, W, 3) frame to (size, size, 3): keeps the pixels the agent saw, only
+    bigger."""
     if frame.shape[0] == size and frame.shape[1] == size:
         return frame
     rows = (np.arange(size) * frame.shape[0] // size).astype(np.int64)
@@ -47,8 +48,9 @@ def upscale(frame: np.ndarray, size: int) -> np.ndarray:
     return frame[rows][:, cols]
 
 
-def play_episode(agent: Any, env: Any, episode: int, seed: int, max_steps: int,
-                 record: bool = False) -> tuple[EpisodeResult, list[np.ndarray]]:
+def play_episode(
+    agent: Any, env: Any, episode: int, seed: int, max_steps: int, record: bool = False
+) -> tuple[EpisodeResult, list[np.ndarray]]:
     """One deterministic episode; returns the result and (when `record`) the frames the agent observed."""
     where = f"episode {episode} (seed {seed})"
     try:
@@ -75,8 +77,10 @@ def play_episode(agent: Any, env: Any, episode: int, seed: int, max_steps: int,
             paid.append(last_reward)
         action = np.asarray(action)
         if action.shape != (1, agent.action_dim):
-            raise EvaluationError(f"{where}, step {step}: the policy returned an action of shape {action.shape}, "
-                                  f"expected (1, {agent.action_dim})")
+            raise EvaluationError(
+                f"{where}, step {step}: the policy returned an action of shape {action.shape}, "
+                f"expected (1, {agent.action_dim})"
+            )
         if not np.all(np.isfinite(action)):
             raise EvaluationError(f"{where}, step {step}: the policy produced a non-finite action {action[0].tolist()}")
         try:
@@ -97,8 +101,11 @@ def play_episode(agent: Any, env: Any, episode: int, seed: int, max_steps: int,
     if predicted:
         p, r = np.asarray(predicted), np.asarray(paid)
         correlation = float(np.corrcoef(p, r)[0, 1]) if p.std() > 0 and r.std() > 0 else float("nan")
-        comparison = {"predicted_return": float(p.sum()), "simulator_return": float(r.sum()),
-                      "reward_correlation": correlation}
+        comparison = {
+            "predicted_return": float(p.sum()),
+            "simulator_return": float(r.sum()),
+            "reward_correlation": correlation,
+        }
     return EpisodeResult(episode=episode, seed=seed, ret=total, success=success, length=steps, **comparison), frames
 
 
@@ -119,11 +126,19 @@ def _init_worker(agent_dir: str, device: str, threads: int) -> None:
         torch.set_num_threads(threads)
     agent = Agent.load(agent_dir, device=device)
     meta = agent.meta
-    env = make_env(env=meta["env"], task=meta["task"], camera=meta["camera"], size=int(meta["image_size"]),
-                   episode_length=int(meta["episode_length"]), seed=0)
+    env = make_env(
+        env=meta["env"],
+        task=meta["task"],
+        camera=meta["camera"],
+        size=int(meta["image_size"]),
+        episode_length=int(meta["episode_length"]),
+        seed=0,
+    )
     if int(env.action_dim) != agent.action_dim:
-        raise EvaluationError(f"agent {agent_dir} acts in {agent.action_dim} dimensions but {meta['env']}/{meta['task']} "
-                              f"expects {env.action_dim}")
+        raise EvaluationError(
+            f"agent {agent_dir} acts in {agent.action_dim} dimensions but {meta['env']}/{meta['task']} "
+            f"expects {env.action_dim}"
+        )
     _worker.update(agent=agent, env=env, episode_length=int(meta["episode_length"]))
 
 
@@ -136,8 +151,9 @@ def _close_worker() -> None:
 
 def _run_one(job: tuple[int, int, str | None, int, int]) -> EpisodeResult:
     episode, seed, video_path, video_size, fps = job
-    result, frames = play_episode(_worker["agent"], _worker["env"], episode, seed, _worker["episode_length"],
-                                  record=video_path is not None)
+    result, frames = play_episode(
+        _worker["agent"], _worker["env"], episode, seed, _worker["episode_length"], record=video_path is not None
+    )
     if video_path is None:
         return result
     from veorl.video.encode import write_video
@@ -146,9 +162,18 @@ def _run_one(job: tuple[int, int, str | None, int, int]) -> EpisodeResult:
     return EpisodeResult(**{**asdict(result), "video": video_path})
 
 
-def evaluate_agent(agent_dir: str | Path, episodes: int, seed: int, workers: int = 1, videos: int = 0,
-                   video_size: int = 64, video_dir: str | Path | None = None, device: str = "cpu", fps: int = 30,
-                   progress: bool = True) -> list[EpisodeResult]:
+def evaluate_agent(
+    agent_dir: str | Path,
+    episodes: int,
+    seed: int,
+    workers: int = 1,
+    videos: int = 0,
+    video_size: int = 64,
+    video_dir: str | Path | None = None,
+    device: str = "cpu",
+    fps: int = 30,
+    progress: bool = True,
+) -> list[EpisodeResult]:
     """Play `episodes` deterministic episodes (episode i seeded `seed + i`); the first `videos` are rendered to MP4."""
     from tqdm import tqdm
 
@@ -169,15 +194,23 @@ def evaluate_agent(agent_dir: str | Path, episodes: int, seed: int, workers: int
     try:
         # Several workers share the cores: one intra-op thread each avoids oversubscription; in this process
         # (threads 0) torch keeps its own setting.
-        outcomes = run_parallel(_run_one, jobs, workers, initializer=_init_worker,
-                                initargs=(str(agent_dir), device, 1 if workers > 1 else 0), cleanup=_close_worker)
+        outcomes = run_parallel(
+            _run_one,
+            jobs,
+            workers,
+            initializer=_init_worker,
+            initargs=(str(agent_dir), device, 1 if workers > 1 else 0),
+            cleanup=_close_worker,
+        )
         # closing(): raising below stops the other workers now, not whenever the generator is collected.
         with contextlib.closing(outcomes):
             for outcome in outcomes:
                 if outcome.died:
                     episode = jobs[outcome.index][0]
-                    raise EvaluationError(f"episode {episode} (seed {seed + episode}): the evaluation worker died "
-                                          f"(killed, out of memory or crashed in the simulator); no score is reported")
+                    raise EvaluationError(
+                        f"episode {episode} (seed {seed + episode}): the evaluation worker died "
+                        f"(killed, out of memory or crashed in the simulator); no score is reported"
+                    )
                 results.append(outcome.value)
                 bar.update(1)
     finally:
@@ -210,11 +243,15 @@ def reward_diagnostics(results: list[EpisodeResult]) -> dict[str, float] | None:
         return None
     predicted = float(np.mean([r.predicted_return for r in compared]))
     paid = float(np.mean([r.simulator_return for r in compared]))
-    correlations = [r.reward_correlation for r in compared if r.reward_correlation is not None
-                    and np.isfinite(r.reward_correlation)]
-    return {"predicted_return": predicted, "simulator_return": paid,
-            "predicted_over_simulator": predicted / paid if paid > 1e-8 else float("nan"),
-            "correlation": float(np.mean(correlations)) if correlations else float("nan")}
+    correlations = [
+        r.reward_correlation for r in compared if r.reward_correlation is not None and np.isfinite(r.reward_correlation)
+    ]
+    return {
+        "predicted_return": predicted,
+        "simulator_return": paid,
+        "predicted_over_simulator": predicted / paid if paid > 1e-8 else float("nan"),
+        "correlation": float(np.mean(correlations)) if correlations else float("nan"),
+    }
 
 
 def write_episodes_csv(path: str | Path, results: list[EpisodeResult]) -> None:

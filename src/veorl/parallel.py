@@ -39,9 +39,9 @@ DIED_REASON = "worker process died while running this item (killed, out of memor
 
 @dataclass(frozen=True)
 class Outcome(Generic[R]):
-    index: int                # position of the item in the `items` given to run_parallel
-    value: R | None = None    # what fn returned; None when the worker died
-    died: str | None = None   # why there is no value: the process running this item died
+    index: int  # position of the item in the `items` given to run_parallel
+    value: R | None = None  # what fn returned; None when the worker died
+    died: str | None = None  # why there is no value: the process running this item died
 
 
 def worker_count(workers: int | None, items: int) -> int:
@@ -80,10 +80,18 @@ def _run_chunk(fn: Callable[[Any], Any], chunk: list[Any]) -> list[Any]:
 # ----------------------------------------------------------------------------------------------
 
 
-def run_parallel(fn: Callable[[T], R], items: Sequence[T], workers: int | None, *,
-                 initializer: Callable[..., Any] | None = None, initargs: tuple = (),
-                 cleanup: Callable[[], Any] | None = None, chunksize: int = 1,
-                 poll: Callable[[], Any] | None = None, poll_interval: float = 0.25) -> Iterator[Outcome[R]]:
+def run_parallel(
+    fn: Callable[[T], R],
+    items: Sequence[T],
+    workers: int | None,
+    *,
+    initializer: Callable[..., Any] | None = None,
+    initargs: tuple = (),
+    cleanup: Callable[[], Any] | None = None,
+    chunksize: int = 1,
+    poll: Callable[[], Any] | None = None,
+    poll_interval: float = 0.25,
+) -> Iterator[Outcome[R]]:
     """Run `fn(item)` for every item on up to `workers` spawned processes; yield Outcomes as items finish.
 
     fn, the items and the initializer must be picklable (module-level functions, plain data).
@@ -97,8 +105,9 @@ def run_parallel(fn: Callable[[T], R], items: Sequence[T], workers: int | None, 
     if worker_count(workers, len(items)) <= 1:
         yield from _in_process(fn, items, initializer, initargs, cleanup)
         return
-    yield from _pooled(fn, items, worker_count(workers, len(items)), initializer, initargs, max(1, chunksize),
-                       poll, poll_interval)
+    yield from _pooled(
+        fn, items, worker_count(workers, len(items)), initializer, initargs, max(1, chunksize), poll, poll_interval
+    )
 
 
 def _in_process(fn, items, initializer, initargs, cleanup) -> Iterator[Outcome]:
@@ -114,8 +123,9 @@ def _in_process(fn, items, initializer, initargs, cleanup) -> Iterator[Outcome]:
 
 def _pooled(fn, items, workers, initializer, initargs, chunksize, poll, poll_interval) -> Iterator[Outcome]:
     context = multiprocessing.get_context("spawn")
-    todo = collections.deque(list(range(start, min(start + chunksize, len(items))))
-                             for start in range(0, len(items), chunksize))
+    todo = collections.deque(
+        list(range(start, min(start + chunksize, len(items)))) for start in range(0, len(items), chunksize)
+    )
     # Items that were in flight when a process died: each runs alone in a one-process pool until the culprit dies
     # again on its own (then it alone is reported) or finishes (then it was only a bystander).
     suspects: collections.deque[list[int]] = collections.deque()
@@ -124,8 +134,9 @@ def _pooled(fn, items, workers, initializer, initargs, chunksize, poll, poll_int
         source = suspects if isolating else todo
         size = 1 if isolating else workers
         lost: list[list[int]] = []
-        with futures.ProcessPoolExecutor(size, mp_context=context, initializer=_initialise,
-                                         initargs=(initializer, initargs)) as pool:
+        with futures.ProcessPoolExecutor(
+            size, mp_context=context, initializer=_initialise, initargs=(initializer, initargs)
+        ) as pool:
             running: dict[futures.Future, list[int]] = {}
             try:
                 while True:

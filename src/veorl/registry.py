@@ -35,9 +35,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from veorl import tracking
 from veorl.config import Params
@@ -100,7 +101,9 @@ def read_agent(agent_dir: str | Path) -> AgentInfo:
         raise RegistryError(f"{root}: agent directory does not exist")
     meta_path = root / "agent.json"
     if not meta_path.is_file():
-        raise RegistryError(f"{meta_path}: missing, so {root} is not a complete agent artifact (agent.json is written last)")
+        raise RegistryError(
+            f"{meta_path}: missing, so {root} is not a complete agent artifact (agent.json is written last)"
+        )
     try:
         meta = read_json(meta_path)
     except (OSError, json.JSONDecodeError) as exc:
@@ -148,18 +151,26 @@ def read_evaluation(eval_dir: str | Path, agent: AgentInfo, metric: str) -> Eval
     agent_task = agent.meta.get("task")
     for where, task in (("task", metrics.get("task")), ("protocol.task", protocol.get("task"))):
         if task != agent_task:
-            return problem(f"evaluation of a different task: {path} {where} is {task!r}, the agent was trained on {agent_task!r}")
+            return problem(
+                f"evaluation of a different task: {path} {where} is {task!r}, the agent was trained on {agent_task!r}"
+            )
     agent_env = agent.meta.get("env")
     if agent_env is not None and protocol.get("env") not in (None, agent_env):
-        return problem(f"evaluation of a different task: {path} protocol.env is {protocol.get('env')!r}, "
-                       f"the agent's env is {agent_env!r}")
+        return problem(
+            f"evaluation of a different task: {path} protocol.env is {protocol.get('env')!r}, "
+            f"the agent's env is {agent_env!r}"
+        )
     algo = metrics.get("algo")
     if algo is not None and algo != agent.meta.get("algo"):
-        return problem(f"evaluation of a different agent: {path} algo is {algo!r}, the agent's is {agent.meta.get('algo')!r}")
+        return problem(
+            f"evaluation of a different agent: {path} algo is {algo!r}, the agent's is {agent.meta.get('algo')!r}"
+        )
     evaluated = _evaluated_agent_hash(Path(eval_dir))
     if evaluated is not None and evaluated != agent.content_hash:
-        return problem(f"evaluation of a different agent: {Path(eval_dir) / 'provenance.json'} names agent content "
-                       f"{evaluated[:12]}..., the agent registered is {agent.content_hash[:12]}...")
+        return problem(
+            f"evaluation of a different agent: {Path(eval_dir) / 'provenance.json'} names agent content "
+            f"{evaluated[:12]}..., the agent registered is {agent.content_hash[:12]}..."
+        )
     return EvaluationInfo(str(path), content_hash, metrics, None)
 
 
@@ -198,8 +209,11 @@ class Decision:
 
 
 def protocol_differences(candidate: dict[str, Any], champion: dict[str, Any]) -> list[str]:
-    return [f"{key}: {candidate.get(key)!r} vs champion's {champion.get(key)!r}"
-            for key in sorted(set(candidate) | set(champion)) if candidate.get(key) != champion.get(key)]
+    return [
+        f"{key}: {candidate.get(key)!r} vs champion's {champion.get(key)!r}"
+        for key in sorted(set(candidate) | set(champion))
+        if candidate.get(key) != champion.get(key)
+    ]
 
 
 def decide(evaluation: EvaluationInfo, champion: Standing | None, metric: str, margin: float) -> Decision:
@@ -209,18 +223,29 @@ def decide(evaluation: EvaluationInfo, champion: Standing | None, metric: str, m
     if champion is None:
         return Decision(CHAMPION, f"first eligible version: no @{CHAMPION} yet ({metric}={value:.4g})")
     if champion.protocol is None:
-        return Decision(CHALLENGER, f"@{CHAMPION} v{champion.version} records no evaluation protocol, so it cannot be compared")
+        return Decision(
+            CHALLENGER, f"@{CHAMPION} v{champion.version} records no evaluation protocol, so it cannot be compared"
+        )
     differences = protocol_differences(evaluation.protocol or {}, champion.protocol)
     if differences:
-        return Decision(CHALLENGER, f"evaluation protocol differs from @{CHAMPION} v{champion.version} "
-                                    f"({'; '.join(differences)}), so the scores are not comparable")
+        return Decision(
+            CHALLENGER,
+            f"evaluation protocol differs from @{CHAMPION} v{champion.version} "
+            f"({'; '.join(differences)}), so the scores are not comparable",
+        )
     best = champion.metrics.get(metric)
     if best is None or not math.isfinite(best):
-        return Decision(CHALLENGER, f"@{CHAMPION} v{champion.version} records no finite {metric}, so it cannot be compared")
+        return Decision(
+            CHALLENGER, f"@{CHAMPION} v{champion.version} records no finite {metric}, so it cannot be compared"
+        )
     if value > best + margin:
-        return Decision(CHAMPION, f"{metric} {value:.4g} beats @{CHAMPION} v{champion.version} ({best:.4g}) by more than {margin:g}")
-    return Decision(CHALLENGER, f"{metric} {value:.4g} does not beat @{CHAMPION} v{champion.version} ({best:.4g}) "
-                                f"by more than {margin:g}")
+        return Decision(
+            CHAMPION, f"{metric} {value:.4g} beats @{CHAMPION} v{champion.version} ({best:.4g}) by more than {margin:g}"
+        )
+    return Decision(
+        CHALLENGER,
+        f"{metric} {value:.4g} does not beat @{CHAMPION} v{champion.version} ({best:.4g}) by more than {margin:g}",
+    )
 
 
 def standing_from_tags(version: str, tags: dict[str, str]) -> Standing:
@@ -228,7 +253,7 @@ def standing_from_tags(version: str, tags: dict[str, str]) -> Standing:
     for key, text in tags.items():
         if key.startswith(TAG_METRIC_PREFIX):
             with contextlib.suppress(ValueError):
-                metrics[key[len(TAG_METRIC_PREFIX):]] = float(text)
+                metrics[key[len(TAG_METRIC_PREFIX) :]] = float(text)
     protocol = None
     if TAG_PROTOCOL in tags:
         with contextlib.suppress(json.JSONDecodeError):
@@ -245,9 +270,9 @@ def standing_from_tags(version: str, tags: dict[str, str]) -> Standing:
 def local_store_path(uri: str) -> Path | None:
     """The file behind a local store URI (sqlite file or file-store directory); None for remote stores."""
     if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///"):])
+        return Path(uri[len("sqlite:///") :])
     if uri.startswith("file://"):
-        return Path(uri[len("file://"):])
+        return Path(uri[len("file://") :])
     if "://" not in uri:
         return Path(uri)
     return None
@@ -278,7 +303,9 @@ def file_lock(path: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{path}: registry lock still held by another registration after {timeout_s:.0f} s") from None
+                    raise TimeoutError(
+                        f"{path}: registry lock still held by another registration after {timeout_s:.0f} s"
+                    ) from None
                 if not announced:
                     log.info("waiting for the registry lock %s (another registration is running)", path)
                     announced = True
@@ -320,9 +347,13 @@ def all_versions(client, name: str) -> list[Any]:
 
 def find_versions(client, name: str, agent_hash: str, evaluation_hash: str) -> list[Any]:
     """Versions registered for exactly this agent content and evaluation, oldest first."""
-    matches = [v for v in all_versions(client, name)
-               if v.tags.get(TAG_AGENT_HASH) == agent_hash and v.tags.get(TAG_EVALUATION_HASH) == evaluation_hash
-               and TAG_DUPLICATE_OF not in v.tags]
+    matches = [
+        v
+        for v in all_versions(client, name)
+        if v.tags.get(TAG_AGENT_HASH) == agent_hash
+        and v.tags.get(TAG_EVALUATION_HASH) == evaluation_hash
+        and TAG_DUPLICATE_OF not in v.tags
+    ]
     return sorted(matches, key=lambda v: int(v.version))
 
 
@@ -368,24 +399,32 @@ def version_tags(agent: AgentInfo, evaluation: EvaluationInfo) -> dict[str, str]
     return tags
 
 
-def _log_and_register(agent: AgentInfo, evaluation: EvaluationInfo, params: Params,
-                      parent_run_id: str | None) -> tuple[Any, str]:
+def _log_and_register(
+    agent: AgentInfo, evaluation: EvaluationInfo, params: Params, parent_run_id: str | None
+) -> tuple[Any, str]:
     """Log the agent as a pyfunc model in a `register` run and create a registry version from it."""
     import mlflow
 
     from veorl.serving import log_agent_model
 
     upstream = {"agent": agent.content_hash, "evaluation": evaluation.content_hash}
-    with tracking.stage_run("register", params, parent_run_id, sections=("register", "tracking"), upstream=upstream) as run:
-        numbers = {k: float(evaluation.metrics[k]) for k in EVALUATION_NUMBERS if _finite_number(evaluation.metrics.get(k))}
+    with tracking.stage_run(
+        "register", params, parent_run_id, sections=("register", "tracking"), upstream=upstream
+    ) as run:
+        numbers = {
+            k: float(evaluation.metrics[k]) for k in EVALUATION_NUMBERS if _finite_number(evaluation.metrics.get(k))
+        }
         tracking.log_metrics({f"eval_{k}": v for k, v in numbers.items()})
         info = log_agent_model(agent.path, name="agent", tags={TAG_AGENT_HASH: agent.content_hash})
-        version = mlflow.register_model(info.model_uri, params.register.model_name, tags=version_tags(agent, evaluation))
+        version = mlflow.register_model(
+            info.model_uri, params.register.model_name, tags=version_tags(agent, evaluation)
+        )
         return version, run.run_id
 
 
-def _settle_aliases(client, name: str, version: str, evaluation: EvaluationInfo, params: Params,
-                    serialised: bool) -> Decision:
+def _settle_aliases(
+    client, name: str, version: str, evaluation: EvaluationInfo, params: Params, serialised: bool
+) -> Decision:
     """Decide and set the alias; without a lock, re-verify and re-decide if another registration moved @champion."""
     reg = params.register
     decision = decide(evaluation, None, reg.metric, reg.margin)
@@ -408,14 +447,18 @@ def _settle_aliases(client, name: str, version: str, evaluation: EvaluationInfo,
         if _alias_holder(client, name, CHAMPION) == version:
             return decision
         log.info("@%s moved while registering v%s; comparing again", CHAMPION, version)
-    return Decision(decision.alias, decision.reason + f" (@{CHAMPION} kept moving; stopped after {MAX_DECISION_ROUNDS} rounds)")
+    return Decision(
+        decision.alias, decision.reason + f" (@{CHAMPION} kept moving; stopped after {MAX_DECISION_ROUNDS} rounds)"
+    )
 
 
 def _aliases_of(client, name: str, version: str) -> list[str]:
     return sorted(client.get_model_version(name, version).aliases or [])
 
 
-def register_agent(agent_dir: str | Path, eval_dir: str | Path, params: Params, parent_run_id: str | None = None) -> dict[str, Any]:
+def register_agent(
+    agent_dir: str | Path, eval_dir: str | Path, params: Params, parent_run_id: str | None = None
+) -> dict[str, Any]:
     """Register (or find) the version for this agent and evaluation, and settle its alias. Returns the outcome."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
@@ -435,8 +478,10 @@ def register_agent(agent_dir: str | Path, eval_dir: str | Path, params: Params, 
         run_id = None
         if existing and TAG_DECISION in existing[0].tags:
             version = existing[0]
-            decision = Decision(None if version.tags[TAG_DECISION] == NO_ALIAS else version.tags[TAG_DECISION],
-                                version.tags.get(TAG_REASON, ""))
+            decision = Decision(
+                None if version.tags[TAG_DECISION] == NO_ALIAS else version.tags[TAG_DECISION],
+                version.tags.get(TAG_REASON, ""),
+            )
             new_version = False
             run_id = version.run_id
         else:

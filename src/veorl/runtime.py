@@ -17,11 +17,23 @@ log = logging.getLogger("veorl")
 
 def add_params_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("parameters")
-    group.add_argument("--params", default="params.yaml", help="params.yaml to read (default: %(default)s; missing = defaults)")
-    group.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                       help="override the preset named in params.yaml (sizes and step counts only)")
-    group.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override one parameter (repeatable), e.g. --set ingest.window=16")
+    group.add_argument(
+        "--params", default="params.yaml", help="params.yaml to read (default: %(default)s; missing = defaults)"
+    )
+    group.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="override the preset named in params.yaml (sizes and step counts only)",
+    )
+    group.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one parameter (repeatable), e.g. --set ingest.window=16",
+    )
 
 
 def add_component_args(parser: argparse.ArgumentParser, progress: bool = True, tracking: bool = False) -> None:
@@ -30,8 +42,12 @@ def add_component_args(parser: argparse.ArgumentParser, progress: bool = True, t
     if progress:
         parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     if tracking:
-        parser.add_argument("--parent-run-id", default=None, metavar="ID",
-                            help="MLflow run to nest this stage's run under (default: $VEORL_PARENT_RUN_ID, else none)")
+        parser.add_argument(
+            "--parent-run-id",
+            default=None,
+            metavar="ID",
+            help="MLflow run to nest this stage's run under (default: $VEORL_PARENT_RUN_ID, else none)",
+        )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_params_args(parser)
 
@@ -55,12 +71,16 @@ def load_from_args(args: argparse.Namespace) -> Params:
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
 
 
-def write_resolved_config(out_dir: str | Path, params: Params, sections: tuple[str, ...],
-                          upstream: dict[str, str] | None = None, **extra: Any) -> dict[str, Any]:
+def write_resolved_config(
+    out_dir: str | Path, params: Params, sections: tuple[str, ...], upstream: dict[str, str] | None = None, **extra: Any
+) -> dict[str, Any]:
     """Write OUT/config.json (resolved params) and OUT/provenance.json next to an artifact."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -91,5 +111,15 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in {"1", "true", "yes", "on"}
 
 
-__all__ = ["add_params_args", "add_component_args", "parse_component_args", "load_from_args", "setup_logging", "write_resolved_config", "dump_resolved",
-           "configure_torch_threads", "resolve_device", "env_flag"]
+__all__ = [
+    "add_params_args",
+    "add_component_args",
+    "parse_component_args",
+    "load_from_args",
+    "setup_logging",
+    "write_resolved_config",
+    "dump_resolved",
+    "configure_torch_threads",
+    "resolve_device",
+    "env_flag",
+]

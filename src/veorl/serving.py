@@ -54,16 +54,20 @@ class AgentPolicy(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None):
         if not isinstance(model_input, dict):
-            raise TypeError(f"input must be a dict of numpy arrays with keys {[IMAGE_KEY, *self.state_keys]}, "
-                            f"got {type(model_input).__name__}")
+            raise TypeError(
+                f"input must be a dict of numpy arrays with keys {[IMAGE_KEY, *self.state_keys]}, "
+                f"got {type(model_input).__name__}"
+            )
         missing = [k for k in (IMAGE_KEY, *self.state_keys) if k not in model_input]
         if missing:
             raise KeyError(f"input lacks {missing}; expected keys {[IMAGE_KEY, *self.state_keys]}")
         image = np.asarray(model_input[IMAGE_KEY], dtype=np.uint8)
         state = {k: np.asarray(model_input[k], dtype=np.float32) for k in self.state_keys}
         action, new_state = self.agent.act(image, state)
-        return {ACTION_KEY: np.asarray(action, dtype=np.float32),
-                **{k: np.asarray(v, dtype=np.float32) for k, v in new_state.items()}}
+        return {
+            ACTION_KEY: np.asarray(action, dtype=np.float32),
+            **{k: np.asarray(v, dtype=np.float32) for k, v in new_state.items()},
+        }
 
 
 def initial_state(model: Any, batch: int = 1) -> dict[str, np.ndarray]:
@@ -84,12 +88,18 @@ def example_io(agent: Any, image_size: int | None = None) -> tuple[dict[str, np.
     state = agent.initial_state(1)
     clash = sorted(set(state) & set(RESERVED_KEYS))
     if clash:
-        raise ValueError(f"agent state keys {clash} collide with the model's reserved input/output names {RESERVED_KEYS}")
-    example_input = {IMAGE_KEY: np.zeros((1, size, size, 3), dtype=np.uint8),
-                     **{k: np.asarray(v, dtype=np.float32) for k, v in state.items()}}
+        raise ValueError(
+            f"agent state keys {clash} collide with the model's reserved input/output names {RESERVED_KEYS}"
+        )
+    example_input = {
+        IMAGE_KEY: np.zeros((1, size, size, 3), dtype=np.uint8),
+        **{k: np.asarray(v, dtype=np.float32) for k, v in state.items()},
+    }
     action, new_state = agent.act(example_input[IMAGE_KEY], {k: example_input[k] for k in state})
-    example_output = {ACTION_KEY: np.asarray(action, dtype=np.float32),
-                      **{k: np.asarray(v, dtype=np.float32) for k, v in new_state.items()}}
+    example_output = {
+        ACTION_KEY: np.asarray(action, dtype=np.float32),
+        **{k: np.asarray(v, dtype=np.float32) for k, v in new_state.items()},
+    }
     return example_input, example_output
 
 

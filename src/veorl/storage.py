@@ -8,16 +8,17 @@ S3-compatible store works). Nothing here logs a credential.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
-import functools
 import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 HASH_CHUNK = 1 << 20
 
@@ -36,8 +37,9 @@ def atomic_path(final: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix if suffix is not None else ".tmp" + final.suffix,
-                               dir=final.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{final.name}.", suffix=suffix if suffix is not None else ".tmp" + final.suffix, dir=final.parent
+    )
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -82,7 +84,7 @@ def atomic_write_json_if_changed(path: str | Path, obj: Any) -> bool:
 
 
 def read_json(path: str | Path) -> Any:
-    with open(path, "r", encoding="utf-8") as fh:
+    with open(path, encoding="utf-8") as fh:
         return json.load(fh)
 
 
@@ -137,9 +139,17 @@ def code_version() -> str:
         return env
     here = Path(__file__).resolve().parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True,
-                               timeout=5, check=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         from veorl import __version__
@@ -208,10 +218,10 @@ class S3Location:
     key: str
 
     @classmethod
-    def parse(cls, uri: str) -> "S3Location":
+    def parse(cls, uri: str) -> S3Location:
         if not uri.startswith("s3://"):
             raise ValueError(f"not an s3:// URI: {uri!r}")
-        rest = uri[len("s3://"):]
+        rest = uri[len("s3://") :]
         bucket, _, key = rest.partition("/")
         if not bucket:
             raise ValueError(f"s3 URI without a bucket: {uri!r}")
@@ -233,7 +243,11 @@ def s3_client():
     """
     import boto3
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+    endpoint = (
+        os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+        or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+    )
     return boto3.session.Session().client("s3", endpoint_url=endpoint or None)
 
 
@@ -268,8 +282,14 @@ def s3_upload(src: str | Path, uri: str, client=None) -> None:
 
 def redact(text: str) -> str:
     """Remove any credential value present in the environment from a message before it is logged."""
-    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD",
-                "MLFLOW_TRACKING_TOKEN", "KFP_TOKEN"):
+    for var in (
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_ACCESS_KEY_ID",
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_TRACKING_TOKEN",
+        "KFP_TOKEN",
+    ):
         value = os.environ.get(var)
         if value and len(value) >= 4:
             text = text.replace(value, f"<{var}>")

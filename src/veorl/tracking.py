@@ -13,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -64,7 +65,7 @@ def _sqlite_file(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
     # abspath, not resolve(): an absolute path given by the caller comes back unchanged (symlinks kept).
-    return Path(os.path.abspath(os.path.expanduser(uri[len("sqlite:///"):])))
+    return Path(os.path.abspath(os.path.expanduser(uri[len("sqlite:///") :])))
 
 
 def ensure_experiment(name: str, uri: str, artifact_location: str | None = None) -> str:
@@ -87,8 +88,12 @@ def ensure_experiment(name: str, uri: str, artifact_location: str | None = None)
             if found is None:
                 raise
     if artifact_location and found.artifact_location.rstrip("/") != artifact_location.rstrip("/"):
-        log.warning("experiment %r already stores artifacts in %s, not tracking.artifact_location=%s; keeping its own",
-                    name, found.artifact_location, artifact_location)
+        log.warning(
+            "experiment %r already stores artifacts in %s, not tracking.artifact_location=%s; keeping its own",
+            name,
+            found.artifact_location,
+            artifact_location,
+        )
     return found.experiment_id
 
 
@@ -109,9 +114,16 @@ def _read_run_id(run_dir: Path | None) -> str | None:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params: Params, parent_run_id: str | None = None, *, run_dir: str | Path | None = None,
-              sections: tuple[str, ...] = (), upstream: dict[str, str] | None = None,
-              tags: dict[str, str] | None = None) -> Iterator[StageRun]:
+def stage_run(
+    stage: str,
+    params: Params,
+    parent_run_id: str | None = None,
+    *,
+    run_dir: str | Path | None = None,
+    sections: tuple[str, ...] = (),
+    upstream: dict[str, str] | None = None,
+    tags: dict[str, str] | None = None,
+) -> Iterator[StageRun]:
     """Context manager: an active MLflow run for one stage execution.
 
     run_dir: where the run id is remembered (the stage's checkpoint directory); when it holds the id of
@@ -135,8 +147,13 @@ def stage_run(stage: str, params: Params, parent_run_id: str | None = None, *, r
         except Exception:
             resumed = False
         if not resumed:
-            log.info("run id %s from %s is not in experiment %r of %s; starting a new run", previous, run_dir,
-                     params.tracking.experiment, redact(uri))
+            log.info(
+                "run id %s from %s is not in experiment %r of %s; starting a new run",
+                previous,
+                run_dir,
+                params.tracking.experiment,
+                redact(uri),
+            )
     while mlflow.active_run() is not None:  # a caller's leftover run must not swallow ours
         mlflow.end_run()
 
@@ -262,5 +279,19 @@ def active_run_id() -> str | None:
     return run.info.run_id if run is not None else None
 
 
-__all__ = ["StageRun", "stage_run", "tracking_uri", "ensure_experiment", "log_metrics", "log_params", "log_figure",
-           "log_image", "log_artifact", "log_dict", "log_text", "active_run_id", "PARENT_RUN_ENV", "RUN_ID_FILE"]
+__all__ = [
+    "StageRun",
+    "stage_run",
+    "tracking_uri",
+    "ensure_experiment",
+    "log_metrics",
+    "log_params",
+    "log_figure",
+    "log_image",
+    "log_artifact",
+    "log_dict",
+    "log_text",
+    "active_run_id",
+    "PARENT_RUN_ENV",
+    "RUN_ID_FILE",
+]

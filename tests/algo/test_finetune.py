@@ -13,50 +13,22 @@ import numpy as np
 import pytest
 import torch
 
+from tests.algo.trainer_checks import assert_update_trains_exactly
+from tests.builders import ACTION_DIM, smoke_params, write_clips, write_episodes
 from veorl.agent import Agent
 from veorl.algo.baselines import switches
 from veorl.algo.finetune import PolicyPhase, WorldModelPhase, build_guidance
-from veorl.config import resolve
-from veorl.data.episodes import save_episode
 from veorl.models.actor_critic import Actor, Critic
 from veorl.models.world_models import VideoWorldModel, build_trunk_world_model, save_world_model
 from veorl.storage import artifact_hash
 
-from tests.algo.trainer_checks import assert_update_trains_exactly
-
 REPO = Path(__file__).resolve().parents[2]
-ACTION_DIM = 4
+EPISODE_FRAMES = 16  # per target episode; the dataset card (and so the agent) counts the steps: one fewer
 
 
 # ------------------------------------------------------------------------------------------------
 # Tiny inputs: target episodes, ingested clips, a video world model artifact (smoke sizes)
 # ------------------------------------------------------------------------------------------------
-
-
-def smoke_params(*overrides: str):
-    return resolve({}, preset="smoke", overrides=list(overrides))
-
-
-def make_episodes(root: Path, episodes: int = 2, length: int = 16, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    for i in range(episodes):
-        action = rng.uniform(-1, 1, (length, ACTION_DIM)).astype(np.float32)
-        action[0] = 0.0
-        save_episode(root / "episodes", i, {
-            "image": rng.integers(0, 256, (length, 64, 64, 3), dtype=np.uint8), "action": action,
-            "reward": rng.uniform(0, 1, length).astype(np.float32), "discount": np.ones(length, np.float32)})
-    (root / "card.json").write_text(json.dumps({"env": "metaworld", "task": "drawer-open", "camera": "corner",
-                                                "size": 64, "episode_length": 12}))
-    return root
-
-
-def make_clips(root: Path, clips: int = 3, window: int = 12, seed: int = 1) -> Path:
-    rng = np.random.default_rng(seed)
-    (root / "clips").mkdir(parents=True)
-    np.save(root / "clips" / "src-0.npy", rng.integers(0, 256, (clips, window, 64, 64, 3), dtype=np.uint8))
-    (root / "manifest.json").write_text(json.dumps({"version": 1, "size": 64, "window": window,
-                                                    "sources": [{"status": "ok", "shards": [{"file": "clips/src-0.npy", "clips": clips}]}]}))
-    return root
 
 
 def make_world_model(root: Path, params) -> tuple[Path, VideoWorldModel]:
@@ -72,8 +44,12 @@ def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("finetune_inputs")
     params = smoke_params()
     world_model, _ = make_world_model(root / "world_model", params)
-    return {"episodes": make_episodes(root / "episodes"), "clips": make_clips(root / "clips"), "world_model": world_model,
-            "mlflow": f"sqlite:///{root / 'mlruns.db'}"}
+    return {
+        "episodes": write_episodes(root / "episodes", length=EPISODE_FRAMES),
+        "clips": write_clips(root / "clips", clips=3, window=12),
+        "world_model": world_model,
+        "mlflow": f"sqlite:///{root / 'mlruns.db'}",
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -81,18 +57,22 @@ def _tracking(inputs, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", inputs["mlflow"])
 
 
-def target_batch(batch: int = 2, length: int = 6, action_dim: int = ACTION_DIM, seed: int = 0) -> dict[str, torch.Tensor]:
+def target_batch(
+    batch: int = 2, length: int = 6, action_dim: int = ACTION_DIM, seed: int = 0
+) -> dict[str, torch.Tensor]:
     rng = np.random.default_rng(seed)
-    return {"image": torch.from_numpy(rng.integers(0, 256, (batch, length, 64, 64, 3), dtype=np.uint8)),
-            "action": torch.from_numpy(rng.uniform(-1, 1, (batch, length, action_dim)).astype(np.float32)),
-            "reward": torch.from_numpy(rng.uniform(0, 1, (batch, length)).astype(np.float32))}
+    return {
+        "image": torch.from_numpy(rng.integers(0, 256, (batch, length, 64, 64, 3), dtype=np.uint8)),
+        "action": torch.from_numpy(rng.uniform(-1, 1, (batch, length, action_dim)).astype(np.float32)),
+        "reward": torch.from_numpy(rng.uniform(0, 1, (batch, length)).astype(np.float32)),
+    }
 
 
 def build_veorl(params, guidance_mode: str = "aligned", action_dim: int = ACTION_DIM, kind: str = "continuous"):
     torch.manual_seed(0)
     video_wm = VideoWorldModel(params.model)
     video_wm.freeze_behaviours()
-    trunk = build_trunk_world_model(params.model, action_dim, video_wm)
+    trunk = build_trunk_world_model(params.model, action_dim, video_wm, ensemble_size=params.finetune.ensemble_size)
     guidance = build_guidance(video_wm, trunk, guidance_mode, params.model)
     in_dim = trunk.feat_dim + params.model.latent_action_dim
     actor = Actor(in_dim, action_dim, params.model.actor_units, params.model.actor_layers, kind=kind)
@@ -148,7 +128,7 @@ def test_discrete_actions_use_reinforce_with_the_critic_baseline():
     phase.freeze_world_model()
     batch = target_batch(action_dim=3)
     batch["action"] = torch.nn.functional.one_hot(torch.randint(0, 3, batch["action"].shape[:2]), 3).float()
-    returns = phase.imagine_returns(phase.start_states(batch))
+    returns = phase.imagine_returns(phase.start_states(batch).states)
     assert not returns.returns.requires_grad  # nothing to backpropagate through the dynamics
     phase.actor_loss(returns).backward()
     assert sum(float(g.abs().sum()) for g in _grads(actor)) > 0  # through the log-probabilities
@@ -157,14 +137,15 @@ def test_discrete_actions_use_reinforce_with_the_critic_baseline():
 
 @pytest.mark.parametrize("kind", ["continuous", "discrete"])
 def test_policy_update_trains_actor_and_critic_only(kind):
-    params = smoke_params("finetune.actor_optim.lr=0.05", "finetune.critic_optim.lr=0.05")
+    params = smoke_params("finetune.actor_optim.lr=0.05", "finetune.critic_optim.lr=0.05", "finetune.critic_warmup=0")
     action_dim = 4 if kind == "continuous" else 3
     video_wm, trunk, guidance, actor, critic = build_veorl(params, action_dim=action_dim, kind=kind)
     phase = PolicyPhase(trunk, actor, critic, params, switches(params.finetune), guidance)
     phase.freeze_world_model()
     batch = target_batch(action_dim=action_dim)
-    losses = assert_update_trains_exactly(phase, batch, [actor, critic],
-                                          stage_modules(video_wm, trunk, guidance, actor, critic, phase.slow_critic))
+    losses = assert_update_trains_exactly(
+        phase, batch, [actor, critic], stage_modules(video_wm, trunk, guidance, actor, critic, phase.slow_critic)
+    )
     assert losses.actor_grad_norm > 0 and losses.critic_grad_norm > 0 and losses.intrinsic < 0
 
 
@@ -191,11 +172,25 @@ def test_world_model_phase_trains_every_trunk_parameter_and_the_aligned_guidance
     params = smoke_params("finetune.world_model_optim.lr=0.01", "finetune.free_nats=0.0")
     video_wm, trunk, guidance, actor, critic = build_veorl(params)
     phase = WorldModelPhase(trunk, params, switches(params.finetune), video_wm, guidance)
-    losses = assert_update_trains_exactly(phase, with_source(target_batch()), [trunk, guidance.fbc, guidance.state_map],
-                                          stage_modules(video_wm, trunk, guidance, actor, critic))
+    losses = assert_update_trains_exactly(
+        phase,
+        with_source(target_batch()),
+        [trunk, guidance.fbc, guidance.state_map],
+        stage_modules(video_wm, trunk, guidance, actor, critic),
+    )
     assert {f.name for f in dataclasses.fields(losses) if getattr(losses, f.name) is not None} == {
-        "loss", "image_nll", "reward_nll", "kl_loss", "kl", "mmd", "fbc_loss", "map_loss", "trunk_grad_norm",
-        "guidance_grad_norm"}
+        "loss",
+        "image_nll",
+        "reward_nll",
+        "kl_loss",
+        "kl",
+        "mmd",
+        "fbc_loss",
+        "map_loss",
+        "ensemble_loss",
+        "trunk_grad_norm",
+        "guidance_grad_norm",
+    }
     assert guidance.fbc is not video_wm.fbc
 
 
@@ -203,8 +198,9 @@ def test_release_guidance_is_not_retrained():
     params = smoke_params("finetune.world_model_optim.lr=0.01", "finetune.free_nats=0.0")
     video_wm, trunk, guidance, actor, critic = build_veorl(params, "release")
     phase = WorldModelPhase(trunk, params, switches(params.finetune), video_wm, guidance)
-    losses = assert_update_trains_exactly(phase, target_batch(), [trunk],
-                                          stage_modules(video_wm, trunk, guidance, actor, critic))
+    losses = assert_update_trains_exactly(
+        phase, target_batch(), [trunk], stage_modules(video_wm, trunk, guidance, actor, critic)
+    )
     assert losses.fbc_loss is None and losses.mmd is None and losses.guidance_grad_norm is None
     assert guidance.fbc is video_wm.fbc
 
@@ -218,8 +214,11 @@ def test_world_model_losses_are_a_pure_function_of_the_batch():
     first = phase.losses(batch)
     torch.manual_seed(5)
     second = phase.losses(batch)
-    assert all(torch.equal(getattr(first, f.name), getattr(second, f.name)) for f in dataclasses.fields(first)
-               if getattr(first, f.name) is not None)
+    assert all(
+        torch.equal(getattr(first, f.name), getattr(second, f.name))
+        for f in dataclasses.fields(first)
+        if getattr(first, f.name) is not None
+    )
 
 
 @pytest.mark.parametrize("loss", ["mse", "gaussian"])
@@ -241,16 +240,32 @@ def test_behaviour_cloning_update_trains_the_policy(loss):
 
 
 def _finetune_args(inputs, out: Path, *extra: str, world_model: str | None = None) -> list[str]:
-    return ["--preset", "smoke", "--world-model", world_model or str(inputs["world_model"]), "--episodes",
-            str(inputs["episodes"]), "--clips", str(inputs["clips"]), "--out", str(out / "agent"),
-            "--metrics", str(out / "finetune.json"), "--curve", str(out / "curve.csv"), "--no-progress", *extra]
+    return [
+        "--preset",
+        "smoke",
+        "--world-model",
+        world_model or str(inputs["world_model"]),
+        "--episodes",
+        str(inputs["episodes"]),
+        "--clips",
+        str(inputs["clips"]),
+        "--out",
+        str(out / "agent"),
+        "--metrics",
+        str(out / "finetune.json"),
+        "--curve",
+        str(out / "curve.csv"),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _check_agent(agent_dir: Path, algo: str) -> Agent:
     for name in ("agent.pt", "agent.json", "config.json", "provenance.json"):
         assert (agent_dir / name).is_file(), name
     agent = Agent.load(str(agent_dir))
-    assert agent.meta["algo"] == algo and agent.meta["task"] == "drawer-open" and agent.meta["episode_length"] == 12
+    assert agent.meta["algo"] == algo and agent.meta["task"] == "drawer-open"
+    assert agent.meta["episode_length"] == EPISODE_FRAMES - 1
     state = agent.initial_state(2)
     frames = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
     action, state = agent.act(frames, state)
@@ -261,7 +276,12 @@ def _check_agent(agent_dir: Path, algo: str) -> Agent:
 
 def test_finetune_cli_veorl_subprocess(inputs, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": inputs["mlflow"]}
-    cmd = [sys.executable, "-m", "components.finetune", *_finetune_args(inputs, tmp_path, "--checkpoints", str(tmp_path / "ckpt"))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "components.finetune",
+        *_finetune_args(inputs, tmp_path, "--checkpoints", str(tmp_path / "ckpt")),
+    ]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "veorl agent written" in result.stdout
@@ -274,8 +294,18 @@ def test_finetune_cli_veorl_subprocess(inputs, tmp_path):
     rows = (tmp_path / "curve.csv").read_text().splitlines()
     assert rows[0].startswith("step,phase,phase_step,") and len(rows) == 1 + 6  # smoke logs every update
     header = rows[0].split(",")
-    assert {"loss", "kl_loss", "kl", "fbc_loss", "map_loss", "actor_loss", "critic_loss", "actor_grad_norm",
-            "time/update_s", "throughput/samples_per_s"} <= set(header)
+    assert {
+        "loss",
+        "kl_loss",
+        "kl",
+        "fbc_loss",
+        "map_loss",
+        "actor_loss",
+        "critic_loss",
+        "actor_grad_norm",
+        "time/update_s",
+        "throughput/samples_per_s",
+    } <= set(header)
     provenance = json.loads((tmp_path / "agent" / "provenance.json").read_text())
     assert set(provenance["upstream"]) == {"world_model", "target_episodes", "video_clips"}
     assert provenance["upstream"]["world_model"] == artifact_hash(inputs["world_model"])
@@ -288,7 +318,9 @@ def test_finetune_cli_veorl_subprocess(inputs, tmp_path):
 def test_finetune_cli_baselines_do_not_need_the_world_model(inputs, tmp_path, algo, modules):
     from components.finetune import main
 
-    code = main(_finetune_args(inputs, tmp_path, "--set", f"finetune.algo={algo}", world_model=str(tmp_path / "absent")))
+    code = main(
+        _finetune_args(inputs, tmp_path, "--set", f"finetune.algo={algo}", world_model=str(tmp_path / "absent"))
+    )
     assert code == 0
     agent = _check_agent(tmp_path / "agent", algo)
     assert set(agent.modules.keys()) == modules
@@ -301,13 +333,27 @@ def test_finetune_cli_baselines_do_not_need_the_world_model(inputs, tmp_path, al
 def test_veorl_without_latent_action_input_and_release_guidance(inputs, tmp_path):
     from components.finetune import main
 
-    code = main(_finetune_args(inputs, tmp_path, "--set", "finetune.use_latent_action=false", "--set",
-                               "finetune.guidance=release", "--set", "finetune.use_mmd=false"))
+    code = main(
+        _finetune_args(
+            inputs,
+            tmp_path,
+            "--set",
+            "finetune.use_latent_action=false",
+            "--set",
+            "finetune.guidance=release",
+            "--set",
+            "finetune.use_mmd=false",
+        )
+    )
     assert code == 0
     agent = _check_agent(tmp_path / "agent", "veorl")
     assert set(agent.modules.keys()) == {"encoder", "trunk_net", "actor"}
-    assert agent.meta["switches"] == {"pretrained_encoder": True, "use_mmd": False, "use_latent_action": False,
-                                      "use_intrinsic": True}
+    assert agent.meta["switches"] == {
+        "pretrained_encoder": True,
+        "use_mmd": False,
+        "use_latent_action": False,
+        "use_intrinsic": True,
+    }
     summary = json.loads((tmp_path / "finetune.json").read_text())
     assert summary["policy"]["intrinsic"] < 0 and "mmd" not in summary["world_model"]
 
@@ -317,8 +363,17 @@ def test_resume_continues_exactly_where_an_interrupted_run_stopped(inputs, tmp_p
 
     def train(out: Path, *overrides: str) -> dict[str, torch.Tensor]:
         params = smoke_params("finetune.checkpoint_every=1", *overrides)
-        run(str(inputs["world_model"]), str(inputs["episodes"]), str(out / "agent"), params, clips=str(inputs["clips"]),
-            checkpoints=str(out / "ckpt"), metrics=str(out / "m.json"), curve=str(out / "c.csv"), progress=False)
+        run(
+            str(inputs["world_model"]),
+            str(inputs["episodes"]),
+            str(out / "agent"),
+            params,
+            clips=str(inputs["clips"]),
+            checkpoints=str(out / "ckpt"),
+            metrics=str(out / "m.json"),
+            curve=str(out / "c.csv"),
+            progress=False,
+        )
         return torch.load(out / "agent" / "agent.pt", weights_only=True)
 
     straight = train(tmp_path / "straight")
@@ -350,9 +405,18 @@ def test_killed_runs_resume_to_the_uninterrupted_result(inputs, tmp_path):
             if global_step == kill_at:
                 raise Killed(f"simulated kill after step {kill_at}")
 
-        finetune(str(inputs["world_model"]), str(inputs["episodes"]), str(out / "agent"), params, clips=str(inputs["clips"]),
-                 checkpoints=str(out / "ckpt"), metrics_path=str(out / "m.json"), curve_path=str(out / "c.csv"),
-                 progress=False, on_step=on_step)
+        finetune(
+            str(inputs["world_model"]),
+            str(inputs["episodes"]),
+            str(out / "agent"),
+            params,
+            clips=str(inputs["clips"]),
+            checkpoints=str(out / "ckpt"),
+            metrics_path=str(out / "m.json"),
+            curve_path=str(out / "c.csv"),
+            progress=False,
+            on_step=on_step,
+        )
 
     train(tmp_path / "straight")
     # mid world model; one update into the policy phase (back to the world-model end); mid policy
@@ -372,7 +436,10 @@ def test_killed_runs_resume_to_the_uninterrupted_result(inputs, tmp_path):
         return [[row[i] for i in keep] for row in rows]
 
     assert curve(tmp_path / "straight" / "c.csv") == curve(tmp_path / "killed" / "c.csv")
-    assert [r[:3] for r in curve(tmp_path / "straight" / "c.csv")[1:]] == [["3", "world_model", "3"], ["6", "policy", "3"]]
+    assert [r[:3] for r in curve(tmp_path / "straight" / "c.csv")[1:]] == [
+        ["3", "world_model", "3"],
+        ["6", "policy", "3"],
+    ]
     summary = json.loads((tmp_path / "killed" / "m.json").read_text())
     assert summary["resumed"] and summary["updates"] == {"world_model": 3, "policy": 3}
 
@@ -381,8 +448,16 @@ def test_other_settings_train_in_their_own_checkpoint_folder(inputs, tmp_path):
     from components.finetune import main
     from veorl.checkpoint import CheckpointManager, CheckpointMismatch, assert_resumable
 
-    args = _finetune_args(inputs, tmp_path, "--checkpoints", str(tmp_path / "ckpt"), "--set", "finetune.policy_steps=0",
-                          "--set", "finetune.world_model_steps=1")
+    args = _finetune_args(
+        inputs,
+        tmp_path,
+        "--checkpoints",
+        str(tmp_path / "ckpt"),
+        "--set",
+        "finetune.policy_steps=0",
+        "--set",
+        "finetune.world_model_steps=1",
+    )
     assert main(args) == 0
     (first,) = (tmp_path / "ckpt").glob("run-*")
     before = {p.name: p.stat().st_mtime_ns for p in first.iterdir()}
@@ -392,7 +467,9 @@ def test_other_settings_train_in_their_own_checkpoint_folder(inputs, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in first.iterdir()} == before
     # while resuming one configuration from the other's checkpoint is refused, naming the key
     with pytest.raises(CheckpointMismatch, match="finetune.discount"):
-        assert_resumable(CheckpointManager(first).load_latest()["config"], CheckpointManager(second).load_latest()["config"])
+        assert_resumable(
+            CheckpointManager(first).load_latest()["config"], CheckpointManager(second).load_latest()["config"]
+        )
     # extending the step counts keeps resuming the first folder
     assert main(args[:-1] + ["finetune.world_model_steps=2"]) == 0
     assert set((tmp_path / "ckpt").glob("run-*")) == {first, second}
@@ -406,3 +483,86 @@ def test_world_model_of_other_sizes_is_rejected_with_the_keys(inputs, tmp_path, 
     err = capsys.readouterr().err
     assert "model.deter" in err and str(other) in err
     assert not (tmp_path / "agent" / "agent.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Offline conservatism: each switch changes what the actor optimises, and off means off
+# ------------------------------------------------------------------------------------------------
+
+
+def _actor_loss(*overrides: str, batch_seed: int = 3) -> float:
+    params = smoke_params(*overrides)
+    _, trunk, guidance, actor, critic = build_veorl(params)
+    phase = PolicyPhase(trunk, actor, critic, params, switches(params.finetune), guidance)
+    phase.freeze_world_model()
+    torch.manual_seed(1)
+    return float(phase.losses(target_batch(seed=batch_seed)).actor_loss.detach())
+
+
+@pytest.mark.parametrize("switch", ["finetune.actor_bc_weight=0", "finetune.uncertainty_weight=0"])
+def test_each_conservatism_switch_changes_the_actor_objective(switch):
+    assert _actor_loss() != pytest.approx(_actor_loss(switch), rel=1e-6, abs=1e-6)
+
+
+def test_the_behaviour_term_is_the_data_actions_negative_log_likelihood():
+    params = smoke_params("finetune.uncertainty_weight=0")
+    _, trunk, guidance, actor, critic = build_veorl(params)
+    phase = PolicyPhase(trunk, actor, critic, params, switches(params.finetune), guidance)
+    batch = target_batch(seed=4)
+    torch.manual_seed(1)
+    losses = phase.losses(batch)
+    torch.manual_seed(1)
+    start = phase.start_states(batch)
+    # the action that followed observation t is the one stored at t+1; the last step of a window has none
+    assert torch.equal(start.next_action.reshape(2, -1, ACTION_DIM)[:, :-1], batch["action"][:, 1:])
+    assert start.has_next.reshape(2, -1)[:, -1].sum() == 0 and start.has_next.reshape(2, -1)[:, :-1].all()
+    r = phase.imagine_returns(start.states)
+    expected = phase.actor_loss(r) + params.finetune.actor_bc_weight * phase.behaviour_loss(r, start)
+    assert float(losses.actor_loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert float(losses.actor_bc_loss.detach()) == pytest.approx(
+        float(phase.behaviour_loss(r, start).detach()), rel=1e-5
+    )
+
+
+def test_the_uncertainty_penalty_lowers_imagined_rewards_by_the_ensemble_disagreement():
+    params = smoke_params("finetune.uncertainty_weight=2.0")
+    _, trunk, guidance, actor, critic = build_veorl(params)
+    phase = PolicyPhase(trunk, actor, critic, params, switches(params.finetune), guidance)
+    torch.manual_seed(1)
+    r = phase.imagine_returns(phase.start_states(target_batch(seed=5)).states)
+    assert r.uncertainty is not None and (r.uncertainty > 0).all()
+    intrinsic = params.finetune.intrinsic_weight * r.traj.intrinsic[1:]
+    assert torch.allclose(r.reward, r.extrinsic + intrinsic - 2.0 * r.uncertainty, atol=1e-5)
+
+
+def test_return_normalisation_divides_the_return_term_and_is_restored_on_resume():
+    params = smoke_params("finetune.actor_bc_weight=0", "finetune.uncertainty_weight=0", "finetune.critic_warmup=0")
+    _, trunk, guidance, actor, critic = build_veorl(params)
+    phase = PolicyPhase(trunk, actor, critic, params, switches(params.finetune), guidance)
+    phase.freeze_world_model()
+    phase.normaliser.lo, phase.normaliser.hi = 0.0, 40.0
+    torch.manual_seed(1)
+    r = phase.imagine_returns(phase.start_states(target_batch(seed=6)).states)
+    raw = -(r.weights * r.returns).mean()
+    entropy = -(r.weights * params.finetune.actor_entropy * r.traj.entropies).mean()
+    assert float(phase.actor_loss(r)) == pytest.approx(float(raw / 40.0 + entropy), rel=1e-5)
+    phase.update(target_batch(seed=7))
+    state = phase.state_dict()
+    _, trunk2, guidance2, actor2, critic2 = build_veorl(params)
+    restored = PolicyPhase(trunk2, actor2, critic2, params, switches(params.finetune), guidance2)
+    restored.load_state_dict(state)
+    assert restored.return_scale == phase.return_scale != 40.0
+
+
+def test_critic_warmup_keeps_the_actor_frozen_then_releases_it():
+    params = smoke_params("finetune.critic_warmup=2", "finetune.actor_optim.lr=0.05")
+    _, trunk, guidance, actor, critic = build_veorl(params)
+    phase = PolicyPhase(trunk, actor, critic, params, switches(params.finetune), guidance)
+    phase.freeze_world_model()
+    before = [p.detach().clone() for p in actor.parameters()]
+    for seed in (8, 9):
+        losses = phase.update(target_batch(seed=seed))
+        assert float(losses.actor_grad_norm) == 0.0 and float(losses.critic_grad_norm) > 0
+    assert all(torch.equal(a, b) for a, b in zip(before, actor.parameters()))
+    phase.update(target_batch(seed=10))
+    assert not all(torch.equal(a, b) for a, b in zip(before, actor.parameters()))

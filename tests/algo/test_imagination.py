@@ -22,10 +22,15 @@ def build(guidance_mode: str = "aligned", kind: str = "continuous", action_dim: 
     torch.manual_seed(0)
     video_wm = VideoWorldModel(params.model)
     video_wm.freeze_behaviours()
-    trunk = build_trunk_world_model(params.model, action_dim, video_wm)
+    trunk = build_trunk_world_model(params.model, action_dim, video_wm, ensemble_size=params.finetune.ensemble_size)
     guidance = build_guidance(video_wm, trunk, guidance_mode, params.model)
-    actor = Actor(trunk.feat_dim + params.model.latent_action_dim, action_dim, params.model.actor_units,
-                  params.model.actor_layers, kind=kind)
+    actor = Actor(
+        trunk.feat_dim + params.model.latent_action_dim,
+        action_dim,
+        params.model.actor_units,
+        params.model.actor_layers,
+        kind=kind,
+    )
     trunk.requires_grad_(False)
     guidance.requires_grad_(False)
     return params, video_wm, trunk, guidance, actor
@@ -104,7 +109,7 @@ def test_aligned_guidance_steps_the_plan_net_from_the_mapped_state():
     feature = trunk.trunk_net.feature(state)
     mapped = guidance.state_map(feature)
     assert torch.allclose(guidance.comparable(state, feature), video_wm.plan_net.feature(mapped))
-    assert not torch.allclose(guidance.comparable(state, feature)[..., :feature.shape[-1]], feature)
+    assert not torch.allclose(guidance.comparable(state, feature)[..., : feature.shape[-1]], feature)
     latent = guidance.latent_action(feature)
     expected = video_wm.plan_net.feature(video_wm.plan_net.img_step(mapped, latent, sample=False))
     assert torch.allclose(guidance.predict_next(state, feature, latent), expected)
@@ -112,8 +117,9 @@ def test_aligned_guidance_steps_the_plan_net_from_the_mapped_state():
 
 def test_continuous_actor_gradient_flows_through_the_trunk_net_dynamics():
     _, _, trunk, guidance, actor = build()
-    traj = imagine(trunk.trunk_net, start_states(trunk), actor, HORIZON, guidance, use_intrinsic=False,
-                   dynamics_gradient=True)
+    traj = imagine(
+        trunk.trunk_net, start_states(trunk), actor, HORIZON, guidance, use_intrinsic=False, dynamics_gradient=True
+    )
     assert traj.features.requires_grad
     # The last state depends on the actor only through the imagined dynamics (actor inputs are detached).
     traj.features[-1].sum().backward()
@@ -124,8 +130,9 @@ def test_continuous_actor_gradient_flows_through_the_trunk_net_dynamics():
 
 def test_discrete_actions_take_no_gradient_through_the_dynamics():
     _, _, trunk, guidance, actor = build(kind="discrete", action_dim=3)
-    traj = imagine(trunk.trunk_net, start_states(trunk, action_dim=3), actor, HORIZON, guidance,
-                   dynamics_gradient=False)
+    traj = imagine(
+        trunk.trunk_net, start_states(trunk, action_dim=3), actor, HORIZON, guidance, dynamics_gradient=False
+    )
     assert set(traj.actions.sum(-1).unique().tolist()) == {1.0}  # one-hot actions
     assert not traj.features.requires_grad and not traj.states.deter.requires_grad
     # REINFORCE: the actor learns through the log-probabilities of its sampled actions only.

@@ -12,15 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from veorl.algo.loop import (NonFiniteLoss, Phase, Trainer, TrainingLoop, detached, reseed, scalar_fields,
-                             write_curve)
+from veorl.algo.loop import NonFiniteLoss, Phase, Trainer, TrainingLoop, detached, reseed, scalar_fields, write_curve
 from veorl.checkpoint import CheckpointManager, CheckpointMismatch
 
 
 @dataclass(frozen=True)
 class FakeLosses:
     loss: torch.Tensor
-    step_value: torch.Tensor          # the batch's step + 1: its window mean is known exactly
+    step_value: torch.Tensor  # the batch's step + 1: its window mean is known exactly
     noise: torch.Tensor | None = None  # drawn from torch's RNG: shows the per-update reseeding
     grad_norm: torch.Tensor | None = None
 
@@ -85,19 +84,39 @@ def batches(seed: int):
     def make(step: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([seed, step])
         return {"x": rng.normal(size=(8, 3)).astype(np.float32), "step": np.array(step)}
+
     return make
 
 
-def make_loop(tmp_path: Path | None, steps=(5, 4), log_every=2, checkpoint_every=3, on_step=None, nan_at=None,
-              upstream=None, config=None):
+def make_loop(
+    tmp_path: Path | None,
+    steps=(5, 4),
+    log_every=2,
+    checkpoint_every=3,
+    on_step=None,
+    nan_at=None,
+    upstream=None,
+    config=None,
+):
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
-    phases = [Phase("first", steps[0], lambda: FakeTrainer("first", model, nan_at), batches(1), samples_per_update=8),
-              Phase("second", steps[1], lambda: SecondTrainer("second", model), batches(2), samples_per_update=8)]
-    loop = TrainingLoop("unit", phases, seed=3, config=config or {"unit": {"lr": 0.05}},
-                        upstream=upstream or {"data": "a"},
-                        checkpoints=tmp_path, log_every=log_every, checkpoint_every=checkpoint_every, prefetch=1,
-                        progress=False, on_step=on_step)
+    phases = [
+        Phase("first", steps[0], lambda: FakeTrainer("first", model, nan_at), batches(1), samples_per_update=8),
+        Phase("second", steps[1], lambda: SecondTrainer("second", model), batches(2), samples_per_update=8),
+    ]
+    loop = TrainingLoop(
+        "unit",
+        phases,
+        seed=3,
+        config=config or {"unit": {"lr": 0.05}},
+        upstream=upstream or {"data": "a"},
+        checkpoints=tmp_path,
+        log_every=log_every,
+        checkpoint_every=checkpoint_every,
+        prefetch=1,
+        progress=False,
+        on_step=on_step,
+    )
     return loop, model
 
 
@@ -109,6 +128,7 @@ def kill_at(step: int):
     def hook(global_step: int) -> None:
         if global_step == step:
             raise Killed(step)
+
     return hook
 
 
@@ -118,7 +138,12 @@ def test_curve_rows_are_window_means_with_one_column_per_metric(tmp_path):
     curve = result.curve
     # first: rows at phase steps 2, 4 and 5 (the end); second: 2 and 4. Global steps continue across phases.
     assert [(r["step"], r["phase"], r["phase_step"]) for r in curve] == [
-        (2, "first", 2), (4, "first", 4), (5, "first", 5), (7, "second", 2), (9, "second", 4)]
+        (2, "first", 2),
+        (4, "first", 4),
+        (5, "first", 5),
+        (7, "second", 2),
+        (9, "second", 4),
+    ]
     # step_value is the update's step + 1: each row holds the mean over the updates since the previous row.
     assert [r["step_value"] for r in curve if r["phase"] == "first"] == [1.5, 3.5, 5.0]
     assert all("step_value" not in r and "other" in r for r in curve if r["phase"] == "second")
@@ -186,11 +211,22 @@ def test_resume_after_kills_equals_the_uninterrupted_run(tmp_path):
 
     def values(curve):
         return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in curve]
+
     assert values(resumed.curve) == values(straight.curve)
     saved = CheckpointManager(tmp_path / "killed").load_latest()
     # only what is read back
-    assert set(saved) == {"format", "stage", "config", "upstream", "progress", "trainers", "curve", "window", "elapsed",
-                          "mlflow_run_id"}
+    assert set(saved) == {
+        "format",
+        "stage",
+        "config",
+        "upstream",
+        "progress",
+        "trainers",
+        "curve",
+        "window",
+        "elapsed",
+        "mlflow_run_id",
+    }
     assert list(saved["trainers"]) == ["second"]
 
 

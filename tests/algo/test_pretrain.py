@@ -14,73 +14,33 @@ import numpy as np
 import pytest
 import torch
 
+from tests.algo.trainer_checks import assert_update_trains_exactly
+from tests.builders import moving_square_video, smoke_params, write_clips, write_episodes
 from veorl.algo.pretrain import KeyframeBatch, Phase1Trainer, Phase2Trainer, pretrain
 from veorl.checkpoint import CheckpointManager, CheckpointMismatch, assert_resumable
-from veorl.config import resolve
-from veorl.data.episodes import save_episode
 from veorl.models.world_models import VideoWorldModel, load_world_model
 from veorl.storage import artifact_hash, tree_hash
-
-from tests.algo.trainer_checks import assert_update_trains_exactly
 
 REPO = Path(__file__).resolve().parents[2]
 CONSTANT_NLL = 64 * 64 * 3 * 0.5 * math.log(2 * math.pi)
 
 
-def moving_square_video(length: int, seed: int) -> np.ndarray:
-    """A coloured square drifting over a plain background: structure a world model can learn."""
-    rng = np.random.default_rng(seed)
-    frames = np.empty((length, 64, 64, 3), np.uint8)
-    frames[:] = rng.integers(0, 80, 3)
-    colour = rng.integers(120, 256, 3)
-    y, x = rng.integers(0, 48, 2)
-    velocity = rng.integers(-3, 4, 2)
-    for t in range(length):
-        if rng.random() < 0.2:
-            velocity = rng.integers(-3, 4, 2)
-        y, x = (y + velocity[0]) % 48, (x + velocity[1]) % 48
-        frames[t, y:y + 16, x:x + 16] = colour
-    return frames
-
-
-def write_dataset(root: Path, clips: int = 6, window: int = 12, episodes: int = 2, length: int = 40) -> tuple[Path, Path]:
-    """Clips in the ingest layout (manifest + .npy shards) and episodes via save_episode."""
-    clip_dir = root / "video_clips"
-    (clip_dir / "clips").mkdir(parents=True)
-    shard = np.stack([moving_square_video(window, 100 + i) for i in range(clips)])
-    np.save(clip_dir / "clips" / "synthetic-0.npy", shard)
-    (clip_dir / "manifest.json").write_text(json.dumps({
-        "version": 1, "size": 64, "window": window,
-        "sources": [{"status": "ok", "shards": [{"file": "clips/synthetic-0.npy", "clips": clips}]}]}))
-    episode_dir = root / "target_episodes"
-    rng = np.random.default_rng(0)
-    for i in range(episodes):
-        save_episode(episode_dir / "episodes", i, {
-            "image": moving_square_video(length, i), "action": rng.uniform(-1, 1, (length, 4)).astype(np.float32),
-            "reward": rng.normal(size=length).astype(np.float32), "discount": np.ones(length, np.float32)})
-    return clip_dir, episode_dir
-
-
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture
-def mlflow_store(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("VEORL_PARENT_RUN_ID", raising=False)
-    return uri
-
-
-def smoke_params(*overrides: str):
-    return resolve({}, preset="smoke", overrides=["pretrain.threads=1", *overrides])
+def dataset(tmp_path_factory) -> tuple[Path, Path]:
+    """Moving-square clips in the ingest layout and two 40-frame target episodes, shared by the module's tests."""
+    root = tmp_path_factory.mktemp("data")
+    return write_clips(root / "video_clips", clips=6, window=12), write_episodes(root / "target_episodes", length=40)
 
 
 # Even smaller than `smoke` for in-process loops (same algorithm, fewer channels and steps per sequence).
-TINY = ("model.cnn_depth=8", "model.deter=32", "model.stoch=8", "model.hidden=32", "pretrain.seq_len=6",
-        "pretrain.source_len=6")
+TINY = (
+    "model.cnn_depth=8",
+    "model.deter=32",
+    "model.stoch=8",
+    "model.hidden=32",
+    "pretrain.seq_len=6",
+    "pretrain.source_len=6",
+)
 
 
 def fixed_batch(params, seed: int = 0) -> dict:
@@ -104,9 +64,9 @@ def test_phase1_step_changes_every_trainable_parameter(ban_on_source):
     trainer = Phase1Trainer(model, params.pretrain)
     codebook = model.codebook.vectors.detach().clone()
     m = model
-    losses = assert_update_trains_exactly(trainer, fixed_batch(params), [m.encoder, m.ban, m.codebook, m.plan_net, m.decoder],
-                                          model)
-    assert set(vars(losses)) == {"loss", "image_nll", "kl_loss", "kl", "vq_loss", "mmd", "grad_norm"}
+    trained = [m.encoder, m.ban, m.codebook, m.plan_net, m.decoder, m.latent_forward]
+    losses = assert_update_trains_exactly(trainer, fixed_batch(params), trained, model)
+    assert set(vars(losses)) == {"loss", "image_nll", "kl_loss", "kl", "vq_loss", "mmd", "forward_loss", "grad_norm"}
     # Codebook vectors learn only when chosen in the batch (the VQ loss touches the selected codes).
     used = trainer.usage > 0
     rows_moved = (codebook != model.codebook.vectors.detach()).any(1)
@@ -122,8 +82,9 @@ def test_phase2_step_changes_trainable_and_keeps_frozen():
     model.freeze_behaviours()
     trainer = Phase2Trainer(model, params.pretrain)
     m = model
-    losses = assert_update_trains_exactly(trainer, fixed_batch(params), [m.encoder, m.plan_net, m.keyframe_decoder, m.fbc],
-                                          model)
+    losses = assert_update_trains_exactly(
+        trainer, fixed_batch(params), [m.encoder, m.plan_net, m.keyframe_decoder, m.fbc], model
+    )
     assert float(losses.keyframes) >= params.pretrain.batch + params.pretrain.source_batch  # frame 0 of every row
 
 
@@ -180,8 +141,12 @@ def test_data_codebook_init_uses_more_codes_than_uniform():
     model = VideoWorldModel(params.model)
     trainer = Phase1Trainer(model, params.pretrain)
     with torch.no_grad():
-        z = torch.cat([model.ban(model.encoder(batch[k]["image"])).reshape(-1, params.model.latent_action_dim)
-                       for k in ("target", "source")])
+        z = torch.cat(
+            [
+                model.ban(model.encoder(batch[k]["image"])).reshape(-1, params.model.latent_action_dim)
+                for k in ("target", "source")
+            ]
+        )
         uniform_codes = model.codebook.indices(z).unique().numel()
         trainer.initialise_codebook(batch)
         data_codes = model.codebook.indices(z).unique().numel()
@@ -204,9 +169,14 @@ def test_phase2_padded_slots_do_not_change_the_loss():
     g = torch.Generator().manual_seed(3)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
     next_mask = torch.cat([mask[:, 1:], torch.zeros(rows, 1, dtype=torch.bool)], 1)
-    base = KeyframeBatch(frame_index=torch.randint(0, n_frames, (rows, slots), generator=g),
-                         prev_action=torch.randn(rows, slots, z, generator=g), mask=mask,
-                         next_action=torch.randn(rows, slots, z, generator=g), next_mask=next_mask, target_rows=cfg.batch)
+    base = KeyframeBatch(
+        frame_index=torch.randint(0, n_frames, (rows, slots), generator=g),
+        prev_action=torch.randn(rows, slots, z, generator=g),
+        mask=mask,
+        next_action=torch.randn(rows, slots, z, generator=g),
+        next_mask=next_mask,
+        target_rows=cfg.batch,
+    )
 
     def loss_with(kf: KeyframeBatch):
         trainer.keyframes = lambda frames, shapes: kf  # the segmentation itself is tested elsewhere
@@ -220,13 +190,23 @@ def test_phase2_padded_slots_do_not_change_the_loss():
         prev_action=torch.where(mask[..., None], base.prev_action, 50 * torch.randn(rows, slots, z, generator=g)),
         mask=mask,
         next_action=torch.where(next_mask[..., None], base.next_action, 50 * torch.randn(rows, slots, z, generator=g)),
-        next_mask=next_mask, target_rows=cfg.batch)
+        next_mask=next_mask,
+        target_rows=cfg.batch,
+    )
     padded_changed = loss_with(noisy)
     for key in ("loss", "image_nll", "kl_loss", "kl", "fbc_loss", "mmd"):
         assert torch.equal(getattr(reference, key), getattr(padded_changed, key)), key
     # ... while a change in a real slot does change it (the comparison can fail).
-    real_changed = loss_with(KeyframeBatch(frame_index=base.frame_index.roll(1, 0), prev_action=base.prev_action, mask=mask,
-                                           next_action=base.next_action, next_mask=next_mask, target_rows=cfg.batch))
+    real_changed = loss_with(
+        KeyframeBatch(
+            frame_index=base.frame_index.roll(1, 0),
+            prev_action=base.prev_action,
+            mask=mask,
+            next_action=base.next_action,
+            next_mask=next_mask,
+            target_rows=cfg.batch,
+        )
+    )
     assert not torch.equal(reference.image_nll, real_changed.image_nll)
 
 
@@ -242,7 +222,9 @@ def test_masked_mmd_and_image_nll_ignore_padding():
     assert torch.allclose(linear_mmd(src, tgt, src_mask, tgt_mask), expected)
     src_noisy = torch.where(src_mask[..., None], src, torch.full_like(src, 1e3))
     assert torch.equal(linear_mmd(src_noisy, tgt, src_mask, tgt_mask), linear_mmd(src, tgt, src_mask, tgt_mask))
-    assert torch.allclose(masked_mean(torch.tensor([[1.0, 5.0], [3.0, 9.0]]), torch.tensor([[1, 0], [1, 0]])), torch.tensor(2.0))
+    assert torch.allclose(
+        masked_mean(torch.tensor([[1.0, 5.0], [3.0, 9.0]]), torch.tensor([[1, 0], [1, 0]])), torch.tensor(2.0)
+    )
     dec = Decoder(5, 2)
     feat, pixels = torch.randn(2, 3, 5, generator=g), torch.rand(2, 3, 64, 64, 3, generator=g) - 0.5
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
@@ -263,6 +245,7 @@ def kill_at(step: int):
     def hook(global_step: int) -> None:
         if global_step == step:
             raise Killed(f"simulated kill after step {step}")
+
     return hook
 
 
@@ -299,10 +282,12 @@ def test_resume_equals_uninterrupted(dataset, tmp_path, mlflow_store):
     def losses(path):
         with open(path) as fh:
             return [(r["step"], r["phase"], r["loss"], r["kl"], r["mmd"]) for r in csv.DictReader(fh)]
+
     assert losses(straight["curve_path"]) == losses(interrupted["curve_path"])
     assert [int(r[0]) for r in losses(straight["curve_path"])] == [1, 2, 3, 4, 5, 6]
 
     import mlflow
+
     run = mlflow.tracking.MlflowClient(mlflow_store).get_run(run_id)
     assert run.data.tags["veorl.stage"] == "pretrain" and run.data.tags["veorl.resumed"] == "true"
     history = mlflow.tracking.MlflowClient(mlflow_store).get_metric_history(run_id, "phase2/loss")
@@ -310,19 +295,30 @@ def test_resume_equals_uninterrupted(dataset, tmp_path, mlflow_store):
 
     # Changing the maths (not the step counts) trains from scratch in a folder of its own, leaving the old run intact.
     before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
-    other = pretrain(smoke_params("pretrain.image_log_every=100", "pretrain.codebook_init=data", *TINY, "pretrain.optim.lr=0.01"),
-                     clips, episodes, **interrupted)
+    other = pretrain(
+        smoke_params("pretrain.image_log_every=100", "pretrain.codebook_init=data", *TINY, "pretrain.optim.lr=0.01"),
+        clips,
+        episodes,
+        **interrupted,
+    )
     assert not other["resumed"] and other["mlflow_run_id"] != run_id
     assert len(list(interrupted["checkpoints"].glob("run-*"))) == 2
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
     # Resuming straight from a checkpoint of another configuration is still refused, naming the key.
     (other_dir,) = set(interrupted["checkpoints"].glob("run-*")) - {run_dir}
     with pytest.raises(CheckpointMismatch, match="pretrain.optim.lr"):
-        assert_resumable(CheckpointManager(run_dir).load_latest()["config"],
-                         CheckpointManager(other_dir).load_latest()["config"], where="test")
+        assert_resumable(
+            CheckpointManager(run_dir).load_latest()["config"],
+            CheckpointManager(other_dir).load_latest()["config"],
+            where="test",
+        )
     # Extending training continues from the checkpoint instead of starting over.
-    longer = pretrain(smoke_params("pretrain.image_log_every=100", "pretrain.codebook_init=data", *TINY,
-                                   "pretrain.phase2_steps=4"), clips, episodes, **interrupted)
+    longer = pretrain(
+        smoke_params("pretrain.image_log_every=100", "pretrain.codebook_init=data", *TINY, "pretrain.phase2_steps=4"),
+        clips,
+        episodes,
+        **interrupted,
+    )
     assert longer["updates"] == {"phase1": 3, "phase2": 4}
 
 
@@ -341,11 +337,15 @@ def test_stage_run_nesting_resume_and_status(tmp_path, mlflow_store, monkeypatch
         tracking.log_image(np.zeros((8, 8, 3), np.uint8), "figures/blank")
     first = client.get_run(run.run_id)
     assert first.info.status == "FINISHED" and first.data.tags["mlflow.parentRunId"] == parent
-    assert first.data.tags["upstream.data"] == "abc" and first.data.params["pretrain.optim.lr"] == str(params.pretrain.optim.lr)
+    assert first.data.tags["upstream.data"] == "abc" and first.data.params["pretrain.optim.lr"] == str(
+        params.pretrain.optim.lr
+    )
     assert "x" in first.data.metrics and "bad" not in first.data.metrics
     assert [a.path for a in client.list_artifacts(run.run_id, "figures")] == ["figures/blank.png"]
     with pytest.raises(ValueError):
-        with tracking.stage_run("unit", smoke_params("pretrain.phase1_steps=9"), run_dir=tmp_path, sections=("pretrain",)) as again:
+        with tracking.stage_run(
+            "unit", smoke_params("pretrain.phase1_steps=9"), run_dir=tmp_path, sections=("pretrain",)
+        ) as again:
             raise ValueError("boom")
     assert again.run_id == run.run_id and again.resumed
     resumed = client.get_run(run.run_id)
@@ -357,10 +357,29 @@ def test_stage_run_nesting_resume_and_status(tmp_path, mlflow_store, monkeypatch
 def test_cli_smoke_run_and_rerun(dataset, tmp_path, mlflow_store):
     clips, episodes = dataset
     out, ckpt = tmp_path / "wm", tmp_path / "ckpt"
-    cmd = [sys.executable, "-m", "components.pretrain", "--clips", str(clips), "--episodes", str(episodes), "--out", str(out),
-           "--checkpoints", str(ckpt), "--metrics", str(tmp_path / "metrics" / "pretrain.json"),
-           "--curve", str(tmp_path / "metrics" / "curve.csv"), "--params", str(tmp_path / "absent.yaml"), "--preset", "smoke",
-           "--set", "pretrain.threads=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "components.pretrain",
+        "--clips",
+        str(clips),
+        "--episodes",
+        str(episodes),
+        "--out",
+        str(out),
+        "--checkpoints",
+        str(ckpt),
+        "--metrics",
+        str(tmp_path / "metrics" / "pretrain.json"),
+        "--curve",
+        str(tmp_path / "metrics" / "curve.csv"),
+        "--params",
+        str(tmp_path / "absent.yaml"),
+        "--preset",
+        "smoke",
+        "--set",
+        "pretrain.threads=1",
+    ]
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -376,6 +395,7 @@ def test_cli_smoke_run_and_rerun(dataset, tmp_path, mlflow_store):
     assert prov["content_hash"] == artifact_hash(out) == tree_hash(out, exclude=("provenance.json",))
 
     import mlflow
+
     client = mlflow.tracking.MlflowClient(mlflow_store)
     run = client.get_run(metrics["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["veorl.stage"] == "pretrain"
@@ -392,14 +412,38 @@ def test_cli_smoke_run_and_rerun(dataset, tmp_path, mlflow_store):
     assert len(experiments) == 1
 
 
-def test_cli_reports_bad_inputs(tmp_path, capsys, mlflow_store):
+def test_cli_reports_bad_inputs(tmp_path, capsys, mlflow_store, clip_builder, episode_builder):
     from components.pretrain import main
 
-    clips, episodes = write_dataset(tmp_path, clips=2, window=6, episodes=1, length=12)
-    code = main(["--clips", str(tmp_path / "nowhere"), "--episodes", str(episodes), "--out", str(tmp_path / "o"),
-                 "--params", str(tmp_path / "absent.yaml"), "--preset", "smoke"])
+    clips, episodes = clip_builder(clips=2, window=6), episode_builder(episodes=1, length=12)
+    code = main(
+        [
+            "--clips",
+            str(tmp_path / "nowhere"),
+            "--episodes",
+            str(episodes),
+            "--out",
+            str(tmp_path / "o"),
+            "--params",
+            str(tmp_path / "absent.yaml"),
+            "--preset",
+            "smoke",
+        ]
+    )
     assert code == 2 and "manifest.json not found" in capsys.readouterr().err
     # smoke wants 8-frame source clips, these have 6.
-    code = main(["--clips", str(clips), "--episodes", str(episodes), "--out", str(tmp_path / "o"),
-                 "--params", str(tmp_path / "absent.yaml"), "--preset", "smoke"])
+    code = main(
+        [
+            "--clips",
+            str(clips),
+            "--episodes",
+            str(episodes),
+            "--out",
+            str(tmp_path / "o"),
+            "--params",
+            str(tmp_path / "absent.yaml"),
+            "--preset",
+            "smoke",
+        ]
+    )
     assert code == 2 and "source_len" in capsys.readouterr().err

@@ -12,9 +12,9 @@ def test_lambda_return_matches_hand_computed_recursion():
     next_value = torch.tensor([[10.0], [20.0], [30.0]])
     discount = torch.full((3, 1), 0.9)
     lam = 0.5
-    r2 = 3.0 + 0.9 * 30.0                                  # 30.0
-    r1 = 2.0 + 0.9 * ((1 - lam) * 20.0 + lam * r2)         # 2 + 0.9 * (10 + 15) = 24.5
-    r0 = 1.0 + 0.9 * ((1 - lam) * 10.0 + lam * r1)         # 1 + 0.9 * (5 + 12.25) = 16.525
+    r2 = 3.0 + 0.9 * 30.0  # 30.0
+    r1 = 2.0 + 0.9 * ((1 - lam) * 20.0 + lam * r2)  # 2 + 0.9 * (10 + 15) = 24.5
+    r0 = 1.0 + 0.9 * ((1 - lam) * 10.0 + lam * r1)  # 1 + 0.9 * (5 + 12.25) = 16.525
     assert (r2, r1, r0) == pytest.approx((30.0, 24.5, 16.525))
     got = lambda_return(reward, next_value, discount, lam)
     assert got.shape == (3, 1)

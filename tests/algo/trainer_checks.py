@@ -12,8 +12,13 @@ from torch import nn
 from veorl.algo.loop import Trainer, scalar_fields
 
 
-def assert_update_trains_exactly(trainer: Trainer, batch: Any, trained: Iterable[nn.Module], stage: nn.Module,
-                                 may_stay: Callable[[str], bool] = lambda name: False) -> Any:
+def assert_update_trains_exactly(
+    trainer: Trainer,
+    batch: Any,
+    trained: Iterable[nn.Module],
+    stage: nn.Module,
+    may_stay: Callable[[str], bool] = lambda name: False,
+) -> Any:
     """One update (with a large learning rate, set by the caller) must change every parameter of `trained`
     and no other parameter of `stage` (every module of the stage, trained or not).
 

@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from veorl.data.episodes import (EpisodeError, EpisodeStore, episode_files, episode_length, import_episodes, load_episode,
-                                 save_episode, validate_episode)
-
-
-def make_episode(T: int = 6, size: int = 16, action_dim: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    action = rng.uniform(-1, 1, size=(T, action_dim)).astype(np.float32)
-    action[0] = 0
-    success = np.zeros(T, bool)
-    success[-2:] = True
-    return {
-        "image": rng.integers(0, 256, size=(T, size, size, 3), dtype=np.uint8),
-        "action": action,
-        "reward": rng.normal(size=T).astype(np.float32),
-        "discount": np.ones(T, np.float32),
-        "success": success,
-        "is_terminal": np.zeros(T, bool),
-    }
+from tests.builders import make_episode, write_variants
+from veorl.data.episodes import (
+    EpisodeError,
+    EpisodeStore,
+    episode_files,
+    episode_length,
+    import_episodes,
+    load_episode,
+    save_episode,
+    validate_episode,
+)
 
 
 def test_save_load_round_trip_preserves_every_array(tmp_path):
@@ -45,38 +36,6 @@ def test_missing_success_is_filled_with_false():
     del ep["success"]
     out = validate_episode(ep)
     assert out["success"].dtype == bool and not out["success"].any()
-
-
-def _bad_variants(size: int) -> dict[str, tuple[dict[str, np.ndarray] | bytes, str]]:
-    good = make_episode(size=size)
-    variants: dict[str, tuple[dict[str, np.ndarray] | bytes, str]] = {}
-    missing = dict(good)
-    del missing["reward"]
-    variants["missing_key.npz"] = (missing, "missing keys ['reward']")
-    variants["float_image.npz"] = ({**good, "image": good["image"].astype(np.float32)}, "image must be uint8")
-    variants["reward_shape.npz"] = ({**good, "reward": np.zeros((6, 2), np.float32)}, "reward must be (T=6,)")
-    variants["action_range.npz"] = ({**good, "action": good["action"] * 3}, "action values must lie in [-1, 1]")
-    nan_reward = good["reward"].copy()
-    nan_reward[2] = np.nan
-    variants["nan_reward.npz"] = ({**good, "reward": nan_reward}, "reward contains NaN")
-    variants["image_channels.npz"] = ({**good, "image": good["image"][..., :1]}, "image must be (T, H, W, 3)")
-    variants["garbage.npz"] = (b"this is not a zip archive at all" * 10, "not a readable .npz file")
-    return variants
-
-
-def write_variants(folder: Path, size: int = 16) -> dict[str, str]:
-    """Two good episodes plus every bad variant into `folder`; returns {bad file name: expected reason}."""
-    folder.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(folder / "good_a.npz", **make_episode(size=size, seed=1))
-    np.savez_compressed(folder / "good_b.npz", **make_episode(size=size, seed=2))
-    expected = {}
-    for name, (content, reason) in _bad_variants(size).items():
-        if isinstance(content, bytes):
-            (folder / name).write_bytes(content)
-        else:
-            np.savez_compressed(folder / name, **content)
-        expected[name] = reason
-    return expected
 
 
 def test_importer_rejects_each_bad_file_with_its_name_and_reason(tmp_path):

@@ -26,12 +26,16 @@ def write_episodes(root: Path, lengths=EPISODE_LENGTHS) -> Path:
     """Episodes whose reward is 1000 * episode + step, so a window shows its episode and its steps."""
     for index, length in enumerate(lengths):
         steps = np.arange(length)
-        save_episode(root / EPISODE_DIR, index, {
-            "image": np.full((length, 64, 64, 3), index, np.uint8),
-            "action": np.zeros((length, 4), np.float32),
-            "reward": (1000 * index + steps).astype(np.float32),
-            "discount": np.ones(length, np.float32),
-        })
+        save_episode(
+            root / EPISODE_DIR,
+            index,
+            {
+                "image": np.full((length, 64, 64, 3), index, np.uint8),
+                "action": np.zeros((length, 4), np.float32),
+                "reward": (1000 * index + steps).astype(np.float32),
+                "discount": np.ones(length, np.float32),
+            },
+        )
     return root
 
 
@@ -100,8 +104,9 @@ def test_different_streams_and_seeds_give_different_batches(episodes, clips):
     assert not equal(EpisodeWindowSampler(episodes, 8, 4, seed=4, stream=0)(5), base)
     assert not equal(ClipSampler(clips, 6, 4, seed=3, stream=1)(5), ClipSampler(clips, 6, 4, seed=3, stream=2)(5))
     # The joint sampler draws each member on its own stream: target and source stay independent of each other.
-    joint = JointSampler(target=EpisodeWindowSampler(episodes, 8, 4, seed=3, stream=0),
-                         source=ClipSampler(clips, 6, 4, seed=3, stream=1))
+    joint = JointSampler(
+        target=EpisodeWindowSampler(episodes, 8, 4, seed=3, stream=0), source=ClipSampler(clips, 6, 4, seed=3, stream=1)
+    )
     both = joint(5)
     assert equal(both["target"], base) and equal(both["source"], ClipSampler(clips, 6, 4, seed=3, stream=1)(5))
     assert joint.state_dict()["source"]["stream"] == 1

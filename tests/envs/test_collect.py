@@ -12,19 +12,20 @@ import numpy as np
 import pytest
 
 from components import collect
-from veorl.config import resolve
+from tests.builders import make_episode, smoke_params, write_variants
 from veorl.data.episodes import EpisodeStore, episode_files, load_episode
 from veorl.envs.collection import collect_dataset, episode_level
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("metaworld") is None, reason="metaworld not installed")
 
 # 120 steps: long enough for the scripted expert to open the drawer (it needs ~90), short enough for tests.
-MIXED = ["collect.quality=mixed", "collect.mixed_expert_fraction=0.5", "collect.episodes=3",
-         "collect.episode_length=120", "collect.workers=1"]
-
-
-def smoke_params(*overrides: str):
-    return resolve({}, preset="smoke", overrides=list(overrides))
+MIXED = [
+    "collect.quality=mixed",
+    "collect.mixed_expert_fraction=0.5",
+    "collect.episodes=3",
+    "collect.episode_length=120",
+    "collect.workers=1",
+]
 
 
 def mtimes(folder: Path) -> dict[str, int]:
@@ -104,8 +105,13 @@ def test_rerun_with_same_params_writes_nothing(mixed_dataset, tmp_path):
     assert mtimes(out) == before
 
 
-SHORT = ["collect.quality=mixed", "collect.mixed_expert_fraction=0.5", "collect.episodes=3", "collect.episode_length=15",
-         "collect.workers=1"]
+SHORT = [
+    "collect.quality=mixed",
+    "collect.mixed_expert_fraction=0.5",
+    "collect.episodes=3",
+    "collect.episode_length=15",
+    "collect.workers=1",
+]
 
 
 def test_resume_and_parameter_changes_redo_only_affected_episodes(tmp_path):
@@ -140,14 +146,22 @@ def test_results_do_not_depend_on_the_number_of_workers(tmp_path):
 
 
 def test_import_cli_accepts_good_files_and_names_rejected_ones(tmp_path, capsys):
-    from tests.data.test_episodes import make_episode, write_variants
-
     expected = write_variants(tmp_path / "release", size=64)
     np.savez_compressed(tmp_path / "release" / "small_frames.npz", **make_episode(size=16))
     expected["small_frames.npz"] = "image frames are 16x16, expected 64x64"
     (tmp_path / "release" / "README.txt").write_text("not an episode")
-    rc = collect.main(["--import-from", str(tmp_path / "release"), "--out", str(tmp_path / "imported"),
-                       "--preset", "smoke", "--params", str(tmp_path / "none.yaml")])
+    rc = collect.main(
+        [
+            "--import-from",
+            str(tmp_path / "release"),
+            "--out",
+            str(tmp_path / "imported"),
+            "--preset",
+            "smoke",
+            "--params",
+            str(tmp_path / "none.yaml"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 0
     card = json.loads((tmp_path / "imported" / "card.json").read_text())
@@ -165,8 +179,6 @@ def test_import_cli_accepts_good_files_and_names_rejected_ones(tmp_path, capsys)
 
 
 def test_import_that_accepts_nothing_leaves_the_existing_dataset_untouched(tmp_path, capsys):
-    from tests.data.test_episodes import make_episode
-
     (tmp_path / "good").mkdir()
     np.savez_compressed(tmp_path / "good" / "a.npz", **make_episode(size=64, seed=1))
     args = ["--out", str(tmp_path / "dataset"), "--preset", "smoke", "--params", str(tmp_path / "none.yaml")]
@@ -181,5 +193,7 @@ def test_import_that_accepts_nothing_leaves_the_existing_dataset_untouched(tmp_p
 
 
 def test_help_runs_as_a_subprocess():
-    out = subprocess.run([sys.executable, "-m", "components.collect", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "components.collect", "--help"], capture_output=True, text=True, check=True
+    )
     assert "--import-from" in out.stdout and "--out" in out.stdout and "--preset" in out.stdout

@@ -108,8 +108,16 @@ def test_bad_arguments_name_the_problem():
 
 
 def test_expert_solves_drawer_open_within_the_episode(env):
-    policy = behaviour_policy("metaworld", "drawer-open", "expert", env.action_dim, expert_noise=0.1, medium_noise=0.5,
-                              medium_random_prob=0.5, seed=0)
+    policy = behaviour_policy(
+        "metaworld",
+        "drawer-open",
+        "expert",
+        env.action_dim,
+        expert_noise=0.1,
+        medium_noise=0.5,
+        medium_random_prob=0.5,
+        seed=0,
+    )
     obs, done, success, ret = env.reset(seed=3), False, False, 0.0
     while not done:
         obs, reward, done, info = env.step(policy(obs["state"]))
@@ -136,8 +144,10 @@ def test_behaviour_policy_mixing_noise_and_seeding():
     assert np.abs(a).max() <= 1.0
     assert 0.2 < (a[:, :3] - expert_action[:3]).std() < 0.4
 
-    random_only = np.stack([BehaviourPolicy(expert, 4, random_prob=1.0, seed=3)(state) for _ in range(1)]
-                           + [BehaviourPolicy(expert, 4, random_prob=1.0, seed=s)(state) for s in range(300)])
+    random_only = np.stack(
+        [BehaviourPolicy(expert, 4, random_prob=1.0, seed=3)(state) for _ in range(1)]
+        + [BehaviourPolicy(expert, 4, random_prob=1.0, seed=s)(state) for s in range(300)]
+    )
     assert np.abs(random_only).max() <= 1.0
     assert abs(random_only.mean()) < 0.1 and random_only.std() > 0.5  # uniform on [-1, 1], not the expert
 
@@ -147,7 +157,9 @@ def test_behaviour_policy_mixing_noise_and_seeding():
 
 
 def test_importing_veorl_envs_does_not_import_a_simulator():
-    code = ("import sys, veorl.envs, veorl.envs.collection, veorl.envs.source_video, veorl.envs.rollout; "
-            "bad = [m for m in ('mujoco', 'metaworld', 'gymnasium') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, veorl.envs, veorl.envs.collection, veorl.envs.source_video, veorl.envs.rollout; "
+        "bad = [m for m in ('mujoco', 'metaworld', 'gymnasium') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

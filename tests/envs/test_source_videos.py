@@ -14,13 +14,17 @@ import numpy as np
 import pytest
 
 from components import source_videos
-from veorl.config import ConfigError, resolve
+from veorl.config import ConfigError
 from veorl.envs.source_video import render_source_videos
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("metaworld") is None, reason="metaworld not installed")
 
 # Smoke preset: door-open and button-press-topdown, one episode each; two cameras to cover multi-camera filming.
-OVERRIDES = ["source_videos.cameras=[corner2, corner3]", "source_videos.episode_length=20", "source_videos.render_size=48"]
+OVERRIDES = [
+    "source_videos.cameras=[corner2, corner3]",
+    "source_videos.episode_length=20",
+    "source_videos.render_size=48",
+]
 
 
 def decode(path: Path) -> np.ndarray:
@@ -45,7 +49,9 @@ def rendered(tmp_path_factory):
 def test_writes_decodable_videos_of_the_right_size_and_length(rendered):
     videos = sorted(rendered.glob("*.mp4"))
     names = [v.name for v in videos]
-    assert names == [f"{task}-{cam}-000.mp4" for task in ("button-press-topdown", "door-open") for cam in ("corner2", "corner3")]
+    assert names == [
+        f"{task}-{cam}-000.mp4" for task in ("button-press-topdown", "door-open") for cam in ("corner2", "corner3")
+    ]
     for video in videos:
         frames = decode(video)
         assert frames.shape == (20, 48, 48, 3), video.name
@@ -78,36 +84,40 @@ def test_card_lists_every_file_with_its_frame_count(rendered):
     assert json.loads((rendered / "provenance.json").read_text())["config"] == config
 
 
-def test_rerun_keeps_complete_files_and_writes_nothing(rendered):
+def test_rerun_keeps_complete_files_and_writes_nothing(rendered, params):
     before = mtimes(rendered)
-    card = source_videos.run(str(rendered), resolve({}, preset="smoke", overrides=OVERRIDES), progress=False)
+    card = source_videos.run(str(rendered), params(*OVERRIDES), progress=False)
     assert card == json.loads((rendered / "card.json").read_text())
     assert mtimes(rendered) == before
 
 
-def test_fewer_tasks_remove_only_this_stages_stale_videos(rendered, tmp_path):
+def test_fewer_tasks_remove_only_this_stages_stale_videos(rendered, tmp_path, params):
     import shutil
 
     out = tmp_path / "copy"
     shutil.copytree(rendered, out)
     (out / "users-own-video.mp4").write_bytes(b"not ours")
-    cfg = resolve({}, preset="smoke", overrides=[*OVERRIDES, "source_videos.tasks=[door-open]"]).source_videos
+    cfg = params(*OVERRIDES, "source_videos.tasks=[door-open]").source_videos
     result = render_source_videos(out, cfg, target_task="drawer-open", progress=False)
     assert result.rendered == [] and result.kept == ["door-open-000"]
-    assert sorted(p.name for p in out.glob("*.mp4")) == ["door-open-corner2-000.mp4", "door-open-corner3-000.mp4",
-                                                         "users-own-video.mp4"]
+    assert sorted(p.name for p in out.glob("*.mp4")) == [
+        "door-open-corner2-000.mp4",
+        "door-open-corner3-000.mp4",
+        "users-own-video.mp4",
+    ]
     assert [f["file"] for f in result.card["files"]] == ["door-open-corner2-000.mp4", "door-open-corner3-000.mp4"]
 
 
-def test_target_task_among_sources_is_refused(tmp_path):
+def test_target_task_among_sources_is_refused(tmp_path, params):
     with pytest.raises(ConfigError, match="target task"):
-        resolve({}, preset="smoke", overrides=["source_videos.tasks=[drawer-open, door-open]"])
-    cfg = resolve({}, preset="smoke").source_videos.model_copy(update={"tasks": ["drawer-open"]})
+        params("source_videos.tasks=[drawer-open, door-open]")
+    cfg = params().source_videos.model_copy(update={"tasks": ["drawer-open"]})
     with pytest.raises(ValueError, match="target task 'drawer-open'"):
         render_source_videos(tmp_path, cfg, target_task="drawer-open", progress=False)
 
 
 def test_help_runs_as_a_subprocess():
-    out = subprocess.run([sys.executable, "-m", "components.source_videos", "--help"], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "components.source_videos", "--help"], capture_output=True, text=True, check=True
+    )
     assert "--out" in out.stdout and "--set" in out.stdout

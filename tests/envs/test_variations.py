@@ -1,7 +1,6 @@
 """Evaluation starts from distinct task variations."""
 
 import hashlib
-
 import importlib.util
 
 import numpy as np

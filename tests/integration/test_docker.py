@@ -81,7 +81,9 @@ def test_layers_runtime_user_and_environment(dockerfile):
     order = [i for i, (instruction, args) in enumerate(steps) if instruction == "COPY"]
     copied = {shlex.split(steps[i][1])[0]: i for i in order}
     dependency_install = next(i for i, (ins, args) in enumerate(steps) if ins == "RUN" and "pip install -r" in args)
-    package_install = next(i for i, (ins, args) in enumerate(steps) if ins == "RUN" and "pip install --no-deps ." in args)
+    package_install = next(
+        i for i, (ins, args) in enumerate(steps) if ins == "RUN" and "pip install --no-deps ." in args
+    )
     # Dependencies are installed from pyproject.toml alone, before any source is copied.
     assert copied["pyproject.toml"] < dependency_install < copied["src"] < package_install
     assert copied["components"] < package_install and copied["pipelines"] < package_install
@@ -97,7 +99,9 @@ def test_layers_runtime_user_and_environment(dockerfile):
     assert re.search(r"mkdir -p /gcs /minio /s3", text) and "chown" in text
     entry = [args for ins, args in steps if ins == "ENTRYPOINT"]
     assert entry == ['["veorl-entrypoint"]']
-    assert any(ins == "COPY" and args.startswith("docker/entrypoint.sh /usr/local/bin/veorl-entrypoint") for ins, args in steps)
+    assert any(
+        ins == "COPY" and args.startswith("docker/entrypoint.sh /usr/local/bin/veorl-entrypoint") for ins, args in steps
+    )
 
 
 def test_cuda_image_base_python_and_torch_index():
@@ -107,20 +111,43 @@ def test_cuda_image_base_python_and_torch_index():
     torch_index = next(args for ins, args in steps if ins == "ARG" and args.startswith("TORCH_INDEX_URL="))
     assert re.fullmatch(r"TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cu\d+", torch_index)
     assert any(ins == "RUN" and "python3.11 -m venv" in args for ins, args in steps)
-    cpu_index = next(args for ins, args in instructions("docker/Dockerfile.cpu") if ins == "ARG" and args.startswith("TORCH_INDEX_URL="))
+    cpu_index = next(
+        args
+        for ins, args in instructions("docker/Dockerfile.cpu")
+        if ins == "ARG" and args.startswith("TORCH_INDEX_URL=")
+    )
     assert cpu_index.endswith("/whl/cpu")
 
 
 def test_requirements_come_from_the_pins_in_pyproject():
     import tomllib
 
-    out = subprocess.run([sys.executable, str(REPO / "docker" / "requirements_from_pyproject.py"), str(REPO / "pyproject.toml"),
-                          "--extra", "envs"], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "docker" / "requirements_from_pyproject.py"),
+            str(REPO / "pyproject.toml"),
+            "--extra",
+            "envs",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert out == project["dependencies"] + project["optional-dependencies"]["envs"]
     assert "torch==2.13.0" in out and all("==" in requirement for requirement in out)
-    bad = subprocess.run([sys.executable, str(REPO / "docker" / "requirements_from_pyproject.py"), str(REPO / "pyproject.toml"),
-                          "--extra", "nope"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "docker" / "requirements_from_pyproject.py"),
+            str(REPO / "pyproject.toml"),
+            "--extra",
+            "nope",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode != 0 and "nope" in bad.stderr
 
 
@@ -139,8 +166,10 @@ def test_entry_point_covers_every_pipeline_component():
     mapping = entrypoint_commands()
     # The KFP steps call these components' `run` inside the image; each must also be a command of the entry point.
     used = set(re.findall(r"from (components\.\w+) import", (REPO / "pipelines" / "veorl_pipeline.py").read_text()))
-    assert used == {f"components.{name}" for name in
-                    ("source_videos", "ingest", "collect", "pretrain", "finetune", "evaluate", "register")}
+    assert used == {
+        f"components.{name}"
+        for name in ("source_videos", "ingest", "collect", "pretrain", "finetune", "evaluate", "register")
+    }
     assert used <= set(mapping.values())
     assert mapping["source-videos"] == "components.source_videos" and mapping["pipeline"] == "pipelines.cli"
     for module in mapping.values():
@@ -150,16 +179,30 @@ def test_entry_point_covers_every_pipeline_component():
 
 def test_every_mapped_command_runs_from_the_entry_point():
     """`docker run IMAGE <command> --help`, minus Docker: the same script with this venv's python on PATH."""
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=str(REPO))
+    env = dict(
+        os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=str(REPO)
+    )
     commands = sorted({cmd for cmd in entrypoint_commands() if "_" not in cmd})
-    procs = {cmd: subprocess.Popen(["sh", str(ENTRYPOINT), cmd, "--help"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True) for cmd in commands}
+    procs = {
+        cmd: subprocess.Popen(
+            ["sh", str(ENTRYPOINT), cmd, "--help"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for cmd in commands
+    }
     for cmd, proc in procs.items():
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, f"{cmd}: {err[-1500:]}"
-        assert "usage:" in out and ("components." in out or "pipelines.cli" in out), f"{cmd}: unexpected help:\n{out[:500]}"
+        assert "usage:" in out and ("components." in out or "pipelines.cli" in out), (
+            f"{cmd}: unexpected help:\n{out[:500]}"
+        )
     usage = subprocess.run(["sh", str(ENTRYPOINT)], env=env, capture_output=True, text=True)
     assert usage.returncode == 0 and all(cmd in usage.stdout for cmd in commands)
-    passthrough = subprocess.run(["sh", str(ENTRYPOINT), "python", "-c", "print('passthrough')"], env=env,
-                                 capture_output=True, text=True)
+    passthrough = subprocess.run(
+        ["sh", str(ENTRYPOINT), "python", "-c", "print('passthrough')"], env=env, capture_output=True, text=True
+    )
     assert passthrough.stdout.strip() == "passthrough"

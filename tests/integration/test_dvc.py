@@ -1,4 +1,5 @@
-"""The DVC pipeline: stages run from dvc.yaml, a second `dvc repro` does nothing, params changes re-run only what reads them.
+"""The DVC pipeline: stages run from dvc.yaml, a second `dvc repro` does nothing, params changes re-run only what
+reads them.
 
 Runs in a throw-away git+DVC copy of the repository on the `smoke` preset.
 """
@@ -25,8 +26,13 @@ def _sh(cmd, cwd, env, check=True):
 
 @pytest.fixture
 def dvc_repo(tmp_path):
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     dest = tmp_path / "repo"
     for rel in files:
         src = REPO / rel

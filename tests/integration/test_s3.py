@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_registry import make_agent, write_evaluation
+from tests.builders import make_agent, write_evaluation
 from veorl.storage import s3_client, s3_list
 
 REPO = Path(__file__).resolve().parents[2]
@@ -92,8 +92,19 @@ def test_dvc_push_and_pull_through_an_s3_remote(s3_bucket, credentials, tmp_path
 
 def _register(agent: Path, evaluation: Path, out: Path, tracking_uri: str, *sets: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, PYTHONPATH=str(REPO))
-    command = [sys.executable, "-m", "components.register", "--agent", str(agent), "--evaluation", str(evaluation),
-               "--out", str(out), "--preset", "smoke"]
+    command = [
+        sys.executable,
+        "-m",
+        "components.register",
+        "--agent",
+        str(agent),
+        "--evaluation",
+        str(evaluation),
+        "--out",
+        str(out),
+        "--preset",
+        "smoke",
+    ]
     for item in sets:
         command += ["--set", item]
     return subprocess.run(command, cwd=out.parent, env=env, capture_output=True, text=True, timeout=600)
@@ -111,8 +122,14 @@ def test_mlflow_artifacts_in_s3_and_no_credential_leaks(s3_bucket, credentials, 
     agent = make_agent(tmp_path / "agent", seed=5)
     evaluation = write_evaluation(tmp_path / "eval", agent, 0.5)
     out = tmp_path / "registration.json"
-    proc = _register(agent, evaluation, out, uri, f"tracking.artifact_location=s3://{s3_bucket}/mlflow",
-                     "tracking.experiment=veorl-s3")
+    proc = _register(
+        agent,
+        evaluation,
+        out,
+        uri,
+        f"tracking.artifact_location=s3://{s3_bucket}/mlflow",
+        "tracking.experiment=veorl-s3",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     outcome = json.loads(out.read_text())
     assert outcome["alias"] == "champion"
@@ -134,7 +151,9 @@ def test_mlflow_artifacts_in_s3_and_no_credential_leaks(s3_bucket, credentials, 
     experiment = client.get_experiment_by_name("veorl-s3")
     assert experiment.artifact_location == f"s3://{s3_bucket}/mlflow"
     for run in client.search_runs([experiment.experiment_id]):
-        assert_no_credentials(json.dumps(run.data.params) + json.dumps(run.data.tags), credentials, f"run {run.info.run_id}")
+        assert_no_credentials(
+            json.dumps(run.data.params) + json.dumps(run.data.tags), credentials, f"run {run.info.run_id}"
+        )
     for version in client.search_model_versions("name = 'veorl-agent'"):
         assert_no_credentials(json.dumps(version.tags), credentials, f"version {version.version} tags")
     assert_no_credentials(db.read_bytes(), credentials, "the MLflow store")
@@ -148,9 +167,22 @@ def test_mlflow_artifacts_in_s3_and_no_credential_leaks(s3_bucket, credentials, 
     from components.register import main
 
     other = make_agent(tmp_path / "other", seed=6)
-    code = main(["--agent", str(other), "--evaluation", str(write_evaluation(tmp_path / "eval-other", other, 0.5)),
-                 "--out", str(tmp_path / "failed.json"), "--preset", "smoke",
-                 "--set", "tracking.artifact_location=s3://no-such-bucket-veorl/x", "--set", "tracking.experiment=veorl-broken"])
+    code = main(
+        [
+            "--agent",
+            str(other),
+            "--evaluation",
+            str(write_evaluation(tmp_path / "eval-other", other, 0.5)),
+            "--out",
+            str(tmp_path / "failed.json"),
+            "--preset",
+            "smoke",
+            "--set",
+            "tracking.artifact_location=s3://no-such-bucket-veorl/x",
+            "--set",
+            "tracking.experiment=veorl-broken",
+        ]
+    )
     captured = capfd.readouterr()
     assert code == 1
     assert "error: registration failed" in captured.err

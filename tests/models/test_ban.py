@@ -30,8 +30,10 @@ def test_phase1_restart_revives_codes_that_no_transition_chose():
     model = VideoWorldModel(params.model)
     trainer = Phase1Trainer(model, params.pretrain)
     generator = torch.Generator().manual_seed(1)
-    batch = {"target": {"image": torch.randint(0, 256, (2, 10, 64, 64, 3), dtype=torch.uint8, generator=generator)},
-             "source": {"image": torch.randint(0, 256, (2, 8, 64, 64, 3), dtype=torch.uint8, generator=generator)}}
+    batch = {
+        "target": {"image": torch.randint(0, 256, (2, 10, 64, 64, 3), dtype=torch.uint8, generator=generator)},
+        "source": {"image": torch.randint(0, 256, (2, 8, 64, 64, 3), dtype=torch.uint8, generator=generator)},
+    }
     # With the VQ-VAE initialisation the codes sit near zero, far from the BAN's outputs: few codes win.
     _, codes = trainer.forward(batch)
     used_before = torch.unique(codes[0][0]).numel()

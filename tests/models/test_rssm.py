@@ -44,8 +44,15 @@ def test_layer_norm_gru_cell_formula():
 @pytest.mark.parametrize("size", SIZES)
 def test_rssm_shapes(size, kind):
     classes = 5
-    rssm = RSSM(action_dim=3, embed_dim=size["embed"], deter=size["deter"], stoch=size["stoch"], hidden=size["hidden"],
-                kind=kind, classes=classes)
+    rssm = RSSM(
+        action_dim=3,
+        embed_dim=size["embed"],
+        deter=size["deter"],
+        stoch=size["stoch"],
+        hidden=size["hidden"],
+        kind=kind,
+        classes=classes,
+    )
     stoch_size = size["stoch"] * classes if kind == "categorical" else size["stoch"]
     B, T = 2, 6
     post, prior = rssm.observe(torch.randn(B, T, size["embed"]), torch.randn(B, T, 3))
@@ -137,15 +144,15 @@ def test_kl_balance_routes_gradients():
     # One step from the initial state: the prior cannot depend on the posterior network there.
     post, prior = rssm.observe(torch.randn(2, 1, 8) * 3, torch.randn(2, 1, 2))
     only_prior, _ = rssm.kl_loss(post, prior, balance=1.0, free=0.0)
-    grads = torch.autograd.grad(only_prior, [rssm.obs_stats.weight, rssm.img_stats.weight], allow_unused=True,
-                                retain_graph=True)
+    grads = torch.autograd.grad(
+        only_prior, [rssm.obs_stats.weight, rssm.img_stats.weight], allow_unused=True, retain_graph=True
+    )
     assert grads[0] is None or grads[0].abs().sum() == 0  # posterior side is detached under balance=1
     assert grads[1].abs().sum() > 0
     only_post, _ = rssm.kl_loss(post, prior, balance=0.0, free=0.0)
     grads = torch.autograd.grad(only_post, [rssm.obs_stats.weight, rssm.img_stats.weight], allow_unused=True)
     assert grads[0].abs().sum() > 0
     assert grads[1] is None or grads[1].abs().sum() == 0
-
 
 
 def test_rssm_state_helpers():
@@ -155,8 +162,6 @@ def test_rssm_state_helpers():
     assert RSSMState.stack([state[:, 0], state[:, 1]], 1).deter.shape == (2, 2, 4)
     assert RSSMState.cat([flat, flat]).stoch.shape == (12, 5)
     assert state.detach().logits is None
-
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,7 +179,7 @@ def test_imagining_one_step_from_a_posterior_gives_observes_prior(kind):
     stats = ("mean", "std") if kind == "gaussian" else ("logits",)
     starts = [rssm.initial(2)] + [post[:, t - 1] for t in range(1, 6)]
     for t, start in enumerate(starts):
-        imagined = rssm.imagine(action[:, t:t + 1], start, sample=False)[:, 0]
+        imagined = rssm.imagine(action[:, t : t + 1], start, sample=False)[:, 0]
         assert torch.allclose(imagined.deter, prior.deter[:, t], rtol=0, atol=1e-12)
         assert torch.allclose(imagined.deter, post.deter[:, t], rtol=0, atol=1e-12)  # the posterior shares h_t
         for name in stats:
@@ -189,7 +194,7 @@ def test_imagine_over_several_steps_equals_chained_one_step_imagination(kind):
     whole = rssm.imagine(actions, post[:, -1], sample=False)
     state = post[:, -1]
     for t in range(4):
-        state = rssm.imagine(actions[:, t:t + 1], state, sample=False)[:, 0]
+        state = rssm.imagine(actions[:, t : t + 1], state, sample=False)[:, 0]
         assert torch.allclose(rssm.feature(state), rssm.feature(whole[:, t]), rtol=0, atol=1e-12)
 
 
@@ -217,8 +222,9 @@ def test_categorical_samples_follow_the_softmax_of_the_logits():
     with torch.no_grad():  # the posterior's logits are then the bias alone, whatever the inputs
         rssm.obs_stats.weight.zero_()
         rssm.obs_stats.bias.copy_(probs.log())
-    post, _ = rssm.obs_step(rssm.initial(6000), torch.zeros(6000, 3, dtype=torch.double),
-                            torch.randn(6000, 12, dtype=torch.double))
+    post, _ = rssm.obs_step(
+        rssm.initial(6000), torch.zeros(6000, 3, dtype=torch.double), torch.randn(6000, 12, dtype=torch.double)
+    )
     frequencies = post.stoch.mean(0)
     assert torch.allclose(frequencies, probs, atol=0.03), frequencies  # binomial std <= 0.0065
 
@@ -229,8 +235,9 @@ def test_categorical_sample_passes_gradients_straight_through_the_softmax():
     post, _ = rssm.obs_step(rssm.initial(3), action, embed)
     weights = torch.randn_like(post.stoch)
     through_sample = torch.autograd.grad((post.stoch * weights).sum(), rssm.obs_stats.weight, retain_graph=True)[0]
-    through_probs = torch.autograd.grad((F.softmax(post.logits, -1).flatten(-2) * weights).sum(),
-                                        rssm.obs_stats.weight)[0]
+    through_probs = torch.autograd.grad(
+        (F.softmax(post.logits, -1).flatten(-2) * weights).sum(), rssm.obs_stats.weight
+    )[0]
     assert through_sample.abs().sum() > 0
     assert torch.allclose(through_sample, through_probs, rtol=0, atol=1e-12)
 

@@ -9,9 +9,15 @@ import pytest
 import yaml
 
 from pipelines import steps
-from pipelines.veorl_pipeline import (DEFAULT_GPU_IMAGE, DEFAULT_IMAGE, PACKAGE_PATH, CompileOptions, build_pipeline,
-                                      compile_pipeline)
-from veorl.config import ConfigError, load_params, resolve
+from pipelines.veorl_pipeline import (
+    DEFAULT_GPU_IMAGE,
+    DEFAULT_IMAGE,
+    PACKAGE_PATH,
+    CompileOptions,
+    build_pipeline,
+    compile_pipeline,
+)
+from veorl.config import ConfigError, load_params
 from veorl.storage import read_json
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,7 +32,8 @@ def compiled(tmp_path_factory) -> dict:
 
 def test_checked_in_yaml_is_what_the_code_compiles(compiled):
     assert PACKAGE_PATH.read_text() == compiled["text"], (
-        "pipelines/veorl_pipeline.yaml is stale: run `python -m pipelines.cli compile` (or `make compile`)")
+        "pipelines/veorl_pipeline.yaml is stale: run `python -m pipelines.cli compile` (or `make compile`)"
+    )
 
 
 def test_compilation_is_deterministic(tmp_path, compiled):
@@ -92,17 +99,29 @@ def test_images_resources_and_gpus(compiled):
 def test_compile_options_and_image_env(tmp_path, monkeypatch):
     monkeypatch.setenv("VEORL_IMAGE", "registry.example.org/veorl:abc-cpu")
     monkeypatch.delenv("VEORL_GPU_IMAGE", raising=False)
-    options = CompileOptions.from_env(gpus=2, accelerator="amd.com/gpu", env={"MLFLOW_TRACKING_URI": "http://mlflow:5000"},
-                                      resources={"pretrain": ("16", "64G")})
+    options = CompileOptions.from_env(
+        gpus=2,
+        accelerator="amd.com/gpu",
+        env={"MLFLOW_TRACKING_URI": "http://mlflow:5000"},
+        resources={"pretrain": ("16", "64G")},
+    )
     spec = yaml.safe_load(compile_pipeline(tmp_path / "custom.yaml", options).read_text())
     executors = _executors(spec)
     assert executors["exec-ingest"]["container"]["image"] == "registry.example.org/veorl:abc-cpu"
     assert executors["exec-finetune"]["container"]["image"] == DEFAULT_GPU_IMAGE
     pretrain = executors["exec-pretrain"]["container"]
-    assert pretrain["resources"]["accelerator"] == {"count": "2", "resourceCount": "2", "resourceType": "amd.com/gpu",
-                                                    "type": "amd.com/gpu"}
-    assert pretrain["resources"]["resourceCpuRequest"] == "16" and pretrain["resources"]["resourceMemoryRequest"] == "64G"
-    assert {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow:5000"} in executors["exec-register"]["container"]["env"]
+    assert pretrain["resources"]["accelerator"] == {
+        "count": "2",
+        "resourceCount": "2",
+        "resourceType": "amd.com/gpu",
+        "type": "amd.com/gpu",
+    }
+    assert (
+        pretrain["resources"]["resourceCpuRequest"] == "16" and pretrain["resources"]["resourceMemoryRequest"] == "64G"
+    )
+    assert {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow:5000"} in executors["exec-register"]["container"][
+        "env"
+    ]
     no_gpu = yaml.safe_load(compile_pipeline(tmp_path / "cpu.yaml", CompileOptions(gpus=0)).read_text())
     assert "accelerator" not in _executors(no_gpu)["exec-pretrain"]["container"]["resources"]
 
@@ -124,13 +143,13 @@ def repo_params(monkeypatch):
     monkeypatch.setenv(steps.PARAMS_ENV, str(REPO / "params.yaml"))
 
 
-def test_stage_documents_change_only_where_a_stage_reads(repo_params):
+def test_stage_documents_change_only_where_a_stage_reads(repo_params, params):
     base = _documents([])
     changed = _documents(["finetune.policy_steps=7"], {"algo": "bc"})
     assert {stage for stage in base if base[stage] != changed[stage]} == {"finetune"}
-    params = steps.params_for_stage(changed["finetune"])
-    assert params.finetune.policy_steps == 7 and params.finetune.algo == "bc"
-    assert params.model.deter == resolve({}, preset="smoke").model.deter  # the smoke preset's sizes
+    finetune = steps.params_for_stage(changed["finetune"])
+    assert finetune.finetune.policy_steps == 7 and finetune.finetune.algo == "bc"
+    assert finetune.model.deter == params().model.deter  # the smoke preset's sizes
 
     task_changed = _documents([], {"task": "button-press"})
     assert {s for s in base if base[s] != task_changed[s]} == {"source_videos", "collect"}
@@ -149,16 +168,19 @@ def test_stage_keys_are_the_read_keys_plus_their_cross_checked_partners():
         assert set(read) <= set(steps.stage_keys(stage)) | {"preset"}
 
 
-@pytest.mark.parametrize("bad, key", [
-    (["pretrain.source_len=30"], "pretrain.source_len"),                      # > the smoke window of 12
-    (["collect.task=door-open"], "source_videos.tasks"),                      # a source task is the target
-    (["ingest.size=32"], "ingest.size"),
-    (["collect.size=32"], "collect.size"),
-])
-def test_cross_checked_groups_are_the_checks_params_runs(bad, key):
+@pytest.mark.parametrize(
+    "bad, key",
+    [
+        (["pretrain.source_len=30"], "pretrain.source_len"),  # > the smoke window of 12
+        (["collect.task=door-open"], "source_videos.tasks"),  # a source task is the target
+        (["ingest.size=32"], "ingest.size"),
+        (["collect.size=32"], "collect.size"),
+    ],
+)
+def test_cross_checked_groups_are_the_checks_params_runs(bad, key, params):
     """Each group of CROSS_CHECKED names the keys of a real Params check (so the stage documents carry them)."""
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        resolve({}, preset="smoke", overrides=bad)
+        params(*bad)
     assert any(key in group for group in steps.CROSS_CHECKED)
 
 
@@ -203,28 +225,28 @@ def test_stage_documents_are_validated_again_in_the_step(repo_params):
         steps.knob_overrides({"gpu": "1"})
 
 
-def test_external_sources_are_recorded_with_a_content_hash_and_ingested_as_listed(tmp_path):
+def test_external_sources_are_recorded_with_a_content_hash_and_ingested_as_listed(tmp_path, params):
     from components.ingest import expand_recorded_sources
     from components.source_videos import EXTERNAL_SOURCES, run_external
     from veorl.storage import artifact_hash
 
-    params = resolve({}, preset="smoke")
+    smoke = params()
     video = tmp_path / "raw" / "a.mp4"
     video.parent.mkdir()
     video.write_bytes(b"first")
     out = tmp_path / "videos"
-    run_external([str(video.parent)], str(out), params)
+    run_external([str(video.parent)], str(out), smoke)
     assert read_json(out / EXTERNAL_SOURCES)["sources"] == [str(video.parent)]
     first = artifact_hash(out)
     assert read_json(out / "provenance.json")["content_hash"] == first
     assert expand_recorded_sources([str(out), str(video)]) == [str(video.parent), str(video)]
-    run_external([str(video.parent)], str(tmp_path / "again"), params)
+    run_external([str(video.parent)], str(tmp_path / "again"), smoke)
     assert artifact_hash(tmp_path / "again") == first  # the hash follows the videos' content, not the folder
     video.write_bytes(b"second")
-    run_external([str(video.parent)], str(tmp_path / "changed"), params)
+    run_external([str(video.parent)], str(tmp_path / "changed"), smoke)
     assert artifact_hash(tmp_path / "changed") != first
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        run_external([str(tmp_path / "missing")], str(tmp_path / "x"), params)
+        run_external([str(tmp_path / "missing")], str(tmp_path / "x"), smoke)
 
 
 def test_cli_compile_and_submit(tmp_path, monkeypatch, capsys):
@@ -243,10 +265,24 @@ def test_cli_compile_and_submit(tmp_path, monkeypatch, capsys):
         def __init__(self, host, existing_token=None, namespace="kubeflow"):
             submitted.update(host=host, token=existing_token)
 
-        def create_run_from_pipeline_package(self, package, arguments, run_name, experiment_name, namespace, pipeline_root,
-                                             enable_caching, service_account):
-            submitted.update(spec=yaml.safe_load(Path(package).read_text()), arguments=arguments, root=pipeline_root,
-                             experiment=experiment_name, caching=enable_caching)
+        def create_run_from_pipeline_package(
+            self,
+            package,
+            arguments,
+            run_name,
+            experiment_name,
+            namespace,
+            pipeline_root,
+            enable_caching,
+            service_account,
+        ):
+            submitted.update(
+                spec=yaml.safe_load(Path(package).read_text()),
+                arguments=arguments,
+                root=pipeline_root,
+                experiment=experiment_name,
+                caching=enable_caching,
+            )
             return type("Run", (), {"run_id": "run-123"})()
 
         def upload_pipeline(self, package, pipeline_name, namespace):
@@ -258,20 +294,46 @@ def test_cli_compile_and_submit(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(kfp, "Client", RecordingClient)
     monkeypatch.setenv("KFP_TOKEN", "token-from-env")
-    code = cli.main(["submit", "--host", "https://kfp.example.org", "--preset", "paper", "--task", "button-press",
-                     "--set", "finetune.policy_steps=100", "--video-source", "s3://videos/raw/", "--no-cache",
-                     "--pipeline-root", "s3://kfp-artifacts/veorl", "--image", "my/cpu:2", "--gpu-image", "my/cuda:2"])
+    code = cli.main(
+        [
+            "submit",
+            "--host",
+            "https://kfp.example.org",
+            "--preset",
+            "paper",
+            "--task",
+            "button-press",
+            "--set",
+            "finetune.policy_steps=100",
+            "--video-source",
+            "s3://videos/raw/",
+            "--no-cache",
+            "--pipeline-root",
+            "s3://kfp-artifacts/veorl",
+            "--image",
+            "my/cpu:2",
+            "--gpu-image",
+            "my/cuda:2",
+        ]
+    )
     assert code == 0
     assert submitted["host"] == "https://kfp.example.org" and submitted["token"] == "token-from-env"
-    assert submitted["arguments"] == {"preset": "paper", "task": "button-press", "overrides": ["finetune.policy_steps=100"],
-                                      "video_sources": ["s3://videos/raw/"]}
+    assert submitted["arguments"] == {
+        "preset": "paper",
+        "task": "button-press",
+        "overrides": ["finetune.policy_steps=100"],
+        "video_sources": ["s3://videos/raw/"],
+    }
     assert submitted["caching"] is False and submitted["experiment"] == "veorl"
     assert _executors(submitted["spec"])["exec-finetune"]["container"]["image"] == "my/cuda:2"
     assert submitted["root"] == "s3://kfp-artifacts/veorl"
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["run_id"] == "run-123"
 
     assert cli.main(["upload", "--host", "https://kfp.example.org", "--package", str(out)]) == 0
-    assert submitted["name"] == "veorl" and _executors(submitted["uploaded"])["exec-collect"]["container"]["image"] == "my/cpu:1"
+    assert (
+        submitted["name"] == "veorl"
+        and _executors(submitted["uploaded"])["exec-collect"]["container"]["image"] == "my/cpu:1"
+    )
     # A new version of a pipeline that does not exist is a clear error, with the token never echoed.
     assert cli.main(["upload", "--host", "https://kfp.example.org", "--version", "v2", "--package", str(out)]) == 1
     err = capsys.readouterr().err
@@ -279,7 +341,7 @@ def test_cli_compile_and_submit(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_local_pipeline_run_registers_a_champion(tmp_path, monkeypatch):
+def test_local_pipeline_run_registers_a_champion(tmp_path, monkeypatch, mlflow_store):
     """The whole DAG on the smoke preset with kfp.local (75 s to 3 min on 2 shared cores, hence slow)."""
     import mlflow
     import numpy as np
@@ -290,8 +352,7 @@ def test_local_pipeline_run_registers_a_champion(tmp_path, monkeypatch):
     from veorl.serving import initial_state
     from veorl.storage import artifact_hash, tree_hash
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    uri = mlflow_store
     monkeypatch.chdir(REPO)  # the SubprocessRunner imports `components`/`pipelines` from the working directory
     root = tmp_path / "pipeline_root"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
@@ -310,8 +371,12 @@ def test_local_pipeline_run_registers_a_champion(tmp_path, monkeypatch):
 
     # Each producing step recorded its artifact's hash once, and the hash the KFP step passed on is that record.
     recorded = {}
-    for task, artifact in (("source-videos", "videos"), ("ingest", "clips"), ("collect", "episodes"),
-                           ("evaluate", "evaluation")):
+    for task, artifact in (
+        ("source-videos", "videos"),
+        ("ingest", "clips"),
+        ("collect", "episodes"),
+        ("evaluate", "evaluation"),
+    ):
         recorded[task] = read_json(run_dir / task / artifact / "provenance.json")["content_hash"]
         assert read_json(run_dir / task / "executor_output.json")["parameterValues"]["Output"] == recorded[task]
     assert recorded["ingest"] == clips_hash(run_dir / "ingest" / "clips", recorded=False)
@@ -322,5 +387,7 @@ def test_local_pipeline_run_registers_a_champion(tmp_path, monkeypatch):
     model = mlflow.pyfunc.load_model("models:/veorl-agent@champion")
     result = model.predict({"image": np.zeros((1, 64, 64, 3), np.uint8), **initial_state(model)})
     assert result["action"].shape == (1, 4) and np.all(np.abs(result["action"]) <= 1.0)
-    stages = {run.data.tags.get("veorl.stage") for run in mlflow.search_runs(experiment_names=["veorl"], output_format="list")}
+    stages = {
+        run.data.tags.get("veorl.stage") for run in mlflow.search_runs(experiment_names=["veorl"], output_format="list")
+    }
     assert {"pretrain", "finetune", "evaluate", "register"} <= stages

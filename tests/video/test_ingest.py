@@ -16,7 +16,8 @@ import av
 import numpy as np
 import pytest
 
-from veorl.config import ConfigError, resolve
+from tests.builders import smoke_params
+from veorl.config import ConfigError
 from veorl.data.clips import ClipStore
 from veorl.video.decode import open_video, square_frames
 from veorl.video.encode import write_video
@@ -32,7 +33,7 @@ def smoke(**ingest_settings):
 
     pretrain.source_len is lowered so that short test windows pass the cross-check source_len <= window.
     """
-    return resolve({"ingest": ingest_settings, "pretrain": {"source_len": 2}}, preset="smoke")
+    return smoke_params(raw={"ingest": ingest_settings, "pretrain": {"source_len": 2}})
 
 
 def indexed_frames(count: int, height: int, width: int, step: int = STEP):
@@ -42,7 +43,7 @@ def indexed_frames(count: int, height: int, width: int, step: int = STEP):
     for i in range(count):
         frame = np.zeros((height, width, 3), np.uint8)
         frame[..., 0] = 255
-        frame[y0:y0 + side, x0:x0 + side] = step * i
+        frame[y0 : y0 + side, x0 : x0 + side] = step * i
         yield frame
 
 
@@ -90,7 +91,9 @@ def test_every_codec_and_container_is_ingested_into_clipstore_clips(tmp_path):
 
     manifest = ingest([str(src)], out, smoke(window=8, stride=4), progress=False)
 
-    assert sorted(Path(e["uri"]).name for e in manifest["sources"]) == sorted(n for n, *_ in CODECS)  # notes.txt ignored
+    assert sorted(Path(e["uri"]).name for e in manifest["sources"]) == sorted(
+        n for n, *_ in CODECS
+    )  # notes.txt ignored
     for name, _, decoder, _ in CODECS:
         entry = entry_for(manifest, name)
         assert entry["status"] == "ok", (name, entry["error"])
@@ -103,7 +106,9 @@ def test_every_codec_and_container_is_ingested_into_clipstore_clips(tmp_path):
     store = ClipStore(out)
     assert len(store) == 4 * len(CODECS)
     assert store.sample(3, 5, np.random.default_rng(0)).shape == (3, 5, 64, 64, 3)
-    assert (out / "config.json").is_file() and json.loads((out / "provenance.json").read_text())["config"]["ingest"]["window"] == 8
+    assert (out / "config.json").is_file() and json.loads((out / "provenance.json").read_text())["config"]["ingest"][
+        "window"
+    ] == 8
 
 
 def test_clips_follow_window_and_stride_and_keep_only_the_centre_square(tmp_path):
@@ -141,7 +146,9 @@ def test_odd_size_and_frame_rates_resample_to_the_nearest_frame_in_time(tmp_path
             assert frame_index(frame) == round(source_time), k
 
     for fps, expected_odd in [(None, 21), (10.0, 30), (3.0, 9)]:
-        manifest = ingest([str(odd), str(ntsc)], tmp_path / f"out_{fps}", smoke(fps=fps, window=4, stride=2), progress=False)
+        manifest = ingest(
+            [str(odd), str(ntsc)], tmp_path / f"out_{fps}", smoke(fps=fps, window=4, stride=2), progress=False
+        )
         assert entry_for(manifest, "odd_7fps.mkv")["frames"] == expected_odd
         expected_ntsc = 45 if fps is None else math.ceil(45 * 1001 / 30000 * fps - 1e-3)
         assert entry_for(manifest, "ntsc.mp4")["frames"] == expected_ntsc
@@ -167,7 +174,9 @@ def test_image_sequence_folders_are_trajectories_in_natural_frame_order(tmp_path
 
     # A glob over frame files names the same trajectory (same frames, same content hash).
     globbed = ingest([str(root / "traj_png" / "im_*.png")], tmp_path / "glob", smoke(), progress=False)
-    assert [(e["uri"], e["kind"], e["content_hash"]) for e in globbed["sources"]] == [(png["uri"], "image_sequence", png["content_hash"])]
+    assert [(e["uri"], e["kind"], e["content_hash"]) for e in globbed["sources"]] == [
+        (png["uri"], "image_sequence", png["content_hash"])
+    ]
 
     # With a target rate, image sequences play at ingest.image_fps: 14 frames at 5 Hz = 2.8 s -> 7 frames at 2.5 fps.
     halved = ingest([str(root / "traj_png")], tmp_path / "half", smoke(fps=2.5, window=3, stride=1), progress=False)
@@ -188,7 +197,12 @@ def _video_with_garbage_packets(path: Path, frames: int, garbage: range) -> None
             for packet in packets:
                 if count in garbage:
                     junk = av.Packet(rng.integers(0, 256, max(packet.size, 64), dtype=np.uint8).tobytes())
-                    junk.pts, junk.dts, junk.time_base, junk.stream = packet.pts, packet.dts, packet.time_base, packet.stream
+                    junk.pts, junk.dts, junk.time_base, junk.stream = (
+                        packet.pts,
+                        packet.dts,
+                        packet.time_base,
+                        packet.stream,
+                    )
                     packet = junk
                 container.mux(packet)
                 count += 1
@@ -327,7 +341,11 @@ def test_rerun_skips_done_sources_resumes_and_reingests_on_param_change(tmp_path
 
     changed = ingest([str(src)], out, smoke(stride=3), progress=False)
     assert changed["params_hash"] != first["params_hash"]
-    assert (changed["last_run"]["ingested"], changed["last_run"]["reused"], changed["totals"]["duplicates"]) == (3, 1, 1)
+    assert (changed["last_run"]["ingested"], changed["last_run"]["reused"], changed["totals"]["duplicates"]) == (
+        3,
+        1,
+        1,
+    )
     referenced = {Path(s["file"]).name for e in changed["sources"] for s in e["shards"]}
     assert set(_shard_mtimes(out)) == referenced and not referenced & set(mtimes)  # old shards removed
 
@@ -346,27 +364,40 @@ def test_two_workers_write_the_same_clips_as_one(tmp_path):
             assert (tmp_path / "two" / shard["file"]).read_bytes() == (tmp_path / "one" / shard["file"]).read_bytes()
 
 
-@pytest.mark.parametrize("override, key", [
-    ("ingest.bogus=1", "ingest.bogus"),
-    ("ingest.window=1", "ingest.window"),
-    ("ingest.fps=0", "ingest.fps"),
-    ("ingest.stride=many", "ingest.stride"),
-    ("ingest.interpolation=nearest", "ingest.interpolation"),
-    ("ingest.video_extensions=[mp4]", "ingest.video_extensions"),
-])
-def test_invalid_ingest_parameters_name_the_key(override, key):
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("ingest.bogus=1", "ingest.bogus"),
+        ("ingest.window=1", "ingest.window"),
+        ("ingest.fps=0", "ingest.fps"),
+        ("ingest.stride=many", "ingest.stride"),
+        ("ingest.interpolation=nearest", "ingest.interpolation"),
+        ("ingest.video_extensions=[mp4]", "ingest.video_extensions"),
+    ],
+)
+def test_invalid_ingest_parameters_name_the_key(override, key, params):
     with pytest.raises(ConfigError) as err:
-        resolve({}, preset="smoke", overrides=[override])
+        params(override)
     assert key in str(err.value)
 
 
 def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "components.ingest", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "components.ingest", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_exit_codes(tmp_path):
     (tmp_path / "junk.mp4").write_text("not a video")
-    common = ["--out", str(tmp_path / "out"), "--params", str(tmp_path / "absent.yaml"), "--preset", "smoke", "--no-progress"]
+    common = [
+        "--out",
+        str(tmp_path / "out"),
+        "--params",
+        str(tmp_path / "absent.yaml"),
+        "--preset",
+        "smoke",
+        "--no-progress",
+    ]
 
     nothing = _cli("--source", str(tmp_path / "junk.mp4"), *common)
     assert nothing.returncode == 1

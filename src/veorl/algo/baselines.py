@@ -38,8 +38,12 @@ class Switches:
 
 def switches(fp: FinetuneParams) -> Switches:
     if fp.algo == "veorl":
-        return Switches(pretrained_encoder=True, use_mmd=fp.use_mmd, use_latent_action=fp.use_latent_action,
-                        use_intrinsic=fp.use_intrinsic)
+        return Switches(
+            pretrained_encoder=True,
+            use_mmd=fp.use_mmd,
+            use_latent_action=fp.use_latent_action,
+            use_intrinsic=fp.use_intrinsic,
+        )
     if fp.algo == "dreamerv2":
         return Switches(pretrained_encoder=False, use_mmd=False, use_latent_action=False, use_intrinsic=False)
     if fp.algo == "bc":
@@ -51,7 +55,9 @@ def bc_pairs(image: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, t
     """(frame t, action t+1) pairs of windows (B, T, ...): index t holds the obs reached by action t, so the
     action chosen after seeing frame t is action t+1."""
     if image.shape[:2] != action.shape[:2] or image.shape[1] < 2:
-        raise ValueError(f"bc needs windows of >= 2 steps with matching image {tuple(image.shape)} and action {tuple(action.shape)}")
+        raise ValueError(
+            f"bc needs windows of >= 2 steps with matching image {tuple(image.shape)} and action {tuple(action.shape)}"
+        )
     frames = image[:, :-1].reshape(-1, *image.shape[2:])
     targets = action[:, 1:].reshape(-1, action.shape[-1])
     return frames, targets
@@ -59,8 +65,8 @@ def bc_pairs(image: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, t
 
 @dataclass(frozen=True)
 class BCLosses:
-    bc_loss: torch.Tensor      # what is minimised: MSE, or the Gaussian NLL (finetune.bc_loss)
-    action_mse: torch.Tensor   # squared error of the mean action, whatever the loss
+    bc_loss: torch.Tensor  # what is minimised: MSE, or the Gaussian NLL (finetune.bc_loss)
+    action_mse: torch.Tensor  # squared error of the mean action, whatever the loss
     grad_norm: torch.Tensor | None = None
 
 

@@ -74,8 +74,19 @@ SECTIONS = ("model", "finetune")
 # Streams of the per-step batch RNG (veorl.data.samplers.step_rng).
 TARGET_STREAM, SOURCE_STREAM, START_STREAM, BC_STREAM = 10, 11, 12, 13
 # Model sizes the video world model was pretrained with; the Trunk Net must share them to reuse its parts.
-PRETRAINED_SIZE_KEYS = ("cnn_depth", "deter", "stoch", "stoch_classes", "rssm_kind", "hidden", "min_std", "ban_hidden",
-                        "latent_action_dim", "codebook_size", "fbc_hidden")
+PRETRAINED_SIZE_KEYS = (
+    "cnn_depth",
+    "deter",
+    "stoch",
+    "stoch_classes",
+    "rssm_kind",
+    "hidden",
+    "min_std",
+    "ban_hidden",
+    "latent_action_dim",
+    "codebook_size",
+    "fbc_hidden",
+)
 
 Batch = dict[str, torch.Tensor]
 
@@ -97,12 +108,12 @@ def _clip_step(optimizer: torch.optim.Optimizer, parameters: list[torch.Tensor],
 
 @dataclass(frozen=True)
 class WorldModelLosses:
-    loss: torch.Tensor                  # what the Trunk Net optimiser minimises (MMD included)
+    loss: torch.Tensor  # what the Trunk Net optimiser minimises (MMD included)
     image_nll: torch.Tensor
     reward_nll: torch.Tensor
-    kl_loss: torch.Tensor               # balanced KL with free nats (optimised)
-    kl: torch.Tensor                    # raw KL(posterior || prior)
-    mmd: torch.Tensor | None = None     # with MMD on and source clips
+    kl_loss: torch.Tensor  # balanced KL with free nats (optimised)
+    kl: torch.Tensor  # raw KL(posterior || prior)
+    mmd: torch.Tensor | None = None  # with MMD on and source clips
     fbc_loss: torch.Tensor | None = None  # aligned guidance only: F_BC to the BAN's latent action
     map_loss: torch.Tensor | None = None  # aligned guidance only: M(f) to the Plan Net posterior
     ensemble_loss: torch.Tensor | None = None  # prior ensemble heads to the posterior (reads detached states)
@@ -115,8 +126,14 @@ class WorldModelPhase(Trainer):
 
     name = "world_model"
 
-    def __init__(self, trunk: TrunkWorldModel, params: Params, sw: Switches, video_wm: VideoWorldModel | None = None,
-                 guidance: BehaviourGuidance | None = None):
+    def __init__(
+        self,
+        trunk: TrunkWorldModel,
+        params: Params,
+        sw: Switches,
+        video_wm: VideoWorldModel | None = None,
+        guidance: BehaviourGuidance | None = None,
+    ):
         fp = params.finetune
         self.trunk, self.fp, self.sw, self.video_wm, self.guidance = trunk, fp, sw, video_wm, guidance
         self.optimizer = torch.optim.Adam(trunk.parameters(), lr=fp.world_model_optim.lr, eps=fp.world_model_optim.eps)
@@ -125,8 +142,9 @@ class WorldModelPhase(Trainer):
         if self.train_guidance:
             if video_wm is None:
                 raise FinetuneError("aligned guidance needs the video world model (BAN and Plan Net targets)")
-            self.guidance_optimizer = torch.optim.Adam(self.guidance_parameters(), lr=fp.world_model_optim.lr,
-                                                       eps=fp.world_model_optim.eps)
+            self.guidance_optimizer = torch.optim.Adam(
+                self.guidance_parameters(), lr=fp.world_model_optim.lr, eps=fp.world_model_optim.eps
+            )
 
     def guidance_parameters(self) -> list[nn.Parameter]:
         return list(self.guidance.fbc.parameters()) + list(self.guidance.state_map.parameters())
@@ -135,8 +153,16 @@ class WorldModelPhase(Trainer):
         """The terms of one batch (image, action, reward [, source clips]); a pure function of the batch."""
         fp = self.fp
         image = preprocess(batch["image"])
-        trunk = trunk_world_model_loss(self.trunk, image, batch["action"], batch["reward"], kl_balance=fp.kl_balance,
-                                       free_nats=fp.free_nats, kl_scale=fp.kl_scale, reward_scale=fp.reward_scale)
+        trunk = trunk_world_model_loss(
+            self.trunk,
+            image,
+            batch["action"],
+            batch["reward"],
+            kl_balance=fp.kl_balance,
+            free_nats=fp.free_nats,
+            kl_scale=fp.kl_scale,
+            reward_scale=fp.reward_scale,
+        )
         loss, mmd = trunk.loss, None
         if self.sw.use_mmd and batch.get("source") is not None:
             mmd = linear_mmd(self.trunk.encoder(preprocess(batch["source"])), trunk.embed)
@@ -153,9 +179,17 @@ class WorldModelPhase(Trainer):
             # MSE to the quantised latent action, as in pretraining's phase 2
             fbc_loss = (self.guidance.fbc(feature[:, :-1]) - latent_actions).square().mean()
             map_loss = self.guidance.state_map.loss(feature, plan_posterior)
-        return WorldModelLosses(loss=loss, image_nll=trunk.image_nll, reward_nll=trunk.reward_nll,
-                                kl_loss=trunk.kl_loss, kl=trunk.kl, mmd=mmd, fbc_loss=fbc_loss, map_loss=map_loss,
-                                ensemble_loss=ensemble_loss)
+        return WorldModelLosses(
+            loss=loss,
+            image_nll=trunk.image_nll,
+            reward_nll=trunk.reward_nll,
+            kl_loss=trunk.kl_loss,
+            kl=trunk.kl,
+            mmd=mmd,
+            fbc_loss=fbc_loss,
+            map_loss=map_loss,
+            ensemble_loss=ensemble_loss,
+        )
 
     def update(self, batch: Batch) -> WorldModelLosses:
         losses = self.losses(batch)
@@ -166,15 +200,19 @@ class WorldModelPhase(Trainer):
         if self.train_guidance:
             self.guidance_optimizer.zero_grad(set_to_none=True)
             (losses.fbc_loss + losses.map_loss).backward()
-            guidance_grad = _clip_step(self.guidance_optimizer, self.guidance_parameters(),
-                                       self.fp.world_model_optim.grad_clip)
+            guidance_grad = _clip_step(
+                self.guidance_optimizer, self.guidance_parameters(), self.fp.world_model_optim.grad_clip
+            )
         return replace(detached(losses), trunk_grad_norm=trunk_grad, guidance_grad_norm=guidance_grad)
 
     def state_dict(self) -> dict[str, Any]:
         state = {"trunk": self.trunk.state_dict(), "optimizer": self.optimizer.state_dict()}
         if self.train_guidance:
-            state.update(fbc=self.guidance.fbc.state_dict(), state_map=self.guidance.state_map.state_dict(),
-                         guidance_optimizer=self.guidance_optimizer.state_dict())
+            state.update(
+                fbc=self.guidance.fbc.state_dict(),
+                state_map=self.guidance.state_map.state_dict(),
+                guidance_optimizer=self.guidance_optimizer.state_dict(),
+            )
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -195,11 +233,11 @@ class WorldModelPhase(Trainer):
 class PolicyLosses:
     actor_loss: torch.Tensor
     critic_loss: torch.Tensor
-    imagined_return: torch.Tensor       # mean lambda-return
-    imagined_reward: torch.Tensor       # mean extrinsic reward predicted on imagined states
-    intrinsic: torch.Tensor             # mean intrinsic reward (0 when it is off)
+    imagined_return: torch.Tensor  # mean lambda-return
+    imagined_reward: torch.Tensor  # mean extrinsic reward predicted on imagined states
+    intrinsic: torch.Tensor  # mean intrinsic reward (0 when it is off)
     entropy: torch.Tensor
-    value: torch.Tensor                 # mean slow-critic value
+    value: torch.Tensor  # mean slow-critic value
     return_scale: torch.Tensor | None = None  # what the actor's returns are divided by (1 without normalisation)
     actor_bc_loss: torch.Tensor | None = None  # -log pi(data action | start state), with actor_bc_weight > 0
     uncertainty: torch.Tensor | None = None  # mean ensemble disagreement along imagined states, with the penalty on
@@ -213,7 +251,7 @@ class StartStates:
 
     states: RSSMState
     next_action: torch.Tensor  # (B*T, A): the action taken after the observation of each start state
-    has_next: torch.Tensor     # (B*T,): 0 for the last step of a window, whose next action is not in the batch
+    has_next: torch.Tensor  # (B*T,): 0 for the last step of a window, whose next action is not in the batch
 
 
 @dataclass(frozen=True)
@@ -224,11 +262,11 @@ class ImaginedReturns:
     """
 
     traj: Imagination
-    extrinsic: torch.Tensor   # (H, N) reward head on s_1..s_H
-    reward: torch.Tensor      # (H, N) extrinsic + intrinsic_weight * intrinsic - uncertainty_weight * disagreement
-    values: torch.Tensor      # (H+1, N) slow critic on s_0..s_H, with the rollout's graph
-    returns: torch.Tensor     # (H, N) lambda-returns, the critic's targets
-    weights: torch.Tensor     # (H, N) discount weights of the start states, no gradient
+    extrinsic: torch.Tensor  # (H, N) reward head on s_1..s_H
+    reward: torch.Tensor  # (H, N) extrinsic + intrinsic_weight * intrinsic - uncertainty_weight * disagreement
+    values: torch.Tensor  # (H+1, N) slow critic on s_0..s_H, with the rollout's graph
+    returns: torch.Tensor  # (H, N) lambda-returns, the critic's targets
+    weights: torch.Tensor  # (H, N) discount weights of the start states, no gradient
     uncertainty: torch.Tensor | None = None  # (H, N) ensemble disagreement on s_1..s_H, when the penalty is on
 
 
@@ -248,8 +286,15 @@ class PolicyPhase(Trainer):
 
     name = "policy"
 
-    def __init__(self, trunk: TrunkWorldModel, actor: Actor, critic: Critic, params: Params, sw: Switches,
-                 guidance: BehaviourGuidance | None = None):
+    def __init__(
+        self,
+        trunk: TrunkWorldModel,
+        actor: Actor,
+        critic: Critic,
+        params: Params,
+        sw: Switches,
+        guidance: BehaviourGuidance | None = None,
+    ):
         fp = params.finetune
         if sw.needs_guidance and guidance is None:
             raise FinetuneError("the latent-action input and the intrinsic reward need behaviour guidance")
@@ -281,15 +326,23 @@ class PolicyPhase(Trainer):
         following = torch.cat([action[:, 1:], torch.zeros_like(action[:, :1])], 1)
         has_next = torch.ones(rows, steps, device=action.device, dtype=action.dtype)
         has_next[:, -1] = 0.0
-        return StartStates(posterior.reshape_batch(-1).detach(), following.reshape(rows * steps, -1),
-                           has_next.reshape(-1))
+        return StartStates(
+            posterior.reshape_batch(-1).detach(), following.reshape(rows * steps, -1), has_next.reshape(-1)
+        )
 
     def imagine_returns(self, start: RSSMState) -> ImaginedReturns:
         fp, sw = self.fp, self.sw
         guidance = self.guidance if sw.needs_guidance else None
-        traj = imagine(self.trunk.trunk_net, start, self.actor, fp.horizon, guidance,
-                       use_latent_action=sw.use_latent_action, use_intrinsic=sw.use_intrinsic,
-                       dynamics_gradient=self.actor.kind == "continuous")
+        traj = imagine(
+            self.trunk.trunk_net,
+            start,
+            self.actor,
+            fp.horizon,
+            guidance,
+            use_latent_action=sw.use_latent_action,
+            use_intrinsic=sw.use_intrinsic,
+            dynamics_gradient=self.actor.kind == "continuous",
+        )
         latent = traj.latent_actions if sw.use_latent_action else None
         # The slow critic reads the rollout's features with their graph: returns depend on where actions lead.
         values = self.slow_critic(policy_inputs(traj.features, latent))
@@ -304,8 +357,15 @@ class PolicyPhase(Trainer):
             reward = reward - fp.uncertainty_weight * uncertainty
         discount = torch.full_like(reward, fp.discount)
         returns = lambda_return(reward, values[1:], discount, fp.lambda_)
-        return ImaginedReturns(traj=traj, extrinsic=extrinsic, reward=reward, values=values, returns=returns,
-                               weights=discount_weights(discount), uncertainty=uncertainty)
+        return ImaginedReturns(
+            traj=traj,
+            extrinsic=extrinsic,
+            reward=reward,
+            values=values,
+            returns=returns,
+            weights=discount_weights(discount),
+            uncertainty=uncertainty,
+        )
 
     @property
     def uncertainty_reference(self) -> float:
@@ -363,13 +423,22 @@ class PolicyPhase(Trainer):
         if self.fp.actor_bc_weight > 0:
             bc = self.behaviour_loss(r, start)
             actor_loss = actor_loss + self.fp.actor_bc_weight * bc
-        return PolicyLosses(
-            actor_loss=actor_loss, critic_loss=self.critic_loss(r),
-            imagined_return=r.returns.detach().mean(), imagined_reward=r.extrinsic.detach().mean(),
-            intrinsic=r.traj.intrinsic[1:].detach().mean(), entropy=r.traj.entropies.detach().mean(),
-            value=r.values.detach().mean(), return_scale=torch.tensor(self.return_scale), actor_bc_loss=bc,
-            uncertainty=r.uncertainty.detach().mean() if r.uncertainty is not None else None,
-        ), r.returns.detach(), start
+        return (
+            PolicyLosses(
+                actor_loss=actor_loss,
+                critic_loss=self.critic_loss(r),
+                imagined_return=r.returns.detach().mean(),
+                imagined_reward=r.extrinsic.detach().mean(),
+                intrinsic=r.traj.intrinsic[1:].detach().mean(),
+                entropy=r.traj.entropies.detach().mean(),
+                value=r.values.detach().mean(),
+                return_scale=torch.tensor(self.return_scale),
+                actor_bc_loss=bc,
+                uncertainty=r.uncertainty.detach().mean() if r.uncertainty is not None else None,
+            ),
+            r.returns.detach(),
+            start,
+        )
 
     def update(self, batch: Batch) -> PolicyLosses:
         losses, returns, start = self._losses_and_returns(batch)
@@ -394,13 +463,18 @@ class PolicyPhase(Trainer):
 
     def state_dict(self) -> dict[str, Any]:
         # With the world model and guidance it imagines in: they were trained by the phase before.
-        return {"trunk": self.trunk.state_dict(),
-                "guidance": self.guidance.state_dict() if self.guidance is not None else None,
-                "actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
-                "slow_critic": self.slow_critic.state_dict(), "actor_optimizer": self.actor_optimizer.state_dict(),
-                "critic_optimizer": self.critic_optimizer.state_dict(), "updates": self.updates,
-                "normaliser": self.normaliser.state_dict() if self.normaliser is not None else None,
-                "disagreement_on_data": self.disagreement_on_data}
+        return {
+            "trunk": self.trunk.state_dict(),
+            "guidance": self.guidance.state_dict() if self.guidance is not None else None,
+            "actor": self.actor.state_dict(),
+            "critic": self.critic.state_dict(),
+            "slow_critic": self.slow_critic.state_dict(),
+            "actor_optimizer": self.actor_optimizer.state_dict(),
+            "critic_optimizer": self.critic_optimizer.state_dict(),
+            "updates": self.updates,
+            "normaliser": self.normaliser.state_dict() if self.normaliser is not None else None,
+            "disagreement_on_data": self.disagreement_on_data,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.trunk.load_state_dict(state["trunk"])
@@ -427,27 +501,42 @@ def dataset_metadata(episodes: str | Path, params: Params, action_dim: int) -> d
     card_path = Path(episodes) / CARD
     card = read_json(card_path) if card_path.is_file() else {}
     collect = params.collect
-    fallback = {"env": collect.env, "task": collect.task, "camera": collect.camera, "episode_length": collect.episode_length}
+    fallback = {
+        "env": collect.env,
+        "task": collect.task,
+        "camera": collect.camera,
+        "episode_length": collect.episode_length,
+    }
     missing = [k for k in fallback if k not in card]
     if missing:
         log.warning("%s does not say %s; taking them from params.collect", card_path, missing)
     return {
-        "env": card.get("env", fallback["env"]), "task": card.get("task", fallback["task"]),
+        "env": card.get("env", fallback["env"]),
+        "task": card.get("task", fallback["task"]),
         "camera": card.get("camera", fallback["camera"]),
         "episode_length": int(card.get("episode_length", fallback["episode_length"])),
-        "action_dim": int(action_dim), "action_kind": card.get("action_kind", "continuous"),
+        "action_dim": int(action_dim),
+        "action_kind": card.get("action_kind", "continuous"),
     }
 
 
 def check_pretrained_sizes(model: ModelParams, video_wm: VideoWorldModel, where: str) -> None:
     ours, theirs = model.model_dump(), video_wm.params.model_dump()
-    differ = [f"model.{k}: params {ours[k]!r}, world model {theirs[k]!r}" for k in PRETRAINED_SIZE_KEYS if ours[k] != theirs[k]]
+    differ = [
+        f"model.{k}: params {ours[k]!r}, world model {theirs[k]!r}"
+        for k in PRETRAINED_SIZE_KEYS
+        if ours[k] != theirs[k]
+    ]
     if differ:
-        raise FinetuneError(f"{where} was pretrained with other model sizes; re-run pretraining or restore them:\n  "
-                            + "\n  ".join(differ))
+        raise FinetuneError(
+            f"{where} was pretrained with other model sizes; re-run pretraining or restore them:\n  "
+            + "\n  ".join(differ)
+        )
 
 
-def build_guidance(video_wm: VideoWorldModel, trunk: TrunkWorldModel, mode: str, model: ModelParams) -> BehaviourGuidance:
+def build_guidance(
+    video_wm: VideoWorldModel, trunk: TrunkWorldModel, mode: str, model: ModelParams
+) -> BehaviourGuidance:
     """aligned: a trainable copy of F_BC and a new state map; release: the pretrained F_BC as it is."""
     video_wm.requires_grad_(False)
     if mode == "aligned":
@@ -474,30 +563,57 @@ def upstream_hashes(world_model: str | None, episodes: str, clips: str | None, s
 
 
 @torch.no_grad()
-def agent_diagnostics(params: Params, store, trunk: TrunkWorldModel | None, actor: Actor | None,
-                      guidance: BehaviourGuidance | None, sw: Switches, policy: PixelPolicy | None,
-                      device: str) -> dict[str, Any]:
+def agent_diagnostics(
+    params: Params,
+    store,
+    trunk: TrunkWorldModel | None,
+    actor: Actor | None,
+    guidance: BehaviourGuidance | None,
+    sw: Switches,
+    policy: PixelPolicy | None,
+    device: str,
+) -> dict[str, Any]:
     """The end-of-fine-tuning diagnostics (veorl.diagnostics) on target windows, with threshold warnings."""
     fp = params.finetune
     length = max(fp.seq_len, fp.horizon + 1)
     windows = target_windows(store, fp.diagnostics_sequences, length, seed=fp.seed)
     if trunk is not None:
-        figures = policy_diagnostics(trunk, actor, windows, fp.horizon, reward_scale=fp.reward_scale,
-                                     guidance=guidance, use_latent_action=sw.use_latent_action,
-                                     ensemble=trunk.ensemble, seed=fp.seed, device=device)
+        figures = policy_diagnostics(
+            trunk,
+            actor,
+            windows,
+            fp.horizon,
+            reward_scale=fp.reward_scale,
+            guidance=guidance,
+            use_latent_action=sw.use_latent_action,
+            ensemble=trunk.ensemble,
+            seed=fp.seed,
+            device=device,
+        )
     else:
         mean, _ = policy(preprocess(torch.as_tensor(windows["image"], device=device)).flatten(0, 1))
-        figures = {"action_spread": float(mean.std(0, unbiased=False).mean()),
-                   "share_at_bounds": float((mean.abs() > 0.99).float().mean())}
+        figures = {
+            "action_spread": float(mean.std(0, unbiased=False).mean()),
+            "share_at_bounds": float((mean.abs() > 0.99).float().mean()),
+        }
     report = {"policy": figures}
     report["warnings"] = check(report, f"finetune ({fp.algo})")
     return report
 
 
-def finetune(world_model: str | None, episodes: str, out: str, params: Params, clips: str | None = None,
-             checkpoints: str | None = None, metrics_path: str | None = "metrics/finetune.json",
-             curve_path: str | None = "metrics/finetune_curve.csv", parent_run_id: str | None = None,
-             progress: bool = True, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+def finetune(
+    world_model: str | None,
+    episodes: str,
+    out: str,
+    params: Params,
+    clips: str | None = None,
+    checkpoints: str | None = None,
+    metrics_path: str | None = "metrics/finetune.json",
+    curve_path: str | None = "metrics/finetune_curve.csv",
+    parent_run_id: str | None = None,
+    progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
     """Train (or resume) and write the agent artifact to `out`; returns the summary written to metrics_path.
 
     on_step(global_step) is called after every update (tests use it to simulate a kill).
@@ -531,7 +647,9 @@ def finetune(world_model: str | None, episodes: str, out: str, params: Params, c
     if sw.use_mmd:
         clip_store = ClipStore(clips)
         if fp.source_len > clip_store.window:
-            raise FinetuneError(f"finetune.source_len={fp.source_len} exceeds the {clip_store.window}-frame clips in {clips}")
+            raise FinetuneError(
+                f"finetune.source_len={fp.source_len} exceeds the {clip_store.window}-frame clips in {clips}"
+            )
 
     video_wm = None
     if fp.algo != "bc" and sw.needs_video_world_model:
@@ -551,19 +669,28 @@ def finetune(world_model: str | None, episodes: str, out: str, params: Params, c
     if fp.algo == "bc":
         policy = PixelPolicy(model.cnn_depth, action_dim, model.actor_units, model.actor_layers).to(device)
         bc_batches = EpisodeWindowSampler(store, fp.batch, fp.seq_len, fp.seed, BC_STREAM, keys=("image", "action"))
-        phases = [Phase("bc", fp.bc_steps, lambda: BehaviourCloning(policy, fp), bc_batches,
-                        fp.batch * (fp.seq_len - 1))]
+        phases = [
+            Phase("bc", fp.bc_steps, lambda: BehaviourCloning(policy, fp), bc_batches, fp.batch * (fp.seq_len - 1))
+        ]
     else:
-        trunk = build_trunk_world_model(model, action_dim, video_wm if sw.pretrained_encoder else None,
-                                        ensemble_size=fp.ensemble_size).to(device)
+        trunk = build_trunk_world_model(
+            model, action_dim, video_wm if sw.pretrained_encoder else None, ensemble_size=fp.ensemble_size
+        ).to(device)
         if sw.needs_guidance:
             guidance = build_guidance(video_wm, trunk, fp.guidance, model).to(device)
         feat_dim = trunk.feat_dim + (model.latent_action_dim if sw.use_latent_action else 0)
-        actor = Actor(feat_dim, action_dim, model.actor_units, model.actor_layers, kind=meta["action_kind"],
-                      min_std=model.actor_min_std).to(device)
+        actor = Actor(
+            feat_dim,
+            action_dim,
+            model.actor_units,
+            model.actor_layers,
+            kind=meta["action_kind"],
+            min_std=model.actor_min_std,
+        ).to(device)
         critic = Critic(feat_dim, model.critic_units, model.critic_layers).to(device)
-        target = EpisodeWindowSampler(store, fp.batch, fp.seq_len, fp.seed, TARGET_STREAM,
-                                      keys=("image", "action", "reward"))
+        target = EpisodeWindowSampler(
+            store, fp.batch, fp.seq_len, fp.seed, TARGET_STREAM, keys=("image", "action", "reward")
+        )
         source = ClipSampler(clip_store, fp.source_batch, fp.source_len, fp.seed, SOURCE_STREAM) if clip_store else None
         starts = EpisodeWindowSampler(store, fp.batch, fp.seq_len, fp.seed, START_STREAM, keys=("image", "action"))
 
@@ -578,27 +705,66 @@ def finetune(world_model: str | None, episodes: str, out: str, params: Params, c
             phase.freeze_world_model()
             return phase
 
-        phases = [Phase("world_model", fp.world_model_steps,
-                        lambda: WorldModelPhase(trunk, params, sw, video_wm, guidance), world_model_batch, windows),
-                  Phase("policy", fp.policy_steps, policy_phase, starts, windows * fp.horizon)]
-    loop = TrainingLoop(STAGE, phases, seed=fp.seed, config=config, upstream=upstream, checkpoints=run_dir,
-                        log_every=fp.log_every, checkpoint_every=fp.checkpoint_every, prefetch=fp.prefetch,
-                        device=device, progress=progress, on_step=on_step)
+        phases = [
+            Phase(
+                "world_model",
+                fp.world_model_steps,
+                lambda: WorldModelPhase(trunk, params, sw, video_wm, guidance),
+                world_model_batch,
+                windows,
+            ),
+            Phase("policy", fp.policy_steps, policy_phase, starts, windows * fp.horizon),
+        ]
+    loop = TrainingLoop(
+        STAGE,
+        phases,
+        seed=fp.seed,
+        config=config,
+        upstream=upstream,
+        checkpoints=run_dir,
+        log_every=fp.log_every,
+        checkpoint_every=fp.checkpoint_every,
+        prefetch=fp.prefetch,
+        device=device,
+        progress=progress,
+        on_step=on_step,
+    )
 
-    with tracking.stage_run(STAGE, params, parent_run_id, run_dir=run_dir, sections=SECTIONS, upstream=upstream,
-                            tags={"veorl.algo": fp.algo, "veorl.guidance": fp.guidance}) as stage:
+    with tracking.stage_run(
+        STAGE,
+        params,
+        parent_run_id,
+        run_dir=run_dir,
+        sections=SECTIONS,
+        upstream=upstream,
+        tags={"veorl.algo": fp.algo, "veorl.guidance": fp.guidance},
+    ) as stage:
         result = loop.run(stage.run_id)
 
         # -- the agent artifact ----------------------------------------------------------------------
         agent_meta = {
-            "algo": fp.algo, **meta, "image_size": model.image_size, "model": model.model_dump(mode="json"),
-            "use_latent_action": sw.use_latent_action, "guidance": fp.guidance if sw.needs_guidance else None,
-            "switches": {"pretrained_encoder": sw.pretrained_encoder, "use_mmd": sw.use_mmd,
-                         "use_latent_action": sw.use_latent_action, "use_intrinsic": sw.use_intrinsic},
-            "bc": {"units": model.actor_units, "layers": model.actor_layers, "loss": fp.bc_loss} if fp.algo == "bc" else None,
-            "trained_updates": dict(result.progress), "mlflow_run_id": stage.run_id,
-            "reward_head": ({"units": model.head_units, "layers": model.head_layers, "reward_scale": fp.reward_scale}
-                            if trunk is not None else None),
+            "algo": fp.algo,
+            **meta,
+            "image_size": model.image_size,
+            "model": model.model_dump(mode="json"),
+            "use_latent_action": sw.use_latent_action,
+            "guidance": fp.guidance if sw.needs_guidance else None,
+            "switches": {
+                "pretrained_encoder": sw.pretrained_encoder,
+                "use_mmd": sw.use_mmd,
+                "use_latent_action": sw.use_latent_action,
+                "use_intrinsic": sw.use_intrinsic,
+            },
+            "bc": {"units": model.actor_units, "layers": model.actor_layers, "loss": fp.bc_loss}
+            if fp.algo == "bc"
+            else None,
+            "trained_updates": dict(result.progress),
+            "mlflow_run_id": stage.run_id,
+            "reward_head": (
+                {"units": model.head_units, "layers": model.head_layers, "reward_scale": fp.reward_scale}
+                if trunk is not None
+                else None
+            ),
         }
         trained = {"policy": policy, "actor": actor}
         if trunk is not None:
@@ -617,8 +783,13 @@ def finetune(world_model: str | None, episodes: str, out: str, params: Params, c
         save_agent(out, modules, agent_meta)
         record_content_hash(out)
 
-        summary = {"algo": fp.algo, **result.summary(), "task": meta["task"], "agent": str(out),
-                   "mlflow_run_id": stage.run_id}
+        summary = {
+            "algo": fp.algo,
+            **result.summary(),
+            "task": meta["task"],
+            "agent": str(out),
+            "mlflow_run_id": stage.run_id,
+        }
         tracking.log_metrics({f"final/{k}": v for k, v in numeric_leaves(summary).items()})
         tracking.log_dict(agent_meta, "agent/agent.json")
         tracking.log_metrics({f"diagnostics/{k}": v for k, v in numeric_leaves(report).items()})

@@ -56,7 +56,8 @@ class PlanStateMap(nn.Module):
         return RSSMState(deter=deter, stoch=torch.softmax(logits, -1).flatten(-2), logits=logits)
 
     def loss(self, trunk_feature: torch.Tensor, target: RSSMState) -> torch.Tensor:
-        """How far M(f) is from the Plan Net posterior `target` (MSE on h; MSE on the mean or CE on the classes of s)."""
+        """How far M(f) is from the Plan Net posterior `target` (MSE on h; MSE on the mean or CE on the classes of
+        s)."""
         mapped = self(trunk_feature)
         deter_term = (mapped.deter - target.deter).square().sum(-1)
         if self.kind == "gaussian":
@@ -70,8 +71,14 @@ class PlanStateMap(nn.Module):
 class BehaviourGuidance(nn.Module):
     """F_BC + codebook (latent behaviours) and the Plan Net stepping used for the intrinsic reward."""
 
-    def __init__(self, fbc: FBC, codebook: Codebook, plan_net: RSSM | None, mode: GuidanceMode,
-                 state_map: PlanStateMap | None = None):
+    def __init__(
+        self,
+        fbc: FBC,
+        codebook: Codebook,
+        plan_net: RSSM | None,
+        mode: GuidanceMode,
+        state_map: PlanStateMap | None = None,
+    ):
         super().__init__()
         if mode not in ("aligned", "release"):
             raise ValueError(f"guidance mode must be 'aligned' or 'release', got {mode!r}")
@@ -105,16 +112,24 @@ class BehaviourGuidance(nn.Module):
 
 def check_release_compatible(trunk_net: RSSM, plan_net: RSSM) -> None:
     """The release steps the Plan Net on Trunk Net states: that needs identical state shapes."""
-    if (trunk_net.deter_size, trunk_net.stoch_size, trunk_net.kind) != (plan_net.deter_size, plan_net.stoch_size, plan_net.kind):
-        raise ValueError(f"guidance=release steps the Plan Net from Trunk Net states, but their states differ: "
-                         f"trunk (deter {trunk_net.deter_size}, stoch {trunk_net.stoch_size}, {trunk_net.kind}) vs "
-                         f"plan (deter {plan_net.deter_size}, stoch {plan_net.stoch_size}, {plan_net.kind})")
+    if (trunk_net.deter_size, trunk_net.stoch_size, trunk_net.kind) != (
+        plan_net.deter_size,
+        plan_net.stoch_size,
+        plan_net.kind,
+    ):
+        raise ValueError(
+            f"guidance=release steps the Plan Net from Trunk Net states, but their states differ: "
+            f"trunk (deter {trunk_net.deter_size}, stoch {trunk_net.stoch_size}, {trunk_net.kind}) vs "
+            f"plan (deter {plan_net.deter_size}, stoch {plan_net.stoch_size}, {plan_net.kind})"
+        )
 
 
 def intrinsic_reward(current: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
     """-|| current - predicted ||_2 over the last axis: 0 when the state is where the video model predicted."""
     if current.shape != predicted.shape:
-        raise ValueError(f"intrinsic reward compares tensors of one shape, got {tuple(current.shape)} and {tuple(predicted.shape)}")
+        raise ValueError(
+            f"intrinsic reward compares tensors of one shape, got {tuple(current.shape)} and {tuple(predicted.shape)}"
+        )
     return -torch.linalg.vector_norm(current - predicted, dim=-1)
 
 
@@ -122,13 +137,13 @@ def intrinsic_reward(current: torch.Tensor, predicted: torch.Tensor) -> torch.Te
 class Imagination:
     """An imagined batch: states/features indexed t = 0..H, actions and their statistics t = 0..H-1."""
 
-    states: RSSMState               # (H+1, N, ...)
-    features: torch.Tensor          # (H+1, N, F)
+    states: RSSMState  # (H+1, N, ...)
+    features: torch.Tensor  # (H+1, N, F)
     latent_actions: torch.Tensor | None  # (H+1, N, Z); None without guidance
-    actions: torch.Tensor           # (H, N, A)
-    log_probs: torch.Tensor         # (H, N)
-    entropies: torch.Tensor         # (H, N)
-    intrinsic: torch.Tensor         # (H+1, N); zeros at t = 0 and when the intrinsic reward is off
+    actions: torch.Tensor  # (H, N, A)
+    log_probs: torch.Tensor  # (H, N)
+    entropies: torch.Tensor  # (H, N)
+    intrinsic: torch.Tensor  # (H+1, N); zeros at t = 0 and when the intrinsic reward is off
 
     def policy_inputs(self, use_latent_action: bool) -> torch.Tensor:
         """Actor/critic inputs per state, detached from the rollout: (H+1, N, F [+ Z])."""
@@ -136,8 +151,16 @@ class Imagination:
         return policy_inputs(self.features, latent).detach()
 
 
-def imagine(trunk_net: RSSM, start: RSSMState, actor: Actor, horizon: int, guidance: BehaviourGuidance | None = None,
-            use_latent_action: bool = True, use_intrinsic: bool = True, dynamics_gradient: bool = True) -> Imagination:
+def imagine(
+    trunk_net: RSSM,
+    start: RSSMState,
+    actor: Actor,
+    horizon: int,
+    guidance: BehaviourGuidance | None = None,
+    use_latent_action: bool = True,
+    use_intrinsic: bool = True,
+    dynamics_gradient: bool = True,
+) -> Imagination:
     """Roll `horizon` steps of the Trunk Net prior under the actor from `start` (N states).
 
     dynamics_gradient=True keeps the graph from each action through the later states, so returns can be
@@ -149,7 +172,9 @@ def imagine(trunk_net: RSSM, start: RSSMState, actor: Actor, horizon: int, guida
     if horizon < 1:
         raise ValueError(f"imagination horizon must be >= 1, got {horizon}")
     if (use_latent_action or use_intrinsic) and guidance is None:
-        raise ValueError("the latent-action input and the intrinsic reward need behaviour guidance (F_BC, codebook, Plan Net)")
+        raise ValueError(
+            "the latent-action input and the intrinsic reward need behaviour guidance (F_BC, codebook, Plan Net)"
+        )
     if start.deter.dim() != 2:
         raise ValueError(f"start states must be flat (N, ...), got deter of shape {tuple(start.deter.shape)}")
     state = start if dynamics_gradient else start.detach()

@@ -87,14 +87,12 @@ class Trainer(abc.ABC):
         """One optimisation step; a frozen dataclass of detached scalar tensors."""
 
     @abc.abstractmethod
-    def state_dict(self) -> dict[str, Any]:
-        ...
+    def state_dict(self) -> dict[str, Any]: ...
 
     @abc.abstractmethod
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
-    def before_first_update(self, batch: Any) -> None:
+    def before_first_update(self, batch: Any) -> None:  # noqa: B027 - optional hook, a no-op unless overridden
         """Called once, with the batch of step 0, right before the phase's first update (after reseeding)."""
 
     def extra_metrics(self) -> dict[str, float]:
@@ -119,16 +117,18 @@ def scalar_fields(losses: Any) -> dict[str, torch.Tensor | float]:
             if value.numel() != 1:
                 raise ValueError(f"{type(losses).__name__}.{f.name} must be a scalar, got shape {tuple(value.shape)}")
         elif not isinstance(value, (int, float)):
-            raise TypeError(f"{type(losses).__name__}.{f.name} must be a scalar tensor or number, "
-                            f"got {type(value).__name__}")
+            raise TypeError(
+                f"{type(losses).__name__}.{f.name} must be a scalar tensor or number, got {type(value).__name__}"
+            )
         out[f.name] = value
     return out
 
 
 def detached(losses: Any) -> Any:
     """A copy of a losses dataclass whose tensors carry no graph (what `update` returns)."""
-    return dataclasses.replace(losses, **{k: v.detach() for k, v in scalar_fields(losses).items()
-                                          if isinstance(v, torch.Tensor)})
+    return dataclasses.replace(
+        losses, **{k: v.detach() for k, v in scalar_fields(losses).items() if isinstance(v, torch.Tensor)}
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,9 +169,14 @@ class MetricWindow:
         if self.keys is not None and keys != self.keys:
             raise ValueError(f"the trainer returned other metrics than before: {list(keys)} vs {list(self.keys)}")
         device = next((v.device for v in metrics.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
-        values = torch.stack([v.detach().reshape(()).to(device=device, dtype=torch.float32)
-                              if isinstance(v, torch.Tensor) else torch.full((), float(v), device=device)
-                              for v in metrics.values()])
+        values = torch.stack(
+            [
+                v.detach().reshape(()).to(device=device, dtype=torch.float32)
+                if isinstance(v, torch.Tensor)
+                else torch.full((), float(v), device=device)
+                for v in metrics.values()
+            ]
+        )
         if self.total is None:
             self.keys, self.total = keys, values
             self._bad_step = torch.full((), -1, dtype=torch.long, device=device)
@@ -194,8 +199,10 @@ class MetricWindow:
         if step >= 0:
             values = dict(zip(self.keys, self._bad_values.tolist()))
             bad = [k for k, v in values.items() if not np.isfinite(v)]
-            raise NonFiniteLoss(f"{where} step {step}: non-finite {', '.join(bad)} "
-                                f"({', '.join(f'{k}={v:.4g}' for k, v in values.items())})")
+            raise NonFiniteLoss(
+                f"{where} step {step}: non-finite {', '.join(bad)} "
+                f"({', '.join(f'{k}={v:.4g}' for k, v in values.items())})"
+            )
 
     def means(self, samples_per_update: int) -> dict[str, float]:
         """Mean of every metric over the window, seconds per update per section, and throughput."""
@@ -211,8 +218,12 @@ class MetricWindow:
         return row
 
     def state_dict(self) -> dict[str, Any]:
-        return {"keys": list(self.keys or ()), "total": self.total.tolist() if self.total is not None else None,
-                "updates": self.updates, "seconds": dict(self.seconds)}
+        return {
+            "keys": list(self.keys or ()),
+            "total": self.total.tolist() if self.total is not None else None,
+            "updates": self.updates,
+            "seconds": dict(self.seconds),
+        }
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device: torch.device) -> MetricWindow:
@@ -265,8 +276,8 @@ class Phase:
     name: str
     steps: int
     build: Callable[[], Trainer]
-    batches: Callable[[int], Any]      # step -> batch (numpy arrays or tensors), a pure function of the step
-    samples_per_update: int = 1        # for throughput/samples_per_s: sequences, frames or imagined states
+    batches: Callable[[int], Any]  # step -> batch (numpy arrays or tensors), a pure function of the step
+    samples_per_update: int = 1  # for throughput/samples_per_s: sequences, frames or imagined states
 
 
 @dataclass
@@ -280,9 +291,13 @@ class LoopResult:
 
     def summary(self) -> dict[str, Any]:
         """Updates and seconds per phase, overall throughput per phase and the last curve row of each phase."""
-        out: dict[str, Any] = {"updates": dict(self.progress),
-                               "seconds": {k: round(v, 3) for k, v in self.elapsed.items()},
-                               "resumed": self.resumed, "device": self.device, "throughput": {}}
+        out: dict[str, Any] = {
+            "updates": dict(self.progress),
+            "seconds": {k: round(v, 3) for k, v in self.elapsed.items()},
+            "resumed": self.resumed,
+            "device": self.device,
+            "throughput": {},
+        }
         for name, done in self.progress.items():
             rows = [r for r in self.curve if r["phase"] == name]
             if rows:
@@ -290,18 +305,33 @@ class LoopResult:
             seconds = self.elapsed.get(name, 0.0)
             if done and seconds > 0:
                 samples = done * self.samples_per_update.get(name, 1)
-                out["throughput"][name] = {"updates_per_s": round(done / seconds, 4),
-                                           "samples_per_s": round(samples / seconds, 3)}
+                out["throughput"][name] = {
+                    "updates_per_s": round(done / seconds, 4),
+                    "samples_per_s": round(samples / seconds, 3),
+                }
         return out
 
 
 class TrainingLoop:
     """Runs a stage's phases with prefetch, timing, curve, MLflow metrics and figures, checkpoints and resume."""
 
-    def __init__(self, stage: str, phases: list[Phase], *, seed: int, config: dict[str, Any], upstream: dict[str, str],
-                 checkpoints: str | Path | None = None, log_every: int = 1, checkpoint_every: int = 1,
-                 figure_every: int | None = None, prefetch: int = 2, device: str | torch.device = "cpu",
-                 progress: bool = True, on_step: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        stage: str,
+        phases: list[Phase],
+        *,
+        seed: int,
+        config: dict[str, Any],
+        upstream: dict[str, str],
+        checkpoints: str | Path | None = None,
+        log_every: int = 1,
+        checkpoint_every: int = 1,
+        figure_every: int | None = None,
+        prefetch: int = 2,
+        device: str | torch.device = "cpu",
+        progress: bool = True,
+        on_step: Callable[[int], None] | None = None,
+    ):
         names = [p.name for p in phases]
         if len(set(names)) != len(names):
             raise ValueError(f"phase names must be unique, got {names}")
@@ -322,23 +352,33 @@ class TrainingLoop:
             return None
         where = f"the checkpoint in {self.manager.directory}"
         if saved.get("format") != CHECKPOINT_FORMAT or saved.get("stage") != self.stage:
-            raise CheckpointMismatch(f"refusing to resume from {where}: it is not a {self.stage} checkpoint of format "
-                                     f"{CHECKPOINT_FORMAT}; delete the directory to train from scratch")
+            raise CheckpointMismatch(
+                f"refusing to resume from {where}: it is not a {self.stage} checkpoint of format "
+                f"{CHECKPOINT_FORMAT}; delete the directory to train from scratch"
+            )
         assert_resumable(saved["config"], self.config, where=where)
         if saved["upstream"] != self.upstream:
-            raise CheckpointMismatch(f"refusing to resume from {where}: its inputs differ (checkpoint "
-                                     f"{saved['upstream']}, now {self.upstream}); delete the directory to train from "
-                                     f"scratch")
+            raise CheckpointMismatch(
+                f"refusing to resume from {where}: its inputs differ (checkpoint "
+                f"{saved['upstream']}, now {self.upstream}); delete the directory to train from "
+                f"scratch"
+            )
         return saved
 
     def _totals(self, progress: dict[str, int]) -> dict[str, int]:
         totals = {}
         for i, phase in enumerate(self.phases):
             done = progress.get(phase.name, 0)
-            if any(progress.get(p.name, 0) > 0 for p in self.phases[i + 1:]):
+            if any(progress.get(p.name, 0) > 0 for p in self.phases[i + 1 :]):
                 if phase.steps != done:
-                    log.warning("%s: %s already ended after %d updates and a later phase has started; "
-                                "its configured %d updates are ignored", self.stage, phase.name, done, phase.steps)
+                    log.warning(
+                        "%s: %s already ended after %d updates and a later phase has started; "
+                        "its configured %d updates are ignored",
+                        self.stage,
+                        phase.name,
+                        done,
+                        phase.steps,
+                    )
                 totals[phase.name] = done
             else:
                 totals[phase.name] = max(phase.steps, done)
@@ -359,14 +399,19 @@ class TrainingLoop:
             progress.update(saved["progress"])
             elapsed.update(saved["elapsed"])
             curve = list(saved["curve"])
-            (name, state), = saved["trainers"].items()
+            ((name, state),) = saved["trainers"].items()
             trainer = self._build(name)
             trainer.load_state_dict(state)
             window_state = saved["window"]
             log.info("%s: resumed from %s at %s", self.stage, self.manager.directory, progress)
             if run_id is not None and saved.get("mlflow_run_id") not in (None, run_id):
-                log.warning("%s: the checkpoint's MLflow run %s is gone; logging its %d curve rows to run %s",
-                            self.stage, saved["mlflow_run_id"], len(curve), run_id)
+                log.warning(
+                    "%s: the checkpoint's MLflow run %s is gone; logging its %d curve rows to run %s",
+                    self.stage,
+                    saved["mlflow_run_id"],
+                    len(curve),
+                    run_id,
+                )
                 for row in curve:
                     tracking.log_metrics(self._mlflow_metrics(row), step=row["step"])
         totals = self._totals(progress)
@@ -385,8 +430,15 @@ class TrainingLoop:
             window_state = None
 
             last_report = time.monotonic()
-            bar = tqdm(total=total, initial=done, desc=f"{self.stage} {phase.name}", unit="update", file=sys.stderr,
-                       dynamic_ncols=True, disable=not self.progress)
+            bar = tqdm(
+                total=total,
+                initial=done,
+                desc=f"{self.stage} {phase.name}",
+                unit="update",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                disable=not self.progress,
+            )
             with Prefetcher(phase.batches, done, total, depth=self.prefetch, device=self.device) as batches:
                 iterator = iter(batches)
                 while True:
@@ -407,8 +459,12 @@ class TrainingLoop:
                     global_step = phase_offset + done
                     last = done == total
                     if done % self.log_every == 0 or last:
-                        row = {"step": global_step, "phase": phase.name, "phase_step": done,
-                               **window.means(phase.samples_per_update)}
+                        row = {
+                            "step": global_step,
+                            "phase": phase.name,
+                            "phase_step": done,
+                            **window.means(phase.samples_per_update),
+                        }
                         window.check_finite(f"{self.stage} {phase.name}")
                         row.update(trainer.extra_metrics())
                         window = MetricWindow()
@@ -419,16 +475,24 @@ class TrainingLoop:
                             # Without a bar (logs, CI): a line now and then says how far the phase is.
                             last_report = time.monotonic()
                             losses = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k.endswith("loss"))
-                            log.info("%s %s: %d/%d updates, %.2f updates/s; %s", self.stage, phase.name, done, total,
-                                     row.get("throughput/updates_per_s", float("nan")), losses)
+                            log.info(
+                                "%s %s: %d/%d updates, %.2f updates/s; %s",
+                                self.stage,
+                                phase.name,
+                                done,
+                                total,
+                                row.get("throughput/updates_per_s", float("nan")),
+                                losses,
+                            )
                     if self.figure_every and (done % self.figure_every == 0 or last) and tracking.active_run_id():
                         self._log_figures(trainer, batch, phase.name, global_step)
                     t3 = time.perf_counter()
                     window.add_seconds("log", t3 - t2)
                     if done % self.checkpoint_every == 0 or last:
                         elapsed[phase.name] += t3 - t0
-                        self._save(global_step, trainer, window, progress=progress, curve=curve, elapsed=elapsed,
-                                   run_id=run_id)
+                        self._save(
+                            global_step, trainer, window, progress=progress, curve=curve, elapsed=elapsed, run_id=run_id
+                        )
                         t4 = time.perf_counter()
                         window.add_seconds("checkpoint", t4 - t3)
                         elapsed[phase.name] += t4 - t3
@@ -438,22 +502,47 @@ class TrainingLoop:
                     if self.on_step is not None:
                         self.on_step(global_step)
             bar.close()
-            log.info("%s %s: %d updates, %.1f s in all", self.stage, phase.name, progress[phase.name],
-                     elapsed[phase.name])
-        return LoopResult(progress=progress, elapsed=elapsed, curve=curve, resumed=saved is not None,
-                          device=str(self.device),
-                          samples_per_update={p.name: p.samples_per_update for p in self.phases})
+            log.info(
+                "%s %s: %d updates, %.1f s in all", self.stage, phase.name, progress[phase.name], elapsed[phase.name]
+            )
+        return LoopResult(
+            progress=progress,
+            elapsed=elapsed,
+            curve=curve,
+            resumed=saved is not None,
+            device=str(self.device),
+            samples_per_update={p.name: p.samples_per_update for p in self.phases},
+        )
 
-    def _save(self, global_step: int, trainer: Trainer, window: MetricWindow, *, progress: dict[str, int],
-              curve: list[dict[str, Any]], elapsed: dict[str, float], run_id: str | None) -> None:
+    def _save(
+        self,
+        global_step: int,
+        trainer: Trainer,
+        window: MetricWindow,
+        *,
+        progress: dict[str, int],
+        curve: list[dict[str, Any]],
+        elapsed: dict[str, float],
+        run_id: str | None,
+    ) -> None:
         if self.manager is None:
             return
         window.check_finite(f"{self.stage} {trainer.name}")
-        self.manager.save(global_step, {
-            "format": CHECKPOINT_FORMAT, "stage": self.stage, "config": self.config, "upstream": self.upstream,
-            "progress": dict(progress), "trainers": {trainer.name: trainer.state_dict()}, "curve": curve,
-            "window": {"phase": trainer.name, **window.state_dict()}, "elapsed": dict(elapsed),
-            "mlflow_run_id": run_id})
+        self.manager.save(
+            global_step,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "stage": self.stage,
+                "config": self.config,
+                "upstream": self.upstream,
+                "progress": dict(progress),
+                "trainers": {trainer.name: trainer.state_dict()},
+                "curve": curve,
+                "window": {"phase": trainer.name, **window.state_dict()},
+                "elapsed": dict(elapsed),
+                "mlflow_run_id": run_id,
+            },
+        )
 
     def _build(self, name: str) -> Trainer:
         (phase,) = [p for p in self.phases if p.name == name]

@@ -51,17 +51,17 @@ from veorl.config import Params, PretrainParams
 from veorl.data.clips import MANIFEST, ClipStore
 from veorl.data.episodes import EpisodeStore
 from veorl.data.samplers import ClipSampler, EpisodeWindowSampler, JointSampler
+from veorl.diagnostics import DIAGNOSTICS_FILE, check, codebook_diagnostics, target_windows
 from veorl.models.ban import codebook_stats
 from veorl.models.networks import IMAGE_SIZE, postprocess, preprocess
-from veorl.diagnostics import DIAGNOSTICS_FILE, check, codebook_diagnostics, target_windows
 from veorl.models.world_models import VideoWorldModel, save_world_model
-from veorl.trees import numeric_leaves
 from veorl.storage import (
     artifact_hash,
     atomic_write_json,
     provenance,
     record_content_hash,
 )
+from veorl.trees import numeric_leaves
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,10 @@ def _frames(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Phase1Losses:
-    loss: torch.Tensor        # what phase 1 minimises
+    loss: torch.Tensor  # what phase 1 minimises
     image_nll: torch.Tensor
-    kl_loss: torch.Tensor     # balanced KL with free nats (optimised)
-    kl: torch.Tensor          # raw KL(posterior || prior)
+    kl_loss: torch.Tensor  # balanced KL with free nats (optimised)
+    kl: torch.Tensor  # raw KL(posterior || prior)
     vq_loss: torch.Tensor
     mmd: torch.Tensor
     forward_loss: torch.Tensor | None = None  # latent-action forward prediction (pretrain.forward_weight > 0)
@@ -143,8 +143,11 @@ class PhaseTrainer(Trainer):
         self.optimizer.step()
         for chosen, mask in codes:
             index = chosen.reshape(-1)
-            weights = (torch.ones_like(index, dtype=self.usage.dtype) if mask is None
-                       else mask.reshape(-1).to(self.usage.dtype))
+            weights = (
+                torch.ones_like(index, dtype=self.usage.dtype)
+                if mask is None
+                else mask.reshape(-1).to(self.usage.dtype)
+            )
             self.count_codes(index, weights)
         return replace(detached(losses), grad_norm=grad_norm.detach())
 
@@ -166,14 +169,20 @@ class PhaseTrainer(Trainer):
         keyframe = self.name == "phase2"
         horizon = 4 if keyframe else min(8, target.shape[1])
         recon = keyframe_figure(self.model, target) if keyframe else reconstruction_figure(self.model, target)
-        return {"reconstruction": recon,
-                "open_loop": open_loop_figure(self.model, target, top_codes, horizon, keyframe=keyframe),
-                "codebook_usage": usage_figure(usage, f"{self.name} codebook usage")}
+        return {
+            "reconstruction": recon,
+            "open_loop": open_loop_figure(self.model, target, top_codes, horizon, keyframe=keyframe),
+            "codebook_usage": usage_figure(usage, f"{self.name} codebook usage"),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         # The whole model: the phase reads modules it does not train (phase 2: the frozen BAN side).
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "usage": self.usage.cpu().clone(), "figure_usage": self.figure_usage.cpu().clone()}
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "usage": self.usage.cpu().clone(),
+            "figure_usage": self.figure_usage.cpu().clone(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -270,7 +279,7 @@ class Phase1Trainer(PhaseTrainer):
         frames = torch.cat([_frames(target), _frames(source)])
         embed = m.encoder(frames)
         target_embed = embed[: b * t].reshape(b, t, -1)
-        source_embed = embed[b * t:].reshape(bs, ts, -1)
+        source_embed = embed[b * t :].reshape(bs, ts, -1)
         mmd = linear_mmd(source_embed, target_embed)
 
         sequences = [target_embed] + ([source_embed] if cfg.ban_on_source else [])
@@ -282,7 +291,7 @@ class Phase1Trainer(PhaseTrainer):
         offset = 0
         for e, z in zip(sequences, pre_quant):
             count = z.shape[0] * z.shape[1]
-            latent_actions = flat_zq[offset:offset + count].reshape(z.shape)
+            latent_actions = flat_zq[offset : offset + count].reshape(z.shape)
             offset += count
             if cfg.forward_weight > 0:
                 forward_terms.append(m.forward_prediction_loss(e, latent_actions))
@@ -292,15 +301,17 @@ class Phase1Trainer(PhaseTrainer):
             features.append(m.plan_net.feature(post).reshape(-1, m.feat_dim))
         pixels = frames if cfg.ban_on_source else frames[: b * t]
         image = -m.decoder.log_prob(torch.cat(features), pixels).mean()
-        kl_loss, kl = m.plan_net.kl_loss(flat_states(*posts), flat_states(*priors), balance=cfg.kl_balance,
-                                         free=cfg.free_nats)
+        kl_loss, kl = m.plan_net.kl_loss(
+            flat_states(*posts), flat_states(*priors), balance=cfg.kl_balance, free=cfg.free_nats
+        )
         loss = image + cfg.kl_scale * kl_loss + vq + cfg.mmd_weight * mmd
         forward_loss = None
         if forward_terms:
             forward_loss = sum(forward_terms) / len(forward_terms)
             loss = loss + cfg.forward_weight * forward_loss
-        losses = Phase1Losses(loss=loss, image_nll=image, kl_loss=kl_loss, kl=kl, vq_loss=vq, mmd=mmd,
-                              forward_loss=forward_loss)
+        losses = Phase1Losses(
+            loss=loss, image_nll=image, kl_loss=kl_loss, kl=kl, vq_loss=vq, mmd=mmd, forward_loss=forward_loss
+        )
         return losses, [(codes, None)]
 
 
@@ -313,11 +324,11 @@ class Phase1Trainer(PhaseTrainer):
 class KeyframeBatch:
     """Source and target keyframe sequences joined along the batch (target rows first)."""
 
-    frame_index: torch.Tensor   # (N, K+1) index into the flat frame tensor of both domains
-    prev_action: torch.Tensor   # (N, K+1, Z)
-    mask: torch.Tensor          # (N, K+1)
-    next_action: torch.Tensor   # (N, K+1, Z)
-    next_mask: torch.Tensor     # (N, K+1)
+    frame_index: torch.Tensor  # (N, K+1) index into the flat frame tensor of both domains
+    prev_action: torch.Tensor  # (N, K+1, Z)
+    mask: torch.Tensor  # (N, K+1)
+    next_action: torch.Tensor  # (N, K+1, Z)
+    next_mask: torch.Tensor  # (N, K+1)
     target_rows: int
     segments: list[Segments] = field(default_factory=list)
 
@@ -344,7 +355,7 @@ class Phase2Trainer(PhaseTrainer):
         embed = m.behaviour_encoder(frames)
         offset = 0
         for b, t in shapes:
-            e = embed[offset:offset + b * t].reshape(b, t, -1)
+            e = embed[offset : offset + b * t].reshape(b, t, -1)
             codes_per_set.append(m.codebook.indices(m.ban(e)))
             offset += b * t
         return codes_per_set
@@ -385,8 +396,9 @@ class Phase2Trainer(PhaseTrainer):
         # slot of their row, so they cannot influence a real slot's state, and every loss masks them.
         keyframe_pixels = frames[kf.frame_index.reshape(-1)[valid]]
         valid_embed = m.encoder(keyframe_pixels)
-        embed = valid_embed.new_zeros(rows * slots, valid_embed.shape[-1]).index_put((valid.nonzero(as_tuple=True)[0],),
-                                                                                  valid_embed)
+        embed = valid_embed.new_zeros(rows * slots, valid_embed.shape[-1]).index_put(
+            (valid.nonzero(as_tuple=True)[0],), valid_embed
+        )
         embed = embed.reshape(rows, slots, -1)
         post, prior = m.plan_net.observe(embed, kf.prev_action)
         feature = m.plan_net.feature(post)
@@ -400,8 +412,16 @@ class Phase2Trainer(PhaseTrainer):
         mmd = linear_mmd(embed[n_target:], embed[:n_target], kf.mask[n_target:], kf.mask[:n_target])
         loss = image + cfg.kl_scale * kl_loss + fbc + cfg.mmd_weight * mmd
         behaviours = kf.mask[:, 1:].sum(1).to(torch.float32)
-        losses = Phase2Losses(loss=loss, image_nll=image, kl_loss=kl_loss, kl=kl, fbc_loss=fbc, mmd=mmd,
-                              behaviours_per_seq=behaviours.mean(), keyframes=valid.sum().to(torch.float32))
+        losses = Phase2Losses(
+            loss=loss,
+            image_nll=image,
+            kl_loss=kl_loss,
+            kl=kl,
+            fbc_loss=fbc,
+            mmd=mmd,
+            behaviours_per_seq=behaviours.mean(),
+            keyframes=valid.sum().to(torch.float32),
+        )
         return losses, [(seg.code, seg.mask) for seg in kf.segments]
 
 
@@ -417,7 +437,7 @@ def image_grid(frames: np.ndarray, border: int = 2) -> np.ndarray:
     for r in range(rows):
         for c in range(cols):
             y, x = border + r * (h + border), border + c * (w + border)
-            grid[y:y + h, x:x + w] = frames[r, c]
+            grid[y : y + h, x : x + w] = frames[r, c]
     return grid
 
 
@@ -447,8 +467,9 @@ def keyframe_figure(model: VideoWorldModel, images: torch.Tensor, slots: int = 8
 
 
 @torch.no_grad()
-def open_loop_figure(model: VideoWorldModel, images: torch.Tensor, codes: list[int], horizon: int, keyframe: bool,
-                     context: int = 4) -> np.ndarray:
+def open_loop_figure(
+    model: VideoWorldModel, images: torch.Tensor, codes: list[int], horizon: int, keyframe: bool, context: int = 4
+) -> np.ndarray:
     """One row per latent behaviour: from the same start state, the Plan Net rolled forward with that
     codebook vector held fixed, decoded (first column: the start frame's reconstruction)."""
     x = preprocess(images[:1, :context])
@@ -491,10 +512,18 @@ def upstream_hashes(clips: str | Path, episodes: str | Path) -> dict[str, str]:
     return {"video_clips": artifact_hash(clips), "target_episodes": artifact_hash(episodes)}
 
 
-def pretrain(params: Params, clips: str | Path, episodes: str | Path, out: str | Path,
-             checkpoints: str | Path | None = None, parent_run_id: str | None = None,
-             metrics_path: str | Path = "metrics/pretrain.json", curve_path: str | Path = "metrics/pretrain_curve.csv",
-             on_step: Callable[[int], None] | None = None, progress: bool = True) -> dict[str, Any]:
+def pretrain(
+    params: Params,
+    clips: str | Path,
+    episodes: str | Path,
+    out: str | Path,
+    checkpoints: str | Path | None = None,
+    parent_run_id: str | None = None,
+    metrics_path: str | Path = "metrics/pretrain.json",
+    curve_path: str | Path = "metrics/pretrain_curve.csv",
+    on_step: Callable[[int], None] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Run (or resume) phases 1 and 2 and write the world-model artifact and metrics. Returns the metrics.
 
     on_step(global_step) is called after every update (tests use it to simulate a kill).
@@ -506,8 +535,10 @@ def pretrain(params: Params, clips: str | Path, episodes: str | Path, out: str |
     device = torch.device(resolve_device(cfg.device))
     clip_store = ClipStore(clips)
     if clip_store.size != params.model.image_size:
-        raise ValueError(f"{Path(clips) / MANIFEST}: clips are {clip_store.size}x{clip_store.size}, "
-                         f"the model needs {params.model.image_size}x{params.model.image_size}")
+        raise ValueError(
+            f"{Path(clips) / MANIFEST}: clips are {clip_store.size}x{clip_store.size}, "
+            f"the model needs {params.model.image_size}x{params.model.image_size}"
+        )
     episode_store = EpisodeStore(episodes, image_size=params.model.image_size)
     # Fail before any MLflow run or checkpoint exists when the data cannot feed the configured batches.
     EpisodeWindowSampler(episode_store, cfg.batch, cfg.seq_len, cfg.seed)
@@ -522,9 +553,11 @@ def pretrain(params: Params, clips: str | Path, episodes: str | Path, out: str |
     def sampler(phase: str) -> JointSampler:
         target_stream, source_stream = PHASE_STREAMS[phase]
         return JointSampler(
-            target=EpisodeWindowSampler(episode_store, cfg.batch, cfg.seq_len, cfg.seed, target_stream,
-                                        keys=("image",)),
-            source=ClipSampler(clip_store, cfg.source_batch, cfg.source_len, cfg.seed, source_stream))
+            target=EpisodeWindowSampler(
+                episode_store, cfg.batch, cfg.seq_len, cfg.seed, target_stream, keys=("image",)
+            ),
+            source=ClipSampler(clip_store, cfg.source_batch, cfg.source_len, cfg.seed, source_stream),
+        )
 
     def phase2() -> Phase2Trainer:
         model.freeze_behaviours()
@@ -532,19 +565,33 @@ def pretrain(params: Params, clips: str | Path, episodes: str | Path, out: str |
 
     sequences = cfg.batch + cfg.source_batch
     loop = TrainingLoop(
-        STAGE, [Phase("phase1", cfg.phase1_steps, lambda: Phase1Trainer(model, cfg), sampler("phase1"), sequences),
-                Phase("phase2", cfg.phase2_steps, phase2, sampler("phase2"), sequences)],
-        seed=cfg.seed, config=config, upstream=upstream, checkpoints=run_dir, log_every=cfg.log_every,
-        checkpoint_every=cfg.checkpoint_every, figure_every=cfg.image_log_every, prefetch=cfg.prefetch, device=device,
-        progress=progress, on_step=on_step)
+        STAGE,
+        [
+            Phase("phase1", cfg.phase1_steps, lambda: Phase1Trainer(model, cfg), sampler("phase1"), sequences),
+            Phase("phase2", cfg.phase2_steps, phase2, sampler("phase2"), sequences),
+        ],
+        seed=cfg.seed,
+        config=config,
+        upstream=upstream,
+        checkpoints=run_dir,
+        log_every=cfg.log_every,
+        checkpoint_every=cfg.checkpoint_every,
+        figure_every=cfg.image_log_every,
+        prefetch=cfg.prefetch,
+        device=device,
+        progress=progress,
+        on_step=on_step,
+    )
 
-    with tracking.stage_run(STAGE, params, parent_run_id, run_dir=run_dir, sections=CONFIG_SECTIONS + ("tracking",),
-                            upstream=upstream) as run:
+    with tracking.stage_run(
+        STAGE, params, parent_run_id, run_dir=run_dir, sections=CONFIG_SECTIONS + ("tracking",), upstream=upstream
+    ) as run:
         result = loop.run(run.run_id)
         model.freeze_behaviours()  # a run with phase2_steps=0 still hands over a frozen BAN side
         metrics = result.summary()
-        metrics.update(codebook_perplexity=metrics.get("phase1", {}).get("codebook_perplexity"),
-                       mlflow_run_id=run.run_id)
+        metrics.update(
+            codebook_perplexity=metrics.get("phase1", {}).get("codebook_perplexity"), mlflow_run_id=run.run_id
+        )
         out = Path(out)
         windows = target_windows(episode_store, cfg.diagnostics_sequences, cfg.seq_len, seed=cfg.seed)
         report = {"codebook": codebook_diagnostics(model, windows, device=device)}

@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 
 
-def lambda_return(reward: torch.Tensor, next_value: torch.Tensor, discount: torch.Tensor, lambda_: float) -> torch.Tensor:
+def lambda_return(
+    reward: torch.Tensor, next_value: torch.Tensor, discount: torch.Tensor, lambda_: float
+) -> torch.Tensor:
     """TD(lambda) targets, computed backwards over the leading (time) axis.
 
         R_{H-1} = r_{H-1} + g_{H-1} * V(s_H)
@@ -20,8 +22,10 @@ def lambda_return(reward: torch.Tensor, next_value: torch.Tensor, discount: torc
     lambda = 0 gives one-step TD targets, lambda = 1 the discounted Monte-Carlo return bootstrapped by V(s_H).
     """
     if not (reward.shape == next_value.shape == discount.shape):
-        raise ValueError(f"lambda_return: reward {tuple(reward.shape)}, next_value {tuple(next_value.shape)} and "
-                         f"discount {tuple(discount.shape)} must have the same shape (time first)")
+        raise ValueError(
+            f"lambda_return: reward {tuple(reward.shape)}, next_value {tuple(next_value.shape)} and "
+            f"discount {tuple(discount.shape)} must have the same shape (time first)"
+        )
     if reward.shape[0] < 1:
         raise ValueError("lambda_return: the time axis is empty")
     horizon = reward.shape[0]

@@ -124,8 +124,9 @@ def keyframe_sequence(segments: Segments, latent_action: torch.Tensor) -> Keyfra
     mask = torch.cat([valid_first, segments.mask], 1)
     next_action = torch.cat([latent_action, zeros], 1)
     next_mask = torch.cat([segments.mask, torch.zeros_like(valid_first)], 1)
-    return KeyframeSequence(frame_index=frame_index, prev_action=prev_action, mask=mask, next_action=next_action,
-                            next_mask=next_mask)
+    return KeyframeSequence(
+        frame_index=frame_index, prev_action=prev_action, mask=mask, next_action=next_action, next_mask=next_mask
+    )
 
 
 __all__ = ["Segments", "segment_behaviours", "pad_segments", "gather_steps", "KeyframeSequence", "keyframe_sequence"]

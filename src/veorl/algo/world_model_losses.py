@@ -37,15 +37,20 @@ def masked_embedding_mean(embed: torch.Tensor, mask: torch.Tensor | None = None)
     return (flat * weight).sum(0) / weight.sum().clamp_min(1.0)
 
 
-def linear_mmd(source_embed: torch.Tensor, target_embed: torch.Tensor, source_mask: torch.Tensor | None = None,
-               target_mask: torch.Tensor | None = None) -> torch.Tensor:
+def linear_mmd(
+    source_embed: torch.Tensor,
+    target_embed: torch.Tensor,
+    source_mask: torch.Tensor | None = None,
+    target_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Linear MMD: squared distance between the (masked) mean source and mean target embeddings."""
     diff = masked_embedding_mean(source_embed, source_mask) - masked_embedding_mean(target_embed, target_mask)
     return diff.square().sum()
 
 
-def image_nll(decoder: torch.nn.Module, feature: torch.Tensor, target: torch.Tensor,
-              mask: torch.Tensor | None = None) -> torch.Tensor:
+def image_nll(
+    decoder: torch.nn.Module, feature: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean negative log-likelihood per frame. With a mask only valid frames are decoded at all."""
     if mask is not None:
         keep = mask.reshape(-1).bool()
@@ -64,15 +69,23 @@ class TrunkLosses:
     image_nll: torch.Tensor
     reward_nll: torch.Tensor
     discount_nll: torch.Tensor | None
-    kl_loss: torch.Tensor          # the optimised KL term: balanced, with free nats
-    kl: torch.Tensor               # the raw KL(posterior || prior), detached
+    kl_loss: torch.Tensor  # the optimised KL term: balanced, with free nats
+    kl: torch.Tensor  # the raw KL(posterior || prior), detached
     post: RSSMState
     embed: torch.Tensor
 
 
-def trunk_world_model_loss(model: TrunkWorldModel, image: torch.Tensor, action: torch.Tensor, reward: torch.Tensor,
-                           discount: torch.Tensor | None = None, kl_balance: float = 0.8, free_nats: float = 1.0,
-                           kl_scale: float = 1.0, reward_scale: float = 1.0) -> TrunkLosses:
+def trunk_world_model_loss(
+    model: TrunkWorldModel,
+    image: torch.Tensor,
+    action: torch.Tensor,
+    reward: torch.Tensor,
+    discount: torch.Tensor | None = None,
+    kl_balance: float = 0.8,
+    free_nats: float = 1.0,
+    kl_scale: float = 1.0,
+    reward_scale: float = 1.0,
+) -> TrunkLosses:
     """DreamerV2 world-model loss of the Trunk Net on target sequences with real actions.
 
     image (B,T,64,64,3) uint8 or preprocessed; action (B,T,A) with action t leading to observation t;
@@ -91,8 +104,16 @@ def trunk_world_model_loss(model: TrunkWorldModel, image: torch.Tensor, action: 
         loss = loss + discount_loss
     kl_loss, kl_value = model.trunk_net.kl_loss(post, prior, balance=kl_balance, free=free_nats)
     loss = loss + kl_scale * kl_loss
-    return TrunkLosses(loss=loss, image_nll=image_loss, reward_nll=reward_loss, discount_nll=discount_loss,
-                       kl_loss=kl_loss, kl=kl_value, post=post, embed=embed)
+    return TrunkLosses(
+        loss=loss,
+        image_nll=image_loss,
+        reward_nll=reward_loss,
+        discount_nll=discount_loss,
+        kl_loss=kl_loss,
+        kl=kl_value,
+        post=post,
+        embed=embed,
+    )
 
 
 def flat_states(*states: RSSMState) -> RSSMState:

@@ -86,5 +86,5 @@ class ClipStore:
             arr = self._shard(int(s))
             c = int(rng.integers(0, arr.shape[0]))
             start = int(rng.integers(0, self.window - length + 1))
-            out[b] = arr[c, start:start + length]
+            out[b] = arr[c, start : start + length]
         return out

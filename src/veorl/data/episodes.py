@@ -56,8 +56,9 @@ class EpisodeError(ValueError):
     """An episode file is malformed; the message starts with the file name."""
 
 
-def validate_episode(ep: dict[str, np.ndarray], name: str = "<episode>", image_size: int | None = None,
-                     action_dim: int | None = None) -> dict[str, np.ndarray]:
+def validate_episode(
+    ep: dict[str, np.ndarray], name: str = "<episode>", image_size: int | None = None, action_dim: int | None = None
+) -> dict[str, np.ndarray]:
     """Check keys, shapes, dtypes and value ranges; return the episode with optional keys filled in."""
 
     def fail(reason: str) -> None:
@@ -121,7 +122,9 @@ def save_episode(directory: str | Path, index: int, ep: dict[str, np.ndarray]) -
     return final
 
 
-def load_episode(path: str | Path, image_size: int | None = None, action_dim: int | None = None) -> dict[str, np.ndarray]:
+def load_episode(
+    path: str | Path, image_size: int | None = None, action_dim: int | None = None
+) -> dict[str, np.ndarray]:
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -156,8 +159,13 @@ class ImportReport:
     rejected: list[tuple[str, str]]
 
 
-def import_episodes(src: str | Path, dest: str | Path, image_size: int | None = None, action_dim: int | None = None,
-                    start_index: int = 0) -> ImportReport:
+def import_episodes(
+    src: str | Path,
+    dest: str | Path,
+    image_size: int | None = None,
+    action_dim: int | None = None,
+    start_index: int = 0,
+) -> ImportReport:
     """Validate existing episode files (e.g. the authors' release) and copy the good ones into `dest`.
 
     Bad files are rejected with their name and the reason; good ones are rewritten in our naming scheme.
@@ -218,5 +226,5 @@ class EpisodeStore:
             ep = self.episode(int(i))
             start = int(rng.integers(0, len(ep["reward"]) - seq_len + 1))
             for key, arr in ep.items():
-                out.setdefault(key, []).append(arr[start:start + seq_len])
+                out.setdefault(key, []).append(arr[start : start + seq_len])
         return {k: np.stack(v) for k, v in out.items()}

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,12 +33,28 @@ def step_rng(seed: int, stream: int, step: int) -> np.random.Generator:
 class EpisodeWindowSampler:
     """Windows of `seq_len` consecutive steps from target episodes; `keys` limits the arrays returned."""
 
-    def __init__(self, store: EpisodeStore, batch: int, seq_len: int, seed: int, stream: int = 0,
-                 keys: tuple[str, ...] | None = None):
+    def __init__(
+        self,
+        store: EpisodeStore,
+        batch: int,
+        seq_len: int,
+        seed: int,
+        stream: int = 0,
+        keys: tuple[str, ...] | None = None,
+    ):
         if int(store.lengths.max()) < seq_len:
-            raise ValueError(f"target episodes are at most {int(store.lengths.max())} steps long; "
-                             f"sequences of seq_len={seq_len} cannot be cut (lower the seq_len parameter)")
-        self.store, self.batch, self.seq_len, self.seed, self.stream, self.keys = store, batch, seq_len, seed, stream, keys
+            raise ValueError(
+                f"target episodes are at most {int(store.lengths.max())} steps long; "
+                f"sequences of seq_len={seq_len} cannot be cut (lower the seq_len parameter)"
+            )
+        self.store, self.batch, self.seq_len, self.seed, self.stream, self.keys = (
+            store,
+            batch,
+            seq_len,
+            seed,
+            stream,
+            keys,
+        )
 
     def __call__(self, step: int) -> Batch:
         data = self.store.sample(self.batch, self.seq_len, step_rng(self.seed, self.stream, step))
@@ -46,7 +63,13 @@ class EpisodeWindowSampler:
         return data
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "episodes", "seed": self.seed, "stream": self.stream, "batch": self.batch, "seq_len": self.seq_len}
+        return {
+            "kind": "episodes",
+            "seed": self.seed,
+            "stream": self.stream,
+            "batch": self.batch,
+            "seq_len": self.seq_len,
+        }
 
 
 class ClipSampler:
@@ -54,8 +77,10 @@ class ClipSampler:
 
     def __init__(self, store: ClipStore, batch: int, length: int, seed: int, stream: int = 1):
         if length > store.window:
-            raise ValueError(f"{store.root}: clips have {store.window} frames, fewer than the {length} requested "
-                             f"(lower pretrain.source_len or re-ingest with a longer window)")
+            raise ValueError(
+                f"{store.root}: clips have {store.window} frames, fewer than the {length} requested "
+                f"(lower pretrain.source_len or re-ingest with a longer window)"
+            )
         self.store, self.batch, self.length, self.seed, self.stream = store, batch, length, seed, stream
 
     def __call__(self, step: int) -> Batch:
@@ -105,8 +130,14 @@ class Prefetcher:
     Errors raised while building a batch are re-raised in the consumer with the step number.
     """
 
-    def __init__(self, make_batch: Callable[[int], Any], start: int, stop: int, depth: int = 2,
-                 device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        make_batch: Callable[[int], Any],
+        start: int,
+        stop: int,
+        depth: int = 2,
+        device: str | torch.device = "cpu",
+    ):
         self.make_batch, self.start, self.stop, self.depth = make_batch, start, stop, depth
         self.device = torch.device(device)
         self.pin = self.device.type == "cuda"
@@ -159,7 +190,7 @@ class Prefetcher:
             self._thread.join(timeout=5.0)
             self._thread = None
 
-    def __enter__(self) -> "Prefetcher":
+    def __enter__(self) -> Prefetcher:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -48,5 +48,16 @@ def close_cached_env() -> None:
     _cached_env = None
 
 
-__all__ = ["Env", "EnvError", "make_env", "cached_env", "close_cached_env", "scripted_policy", "behaviour_policy", "BehaviourPolicy", "StatePolicy",
-           "ENV_FAMILIES", "ACTION_DIMS"]
+__all__ = [
+    "Env",
+    "EnvError",
+    "make_env",
+    "cached_env",
+    "close_cached_env",
+    "scripted_policy",
+    "behaviour_policy",
+    "BehaviourPolicy",
+    "StatePolicy",
+    "ENV_FAMILIES",
+    "ACTION_DIMS",
+]

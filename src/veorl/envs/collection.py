@@ -45,7 +45,7 @@ CARD_VERSION = 1
 SUCCESS_BANDS = {
     "expert": "90-100% on drawer-open whenever episode_length >= 120 (the expert needs ~90 steps)",
     "medium": "30-70% on drawer-open with medium_random_prob 0.45 at 200 steps (measured 55%) "
-              "or 0.7 at 500 steps (measured 64%); other tasks or lengths are not calibrated",
+    "or 0.7 at 500 steps (measured 64%); other tasks or lengths are not calibrated",
 }
 
 
@@ -65,8 +65,14 @@ def episode_recipe(cfg: Any, index: int) -> dict[str, Any]:
     """Everything that determines episode `index`'s content (and nothing else: not workers, not the count)."""
     level = episode_level(index, cfg.quality, cfg.mixed_expert_fraction)
     recipe: dict[str, Any] = {
-        "env": cfg.env, "task": cfg.task, "camera": cfg.camera, "size": cfg.size, "episode_length": cfg.episode_length,
-        "make_seed": cfg.seed, "episode_seed": cfg.seed + index, "level": level,
+        "env": cfg.env,
+        "task": cfg.task,
+        "camera": cfg.camera,
+        "size": cfg.size,
+        "episode_length": cfg.episode_length,
+        "make_seed": cfg.seed,
+        "episode_seed": cfg.seed + index,
+        "level": level,
     }
     if level == "expert":
         recipe["noise"] = cfg.expert_noise
@@ -86,12 +92,18 @@ def collect_episode(job: tuple[str, int, dict[str, Any]]) -> dict[str, Any]:
     from veorl.envs.rollout import rollout
 
     out, index, recipe = job
-    env = cached_env(recipe["env"], recipe["task"], recipe["camera"], recipe["size"], recipe["episode_length"],
-                     recipe["make_seed"])
+    env = cached_env(
+        recipe["env"], recipe["task"], recipe["camera"], recipe["size"], recipe["episode_length"], recipe["make_seed"]
+    )
     expert = scripted_policy(recipe["env"], recipe["task"])
     # The policy's noise stream is seeded from the episode seed but kept apart from the simulator's seed.
-    policy = BehaviourPolicy(expert, env.action_dim, noise=recipe["noise"], random_prob=recipe.get("random_prob", 0.0),
-                             seed=np.random.SeedSequence([recipe["episode_seed"], 0x5EED]))
+    policy = BehaviourPolicy(
+        expert,
+        env.action_dim,
+        noise=recipe["noise"],
+        random_prob=recipe.get("random_prob", 0.0),
+        seed=np.random.SeedSequence([recipe["episode_seed"], 0x5EED]),
+    )
     episode = rollout(env, policy, seed=recipe["episode_seed"])
     episodes_dir = Path(out) / EPISODE_DIR
     path = save_episode(episodes_dir, index, episode)
@@ -99,9 +111,14 @@ def collect_episode(job: tuple[str, int, dict[str, Any]]) -> dict[str, Any]:
         if other != path:
             other.unlink(missing_ok=True)
     meta = {
-        "index": index, "file": f"{EPISODE_DIR}/{path.name}", "recipe": recipe, "recipe_hash": sha256_json(recipe),
-        "seed": recipe["episode_seed"], "level": recipe["level"],
-        "return": float(episode["reward"].sum()), "success": bool(episode["success"].any()),
+        "index": index,
+        "file": f"{EPISODE_DIR}/{path.name}",
+        "recipe": recipe,
+        "recipe_hash": sha256_json(recipe),
+        "seed": recipe["episode_seed"],
+        "level": recipe["level"],
+        "return": float(episode["reward"].sum()),
+        "success": bool(episode["success"].any()),
     }
     atomic_write_json(Path(out) / META_DIR / f"{index:06d}.json", meta)
     return meta
@@ -109,7 +126,9 @@ def collect_episode(job: tuple[str, int, dict[str, Any]]) -> dict[str, Any]:
 
 def _files_of_index(episodes_dir: Path, index: int) -> list[Path]:
     pattern = re.compile(rf"^{index:06d}-\d+\.npz$")
-    return [p for p in episodes_dir.glob(f"{index:06d}-*.npz") if pattern.match(p.name)] if episodes_dir.is_dir() else []
+    return (
+        [p for p in episodes_dir.glob(f"{index:06d}-*.npz") if pattern.match(p.name)] if episodes_dir.is_dir() else []
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -188,8 +207,9 @@ def collect_dataset(out: str | Path, cfg: Any, workers: int | None = None, progr
         bar.close()
     if died:
         # The other episodes are on disk under their final names, so a re-run collects only these.
-        raise RuntimeError(f"collecting episode(s) {sorted(died)} killed their worker process "
-                           f"({DIED_REASON}); re-run to retry them")
+        raise RuntimeError(
+            f"collecting episode(s) {sorted(died)} killed their worker process ({DIED_REASON}); re-run to retry them"
+        )
     result.collected.sort()
     result.card = dataset_card(out, cfg)
     return result
@@ -199,10 +219,15 @@ def _episode_rows(out: Path) -> list[dict[str, Any]]:
     rows = []
     for path in episode_files(out):
         ep = load_episode(path)
-        rows.append({
-            "file": f"{EPISODE_DIR}/{path.name}", "length": int(len(ep["reward"])), "steps": int(len(ep["reward"]) - 1),
-            "return": float(ep["reward"].astype(np.float64).sum()), "success": bool(ep["success"].any()),
-        })
+        rows.append(
+            {
+                "file": f"{EPISODE_DIR}/{path.name}",
+                "length": int(len(ep["reward"])),
+                "steps": int(len(ep["reward"]) - 1),
+                "return": float(ep["reward"].astype(np.float64).sum()),
+                "success": bool(ep["success"].any()),
+            }
+        )
     return rows
 
 
@@ -230,12 +255,20 @@ def dataset_card(out: str | Path, cfg: Any) -> dict[str, Any]:
             row.update(index=index, seed=meta.get("seed"), level=meta.get("level"))
     levels = [r.get("level") for r in rows]
     card = {
-        "version": CARD_VERSION, "source": "collected",
-        "env": cfg.env, "task": cfg.task, "camera": cfg.camera, "size": cfg.size, "episode_length": cfg.episode_length,
-        "quality": cfg.quality, "seed": cfg.seed,
+        "version": CARD_VERSION,
+        "source": "collected",
+        "env": cfg.env,
+        "task": cfg.task,
+        "camera": cfg.camera,
+        "size": cfg.size,
+        "episode_length": cfg.episode_length,
+        "quality": cfg.quality,
+        "seed": cfg.seed,
         "behaviour": {
-            "expert_noise": cfg.expert_noise, "medium_noise": cfg.medium_noise,
-            "medium_random_prob": cfg.medium_random_prob, "mixed_expert_fraction": cfg.mixed_expert_fraction,
+            "expert_noise": cfg.expert_noise,
+            "medium_noise": cfg.medium_noise,
+            "medium_random_prob": cfg.medium_random_prob,
+            "mixed_expert_fraction": cfg.mixed_expert_fraction,
         },
         "expected_success": {lvl: SUCCESS_BANDS[lvl] for lvl in sorted({lv for lv in levels if lv in SUCCESS_BANDS})},
         "expert_episodes": int(sum(lv == "expert" for lv in levels)),
@@ -252,8 +285,13 @@ class ImportResult:
     rejected: list[tuple[str, str]]
 
 
-def import_dataset(src: str | Path, out: str | Path, image_size: int | None, action_dim: int | None,
-                   description: dict[str, Any] | None = None) -> ImportResult:
+def import_dataset(
+    src: str | Path,
+    out: str | Path,
+    image_size: int | None,
+    action_dim: int | None,
+    description: dict[str, Any] | None = None,
+) -> ImportResult:
     """Validate episode files under `src` (e.g. the authors' release) and copy the good ones into `out`."""
     from veorl.data.episodes import import_episodes
 
@@ -271,9 +309,15 @@ def import_dataset(src: str | Path, out: str | Path, image_size: int | None, act
     ignored = sorted(str(p.relative_to(src)) for p in src.rglob("*") if p.is_file() and p.suffix != ".npz")
     if not report.accepted:
         shutil.rmtree(staging, ignore_errors=True)
-        card = {"version": CARD_VERSION, "source": "imported", "imported_from": str(src), "episodes": 0, "steps": 0,
-                "rejected": [{"file": name, "reason": reason} for name, reason in report.rejected],
-                "ignored_non_npz": ignored}
+        card = {
+            "version": CARD_VERSION,
+            "source": "imported",
+            "imported_from": str(src),
+            "episodes": 0,
+            "steps": 0,
+            "rejected": [{"file": name, "reason": reason} for name, reason in report.rejected],
+            "ignored_non_npz": ignored,
+        }
         return ImportResult(card, report.rejected)
     _remove_stale(out, 0)
     (out / EPISODE_DIR).mkdir(parents=True, exist_ok=True)
@@ -284,7 +328,10 @@ def import_dataset(src: str | Path, out: str | Path, image_size: int | None, act
     for row, original in zip(rows, report.accepted):
         row["imported_from"] = original
     card = {
-        "version": CARD_VERSION, "source": "imported", "imported_from": str(src), **(description or {}),
+        "version": CARD_VERSION,
+        "source": "imported",
+        "imported_from": str(src),
+        **(description or {}),
         **_summary(rows),
         "rejected": [{"file": name, "reason": reason} for name, reason in report.rejected],
         "ignored_non_npz": ignored,
@@ -294,5 +341,15 @@ def import_dataset(src: str | Path, out: str | Path, image_size: int | None, act
     return ImportResult(card, report.rejected)
 
 
-__all__ = ["collect_dataset", "import_dataset", "dataset_card", "episode_level", "episode_recipe", "collect_episode",
-           "CollectResult", "ImportResult", "SUCCESS_BANDS", "EpisodeError"]
+__all__ = [
+    "collect_dataset",
+    "import_dataset",
+    "dataset_card",
+    "episode_level",
+    "episode_recipe",
+    "collect_episode",
+    "CollectResult",
+    "ImportResult",
+    "SUCCESS_BANDS",
+    "EpisodeError",
+]

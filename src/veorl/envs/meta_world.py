@@ -29,8 +29,10 @@ MAX_EPISODE_LENGTH = 500
 def _import_metaworld():
     # EGL must be chosen before mujoco is first imported; without it mujoco tries GLFW and needs a display.
     if "MUJOCO_GL" not in os.environ and "mujoco" in sys.modules:
-        raise EnvError("mujoco was imported before MUJOCO_GL was set, so it cannot render headless; set MUJOCO_GL=egl "
-                       "in the environment or import veorl.envs before anything that imports mujoco/metaworld")
+        raise EnvError(
+            "mujoco was imported before MUJOCO_GL was set, so it cannot render headless; set MUJOCO_GL=egl "
+            "in the environment or import veorl.envs before anything that imports mujoco/metaworld"
+        )
     os.environ.setdefault("MUJOCO_GL", "egl")
     import gymnasium as gym
     import metaworld  # noqa: F401  (registers the Meta-World/* gymnasium ids)
@@ -52,8 +54,9 @@ def available_tasks() -> list[str]:
 class MetaWorldEnv:
     """One Meta-World v3 task, observed through one camera at `size` x `size` pixels."""
 
-    def __init__(self, task: str, camera: str = "corner", size: int = 64, episode_length: int = MAX_EPISODE_LENGTH,
-                 seed: int = 0):
+    def __init__(
+        self, task: str, camera: str = "corner", size: int = 64, episode_length: int = MAX_EPISODE_LENGTH, seed: int = 0
+    ):
         gym, metaworld, mujoco = _import_metaworld()
         self._mujoco = mujoco
         name = task_id(task)
@@ -115,7 +118,9 @@ class MetaWorldEnv:
         if camera not in self._camera_ids:
             cam = self._mujoco.mj_name2id(self._env.model, self._mujoco.mjtObj.mjOBJ_CAMERA, camera)
             if cam < 0:
-                raise EnvError(f"unknown camera {camera!r} for Meta-World task {self.task!r}; cameras: {', '.join(self.cameras)}")
+                raise EnvError(
+                    f"unknown camera {camera!r} for Meta-World task {self.task!r}; cameras: {', '.join(self.cameras)}"
+                )
             self._camera_ids[camera] = cam
         return self._camera_ids[camera]
 
@@ -218,7 +223,7 @@ class MetaWorldEnv:
     def _observation(self, state: np.ndarray) -> dict[str, np.ndarray]:
         return {"image": self.render(), "state": np.asarray(state, dtype=np.float32)}
 
-    def __enter__(self) -> "MetaWorldEnv":
+    def __enter__(self) -> MetaWorldEnv:
         return self
 
     def __exit__(self, *exc: object) -> None:

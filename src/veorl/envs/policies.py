@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -49,8 +49,14 @@ def scripted_policy(env_name: str, task: str) -> StatePolicy:
 class BehaviourPolicy:
     """A degraded expert: random-action mixing and Gaussian noise, driven by its own seeded generator."""
 
-    def __init__(self, expert: StatePolicy, action_dim: int, noise: float = 0.0, random_prob: float = 0.0,
-                 seed: int | None = None):
+    def __init__(
+        self,
+        expert: StatePolicy,
+        action_dim: int,
+        noise: float = 0.0,
+        random_prob: float = 0.0,
+        seed: int | None = None,
+    ):
         if noise < 0:
             raise ValueError(f"noise must be >= 0, got {noise}")
         if not 0.0 <= random_prob <= 1.0:
@@ -72,8 +78,17 @@ class BehaviourPolicy:
         return np.clip(action, -1.0, 1.0).astype(np.float32)
 
 
-def behaviour_policy(env_name: str, task: str, level: str, action_dim: int, *, expert_noise: float,
-                     medium_noise: float, medium_random_prob: float, seed: int) -> BehaviourPolicy:
+def behaviour_policy(
+    env_name: str,
+    task: str,
+    level: str,
+    action_dim: int,
+    *,
+    expert_noise: float,
+    medium_noise: float,
+    medium_random_prob: float,
+    seed: int,
+) -> BehaviourPolicy:
     """The behaviour policy of one quality level ("expert" or "medium"; "mixed" is a per-episode choice of these)."""
     expert = scripted_policy(env_name, task)
     if level == "expert":

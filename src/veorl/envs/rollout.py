@@ -7,7 +7,7 @@ discount is 1.0; a true terminal (info["terminal"]) would get discount 0 and is_
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -17,7 +17,8 @@ ActionFn = Callable[[np.ndarray], np.ndarray]
 
 
 def rollout(env: Env, policy: ActionFn, seed: int) -> dict[str, np.ndarray]:
-    """One full episode from `env.reset(seed)`; returns image, action, reward, discount, success, is_terminal, is_first."""
+    """One full episode from `env.reset(seed)`; returns image, action, reward, discount, success, is_terminal,
+    is_first."""
     obs = env.reset(seed=seed)
     images = [obs["image"]]
     actions = [np.zeros(env.action_dim, np.float32)]

@@ -39,9 +39,17 @@ def video_name(task: str, camera: str, episode: int, container: str) -> str:
 def episode_recipe(cfg: Any, task: str, episode: int) -> dict[str, Any]:
     """Everything that determines one source episode's files (not the worker count, not the other tasks)."""
     return {
-        "env": "metaworld", "task": task, "episode": episode, "cameras": list(cfg.cameras),
-        "render_size": cfg.render_size, "episode_length": cfg.episode_length, "action_noise": cfg.action_noise,
-        "camera_jitter": cfg.camera_jitter, "seed": cfg.seed, "fps": cfg.fps, "codec": cfg.codec,
+        "env": "metaworld",
+        "task": task,
+        "episode": episode,
+        "cameras": list(cfg.cameras),
+        "render_size": cfg.render_size,
+        "episode_length": cfg.episode_length,
+        "action_noise": cfg.action_noise,
+        "camera_jitter": cfg.camera_jitter,
+        "seed": cfg.seed,
+        "fps": cfg.fps,
+        "codec": cfg.codec,
         "container": cfg.container,
     }
 
@@ -62,15 +70,22 @@ def render_episode(job: tuple[str, dict[str, Any]]) -> dict[str, Any]:
 
     out_text, recipe = job
     out = Path(out_text)
-    env = cached_env("metaworld", recipe["task"], recipe["cameras"][0], recipe["render_size"],
-                     recipe["episode_length"], recipe["seed"])
+    env = cached_env(
+        "metaworld",
+        recipe["task"],
+        recipe["cameras"][0],
+        recipe["render_size"],
+        recipe["episode_length"],
+        recipe["seed"],
+    )
     task, episode, cameras = recipe["task"], recipe["episode"], recipe["cameras"]
     # Seeds from (seed, task name, episode): independent of the task list's order and of the other tasks.
     streams = np.random.SeedSequence([recipe["seed"], zlib.crc32(task.encode()), episode]).spawn(3)
     env_seed = int(streams[0].generate_state(1)[0] & 0x7FFFFFFF)
     env.jitter_cameras(np.random.default_rng(streams[1]), recipe["camera_jitter"])
-    policy = BehaviourPolicy(scripted_policy("metaworld", task), env.action_dim, noise=recipe["action_noise"],
-                             seed=streams[2])
+    policy = BehaviourPolicy(
+        scripted_policy("metaworld", task), env.action_dim, noise=recipe["action_noise"], seed=streams[2]
+    )
     frames: dict[str, list[np.ndarray]] = {cam: [] for cam in cameras}
     obs = env.reset(seed=env_seed)
     successes = 0
@@ -86,8 +101,16 @@ def render_episode(job: tuple[str, dict[str, Any]]) -> dict[str, Any]:
     for cam in cameras:
         name = video_name(task, cam, episode, recipe["container"])
         count = write_video(out / name, frames[cam], fps=recipe["fps"], codec=recipe["codec"])
-        files.append({"file": name, "task": task, "camera": cam, "episode": episode, "frames": count,
-                      "size": recipe["render_size"]})
+        files.append(
+            {
+                "file": name,
+                "task": task,
+                "camera": cam,
+                "episode": episode,
+                "frames": count,
+                "size": recipe["render_size"],
+            }
+        )
     meta = {"recipe": recipe, "recipe_hash": sha256_json(recipe), "files": files, "success": successes > 0}
     atomic_write_json(_meta_path(out, task, episode), meta)
     return meta
@@ -148,8 +171,9 @@ def _remove_unplanned(out: Path, planned: set[str], planned_files: set[str]) -> 
     return removed
 
 
-def render_source_videos(out: str | Path, cfg: Any, target_task: str | None = None, workers: int | None = None,
-                         progress: bool = True) -> RenderResult:
+def render_source_videos(
+    out: str | Path, cfg: Any, target_task: str | None = None, workers: int | None = None, progress: bool = True
+) -> RenderResult:
     """Render `cfg.episodes_per_task` episodes of every task in `cfg.tasks` into `out` (a SourceVideosParams)."""
     from tqdm import tqdm
 
@@ -196,18 +220,32 @@ def render_source_videos(out: str | Path, cfg: Any, target_task: str | None = No
         bar.close()
     if died:
         # Finished episodes are on disk with their meta files, so a re-run renders only these.
-        raise RuntimeError(f"rendering source episode(s) {sorted(died)} killed their worker process "
-                           f"({DIED_REASON}); re-run to retry them")
+        raise RuntimeError(
+            f"rendering source episode(s) {sorted(died)} killed their worker process "
+            f"({DIED_REASON}); re-run to retry them"
+        )
     result.rendered = sorted(f"{recipe['task']}-{recipe['episode']:03d}" for _, recipe in jobs)
 
     files = [f for task, ep in plan for f in metas[(task, ep)]["files"]]
     card = {
-        "version": CARD_VERSION, "source": "rendered", "env": "metaworld", "target_task": target_task,
-        "tasks": list(cfg.tasks), "cameras": list(cfg.cameras), "episodes_per_task": cfg.episodes_per_task,
-        "episode_length": cfg.episode_length, "render_size": cfg.render_size, "fps": cfg.fps, "codec": cfg.codec,
-        "container": cfg.container, "action_noise": cfg.action_noise, "camera_jitter": cfg.camera_jitter,
-        "seed": cfg.seed, "labels": "none (frames only: no actions, no rewards)",
-        "videos": len(files), "frames": int(sum(f["frames"] for f in files)),
+        "version": CARD_VERSION,
+        "source": "rendered",
+        "env": "metaworld",
+        "target_task": target_task,
+        "tasks": list(cfg.tasks),
+        "cameras": list(cfg.cameras),
+        "episodes_per_task": cfg.episodes_per_task,
+        "episode_length": cfg.episode_length,
+        "render_size": cfg.render_size,
+        "fps": cfg.fps,
+        "codec": cfg.codec,
+        "container": cfg.container,
+        "action_noise": cfg.action_noise,
+        "camera_jitter": cfg.camera_jitter,
+        "seed": cfg.seed,
+        "labels": "none (frames only: no actions, no rewards)",
+        "videos": len(files),
+        "frames": int(sum(f["frames"] for f in files)),
         "episode_success_rate": float(np.mean([metas[k]["success"] for k in plan])) if plan else 0.0,
         "files": files,
     }

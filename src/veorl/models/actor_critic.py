@@ -65,7 +65,9 @@ class TruncatedNormal:
         return per_dim.sum(-1)
 
     def entropy(self) -> torch.Tensor:
-        correction = (self._alpha * _std_normal_pdf(self._alpha) - self._beta * _std_normal_pdf(self._beta)) / (2.0 * self._mass)
+        correction = (self._alpha * _std_normal_pdf(self._alpha) - self._beta * _std_normal_pdf(self._beta)) / (
+            2.0 * self._mass
+        )
         per_dim = _LOG_SQRT_2PI_E + torch.log(self.scale) + torch.log(self._mass) + correction
         return per_dim.sum(-1)
 
@@ -100,8 +102,15 @@ class OneHotCategorical:
 class Actor(nn.Module):
     """pi(a | f [, abar]): an ELU MLP producing a truncated normal (continuous) or a one-hot categorical (discrete)."""
 
-    def __init__(self, input_dim: int, action_dim: int, units: int, layers: int, kind: ActionKind = "continuous",
-                 min_std: float = 0.1):
+    def __init__(
+        self,
+        input_dim: int,
+        action_dim: int,
+        units: int,
+        layers: int,
+        kind: ActionKind = "continuous",
+        min_std: float = 0.1,
+    ):
         super().__init__()
         if kind not in ("continuous", "discrete"):
             raise ValueError(f"Actor: kind must be 'continuous' or 'discrete', got {kind!r}")

@@ -20,9 +20,9 @@ class BehaviourAbstraction(nn.Module):
 
     def __init__(self, embed_dim: int, hidden: int = 128, latent_dim: int = 8):
         super().__init__()
-        self.next_proj = nn.Linear(embed_dim, hidden)            # W1, applied to e_{t+1}
+        self.next_proj = nn.Linear(embed_dim, hidden)  # W1, applied to e_{t+1}
         self.this_proj = nn.Linear(embed_dim, hidden, bias=False)  # W2, applied to e_t
-        self.out = nn.Linear(hidden, latent_dim)                 # W3
+        self.out = nn.Linear(hidden, latent_dim)  # W3
         self.embed_dim, self.latent_dim = embed_dim, latent_dim
 
     def forward(self, embed: torch.Tensor) -> torch.Tensor:
@@ -39,9 +39,9 @@ class BehaviourAbstraction(nn.Module):
 
 @dataclass(frozen=True)
 class CodebookStats:
-    counts: torch.Tensor      # (K,) how often each code was chosen
-    perplexity: float         # exp(entropy of the usage distribution): K when uniform, 1 when collapsed
-    used: int                 # number of codes chosen at least once
+    counts: torch.Tensor  # (K,) how often each code was chosen
+    perplexity: float  # exp(entropy of the usage distribution): K when uniform, 1 when collapsed
+    used: int  # number of codes chosen at least once
 
 
 class Codebook(nn.Module):
@@ -55,8 +55,7 @@ class Codebook(nn.Module):
     def distances(self, z: torch.Tensor) -> torch.Tensor:
         """Squared Euclidean distances (..., K) of each z to every code."""
         flat = z.reshape(-1, self.dim)
-        dist = (flat.square().sum(-1, keepdim=True) - 2.0 * flat @ self.vectors.t()
-                + self.vectors.square().sum(-1)[None])
+        dist = flat.square().sum(-1, keepdim=True) - 2.0 * flat @ self.vectors.t() + self.vectors.square().sum(-1)[None]
         return dist.reshape(*z.shape[:-1], self.K)
 
     def indices(self, z: torch.Tensor) -> torch.Tensor:
@@ -71,8 +70,9 @@ class Codebook(nn.Module):
             idx = self.indices(z)
         return self.lookup(idx).detach(), idx
 
-    def quantise(self, z: torch.Tensor, beta: float | None = None,
-                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def quantise(
+        self, z: torch.Tensor, beta: float | None = None, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(z_q with straight-through gradient to z, code indices, VQ loss averaged over valid entries)."""
         beta = self.beta if beta is None else beta
         with torch.no_grad():

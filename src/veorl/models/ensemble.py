@@ -31,7 +31,8 @@ class PriorEnsemble(nn.Module):
         hidden = hidden or rssm.hidden
         stat_size = rssm.img_stats.out_features
         self.heads = nn.ModuleList(
-            nn.Sequential(nn.Linear(rssm.deter_size, hidden), nn.ELU(), nn.Linear(hidden, stat_size)) for _ in range(size)
+            nn.Sequential(nn.Linear(rssm.deter_size, hidden), nn.ELU(), nn.Linear(hidden, stat_size))
+            for _ in range(size)
         )
 
     @property

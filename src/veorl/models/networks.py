@@ -172,5 +172,15 @@ class FBC(nn.Module):
         return self.net(feature)
 
 
-__all__ = ["IMAGE_SIZE", "preprocess", "postprocess", "unit_gaussian_log_prob", "Encoder", "Decoder", "MLP", "DenseHead",
-           "BinaryHead", "FBC"]
+__all__ = [
+    "IMAGE_SIZE",
+    "preprocess",
+    "postprocess",
+    "unit_gaussian_log_prob",
+    "Encoder",
+    "Decoder",
+    "MLP",
+    "DenseHead",
+    "BinaryHead",
+    "FBC",
+]

@@ -14,8 +14,9 @@ distribution objects: fewer, larger kernels, which matters most when the CPU is 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,32 +33,50 @@ class RSSMState:
     std: torch.Tensor | None = None
     logits: torch.Tensor | None = None
 
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "RSSMState":
-        return RSSMState(**{f.name: (None if getattr(self, f.name) is None else fn(getattr(self, f.name))) for f in fields(self)})
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> RSSMState:
+        return RSSMState(
+            **{f.name: (None if getattr(self, f.name) is None else fn(getattr(self, f.name))) for f in fields(self)}
+        )
 
-    def detach(self) -> "RSSMState":
+    def detach(self) -> RSSMState:
         return self.map(torch.Tensor.detach)
 
-    def __getitem__(self, index) -> "RSSMState":
+    def __getitem__(self, index) -> RSSMState:
         return self.map(lambda t: t[index])
 
-    def reshape_batch(self, *shape: int) -> "RSSMState":
+    def reshape_batch(self, *shape: int) -> RSSMState:
         """Reshape the leading (batch/time) dimensions; trailing state dimensions are kept."""
+
         def one(t: torch.Tensor | None, trailing: int) -> torch.Tensor | None:
-            return None if t is None else t.reshape(*shape, *t.shape[t.dim() - trailing:])
-        return RSSMState(one(self.deter, 1), one(self.stoch, 1), one(self.mean, 1), one(self.std, 1), one(self.logits, 2))
+            return None if t is None else t.reshape(*shape, *t.shape[t.dim() - trailing :])
+
+        return RSSMState(
+            one(self.deter, 1), one(self.stoch, 1), one(self.mean, 1), one(self.std, 1), one(self.logits, 2)
+        )
 
     @staticmethod
-    def stack(states: list["RSSMState"], dim: int = 1) -> "RSSMState":
+    def stack(states: list[RSSMState], dim: int = 1) -> RSSMState:
         first = states[0]
-        return RSSMState(**{f.name: (None if getattr(first, f.name) is None else torch.stack([getattr(s, f.name) for s in states], dim))
-                            for f in fields(first)})
+        return RSSMState(
+            **{
+                f.name: (
+                    None if getattr(first, f.name) is None else torch.stack([getattr(s, f.name) for s in states], dim)
+                )
+                for f in fields(first)
+            }
+        )
 
     @staticmethod
-    def cat(states: list["RSSMState"], dim: int = 0) -> "RSSMState":
+    def cat(states: list[RSSMState], dim: int = 0) -> RSSMState:
         first = states[0]
-        return RSSMState(**{f.name: (None if getattr(first, f.name) is None else torch.cat([getattr(s, f.name) for s in states], dim))
-                            for f in fields(first)})
+        return RSSMState(
+            **{
+                f.name: (
+                    None if getattr(first, f.name) is None else torch.cat([getattr(s, f.name) for s in states], dim)
+                )
+                for f in fields(first)
+            }
+        )
 
 
 class _SerialRegion:
@@ -89,7 +108,7 @@ class _SerialRegion:
         if cls.depth == 0 and cls.saved_threads > 1 and torch.get_num_threads() != cls.saved_threads:
             torch.set_num_threads(cls.saved_threads)
 
-    def __enter__(self) -> "_SerialRegion":
+    def __enter__(self) -> _SerialRegion:
         self.enter()
         return self
 
@@ -177,8 +196,17 @@ class RSSM(nn.Module):
     and the stochastic state is their flattened one-hot sample (straight-through gradients).
     """
 
-    def __init__(self, action_dim: int, embed_dim: int, deter: int = 200, stoch: int = 50, hidden: int = 200,
-                 kind: Literal["gaussian", "categorical"] = "gaussian", classes: int = 32, min_std: float = 0.1):
+    def __init__(
+        self,
+        action_dim: int,
+        embed_dim: int,
+        deter: int = 200,
+        stoch: int = 50,
+        hidden: int = 200,
+        kind: Literal["gaussian", "categorical"] = "gaussian",
+        classes: int = 32,
+        min_std: float = 0.1,
+    ):
         super().__init__()
         if kind not in ("gaussian", "categorical"):
             raise ValueError(f"RSSM kind must be 'gaussian' or 'categorical', got {kind!r}")
@@ -215,7 +243,9 @@ class RSSM(nn.Module):
         stoch = torch.zeros(batch, self.stoch_size, device=device, dtype=dtype)
         if self.kind == "gaussian":
             return RSSMState(deter, stoch, mean=torch.zeros_like(stoch), std=torch.zeros_like(stoch))
-        return RSSMState(deter, stoch, logits=torch.zeros(batch, self.stoch_vars, self.classes, device=device, dtype=dtype))
+        return RSSMState(
+            deter, stoch, logits=torch.zeros(batch, self.stoch_vars, self.classes, device=device, dtype=dtype)
+        )
 
     def feature(self, state: RSSMState) -> torch.Tensor:
         return torch.cat([state.stoch, state.deter], -1)
@@ -223,10 +253,13 @@ class RSSM(nn.Module):
     def get_dist(self, state: RSSMState) -> torch.distributions.Distribution:
         if self.kind == "gaussian":
             return torch.distributions.Independent(torch.distributions.Normal(state.mean, state.std), 1)
-        return torch.distributions.Independent(torch.distributions.OneHotCategoricalStraightThrough(logits=state.logits), 1)
+        return torch.distributions.Independent(
+            torch.distributions.OneHotCategoricalStraightThrough(logits=state.logits), 1
+        )
 
-    def _stats_to_state(self, stats: torch.Tensor, deter: torch.Tensor, sample: bool,
-                        noise: torch.Tensor | None = None) -> RSSMState:
+    def _stats_to_state(
+        self, stats: torch.Tensor, deter: torch.Tensor, sample: bool, noise: torch.Tensor | None = None
+    ) -> RSSMState:
         if self.kind == "gaussian":
             mean, raw_std = stats.chunk(2, -1)
             std = 2.0 * torch.sigmoid(raw_std / 2.0) + self.min_std
@@ -260,8 +293,9 @@ class RSSM(nn.Module):
     def img_step(self, prev_state: RSSMState, prev_action: torch.Tensor, sample: bool = True) -> RSSMState:
         return self._img_core(prev_state, self.img_in_action(prev_action), sample)
 
-    def obs_step(self, prev_state: RSSMState, prev_action: torch.Tensor, embed: torch.Tensor,
-                 sample: bool = True) -> tuple[RSSMState, RSSMState]:
+    def obs_step(
+        self, prev_state: RSSMState, prev_action: torch.Tensor, embed: torch.Tensor, sample: bool = True
+    ) -> tuple[RSSMState, RSSMState]:
         prior = self.img_step(prev_state, prev_action, sample)
         post = self._obs_core(prior, self.obs_in_embed(embed), sample)
         return post, prior
@@ -274,8 +308,9 @@ class RSSM(nn.Module):
             return [None] * steps
         return list(torch.randn(steps, batch, self.stoch_vars, device=like.device, dtype=like.dtype).unbind(0))
 
-    def observe(self, embed: torch.Tensor, action: torch.Tensor, state: RSSMState | None = None,
-                sample: bool = True) -> tuple[RSSMState, RSSMState]:
+    def observe(
+        self, embed: torch.Tensor, action: torch.Tensor, state: RSSMState | None = None, sample: bool = True
+    ) -> tuple[RSSMState, RSSMState]:
         """Filter over a sequence. embed (B,T,E); action (B,T,A) is the action *preceding* each embed.
 
         Returns posterior and prior states stacked over time, tensors shaped (B, T, ...).
@@ -285,8 +320,10 @@ class RSSM(nn.Module):
         after the loop; the action and embedding projections (biases folded in) before it.
         """
         if embed.dim() != 3 or action.dim() != 3 or embed.shape[:2] != action.shape[:2]:
-            raise ValueError(f"observe expects embed (B,T,E) and action (B,T,A) with equal B,T; got {tuple(embed.shape)} "
-                             f"and {tuple(action.shape)}")
+            raise ValueError(
+                f"observe expects embed (B,T,E) and action (B,T,A) with equal B,T; got {tuple(embed.shape)} "
+                f"and {tuple(action.shape)}"
+            )
         batch, steps = embed.shape[:2]
         if state is None:
             state = self.initial(batch, embed.device)
@@ -308,8 +345,10 @@ class RSSM(nn.Module):
                 posts.append(post)
             post = RSSMState.stack(posts, 1)
         if self.serial_loop:
-            _SerialRegion.guard_backward([t for t in (post.deter, post.stoch, post.mean, post.std, post.logits) if t is not None],
-                                         [action_proj, embed_proj])
+            _SerialRegion.guard_backward(
+                [t for t in (post.deter, post.stoch, post.mean, post.std, post.logits) if t is not None],
+                [action_proj, embed_proj],
+            )
         prior_stats = self.img_stats(F.elu(self.img_out(post.deter)))
         prior = self._stats_to_state(prior_stats, post.deter, sample)
         return post, prior
@@ -333,8 +372,10 @@ class RSSM(nn.Module):
                 priors.append(state)
             prior = RSSMState.stack(priors, 1)
         if self.serial_loop:
-            _SerialRegion.guard_backward([t for t in (prior.deter, prior.stoch, prior.mean, prior.std, prior.logits) if t is not None],
-                                         [action_proj, start.deter, start.stoch])
+            _SerialRegion.guard_backward(
+                [t for t in (prior.deter, prior.stoch, prior.mean, prior.std, prior.logits) if t is not None],
+                [action_proj, start.deter, start.stoch],
+            )
         return prior
 
     # -- losses -----------------------------------------------------------------------------------
@@ -345,8 +386,14 @@ class RSSM(nn.Module):
             return _gaussian_kl(lhs.mean, lhs.std, rhs.mean, rhs.std)
         return _categorical_kl(lhs.logits, rhs.logits)
 
-    def kl_loss(self, post: RSSMState, prior: RSSMState, balance: float = 0.8, free: float = 1.0,
-                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def kl_loss(
+        self,
+        post: RSSMState,
+        prior: RSSMState,
+        balance: float = 0.8,
+        free: float = 1.0,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Balanced KL with free nats applied to the (masked) average, DreamerV2 style.
 
         balance weights the term that trains the prior (posterior detached); 1 - balance the term that
@@ -360,7 +407,9 @@ class RSSM(nn.Module):
         else:
             weight = mask.to(kl_prior.dtype)
             if weight.shape != kl_prior.shape:
-                raise ValueError(f"kl mask shape {tuple(weight.shape)} must match the states' shape {tuple(kl_prior.shape)}")
+                raise ValueError(
+                    f"kl mask shape {tuple(weight.shape)} must match the states' shape {tuple(kl_prior.shape)}"
+                )
             denom = weight.sum().clamp_min(1.0)
             mean_prior, mean_post = (kl_prior * weight).sum() / denom, (kl_post * weight).sum() / denom
         free_t = torch.as_tensor(free, dtype=mean_prior.dtype, device=mean_prior.device)

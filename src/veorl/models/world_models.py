@@ -24,8 +24,8 @@ from torch import nn
 
 from veorl.config import ModelParams
 from veorl.models.ban import BehaviourAbstraction, Codebook
-from veorl.models.networks import FBC, MLP, BinaryHead, Decoder, DenseHead, Encoder
 from veorl.models.ensemble import PriorEnsemble
+from veorl.models.networks import FBC, MLP, BinaryHead, Decoder, DenseHead, Encoder
 from veorl.models.rssm import RSSM, RSSMState
 from veorl.storage import atomic_path, atomic_write_json, read_json
 
@@ -34,8 +34,16 @@ MODEL_CONFIG_FILE = "model_config.json"
 
 
 def build_rssm(params: ModelParams, action_dim: int, embed_dim: int) -> RSSM:
-    return RSSM(action_dim=action_dim, embed_dim=embed_dim, deter=params.deter, stoch=params.stoch, hidden=params.hidden,
-                kind=params.rssm_kind, classes=params.stoch_classes, min_std=params.min_std)
+    return RSSM(
+        action_dim=action_dim,
+        embed_dim=embed_dim,
+        deter=params.deter,
+        stoch=params.stoch,
+        hidden=params.hidden,
+        kind=params.rssm_kind,
+        classes=params.stoch_classes,
+        min_std=params.min_std,
+    )
 
 
 class VideoWorldModel(nn.Module):
@@ -96,7 +104,11 @@ class VideoWorldModel(nn.Module):
         self.codebook.requires_grad_(flag)
 
     def frozen_modules(self) -> list[nn.Module]:
-        return [self.behaviour_encoder, self.ban, self.codebook] if bool(self.behaviour_frozen) else [self.behaviour_encoder]
+        return (
+            [self.behaviour_encoder, self.ban, self.codebook]
+            if bool(self.behaviour_frozen)
+            else [self.behaviour_encoder]
+        )
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
@@ -106,13 +118,16 @@ class VideoWorldModel(nn.Module):
     # -- inference helpers used downstream ------------------------------------------------------------
 
     def forward_prediction_loss(self, embed: torch.Tensor, latent_actions: torch.Tensor) -> torch.Tensor:
-        """Squared error (summed over the embedding) of predicting e_t+1 - e_t from (e_t, abar_t), averaged over
-        transitions. Embeddings enter detached: this term shapes the BAN and codebook (through the straight-
-        through latent actions), not the encoder, which could otherwise shrink every change to nothing."""
+        """How much of the change e_t+1 - e_t a predictor from (e_t, abar_t) leaves unexplained: the squared
+        error summed over the embedding, divided by the batch's mean squared change (so 1 = no better than
+        predicting no change, whatever the embedding's scale; consecutive frames differ little, and an
+        unnormalised error would vanish next to the image NLL). Embeddings enter detached: this term shapes
+        the BAN and codebook (through the straight-through latent actions), not the encoder."""
         now = embed[..., :-1, :].detach()
         change = (embed[..., 1:, :] - embed[..., :-1, :]).detach()
         predicted = self.latent_forward(torch.cat([now, latent_actions], -1))
-        return (predicted - change).square().sum(-1).mean()
+        scale = change.square().sum(-1).mean().clamp_min(1e-8)
+        return (predicted - change).square().sum(-1).mean() / scale
 
     def behaviour_embed(self, image: torch.Tensor) -> torch.Tensor:
         """Embeddings the BAN reads: the frozen phase-1 encoder copy after phase 1, the live encoder before."""
@@ -124,15 +139,19 @@ class VideoWorldModel(nn.Module):
         z = self.ban(self.behaviour_embed(image))
         return self.codebook.nearest(z)
 
-    def filter_plan(self, embed: torch.Tensor, latent_actions: torch.Tensor,
-                    sample: bool = True) -> tuple[RSSMState, RSSMState]:
+    def filter_plan(
+        self, embed: torch.Tensor, latent_actions: torch.Tensor, sample: bool = True
+    ) -> tuple[RSSMState, RSSMState]:
         """Plan Net posterior and prior over frame embeddings (B, T, E) given the latent actions of their
         transitions (B, T-1, Z): the action entering frame t is the latent action of t-1 -> t, none at frame 0."""
         if latent_actions.shape[:-1] != (embed.shape[0], embed.shape[1] - 1):
-            raise ValueError(f"latent actions {tuple(latent_actions.shape)} must be one per transition of the "
-                             f"embeddings {tuple(embed.shape)}")
-        entering = torch.cat([latent_actions.new_zeros(latent_actions.shape[0], 1, latent_actions.shape[-1]),
-                              latent_actions], 1)
+            raise ValueError(
+                f"latent actions {tuple(latent_actions.shape)} must be one per transition of the "
+                f"embeddings {tuple(embed.shape)}"
+            )
+        entering = torch.cat(
+            [latent_actions.new_zeros(latent_actions.shape[0], 1, latent_actions.shape[-1]), latent_actions], 1
+        )
         return self.plan_net.observe(embed, entering, sample=sample)
 
     @torch.no_grad()
@@ -173,17 +192,24 @@ class TrunkWorldModel(nn.Module):
         return self.trunk_net.feat_dim
 
 
-def build_trunk_world_model(params: ModelParams, action_dim: int, video_world_model: VideoWorldModel | None = None,
-                            discount_head: bool = False, init_decoder: bool = False,
-                            ensemble_size: int = 0) -> TrunkWorldModel:
+def build_trunk_world_model(
+    params: ModelParams,
+    action_dim: int,
+    video_world_model: VideoWorldModel | None = None,
+    discount_head: bool = False,
+    init_decoder: bool = False,
+    ensemble_size: int = 0,
+) -> TrunkWorldModel:
     """A Trunk Net world model whose encoder (and optionally decoder) starts from the pretrained video model."""
     trunk = TrunkWorldModel(params, action_dim, discount_head, ensemble_size)
     if video_world_model is not None:
         trunk.encoder.load_state_dict(video_world_model.encoder.state_dict())
         if init_decoder:
             if video_world_model.feat_dim != trunk.feat_dim:
-                raise ValueError(f"cannot initialise the Trunk Net decoder: feature sizes differ "
-                                 f"({video_world_model.feat_dim} vs {trunk.feat_dim})")
+                raise ValueError(
+                    f"cannot initialise the Trunk Net decoder: feature sizes differ "
+                    f"({video_world_model.feat_dim} vs {trunk.feat_dim})"
+                )
             trunk.decoder.load_state_dict(video_world_model.decoder.state_dict())
     return trunk
 
@@ -193,8 +219,9 @@ def build_trunk_world_model(params: ModelParams, action_dim: int, video_world_mo
 # ------------------------------------------------------------------------------------------------
 
 
-def save_world_model(path_dir: str | Path, model: VideoWorldModel, config: dict[str, Any],
-                     provenance: dict[str, Any]) -> Path:
+def save_world_model(
+    path_dir: str | Path, model: VideoWorldModel, config: dict[str, Any], provenance: dict[str, Any]
+) -> Path:
     """Write the world-model artifact; the weights land atomically so a reader never sees a partial file."""
     out = Path(path_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -207,12 +234,16 @@ def save_world_model(path_dir: str | Path, model: VideoWorldModel, config: dict[
     return out
 
 
-def load_world_model(path_dir: str | Path, device: str | torch.device = "cpu") -> tuple[VideoWorldModel, dict[str, Any]]:
+def load_world_model(
+    path_dir: str | Path, device: str | torch.device = "cpu"
+) -> tuple[VideoWorldModel, dict[str, Any]]:
     """Rebuild a VideoWorldModel from an artifact directory: (model in eval mode, meta dict)."""
     root = Path(path_dir)
     for name in (WEIGHTS_FILE, MODEL_CONFIG_FILE):
         if not (root / name).is_file():
-            raise FileNotFoundError(f"{root / name} not found: {root} is not a world-model artifact (run components.pretrain)")
+            raise FileNotFoundError(
+                f"{root / name} not found: {root} is not a world-model artifact (run components.pretrain)"
+            )
     try:
         params = ModelParams.model_validate(read_json(root / MODEL_CONFIG_FILE))
     except ValueError as exc:
@@ -221,8 +252,10 @@ def load_world_model(path_dir: str | Path, device: str | torch.device = "cpu") -
     state = torch.load(root / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{root / WEIGHTS_FILE}: weights do not match {MODEL_CONFIG_FILE} "
-                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise ValueError(
+            f"{root / WEIGHTS_FILE}: weights do not match {MODEL_CONFIG_FILE} "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     model.to(device).eval()
     meta: dict[str, Any] = {"model_config": params.model_dump(mode="json")}
     for name in ("config", "provenance"):

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Protocol
 
 import av
 import numpy as np
@@ -108,14 +109,18 @@ class VideoReader:
             raise DecodeError(f"cannot read file: {exc.strerror or exc}") from None
         videos = list(self._container.streams.video)
         if not videos:
-            kinds = ", ".join(f"{s.type}/{getattr(s.codec_context, 'name', '?')}" for s in self._container.streams) or "none"
+            kinds = (
+                ", ".join(f"{s.type}/{getattr(s.codec_context, 'name', '?')}" for s in self._container.streams)
+                or "none"
+            )
             self._container.close()
             raise DecodeError(f"no decodable video stream (streams: {kinds})")
         self._stream = videos[0]
         context = self._stream.codec_context
         rate = self._stream.average_rate or self._stream.guessed_rate or self._stream.base_rate
-        self.info = StreamInfo(width=context.width or None, height=context.height or None, fps_in=_as_float(rate),
-                               codec=context.name)
+        self.info = StreamInfo(
+            width=context.width or None, height=context.height or None, fps_in=_as_float(rate), codec=context.name
+        )
 
     def __iter__(self) -> Iterator[tuple[float, av.VideoFrame]]:
         frame_period = 1.0 / self.info.fps_in if self.info.fps_in else None
@@ -128,7 +133,9 @@ class VideoReader:
                     self.truncation = self._shortfall()
                     break
                 except (av.error.FFmpegError, OSError, ValueError) as exc:
-                    self.truncation = f"truncated: decoded {self.frames_decoded} frames then FFmpeg said {ffmpeg_message(exc)!r}"
+                    self.truncation = (
+                        f"truncated: decoded {self.frames_decoded} frames then FFmpeg said {ffmpeg_message(exc)!r}"
+                    )
                     break
                 if frame.is_corrupt:
                     if self.frames_decoded == 0:
@@ -178,8 +185,10 @@ class VideoReader:
             decoded_s = self.end_time() - self._first_time
             slack = 2.0 / self.info.fps_in if self.info.fps_in else 0.1
             if decoded_s < declared_s - slack:
-                return (f"truncated: decoded {self.frames_decoded} frames ({decoded_s:.2f} s) of the {declared_s:.2f} s "
-                        "the container declares")
+                return (
+                    f"truncated: decoded {self.frames_decoded} frames ({decoded_s:.2f} s) of the {declared_s:.2f} s "
+                    "the container declares"
+                )
         return None
 
     def end_time(self) -> float:
@@ -218,7 +227,9 @@ class ImageSequenceReader:
                         self.info.codec = stream.codec_context.name
                     return frame
         except av.error.FFmpegError as exc:
-            raise DecodeError(f"{path.name}: {_reason_not_a_video(path, exc).replace('not a video', 'not an image')}") from None
+            raise DecodeError(
+                f"{path.name}: {_reason_not_a_video(path, exc).replace('not a video', 'not an image')}"
+            ) from None
         raise DecodeError(f"{path.name}: no decodable image")
 
     def __iter__(self) -> Iterator[tuple[float, av.VideoFrame]]:
@@ -239,8 +250,9 @@ class ImageSequenceReader:
         return self.frames_decoded / self.image_fps
 
 
-def nearest_in_time(timed_frames: Iterable[tuple[float, av.VideoFrame]], fps: float,
-                    end_time: Callable[[], float]) -> Iterator[av.VideoFrame]:
+def nearest_in_time(
+    timed_frames: Iterable[tuple[float, av.VideoFrame]], fps: float, end_time: Callable[[], float]
+) -> Iterator[av.VideoFrame]:
     """Resample a timestamped stream to `fps`: for each target time t0 + k/fps, the frame shown nearest to it.
 
     Frames repeat when upsampling and are skipped when downsampling. The output covers the source's whole
@@ -301,7 +313,9 @@ class SquareFrameConverter:
         crop = graph.add("crop", f"w={side}:h={side}:x={(width - side) // 2}:y={(height - side) // 2}:exact=1")
         # accurate_rnd + full_chroma_int: without them swscale's fast scaled YUV->RGB path is biased by about
         # -2 grey levels; with them the result matches an unscaled conversion, at no measurable cost here.
-        scale = graph.add("scale", f"w={self.size}:h={self.size}:flags={self.interpolation}+accurate_rnd+full_chroma_int")
+        scale = graph.add(
+            "scale", f"w={self.size}:h={self.size}:flags={self.interpolation}+accurate_rnd+full_chroma_int"
+        )
         rgb = graph.add("format", "rgb24")
         sink = graph.add("buffersink")
         source.link_to(crop)
@@ -323,8 +337,13 @@ class SquareFrameConverter:
         return array
 
 
-def square_frames(reader: FrameReader, size: int, fps: float | None = None, interpolation: str = "area",
-                  converter: SquareFrameConverter | None = None) -> Iterator[np.ndarray]:
+def square_frames(
+    reader: FrameReader,
+    size: int,
+    fps: float | None = None,
+    interpolation: str = "area",
+    converter: SquareFrameConverter | None = None,
+) -> Iterator[np.ndarray]:
     """(size, size, 3) uint8 RGB frames of `reader`, resampled to `fps` (None keeps every decoded frame).
 
     Only the frames the resampler picks are converted; a frame picked twice is converted once.

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -14,8 +14,14 @@ from veorl.storage import atomic_path
 _YUV420_CODECS = {"libx264", "libx265", "h264", "hevc", "libvpx-vp9", "libvpx", "libsvtav1", "mpeg4", "mpeg2video"}
 
 
-def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: int | float | Fraction = 30, codec: str = "libx264",
-                options: dict[str, str] | None = None, pix_fmt: str | None = None) -> int:
+def write_video(
+    path: str | Path,
+    frames: Iterable[np.ndarray],
+    fps: int | float | Fraction = 30,
+    codec: str = "libx264",
+    options: dict[str, str] | None = None,
+    pix_fmt: str | None = None,
+) -> int:
     """Encode (H, W, 3) uint8 RGB frames into `path` (container from the extension), atomically.
 
     `fps` may be a Fraction (30000/1001 for NTSC rates). `pix_fmt` picks the encoder's pixel format and keeps
@@ -48,7 +54,11 @@ def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: int | float
                     opts.update(options or {})
                     stream.options = opts
                 if frame.shape[:2] != (stream.height, stream.width):
-                    frame = np.pad(frame, ((0, stream.height - frame.shape[0]), (0, stream.width - frame.shape[1]), (0, 0)), mode="edge")
+                    frame = np.pad(
+                        frame,
+                        ((0, stream.height - frame.shape[0]), (0, stream.width - frame.shape[1]), (0, 0)),
+                        mode="edge",
+                    )
                 for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                     container.mux(packet)
                 count += 1

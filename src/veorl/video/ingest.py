@@ -27,8 +27,9 @@ import multiprocessing
 import shutil
 import time
 import traceback
+from collections.abc import Callable, Container, Sequence
 from pathlib import Path
-from typing import Any, Callable, Container, Sequence
+from typing import Any
 
 from veorl.config import IngestParams, Params
 from veorl.parallel import Outcome, run_parallel
@@ -49,8 +50,16 @@ _REPORT_EVERY = 32
 
 def clip_settings(p: IngestParams) -> dict[str, Any]:
     """The settings that change the clips written (workers and file-type lists do not)."""
-    return {"size": p.size, "fps": p.fps, "window": p.window, "stride": p.stride, "clips_per_shard": p.clips_per_shard,
-            "image_fps": p.image_fps, "interpolation": p.interpolation, "format": MANIFEST_VERSION}
+    return {
+        "size": p.size,
+        "fps": p.fps,
+        "window": p.window,
+        "stride": p.stride,
+        "clips_per_shard": p.clips_per_shard,
+        "image_fps": p.image_fps,
+        "interpolation": p.interpolation,
+        "format": MANIFEST_VERSION,
+    }
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
@@ -67,13 +76,35 @@ def source_key(content_sha256: str, settings_sha256: str) -> str:
 
 
 def _blank_entry(source: Source) -> dict[str, Any]:
-    return {"uri": source.uri, "kind": source.kind, "key": None, "content_hash": None, "fingerprint": source.fingerprint,
-            "status": "failed", "error": None, "warning": None, "note": None, "frames": 0, "frames_decoded": 0, "clips": 0,
-            "shards": [], "width": None, "height": None, "fps_in": None, "codec": None, "seconds": 0.0}
+    return {
+        "uri": source.uri,
+        "kind": source.kind,
+        "key": None,
+        "content_hash": None,
+        "fingerprint": source.fingerprint,
+        "status": "failed",
+        "error": None,
+        "warning": None,
+        "note": None,
+        "frames": 0,
+        "frames_decoded": 0,
+        "clips": 0,
+        "shards": [],
+        "width": None,
+        "height": None,
+        "fps_in": None,
+        "codec": None,
+        "seconds": 0.0,
+    }
 
 
-def ingest_source(source: Source, settings: dict[str, Any], out_dir: str | Path, reusable_keys: Container[str] = frozenset(),
-                  report_frames: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
+def ingest_source(
+    source: Source,
+    settings: dict[str, Any],
+    out_dir: str | Path,
+    reusable_keys: Container[str] = frozenset(),
+    report_frames: Callable[[int], None] = lambda n: None,
+) -> dict[str, Any]:
     """Ingest one trajectory; return its manifest entry. Never raises for bad input: the entry says why it failed.
 
     If the content turns out to be already ingested (its key is in `reusable_keys`), nothing is decoded and the
@@ -96,8 +127,14 @@ def ingest_source(source: Source, settings: dict[str, Any], out_dir: str | Path,
                 reader = ImageSequenceReader(paths, settings["image_fps"])
             else:
                 reader = open_video(paths[0])
-            writer = ClipShardWriter(out_dir / CLIPS_DIR, key, settings["window"], settings["stride"],
-                                     settings["clips_per_shard"], settings["size"])
+            writer = ClipShardWriter(
+                out_dir / CLIPS_DIR,
+                key,
+                settings["window"],
+                settings["stride"],
+                settings["clips_per_shard"],
+                settings["size"],
+            )
             converter = SquareFrameConverter(settings["size"], settings["interpolation"])
             unreported = 0
             for frame in square_frames(reader, settings["size"], settings["fps"], converter=converter):
@@ -111,11 +148,22 @@ def ingest_source(source: Source, settings: dict[str, Any], out_dir: str | Path,
                 raise DecodeError("no decodable frames" + (f" ({reader.truncation})" if reader.truncation else ""))
             writer.close()
             info = reader.info
-            entry.update(status="ok", frames=writer.frames, frames_decoded=reader.frames_decoded, clips=writer.clips,
-                         shards=writer.shards, width=info.width, height=info.height, fps_in=info.fps_in, codec=info.codec,
-                         warning=reader.truncation)
+            entry.update(
+                status="ok",
+                frames=writer.frames,
+                frames_decoded=reader.frames_decoded,
+                clips=writer.clips,
+                shards=writer.shards,
+                width=info.width,
+                height=info.height,
+                fps_in=info.fps_in,
+                codec=info.codec,
+                warning=reader.truncation,
+            )
             if writer.clips == 0:
-                entry["note"] = f"shorter than one window ({writer.frames} frames < window {settings['window']}): no clips"
+                entry["note"] = (
+                    f"shorter than one window ({writer.frames} frames < window {settings['window']}): no clips"
+                )
     except DecodeError as exc:
         entry["error"] = str(exc)
     except OSError as exc:
@@ -168,8 +216,9 @@ def _worker_task(job: tuple[int, Source, dict[str, Any], str]) -> tuple[int, dic
 # ----------------------------------------------------------------------------------------------
 
 
-def _manifest(entries: list[dict[str, Any]], settings: dict[str, Any], settings_sha: str, complete: bool,
-              last_run: dict[str, Any]) -> dict[str, Any]:
+def _manifest(
+    entries: list[dict[str, Any]], settings: dict[str, Any], settings_sha: str, complete: bool, last_run: dict[str, Any]
+) -> dict[str, Any]:
     """The manifest for the entries resolved so far (in source order). A later source with the same content as an
     earlier one (same key) keeps its entry but points to the earlier one's shards instead of listing them twice."""
     owner_of_key: dict[str, str] = {}
@@ -188,15 +237,31 @@ def _manifest(entries: list[dict[str, Any]], settings: dict[str, Any], settings_
     ok = [e for e in sources if e["status"] == "ok"]
     unique = [e for e in ok if "duplicate_of" not in e]
     totals = {
-        "sources": len(sources), "ok": len(ok), "failed": len(sources) - len(ok), "duplicates": len(ok) - len(unique),
-        "warnings": sum(1 for e in ok if e.get("warning")), "frames": sum(e["frames"] for e in unique),
-        "frames_decoded": sum(e["frames_decoded"] for e in unique), "clips": sum(e["clips"] for e in unique),
+        "sources": len(sources),
+        "ok": len(ok),
+        "failed": len(sources) - len(ok),
+        "duplicates": len(ok) - len(unique),
+        "warnings": sum(1 for e in ok if e.get("warning")),
+        "frames": sum(e["frames"] for e in unique),
+        "frames_decoded": sum(e["frames_decoded"] for e in unique),
+        "clips": sum(e["clips"] for e in unique),
         "shards": sum(len(e["shards"]) for e in unique),
     }
-    return {"version": MANIFEST_VERSION, "size": settings["size"], "window": settings["window"], "stride": settings["stride"],
-            "fps": settings["fps"], "image_fps": settings["image_fps"], "interpolation": settings["interpolation"],
-            "clips_per_shard": settings["clips_per_shard"], "params_hash": settings_sha, "complete": complete,
-            "sources": sources, "totals": totals, "last_run": last_run}
+    return {
+        "version": MANIFEST_VERSION,
+        "size": settings["size"],
+        "window": settings["window"],
+        "stride": settings["stride"],
+        "fps": settings["fps"],
+        "image_fps": settings["image_fps"],
+        "interpolation": settings["interpolation"],
+        "clips_per_shard": settings["clips_per_shard"],
+        "params_hash": settings_sha,
+        "complete": complete,
+        "sources": sources,
+        "totals": totals,
+        "last_run": last_run,
+    }
 
 
 def _previous_manifest(path: Path) -> dict[str, Any] | None:
@@ -207,7 +272,11 @@ def _previous_manifest(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError) as exc:
         log.warning("%s is unreadable (%s): ingesting every source again", path, exc)
         return None
-    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION or not isinstance(manifest.get("sources"), list):
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("version") != MANIFEST_VERSION
+        or not isinstance(manifest.get("sources"), list)
+    ):
         log.warning("%s has another format: ingesting every source again", path)
         return None
     return manifest
@@ -303,8 +372,16 @@ def ingest(sources: Sequence[str], out: str | Path, params: Params, progress: bo
         last_save[0] = time.monotonic()
         return manifest
 
-    source_bar = tqdm(total=len(expanded), initial=len(expanded) - len(pending), desc="ingest sources", unit="src",
-                      disable=not progress, position=0, leave=True, mininterval=0.5)
+    source_bar = tqdm(
+        total=len(expanded),
+        initial=len(expanded) - len(pending),
+        desc="ingest sources",
+        unit="src",
+        disable=not progress,
+        position=0,
+        leave=True,
+        mininterval=0.5,
+    )
     frame_bar = tqdm(desc="ingest frames", unit="frame", disable=not progress, position=1, leave=True, mininterval=0.5)
 
     def finish_one(index: int, entry: dict[str, Any]) -> None:
@@ -341,14 +418,29 @@ def ingest(sources: Sequence[str], out: str | Path, params: Params, progress: bo
         log.info("removed %d shard files no source refers to any more", removed)
     shutil.rmtree(out_dir / CACHE_DIR, ignore_errors=True)
     content = sorted(e["content_hash"] for e in manifest["sources"] if e["status"] == "ok")
-    write_resolved_config(out_dir, params, ("ingest",), upstream={"sources_content": sha256_json(content)}, stage="ingest",
-                          sources=list(map(str, sources)), params_hash=settings_sha, totals=manifest["totals"])
+    write_resolved_config(
+        out_dir,
+        params,
+        ("ingest",),
+        upstream={"sources_content": sha256_json(content)},
+        stage="ingest",
+        sources=list(map(str, sources)),
+        params_hash=settings_sha,
+        totals=manifest["totals"],
+    )
     return manifest
 
 
-def _run_workers(expanded: list[Source], pending: list[int], settings: dict[str, Any], out_dir: Path,
-                 reusable: dict[str, dict[str, Any]], workers: int, finish_one: Callable[[int, dict[str, Any]], None],
-                 frame_bar) -> None:
+def _run_workers(
+    expanded: list[Source],
+    pending: list[int],
+    settings: dict[str, Any],
+    out_dir: Path,
+    reusable: dict[str, dict[str, Any]],
+    workers: int,
+    finish_one: Callable[[int, dict[str, Any]], None],
+    frame_bar,
+) -> None:
     jobs = [(index, expanded[index], settings, str(out_dir)) for index in pending]
     if workers <= 1:
         # In this process the live `reusable` dict is shared, so a later copy of a source ingested in this very
@@ -366,8 +458,9 @@ def _run_workers(expanded: list[Source], pending: list[int], settings: dict[str,
             frame_bar.update(frames - shown[0])
             shown[0] = frames
 
-    outcomes = run_parallel(_worker_task, jobs, workers, initializer=_init_worker, initargs=initargs,
-                            cleanup=_reset_worker, poll=poll)
+    outcomes = run_parallel(
+        _worker_task, jobs, workers, initializer=_init_worker, initargs=initargs, cleanup=_reset_worker, poll=poll
+    )
     with contextlib.closing(outcomes):  # an interrupt stops the workers now, not when the generator is collected
         for outcome in outcomes:
             _finish_outcome(outcome, pending, expanded, finish_one)
@@ -375,8 +468,9 @@ def _run_workers(expanded: list[Source], pending: list[int], settings: dict[str,
         poll()
 
 
-def _finish_outcome(outcome: Outcome, pending: list[int], expanded: list[Source],
-                    finish_one: Callable[[int, dict[str, Any]], None]) -> None:
+def _finish_outcome(
+    outcome: Outcome, pending: list[int], expanded: list[Source], finish_one: Callable[[int, dict[str, Any]], None]
+) -> None:
     if outcome.died:
         # Only the source whose decoding took the process down (an FFmpeg crash, the OOM killer) lands here: the
         # driver re-ran the sources that shared the pool with it. Failed sources are retried by the next run.
@@ -396,9 +490,11 @@ def summarize(manifest: dict[str, Any], out: str | Path | None = None) -> str:
         f"ingest: {t['ok']}/{t['sources']} sources ok, {t['failed']} failed"
         + (f", {t['duplicates']} duplicate content" if t.get("duplicates") else "")
         + (f", {t['warnings']} with warnings" if t.get("warnings") else ""),
-        f"  {t['clips']} clips of {manifest['window']} frames ({manifest['size']}x{manifest['size']}, stride {manifest['stride']})"
+        f"  {t['clips']} clips of {manifest['window']} frames ({manifest['size']}x{manifest['size']}, "
+        f"stride {manifest['stride']})"
         f" from {t['frames']} frames at {rate}, in {t['shards']} shards" + (f" -> {out}" if out else ""),
-        f"  this run: {run.get('ingested', 0)} ingested, {run.get('reused', 0)} already done, {run.get('failed', 0)} failed,"
+        f"  this run: {run.get('ingested', 0)} ingested, {run.get('reused', 0)} already done, "
+        f"{run.get('failed', 0)} failed,"
         f" {run.get('seconds', 0):.1f} s",
     ]
     for entry in manifest["sources"]:
@@ -421,4 +517,13 @@ def exit_reason(manifest: dict[str, Any]) -> str | None:
     return None
 
 
-__all__ = ["ingest", "ingest_source", "summarize", "exit_reason", "clip_settings", "settings_hash", "source_key", "MANIFEST"]
+__all__ = [
+    "ingest",
+    "ingest_source",
+    "summarize",
+    "exit_reason",
+    "clip_settings",
+    "settings_hash",
+    "source_key",
+    "MANIFEST",
+]

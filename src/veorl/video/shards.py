@@ -61,7 +61,7 @@ class ClipShardWriter:
         oldest = self.frames % self.window  # ring slot of the window's first frame
         clip = self._shard[self._pending]
         clip[: self.window - oldest] = self._ring[oldest:]
-        clip[self.window - oldest:] = self._ring[:oldest]
+        clip[self.window - oldest :] = self._ring[:oldest]
         self._pending += 1
         self.clips += 1
         if self._pending == self.clips_per_shard:

@@ -18,9 +18,9 @@ import hashlib
 import os
 import posixpath
 import shutil
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from veorl.storage import S3Location, is_s3, redact, s3_client, s3_download, s3_list, sha256_file
 from veorl.video.decode import natural_key
@@ -68,16 +68,24 @@ def _walk_folder(root: str, video_ext: set[str], image_ext: set[str], exclude: s
     found: list[Source] = []
     for folder, dirs, files in os.walk(root):
         # Hidden folders (.cache, .git, .dvc) and the output folder itself are never sources.
-        dirs[:] = sorted((d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(folder, d)) not in exclude),
-                         key=natural_key)
+        dirs[:] = sorted(
+            (d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(folder, d)) not in exclude),
+            key=natural_key,
+        )
         names = sorted((f for f in files if not f.startswith(".")), key=natural_key)
         for name in names:
             if _extension(name) in video_ext:
                 found.append(_local_video(os.path.join(folder, name)))
         frames = [os.path.join(folder, n) for n in names if _extension(n) in image_ext]
         if frames:
-            found.append(Source(uri=os.path.normpath(folder), kind=IMAGE_SEQUENCE, members=tuple(frames),
-                                fingerprint=_local_fingerprint(frames)))
+            found.append(
+                Source(
+                    uri=os.path.normpath(folder),
+                    kind=IMAGE_SEQUENCE,
+                    members=tuple(frames),
+                    fingerprint=_local_fingerprint(frames),
+                )
+            )
     return found
 
 
@@ -88,8 +96,17 @@ def _expand_local(spec: str, video_ext: set[str], image_ext: set[str], exclude: 
     if os.path.isdir(spec):
         found = _walk_folder(spec, video_ext, image_ext, exclude)
         if not found:
-            return [Source(uri=spec, kind=VIDEO, members=(), problem=(
-                f"no video files ({', '.join(sorted(video_ext))}) or image folders ({', '.join(sorted(image_ext))}) under this folder"))]
+            return [
+                Source(
+                    uri=spec,
+                    kind=VIDEO,
+                    members=(),
+                    problem=(
+                        f"no video files ({', '.join(sorted(video_ext))}) or image folders "
+                        f"({', '.join(sorted(image_ext))}) under this folder"
+                    ),
+                )
+            ]
         return found
     if _GLOB_CHARS & set(spec):
         matches = sorted(glob.glob(spec, recursive=True), key=natural_key)
@@ -103,8 +120,14 @@ def _expand_local(spec: str, video_ext: set[str], image_ext: set[str], exclude: 
             elif _extension(match) in image_ext:  # traj0/*.png: the matched frames of each folder form one sequence
                 frames_by_folder.setdefault(os.path.dirname(match), []).append(match)
         for folder, frames in frames_by_folder.items():
-            found.append(Source(uri=os.path.normpath(folder), kind=IMAGE_SEQUENCE, members=tuple(frames),
-                                fingerprint=_local_fingerprint(frames)))
+            found.append(
+                Source(
+                    uri=os.path.normpath(folder),
+                    kind=IMAGE_SEQUENCE,
+                    members=tuple(frames),
+                    fingerprint=_local_fingerprint(frames),
+                )
+            )
         if not found:
             return [Source(uri=spec, kind=VIDEO, members=(), problem="the glob matches no video file or image folder")]
         return found
@@ -137,15 +160,27 @@ def _expand_s3(spec: str, video_ext: set[str], image_ext: set[str]) -> list[Sour
         elif _extension(name) in image_ext:
             groups.setdefault(posixpath.dirname(uri), []).append((uri, size, etag))
     for folder, frames in groups.items():
-        found.append(Source(uri=folder, kind=IMAGE_SEQUENCE, members=tuple(u for u, _, _ in frames),
-                            fingerprint=_fingerprint([f"{posixpath.basename(u)}:{e}:{s}" for u, s, e in frames])))
+        found.append(
+            Source(
+                uri=folder,
+                kind=IMAGE_SEQUENCE,
+                members=tuple(u for u, _, _ in frames),
+                fingerprint=_fingerprint([f"{posixpath.basename(u)}:{e}:{s}" for u, s, e in frames]),
+            )
+        )
     if not found:
-        return [Source(uri=spec, kind=VIDEO, members=(), problem="no video files or image folders under this S3 prefix")]
+        return [
+            Source(uri=spec, kind=VIDEO, members=(), problem="no video files or image folders under this S3 prefix")
+        ]
     return found
 
 
-def expand_sources(specs: Sequence[str], video_extensions: Sequence[str], image_extensions: Sequence[str],
-                   exclude: Sequence[str | Path] = ()) -> list[Source]:
+def expand_sources(
+    specs: Sequence[str],
+    video_extensions: Sequence[str],
+    image_extensions: Sequence[str],
+    exclude: Sequence[str | Path] = (),
+) -> list[Source]:
     """Trajectories named by the --source arguments, in argument order then natural order, without repeats."""
     video_ext, image_ext = {e.lower() for e in video_extensions}, {e.lower() for e in image_extensions}
     excluded = {os.path.realpath(p) for p in exclude}
@@ -153,7 +188,11 @@ def expand_sources(specs: Sequence[str], video_extensions: Sequence[str], image_
     out: list[Source] = []
     for spec in specs:
         spec = str(spec)
-        expanded = _expand_s3(spec, video_ext, image_ext) if is_s3(spec) else _expand_local(spec, video_ext, image_ext, excluded)
+        expanded = (
+            _expand_s3(spec, video_ext, image_ext)
+            if is_s3(spec)
+            else _expand_local(spec, video_ext, image_ext, excluded)
+        )
         for source in expanded:
             if source.uri not in seen:
                 seen.add(source.uri)
@@ -166,8 +205,12 @@ _clients: dict[tuple[int, str | None, str | None, str | None], object] = {}
 
 def _cached_s3_client():
     """One client per process and configuration: creating a boto3 session costs ~0.1 s, a lot per small object."""
-    key = (os.getpid(), os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
-           os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
+    key = (
+        os.getpid(),
+        os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+        os.environ.get("AWS_ACCESS_KEY_ID"),
+        os.environ.get("AWS_PROFILE"),
+    )
     if key not in _clients:
         _clients[key] = s3_client()
     return _clients[key]
