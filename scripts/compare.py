@@ -386,6 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    # The stages run with the repository as their working directory: paths given relative to where this
+    # script was started are made absolute first.
+    for name in ("world_model", "episodes", "clips", "results", "params", "doc", "figure", "notes"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(args, name, str(Path(value).resolve()))
     from veorl.config import ConfigError, load_params
 
     try:

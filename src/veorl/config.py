@@ -256,7 +256,11 @@ class FinetuneParams(Section):
     world_model_optim: OptimParams = Field(
         default_factory=OptimParams, description="Trunk world model and guidance optimiser."
     )
-    actor_optim: OptimParams = Field(default_factory=lambda: OptimParams(lr=8e-5), description="Actor optimiser.")
+    actor_optim: OptimParams = Field(
+        default_factory=lambda: OptimParams(lr=3e-4),
+        description="Actor optimiser. 3e-4 (TD3+BC's rate): with the behaviour term the actor has a supervised "
+        "target to fit within the budget; lr=8e-5 is the release's rate.",
+    )
     critic_optim: OptimParams = Field(default_factory=lambda: OptimParams(lr=8e-5), description="Critic optimiser.")
     bc_optim: OptimParams = Field(default_factory=OptimParams, description="Behaviour-cloning baseline optimiser.")
     bc_loss: Literal["mse", "gaussian"] = Field(
@@ -297,7 +301,10 @@ class FinetuneParams(Section):
         description="Trunk Net prior heads whose disagreement penalises imagined rewards (Offline DreamerV2); 0 = off.",
     )
     uncertainty_weight: float = Field(
-        default=1.0, ge=0, description="lambda of the penalty: imagined reward minus lambda x ensemble disagreement."
+        default=5.0,
+        ge=0,
+        description="lambda of the penalty: imagined reward minus lambda x the ensemble disagreement in units of its "
+        "level on the data's own states (about 1 there, more where the model guesses).",
     )
     diagnostics_sequences: int = Field(default=16, ge=2, description="Target windows the end-of-stage diagnostics use.")
 
