@@ -297,8 +297,8 @@ def write_document(
         f"episodes of {protocol.get('episode_length')} steps); preset `{protocol.get('preset')}`",
         f"- each seed trains one agent (`finetune.seed`); every agent is evaluated on the same "
         f"{protocol.get('episodes')} episodes (seeds {protocol.get('seed')}.."
-        f"{protocol.get('seed', 0) + protocol.get('episodes', 1) - 1}), "
-        "deterministic policy; success = any step flagged success",
+        f"{protocol.get('seed', 0) + protocol.get('episodes', 1) - 1}; episode i starts from task variation i, so the "
+        "starts are distinct), deterministic policy; success = any step flagged success",
         "- upstream artifacts (shared by all runs): "
         + ", ".join(f"`{k}` {v}" for k, v in protocol.get("upstream", {}).items()),
         "- statistics over seeds: mean, sample standard deviation, 95% confidence interval of the mean (Student t)",
@@ -379,6 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--in-process", action="store_true", help="run the stages in this process (faster start; tests)"
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="start no training: tabulate the runs that have finished (e.g. while others still run elsewhere)",
+    )
     return parser
 
 
@@ -402,8 +407,12 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict[int, dict[str, Any]]] = {algo: {} for algo in args.algos}
     failures: list[str] = []
     protocol: dict[str, Any] = {}
+    pending: list[str] = []
     for algo in args.algos:
         for seed in args.seeds:
+            if args.report_only and finished(run_dir(Path(args.results), algo, seed)) is None:
+                pending.append(f"{algo} seed {seed}")
+                continue
             try:
                 runs[algo][seed] = run_one(args, algo, seed)
             except Exception as exc:  # one failed run must not hide the others; it is reported, not scored
@@ -415,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
             provenance = run_dir(Path(args.results), algo, seed) / "agent" / "provenance.json"
             if provenance.is_file():  # the union: baselines read only some of the upstream artifacts
                 protocol["upstream"].update({k: v[:12] for k, v in read_json(provenance)["upstream"].items()})
+    if pending:
+        print(f"[compare] not finished, left out: {', '.join(pending)}", file=sys.stderr)
+    runs = {algo: by_seed for algo, by_seed in runs.items() if by_seed}
     table = aggregate(runs)
     if not table:
         print("error: no run finished; nothing to report", file=sys.stderr)

@@ -290,6 +290,9 @@ def test_compare_skips_finished_runs_and_writes_the_document(tmp_path):
     assert figure.read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((results / "summary.json").read_text())
     assert summary["table"]["veorl"]["per_seed"]["1"] == {"success_rate": 1.0, "mean_return": 300.0}
+    # --report-only tabulates what has finished and starts nothing: training seed 2 here would fail the run.
+    assert compare.main([*argv, "--seeds", "0", "1", "2", "--report-only"]) == 0
+    assert "| veorl | 2 | 0.750 |" in doc.read_text()
 
 
 def test_compare_reports_a_failed_run_and_exits_nonzero(tmp_path, mlflow_store):
