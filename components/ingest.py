@@ -1,7 +1,8 @@
 """Ingest raw video into fixed-size clips: `python -m components.ingest --source SRC [--source SRC ...] --out DIR`.
 
 Sources are video files, folders (walked recursively; a folder of jpg/png frames is one trajectory), globs
-and s3://bucket/prefix URIs (endpoint and credentials from the standard AWS environment/config). A folder
+and s3://bucket/prefix URIs (endpoint and credentials from the standard AWS environment/config, or keys given as
+s3://KEY:SECRET@bucket/prefix: they are split off as the argument is parsed and used only to connect). A folder
 written by `components.source_videos --external` stands for the sources it records. Settings come from the
 `ingest` section of params.yaml (size, fps, window, stride, clips_per_shard, workers, ...), overridable with
 --set ingest.KEY=VALUE. Re-running skips what is already ingested with the same settings.
@@ -20,23 +21,23 @@ from components.source_videos import external_sources
 from veorl.config import Params
 from veorl.data.clips import clips_hash
 from veorl.runtime import add_component_args, parse_component_args
-from veorl.storage import record_content_hash
+from veorl.storage import Location, record_content_hash
 
 
 class IngestFailed(RuntimeError):
     """No source could be ingested; the manifest (written anyway) lists each source's reason."""
 
 
-def expand_recorded_sources(sources: Sequence[str]) -> list[str]:
-    """Each source, with a folder of recorded external sources replaced by the sources it records."""
-    out: list[str] = []
-    for source in sources:
-        recorded = None if "://" in source else external_sources(source)
-        out.extend(recorded if recorded is not None else [source])
+def expand_recorded_sources(sources: Sequence[str | Location]) -> list[Location]:
+    """Each source (credentials split off), with a folder of recorded external sources replaced by its sources."""
+    out: list[Location] = []
+    for source in map(Location.parse, sources):
+        recorded = None if "://" in source.uri else external_sources(source.uri)
+        out.extend(map(Location.parse, recorded) if recorded is not None else [source])
     return out
 
 
-def run(sources: Sequence[str], out: str, params: Params, *, progress: bool = True) -> dict:
+def run(sources: Sequence[str | Location], out: str, params: Params, *, progress: bool = True) -> dict:
     """Ingest `sources` into `out` and print a summary; returns the manifest (also written to OUT/manifest.json).
 
     Raises IngestFailed when no source could be ingested. On success the clips' content hash (the manifest's,
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--source",
         action="append",
         required=True,
+        type=Location.parse,  # credentials in the URI are split off here, before anything can print or record them
         metavar="SRC",
         help="video file, folder, glob (quote it) or s3://bucket/prefix; repeatable",
     )

@@ -17,6 +17,7 @@ tests/test_builders.py checks each output against the real readers.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -386,26 +387,68 @@ def write_evaluation(
     protocol: dict[str, Any] | None = None,
     mean_return: float = 100.0,
 ) -> Path:
-    """An evaluation directory as components.evaluate writes it: metrics.json and a provenance naming the agent.
+    """An evaluation directory as components.evaluate writes it: metrics.json, the per-episode records that give it
+    (episodes.csv, see `episode_records`) and a provenance naming the agent and recording the content hash.
 
-    metrics.json is written with plain json.dumps, so a NaN score lands in the file as NaN (as a buggy writer would).
+    metrics.json is written with plain json.dumps, so a NaN score lands in the file as NaN (as a buggy writer would);
+    a score no whole number of successes gives (NaN) gets records of zero successes.
     """
-    from veorl.storage import artifact_hash, atomic_write_json
+    from veorl.storage import artifact_hash, atomic_write_json, record_content_hash
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    rows = episode_records(success_rate, mean_return)
+    summary = summarise_records(rows)
     metrics = {
         "task": task,
         "algo": "veorl",
-        "episodes": 2,
-        "mean_return": mean_return,
-        "std_return": 5.0,
-        "success_rate": success_rate,
-        "success_std": 0.0,
-        "mean_length": 40.0,
+        **summary,
+        "success_rate": success_rate if not math.isfinite(success_rate) else summary["success_rate"],
         "protocol": dict(protocol or EVALUATION_PROTOCOL, task=task),
         "status": status,
     }
     (path / "metrics.json").write_text(json.dumps(metrics))
+    write_episode_records(path / "episodes.csv", rows)
     atomic_write_json(path / "provenance.json", {"upstream": {"agent": artifact_hash(agent)}})
+    record_content_hash(path)
     return path
+
+
+def episode_records(success_rate: float, mean_return: float = 100.0, length: int = 40) -> list[dict[str, Any]]:
+    """Per-episode records (episode, return, success, length) whose summary is `success_rate` and `mean_return`.
+
+    As few episodes as give the rate exactly (at least 2; 0.25 needs 4); returns alternate mean_return -+ 5.
+    A non-finite rate gives 2 episodes without success.
+    """
+    rate = success_rate if math.isfinite(success_rate) else 0.0
+    count = next((n for n in range(2, 101) if abs(round(rate * n) - rate * n) < 1e-9), 100)
+    successes = round(rate * count)
+    offsets = [-5.0 if i % 2 == 0 else 5.0 for i in range(count)]
+    if count % 2:
+        offsets[-1] = 0.0
+    return [
+        {"episode": i, "return": mean_return + offsets[i], "success": int(i < successes), "length": length}
+        for i in range(count)
+    ]
+
+
+def summarise_records(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The summary numbers of metrics.json for `rows`, as veorl.evaluation.summarise computes them."""
+    returns = np.array([r["return"] for r in rows], np.float64)
+    successes = np.array([r["success"] for r in rows], np.float64)
+    lengths = np.array([r["length"] for r in rows], np.float64)
+    return {
+        "episodes": len(rows),
+        "mean_return": float(returns.mean()),
+        "std_return": float(returns.std()),
+        "success_rate": float(successes.mean()),
+        "success_std": float(successes.std()),
+        "mean_length": float(lengths.mean()),
+    }
+
+
+def write_episode_records(path: Path, rows: list[dict[str, Any]]) -> None:
+    """episodes.csv in veorl.evaluation.write_episodes_csv's format."""
+    lines = ["episode,return,success,length"]
+    lines += [f"{r['episode']},{float(r['return']):.6f},{int(r['success'])},{int(r['length'])}" for r in rows]
+    Path(path).write_text("\r\n".join(lines) + "\r\n")

@@ -397,3 +397,104 @@ def test_optimistic_settle_recovers_a_lost_update(tmp_path, mlflow_store):
     assert overwritten.is_set(), "the stale write never happened, so re-verification was not exercised"
     assert decision.alias == CHAMPION
     assert _champion_version(mlflow_store) == strong
+
+
+# ----------------------------------------------------------------------------------------------
+# Promotion checks the evidence: per-episode records, the recorded content hash, the provenance
+# ----------------------------------------------------------------------------------------------
+
+
+def _register_cli(agent: Path, evaluation_dir: Path, out: Path) -> int:
+    from components.register import main
+
+    return main(["--agent", str(agent), "--evaluation", str(evaluation_dir), "--out", str(out), "--preset", "smoke"])
+
+
+def _edit_metrics(evaluation_dir: Path, **changes) -> None:
+    metrics = json.loads((evaluation_dir / "metrics.json").read_text())
+    (evaluation_dir / "metrics.json").write_text(json.dumps({**metrics, **changes}))
+
+
+def _assert_refused(uri: str, out: Path, code: int, *reasons: str) -> dict:
+    from veorl.registry import TAG_REFUSED
+
+    assert code == 3
+    outcome = json.loads(out.read_text())
+    assert outcome["alias"] is None and outcome["aliases_now"] == [] and not outcome["promoted"]
+    for reason in reasons:
+        assert reason in outcome["refused"], outcome["refused"]
+    tags = _client(uri).get_model_version("veorl-agent", outcome["version"]).tags
+    assert tags[TAG_REFUSED] == outcome["refused"] and tags["veorl.decision"] == "none"
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match="alias"):
+        _client(uri).get_model_version_by_alias("veorl-agent", CHAMPION)
+    return outcome
+
+
+def test_a_summary_the_episodes_do_not_give_is_refused(tmp_path, mlflow_store, capsys):
+    """metrics.json edited to success_rate 1.0 while episodes.csv has no success: refused, even with the
+    content hash recorded again after the edit (the records decide, not the summary)."""
+    from veorl.storage import record_content_hash
+
+    agent = make_agent(tmp_path / "agent", seed=21)
+    evaluation_dir = write_evaluation(tmp_path / "eval", agent, 0.0)
+    records = (evaluation_dir / "episodes.csv").read_text().splitlines()
+    assert records == ["episode,return,success,length", "0,95.000000,0,40", "1,105.000000,0,40"]
+    _edit_metrics(evaluation_dir, success_rate=1.0)
+    record_content_hash(evaluation_dir)  # a writer that re-hashes after editing: the hash alone cannot catch it
+    out = tmp_path / "registration.json"
+    outcome = _assert_refused(
+        mlflow_store, out, _register_cli(agent, evaluation_dir, out), "success_rate=1 but its 2 episode records"
+    )
+    assert "changed after they were hashed" not in outcome["refused"]
+    assert "refused" in capsys.readouterr().err
+
+    # Edited and not re-hashed: both the records and the hash say so.
+    again = write_evaluation(tmp_path / "eval2", agent, 0.0)
+    _edit_metrics(again, success_rate=1.0)
+    _assert_refused(
+        mlflow_store,
+        out,
+        _register_cli(agent, again, out),
+        "give 0",
+        "changed after they were hashed",
+    )
+
+
+def test_tampered_episode_records_are_refused_by_the_content_hash(tmp_path, mlflow_store):
+    """episodes.csv and metrics.json forged together (they agree): the recorded content hash no longer matches."""
+    agent = make_agent(tmp_path / "agent", seed=22)
+    evaluation_dir = write_evaluation(tmp_path / "eval", agent, 0.0)
+    csv_path = evaluation_dir / "episodes.csv"
+    csv_path.write_text(csv_path.read_text().replace(",0,40", ",1,40"))
+    _edit_metrics(evaluation_dir, success_rate=1.0)
+    out = tmp_path / "registration.json"
+    outcome = _assert_refused(
+        mlflow_store, out, _register_cli(agent, evaluation_dir, out), "changed after they were hashed"
+    )
+    assert "episode records" not in outcome["refused"]  # the forged files agree with each other
+
+
+def test_an_evaluation_naming_another_agent_is_refused(tmp_path, mlflow_store):
+    agent = make_agent(tmp_path / "agent", seed=23)
+    other = make_agent(tmp_path / "other", seed=24)
+    evaluation_dir = write_evaluation(tmp_path / "eval", other, 0.5)
+    out = tmp_path / "registration.json"
+    _assert_refused(mlflow_store, out, _register_cli(agent, evaluation_dir, out), "different agent")
+
+    unnamed = write_evaluation(tmp_path / "eval-unnamed", agent, 0.5)
+    (unnamed / "provenance.json").write_text(json.dumps({"content_hash": artifact_hash(unnamed)}))
+    _assert_refused(mlflow_store, out, _register_cli(agent, unnamed, out), "names no evaluated agent")
+
+
+def test_an_untouched_evaluation_promotes_and_a_registration_file_inside_it_is_not_content(tmp_path, mlflow_store):
+    agent = make_agent(tmp_path / "agent", seed=25)
+    evaluation_dir = write_evaluation(tmp_path / "eval", agent, 0.5)
+    out = evaluation_dir / "registration.json"  # where dvc.yaml puts it
+    assert _register_cli(agent, evaluation_dir, out) == 0
+    outcome = json.loads(out.read_text())
+    assert outcome["alias"] == CHAMPION and outcome["refused"] is None
+    assert "veorl.refused" not in _client(mlflow_store).get_model_version("veorl-agent", "1").tags
+    assert _register_cli(agent, evaluation_dir, out) == 0  # a re-run still finds the files as hashed
+    assert json.loads(out.read_text())["new_version"] is False

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +87,7 @@ def test_credentials_never_reach_params(store, monkeypatch):
         tracking.log_params({"endpoint": "s3 key wJalrXUtnFEMIexample used"})
     assert run.tracking_uri == store
     logged = client(store).get_run(run.run_id).data.params
-    assert logged["tracking.uri"] == "https://<redacted>@mlflow.example.com"
+    assert logged["tracking.uri"] == "https://mlflow.example.com"  # credentials split off, not just masked
     assert logged["endpoint"] == "s3 key <AWS_SECRET_ACCESS_KEY> used"
     assert not any("pa55word" in v or "wJalrXUtnFEMIexample" in v for v in logged.values())
 
@@ -151,3 +153,29 @@ def test_tracking_uri_and_experiment_helpers(store, tmp_path, monkeypatch, caplo
     with caplog.at_level(logging.WARNING, logger="veorl.tracking"):
         assert tracking.ensure_experiment("exp", store, artifact_location=wanted) == first
     assert "already stores artifacts" in caplog.text and Path(location[len("file://") :]).name == "mlartifacts"
+
+
+def test_credentials_in_the_tracking_uri_go_to_the_connection_only(store, monkeypatch):
+    """https://user:pass@host: the URI every later step sees has no credentials; MLflow's client still gets them."""
+    from mlflow.utils.credentials import get_default_host_creds
+
+    for var in (tracking.USERNAME_ENV, tracking.PASSWORD_ENV):
+        monkeypatch.setenv(var, "placeholder")  # recorded, so the test's changes to them are undone afterwards
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://alice:pa55-w0rd%2F@mlflow.example.com:8443/base")
+    uri = tracking.tracking_uri(smoke())
+    assert uri == "https://mlflow.example.com:8443/base" and os.environ["MLFLOW_TRACKING_URI"] == uri
+    creds = get_default_host_creds(uri)
+    assert (creds.host, creds.username, creds.password) == (uri, "alice", "pa55-w0rd/")
+
+    # From params (no environment URI): the same split, and the recorded params hold the clean URI.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.delenv(tracking.PASSWORD_ENV)
+    params = smoke(
+        "tracking.uri=https://bob:s3cr3t-pw@mlflow.example.com", "tracking.artifact_location=s3://K3Y1:S3CR3T2@b/x"
+    )
+    public = tracking.public_params(params)
+    assert public.tracking.uri == "https://mlflow.example.com" and public.tracking.artifact_location == "s3://b/x"
+    assert os.environ[tracking.PASSWORD_ENV] == "s3cr3t-pw"
+    assert tracking.tracking_uri(params) == "https://mlflow.example.com"
+    assert "s3cr3t" not in json.dumps(public.section_dict("tracking")) and "S3CR3T2" not in str(public)

@@ -10,6 +10,12 @@ metrics and protocol and the agent's provenance as tags, and it gets an alias:
   or an evaluation of a different task/agent than the one registered. Such a version is still recorded, with the
   reason, so that the registry shows every attempt.
 
+Evidence check. An evaluation may promote only what its own records support (`check_evidence`): the summary in
+metrics.json must agree with the per-episode records in episodes.csv (every summary number is recomputed), the
+folder's files must still hash to the content hash components.evaluate recorded in its provenance.json, and that
+provenance must name the agent being registered. A registration that fails the check is *refused*: its version
+(still recorded) gets no alias and a `veorl.refused` tag with the reason, and components.register exits non-zero.
+
 Re-running with the same agent content and the same evaluation finds the existing version (tagged with both
 content hashes) and changes nothing.
 
@@ -42,7 +48,7 @@ from typing import Any
 
 from veorl import tracking
 from veorl.config import Params
-from veorl.storage import artifact_hash, code_version, read_json, sha256_file
+from veorl.storage import artifact_hash, code_version, content_hash_problem, read_json, sha256_file
 
 log = logging.getLogger("veorl.registry")
 
@@ -58,6 +64,12 @@ TAG_DECISION = "veorl.decision"
 TAG_REASON = "veorl.decision_reason"
 TAG_PROBLEM = "veorl.evaluation_problem"
 TAG_DUPLICATE_OF = "veorl.duplicate_of"
+TAG_REFUSED = "veorl.refused"
+
+EPISODES_FILE = "episodes.csv"
+# episodes.csv keeps returns to 6 decimals, so recomputed means may differ from metrics.json by rounding only.
+EVIDENCE_ABS_TOLERANCE = 1e-4
+EVIDENCE_REL_TOLERANCE = 1e-6
 
 # Numbers of metrics.json that are worth a tag (and a run metric) on the version.
 EVALUATION_NUMBERS = ("mean_return", "std_return", "success_rate", "success_std", "mean_length", "episodes")
@@ -88,6 +100,7 @@ class EvaluationInfo:
     content_hash: str
     metrics: dict[str, Any]
     problem: str | None  # why this evaluation may not promote anything; None = eligible
+    refused: str | None = None  # set when the evidence contradicts the evaluation (see check_evidence)
 
     @property
     def protocol(self) -> dict[str, Any] | None:
@@ -165,13 +178,74 @@ def read_evaluation(eval_dir: str | Path, agent: AgentInfo, metric: str) -> Eval
         return problem(
             f"evaluation of a different agent: {path} algo is {algo!r}, the agent's is {agent.meta.get('algo')!r}"
         )
-    evaluated = _evaluated_agent_hash(Path(eval_dir))
-    if evaluated is not None and evaluated != agent.content_hash:
-        return problem(
-            f"evaluation of a different agent: {Path(eval_dir) / 'provenance.json'} names agent content "
-            f"{evaluated[:12]}..., the agent registered is {agent.content_hash[:12]}..."
-        )
+    refusal = check_evidence(Path(eval_dir), agent, metrics)
+    if refusal is not None:
+        return EvaluationInfo(str(path), content_hash, metrics, f"evaluation refused: {refusal}", refusal)
     return EvaluationInfo(str(path), content_hash, metrics, None)
+
+
+def check_evidence(eval_dir: Path, agent: AgentInfo, metrics: dict[str, Any]) -> str | None:
+    """Why the evaluation in `eval_dir` cannot be trusted for `agent`, or None. Every failed check is named."""
+    reasons = []
+    evaluated = _evaluated_agent_hash(eval_dir)
+    if evaluated is None:
+        reasons.append(f"{eval_dir / 'provenance.json'} names no evaluated agent")
+    elif evaluated != agent.content_hash:
+        reasons.append(
+            f"evaluation of a different agent: {eval_dir / 'provenance.json'} names agent {evaluated[:12]}..., "
+            f"the agent registered is {agent.content_hash[:12]}..."
+        )
+    reasons.extend(summary_disagreements(eval_dir / EPISODES_FILE, metrics))
+    hash_problem = content_hash_problem(eval_dir)
+    if hash_problem is not None:
+        reasons.append(hash_problem)
+    return "; ".join(reasons) or None
+
+
+def recompute_summary(episodes_csv: Path) -> dict[str, float]:
+    """The summary numbers components.evaluate reports, recomputed from its per-episode records."""
+    import csv
+
+    import numpy as np
+
+    with open(episodes_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise ValueError("no episode records")
+    returns = np.array([float(r["return"]) for r in rows], np.float64)
+    successes = np.array([float(int(r["success"])) for r in rows], np.float64)
+    lengths = np.array([float(int(r["length"])) for r in rows], np.float64)
+    if not (np.all(np.isfinite(returns)) and set(successes.tolist()) <= {0.0, 1.0}):
+        raise ValueError("non-finite returns or success flags other than 0/1")
+    return {
+        "episodes": float(len(rows)),
+        "mean_return": float(returns.mean()),
+        "std_return": float(returns.std()),
+        "success_rate": float(successes.mean()),
+        "success_std": float(successes.std()),
+        "mean_length": float(lengths.mean()),
+    }
+
+
+def summary_disagreements(episodes_csv: Path, metrics: dict[str, Any]) -> list[str]:
+    """Each summary number of metrics.json that its per-episode records do not give (all required)."""
+    if not episodes_csv.is_file():
+        return [f"{episodes_csv} is missing, so the summary cannot be checked against the episodes"]
+    try:
+        recomputed = recompute_summary(episodes_csv)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return [f"{episodes_csv} is not readable as episode records: {exc}"]
+    found = []
+    for key, value in recomputed.items():
+        claimed = metrics.get(key)
+        if not _finite_number(claimed):
+            found.append(f"metrics.json {key} is {claimed!r}, the episodes give {value:.6g}")
+        elif not math.isclose(float(claimed), value, rel_tol=EVIDENCE_REL_TOLERANCE, abs_tol=EVIDENCE_ABS_TOLERANCE):
+            found.append(
+                f"metrics.json says {key}={float(claimed):.6g} but its {int(recomputed['episodes'])} "
+                f"episode records in {episodes_csv.name} give {value:.6g}"
+            )
+    return found
 
 
 def _evaluated_agent_hash(eval_dir: Path) -> str | None:
@@ -396,6 +470,8 @@ def version_tags(agent: AgentInfo, evaluation: EvaluationInfo) -> dict[str, str]
         tags[TAG_PROTOCOL] = json.dumps(evaluation.protocol, sort_keys=True)
     if evaluation.problem is not None:
         tags[TAG_PROBLEM] = evaluation.problem
+    if evaluation.refused is not None:
+        tags[TAG_REFUSED] = evaluation.refused
     return tags
 
 
@@ -515,7 +591,10 @@ def register_agent(
             "agent_hash": agent.content_hash,
             "evaluation_hash": evaluation.content_hash,
             "run_id": run_id,
+            "refused": evaluation.refused,
         }
+        if evaluation.refused is not None and version.tags.get(TAG_REFUSED) != evaluation.refused:
+            client.set_model_version_tag(reg.model_name, number, TAG_REFUSED, evaluation.refused)
     log.info("registered %s v%s: %s (%s)", reg.model_name, number, decision.alias or "no alias", decision.reason)
     return outcome
 

@@ -3,6 +3,11 @@
 S3 access uses boto3's standard configuration: credentials and region from the AWS environment
 variables or config files, and the endpoint from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (so any
 S3-compatible store works). Nothing here logs a credential.
+
+Credentials written into a URI (s3://KEY:SECRET@bucket/prefix, https://user:pass@host/...) are split off where
+the URI enters the program (`Location.parse`, `split_credentials`): the rest of the program sees only the URI
+without them (what goes into logs, manifests, provenance and MLflow), and the `Credentials` travel separately to
+the one place that opens the connection. `redact` also masks every secret split off that way, as a last resort.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import re
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +169,10 @@ def provenance(config: dict[str, Any], upstream: dict[str, str] | None = None, *
 
 PROVENANCE = "provenance.json"
 CONTENT_HASH = "content_hash"
+# Files a later step writes into an artifact's folder about the artifact (components.register's outcome lands in
+# the evaluation's folder as eval/registration.json): not part of the content the producing step hashed.
+ANNOTATIONS = ("registration.json",)
+NOT_CONTENT = (PROVENANCE, *ANNOTATIONS)
 
 
 def recorded_content_hash(path: str | Path) -> str | None:
@@ -191,7 +200,7 @@ def record_content_hash(out_dir: str | Path, value: str | None = None) -> str:
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise FileNotFoundError(f"{out_dir}: no artifact folder to record a content hash in")
-    value = value or tree_hash(out_dir, exclude=(PROVENANCE,))
+    value = value or tree_hash(out_dir, exclude=NOT_CONTENT)
     prov_path = out_dir / PROVENANCE
     prov = read_json(prov_path) if prov_path.is_file() else {}
     atomic_write_json_if_changed(prov_path, {**prov, CONTENT_HASH: value})
@@ -204,7 +213,98 @@ def artifact_hash(path: str | Path) -> str:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not an artifact folder")
-    return recorded_content_hash(path) or tree_hash(path, exclude=(PROVENANCE,))
+    return recorded_content_hash(path) or tree_hash(path, exclude=NOT_CONTENT)
+
+
+def content_hash_problem(path: str | Path) -> str | None:
+    """Why the files of artifact `path` are not the ones its producing step hashed, or None when they are.
+
+    For artifacts whose recorded hash is the tree hash of their files (the default of record_content_hash, e.g.
+    an evaluation): no recorded hash, or one that a fresh hash of the files no longer matches, is a problem.
+    """
+    path = Path(path)
+    recorded = recorded_content_hash(path)
+    if recorded is None:
+        return f"{path / PROVENANCE} records no content hash, so the files cannot be checked"
+    fresh = tree_hash(path, exclude=NOT_CONTENT)
+    if fresh != recorded:
+        return (
+            f"the files of {path} changed after they were hashed (content hash {fresh[:12]}..., "
+            f"recorded {recorded[:12]}...)"
+        )
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Credentials in URIs
+# ----------------------------------------------------------------------------------------------
+
+_KNOWN_SECRETS: set[str] = set()
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A user name (an S3 access key id) and password (secret key) split off a URI; never shown by repr."""
+
+    username: str = field(repr=False)
+    password: str = field(repr=False, default="")
+
+    def __post_init__(self) -> None:
+        for value in (self.username, self.password):
+            if len(value) >= 4:
+                _KNOWN_SECRETS.add(value)
+
+    def __repr__(self) -> str:
+        return "Credentials(<redacted>)"
+
+    def __reduce__(self):  # unpickled in a worker process: register the secrets for redaction there too
+        return (Credentials, (self.username, self.password))
+
+
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)(.*)$", re.DOTALL)
+
+
+def split_credentials(uri: str) -> tuple[str, Credentials | None]:
+    """(the URI without its user-info part, the credentials it held or None).
+
+    `scheme://user:password@host/...` and `scheme://token@host/...`; percent-escapes in either part are decoded.
+    A password holding an unescaped '/' (common in AWS secret keys) is still recognised: the user part before ':'
+    never holds one. A '@' further along a path (s3://bucket/a@b.mp4) is not user info.
+    """
+    from urllib.parse import unquote
+
+    match = _SCHEME.match(str(uri))
+    if not match:
+        return str(uri), None
+    scheme, rest = match.groups()
+    userinfo, at, remainder = rest.partition("@")
+    if not at or not userinfo:
+        return str(uri), None
+    user, colon, password = userinfo.partition(":")
+    if "/" in userinfo and ("/" in user or not colon):
+        return str(uri), None
+    return scheme + remainder, Credentials(unquote(user), unquote(password))
+
+
+@dataclass(frozen=True)
+class Location:
+    """A URI or path as the program uses it: `uri` without credentials, `credentials` only for connecting."""
+
+    uri: str
+    credentials: Credentials | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def parse(cls, value: str | os.PathLike[str] | Location) -> Location:
+        if isinstance(value, Location):
+            return value
+        uri, credentials = split_credentials(os.fspath(value))
+        return cls(uri, credentials)
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def __fspath__(self) -> str:
+        return self.uri
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,8 +335,9 @@ def is_s3(path: str | os.PathLike[str]) -> bool:
     return str(path).startswith("s3://")
 
 
-def s3_client():
-    """A boto3 S3 client configured only from the standard AWS environment/config.
+def s3_client(credentials: Credentials | None = None):
+    """A boto3 S3 client configured from the standard AWS environment/config, or with `credentials` (split off an
+    s3://KEY:SECRET@bucket URI) in place of the environment's keys.
 
     boto3 reads AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL itself (botocore >= 1.31); MLFLOW_S3_ENDPOINT_URL is
     honoured too so one endpoint variable serves MLflow and ingestion.
@@ -248,7 +349,15 @@ def s3_client():
         or os.environ.get("AWS_ENDPOINT_URL")
         or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
     )
-    return boto3.session.Session().client("s3", endpoint_url=endpoint or None)
+    keys = {}
+    if credentials is not None:
+        # Keys given with the URI replace the environment's, session token included (it belongs to other keys).
+        keys = {
+            "aws_access_key_id": credentials.username,
+            "aws_secret_access_key": credentials.password,
+            "aws_session_token": None,
+        }
+    return boto3.session.Session().client("s3", endpoint_url=endpoint or None, **keys)
 
 
 def s3_list(uri: str, client=None) -> list[tuple[str, int, str]]:
@@ -281,7 +390,9 @@ def s3_upload(src: str | Path, uri: str, client=None) -> None:
 
 
 def redact(text: str) -> str:
-    """Remove any credential value present in the environment from a message before it is logged."""
+    """Remove any credential value present in the environment, or split off a URI, from a message."""
+    for secret in sorted(_KNOWN_SECRETS, key=len, reverse=True):
+        text = text.replace(secret, "<redacted>")
     for var in (
         "AWS_SECRET_ACCESS_KEY",
         "AWS_SESSION_TOKEN",

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from veorl.config import Params
-from veorl.storage import atomic_write_text, code_version, redact
+from veorl.storage import atomic_write_text, code_version, redact, split_credentials
 from veorl.trees import flatten
 
 log = logging.getLogger(__name__)
@@ -46,19 +46,48 @@ def _mlflow():
     return mlflow
 
 
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"
+PASSWORD_ENV = "MLFLOW_TRACKING_PASSWORD"
+
+
 def tracking_uri(params: Params) -> str:
-    """MLFLOW_TRACKING_URI when set, else params.tracking.uri.
+    """MLFLOW_TRACKING_URI when set, else params.tracking.uri; never with credentials in it.
 
     A relative sqlite path is made absolute (and its folder created), so that every later call and every
-    subprocess, whatever its working directory, opens the same store. May hold credentials (user:password@):
-    pass it through storage.redact before it goes into a message.
+    subprocess, whatever its working directory, opens the same store. Credentials written into the URI
+    (https://user:password@host) are split off here, where the URI enters: they go to MLFLOW_TRACKING_USERNAME /
+    MLFLOW_TRACKING_PASSWORD, which MLflow's client uses to authenticate (and subprocesses inherit), and
+    MLFLOW_TRACKING_URI is rewritten without them. What this returns, and so what any message, run or file sees,
+    holds no credential.
     """
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.uri
+    from_env = os.environ.get(TRACKING_URI_ENV)
+    uri, credentials = split_credentials(from_env or params.tracking.uri)
+    if credentials is not None:
+        os.environ[USERNAME_ENV] = credentials.username
+        if credentials.password:
+            os.environ[PASSWORD_ENV] = credentials.password
+        if from_env:
+            os.environ[TRACKING_URI_ENV] = uri
     db = _sqlite_file(uri)
     if db is None:
         return uri
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"
+
+
+def public_params(params: Params) -> Params:
+    """`params` with any credentials in tracking.uri / tracking.artifact_location split off (kept for the
+    connection as tracking_uri does), for recording: MLflow params, provenance files, outcome files."""
+    tracking = params.tracking
+    uri, credentials = split_credentials(tracking.uri)
+    location, _ = split_credentials(tracking.artifact_location) if tracking.artifact_location else (None, None)
+    if credentials is None and location == tracking.artifact_location:
+        return params
+    if credentials is not None and not os.environ.get(TRACKING_URI_ENV):
+        tracking_uri(params)  # this URI is the store: its credentials are needed for the connection
+    clean = tracking.model_copy(update={"uri": uri, "artifact_location": location})
+    return params.model_copy(update={"tracking": clean})
 
 
 def _sqlite_file(uri: str) -> Path | None:
@@ -98,7 +127,7 @@ def ensure_experiment(name: str, uri: str, artifact_location: str | None = None)
 
 
 def _loggable_params(params: Params, sections: tuple[str, ...]) -> dict[str, str]:
-
+    params = public_params(params)
     data = params.section_dict(*sections) if sections else params.model_dump(by_alias=True, mode="json")
     return {k: redact(str(v))[:_MAX_PARAM_CHARS] for k, v in flatten(data).items()}
 
@@ -283,6 +312,7 @@ __all__ = [
     "StageRun",
     "stage_run",
     "tracking_uri",
+    "public_params",
     "ensure_experiment",
     "log_metrics",
     "log_params",

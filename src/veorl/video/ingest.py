@@ -33,7 +33,7 @@ from typing import Any
 
 from veorl.config import IngestParams, Params
 from veorl.parallel import Outcome, run_parallel
-from veorl.storage import atomic_write_json, read_json, redact, sha256_json
+from veorl.storage import Location, atomic_write_json, read_json, redact, sha256_json
 from veorl.video.decode import DecodeError, ImageSequenceReader, SquareFrameConverter, open_video, square_frames
 from veorl.video.shards import CLIPS_DIR, ClipShardWriter
 from veorl.video.sources import IMAGE_SEQUENCE, Source, content_hash, expand_sources, fetched
@@ -323,14 +323,19 @@ def _remove_stale_files(out_dir: Path, manifest: dict[str, Any]) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def ingest(sources: Sequence[str], out: str | Path, params: Params, progress: bool = True) -> dict[str, Any]:
-    """Ingest every trajectory the `sources` arguments name into `out`; return the manifest written there."""
+def ingest(sources: Sequence[str | Location], out: str | Path, params: Params, progress: bool = True) -> dict[str, Any]:
+    """Ingest every trajectory the `sources` arguments name into `out`; return the manifest written there.
+
+    Credentials written into a source argument are split off first: the manifest, config.json, provenance.json and
+    every message see the argument without them.
+    """
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from veorl.runtime import write_resolved_config
 
     started = time.perf_counter()
+    sources = [Location.parse(source) for source in sources]
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"--out {out_dir}: exists and is not a folder")

@@ -1,7 +1,8 @@
 """What to ingest: expanding --source arguments into trajectories, fetching them, hashing their content.
 
 A source argument may be a file, a folder, a glob, or an s3://bucket/prefix URI. It expands into
-trajectories of two kinds:
+trajectories of two kinds (credentials in an s3://KEY:SECRET@bucket/prefix argument are split off on entry,
+see veorl.storage.Location: a Source's `uri` never holds them, its `credentials` are used only to connect):
   video           one video file (any container/codec FFmpeg decodes);
   image_sequence  one folder (or S3 "folder") of jpg/png frames, in natural order (frame_2 before frame_10),
                   the way BridgeData ships its trajectories.
@@ -19,10 +20,20 @@ import os
 import posixpath
 import shutil
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from veorl.storage import S3Location, is_s3, redact, s3_client, s3_download, s3_list, sha256_file
+from veorl.storage import (
+    Credentials,
+    Location,
+    S3Location,
+    is_s3,
+    redact,
+    s3_client,
+    s3_download,
+    s3_list,
+    sha256_file,
+)
 from veorl.video.decode import natural_key
 
 VIDEO = "video"
@@ -42,6 +53,8 @@ class Source:
     fingerprint: str | None = None
     # Set when the argument resolved to nothing usable; the source is then recorded as failed with this reason.
     problem: str | None = None
+    # Keys that came with the source argument (s3://KEY:SECRET@bucket/...): for the connection only, never shown.
+    credentials: Credentials | None = field(default=None, repr=False, compare=False)
 
 
 def _extension(name: str) -> str:
@@ -134,10 +147,19 @@ def _expand_local(spec: str, video_ext: set[str], image_ext: set[str], exclude: 
     return [Source(uri=spec, kind=VIDEO, members=(), problem="not found: no such file, folder or glob match")]
 
 
-def _expand_s3(spec: str, video_ext: set[str], image_ext: set[str]) -> list[Source]:
+def _expand_s3(
+    spec: str, video_ext: set[str], image_ext: set[str], credentials: Credentials | None = None
+) -> list[Source]:
+    found = _expand_s3_objects(spec, video_ext, image_ext, credentials)
+    return [replace(source, credentials=credentials) for source in found]
+
+
+def _expand_s3_objects(
+    spec: str, video_ext: set[str], image_ext: set[str], credentials: Credentials | None
+) -> list[Source]:
     try:
         location = S3Location.parse(spec)
-        objects = s3_list(spec)
+        objects = s3_list(spec, client=_cached_s3_client(credentials))
     except Exception as exc:  # botocore raises many unrelated types (credentials, endpoint, ClientError)
         return [Source(uri=spec, kind=VIDEO, members=(), problem=f"cannot list S3 prefix: {redact(str(exc))}")]
     exact = [o for o in objects if S3Location.parse(o[0]).key == location.key]
@@ -176,20 +198,25 @@ def _expand_s3(spec: str, video_ext: set[str], image_ext: set[str]) -> list[Sour
 
 
 def expand_sources(
-    specs: Sequence[str],
+    specs: Sequence[str | Location],
     video_extensions: Sequence[str],
     image_extensions: Sequence[str],
     exclude: Sequence[str | Path] = (),
 ) -> list[Source]:
-    """Trajectories named by the --source arguments, in argument order then natural order, without repeats."""
+    """Trajectories named by the --source arguments, in argument order then natural order, without repeats.
+
+    Each argument is split into its URI and credentials first (veorl.storage.Location.parse), so nothing below
+    sees a credential written into an argument.
+    """
     video_ext, image_ext = {e.lower() for e in video_extensions}, {e.lower() for e in image_extensions}
     excluded = {os.path.realpath(p) for p in exclude}
     seen: set[str] = set()
     out: list[Source] = []
-    for spec in specs:
-        spec = str(spec)
+    for argument in specs:
+        location = Location.parse(argument)
+        spec = location.uri
         expanded = (
-            _expand_s3(spec, video_ext, image_ext)
+            _expand_s3(spec, video_ext, image_ext, location.credentials)
             if is_s3(spec)
             else _expand_local(spec, video_ext, image_ext, excluded)
         )
@@ -200,19 +227,20 @@ def expand_sources(
     return out
 
 
-_clients: dict[tuple[int, str | None, str | None, str | None], object] = {}
+_clients: dict[tuple, object] = {}
 
 
-def _cached_s3_client():
+def _cached_s3_client(credentials: Credentials | None = None):
     """One client per process and configuration: creating a boto3 session costs ~0.1 s, a lot per small object."""
     key = (
         os.getpid(),
         os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
         os.environ.get("AWS_ACCESS_KEY_ID"),
         os.environ.get("AWS_PROFILE"),
+        credentials,
     )
     if key not in _clients:
-        _clients[key] = s3_client()
+        _clients[key] = s3_client(credentials)
     return _clients[key]
 
 
@@ -225,7 +253,7 @@ def fetched(source: Source, cache_dir: str | Path) -> Iterator[list[Path]]:
     folder = Path(cache_dir) / hashlib.sha256(source.uri.encode()).hexdigest()[:16]
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        client = _cached_s3_client()
+        client = _cached_s3_client(source.credentials)
         paths = []
         for index, member in enumerate(source.members):
             # Keep the extension: FFmpeg's probing uses it as a hint for formats without a clear signature.
