@@ -104,7 +104,7 @@ def test_model_based_agent_does_not_collapse_onto_one_action(trained):
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="open (issue 12, docs/results.md): at this budget the agent acts (spread 0.3) but earned 104 against the "
+    reason="open (issue 12, docs/results.md): at this budget the agent acts (spread 0.35) but earned 104 against the "
     "random policy's 121 when last run; at the laptop preset offline DreamerV2 beats random (615 vs 235)",
     strict=False,
 )
