@@ -430,6 +430,17 @@ with warnings.catch_warnings():
 # Presets: sizes and step counts only, never the algorithm.
 # ----------------------------------------------------------------------------------------------
 
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
 _SMALL_MODEL = {
     "cnn_depth": 16,
     "deter": 64,
@@ -498,59 +509,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "evaluate": {"episodes": 4, "videos": 1},
         "ingest": {"window": 25, "stride": 12},
     },
-    # A working agent on a 2-core laptop: the cpu preset's network sizes with enough target data (50 medium
-    # episodes) and updates to train on them (whole chain under an hour, one fine-tuning run under 20 min).
-    # The source tasks leave out both tasks the results compare on (drawer-open, handle-press).
-    "laptop": {
-        "source_videos": {
-            "episodes_per_task": 4,
-            "episode_length": 150,
-            "tasks": ["door-open", "button-press-topdown", "plate-slide", "coffee-push"],
-        },
-        "collect": {"episodes": 50, "episode_length": 200, "medium_random_prob": 0.45},
-        "model": {
-            "cnn_depth": 16,
-            "deter": 128,
-            "stoch": 32,
-            "hidden": 128,
-            "head_units": 200,
-            "fbc_hidden": 96,
-            "actor_units": 200,
-            "actor_layers": 3,
-            "critic_units": 200,
-            "critic_layers": 2,
-        },
-        "pretrain": {
-            "batch": 8,
-            "seq_len": 32,
-            "source_batch": 8,
-            "source_len": 16,
-            "phase1_steps": 600,
-            "phase2_steps": 300,
-            "checkpoint_every": 100,
-            "log_every": 20,
-            "image_log_every": 300,
-            "threads": 1,
-            "codebook_restart_every": 25,
-        },
-        "finetune": {
-            "batch": 8,
-            "seq_len": 32,
-            "source_batch": 8,
-            "source_len": 16,
-            "world_model_steps": 1200,
-            "policy_steps": 1500,
-            "bc_steps": 1500,
-            "horizon": 10,
-            "checkpoint_every": 100,
-            "log_every": 25,
-            "slow_critic_every": 50,
-            "threads": 1,
-            "critic_warmup": 100,
-        },
-        "evaluate": {"episodes": 10, "videos": 1},
-        "ingest": {"window": 25, "stride": 12},
-    },
     "smoke": {
         "source_videos": {
             "episodes_per_task": 1,
@@ -596,15 +554,37 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-
-def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+# A working agent on a 2-core laptop: the cpu preset's network and batch sizes with enough target data (50 medium
+# episodes) and updates to train on them (whole chain under an hour). The source tasks leave out both tasks the
+# results compare on (drawer-open, handle-press).
+PRESETS["laptop"] = deep_merge(
+    PRESETS["cpu"],
+    {
+        "source_videos": {
+            "episodes_per_task": 4,
+            "tasks": ["door-open", "button-press-topdown", "plate-slide", "coffee-push"],
+        },
+        "collect": {"episodes": 50},
+        "pretrain": {
+            "phase1_steps": 600,
+            "phase2_steps": 300,
+            "checkpoint_every": 100,
+            "log_every": 20,
+            "image_log_every": 300,
+            "codebook_restart_every": 25,
+        },
+        "finetune": {
+            "world_model_steps": 1200,
+            "policy_steps": 1500,
+            "bc_steps": 1500,
+            "checkpoint_every": 100,
+            "log_every": 25,
+            "slow_critic_every": 50,
+            "critic_warmup": 100,
+        },
+        "evaluate": {"episodes": 10},
+    },
+)
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:
