@@ -33,6 +33,7 @@ def run(
     metrics: str | None = "metrics/finetune.json",
     curve: str | None = "metrics/finetune_curve.csv",
     progress: bool = True,
+    snapshots: str | None = None,
 ) -> dict[str, Any]:
     """Fine-tune and write the agent artifact to `out`; returns the summary (also written to `metrics`)."""
     from veorl.algo.finetune import finetune
@@ -48,6 +49,7 @@ def run(
         curve_path=curve,
         parent_run_id=parent_run_id,
         progress=progress,
+        snapshots=snapshots,
     )
 
 
@@ -82,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="training curve CSV (default: %(default)s)",
     )
+    parser.add_argument(
+        "--snapshots",
+        default=None,
+        metavar="DIR",
+        help="write the agent every finetune.snapshot_every policy (or bc) updates to DIR/updates-NNNNNN/, "
+        "for learning curves (default: none)",
+    )
     add_component_args(parser, tracking=True)
     return parser
 
@@ -105,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics=args.metrics,
             curve=args.curve,
             progress=not args.no_progress,
+            snapshots=args.snapshots,
         )
     except (FinetuneError, CheckpointMismatch, EpisodeError, AgentError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

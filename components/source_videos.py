@@ -11,7 +11,10 @@ on a re-run.
 
 With --external, nothing is rendered or copied: DIR/external_sources.json lists the given videos (s3:// prefixes,
 files, folders) with a fingerprint of their content (S3 keys, sizes and ETags, or local file hashes), and
-components.ingest reads them directly when given DIR as its source.
+components.ingest reads them directly when given DIR as its source. Keys written into a URI
+(s3://KEY:SECRET@bucket/prefix) are split off as the argument is parsed and used only to list the prefix here:
+the record, config.json, provenance.json and every message hold the URI without them, so ingestion reads the
+recorded sources with the standard AWS credentials (environment variables, profile or workload identity).
 """
 
 from __future__ import annotations
@@ -29,10 +32,13 @@ from veorl.runtime import (
     write_resolved_config,
 )
 from veorl.storage import (
+    Location,
     atomic_write_json_if_changed,
     is_s3,
     read_json,
     record_content_hash,
+    redact,
+    s3_client,
     s3_list,
     sha256_file,
     sha256_json,
@@ -41,6 +47,10 @@ from veorl.storage import (
 
 SECTIONS = ("source_videos",)
 EXTERNAL_SOURCES = "external_sources.json"
+
+
+class UnreadableSource(OSError):
+    """An external source that exists as a name but cannot be listed (credentials, endpoint, permissions)."""
 
 
 def run(out: str, params: Params, *, progress: bool = True) -> dict[str, Any]:
@@ -65,10 +75,18 @@ def run(out: str, params: Params, *, progress: bool = True) -> dict[str, Any]:
     return result.card
 
 
-def fingerprint(uri: str) -> list[Any]:
-    """Content identity of one external source: its S3 objects with size and ETag, or local file hashes."""
+def fingerprint(source: str | Location) -> list[Any]:
+    """Content identity of one external source: its S3 objects with size and ETag, or local file hashes.
+
+    Keys written into an s3:// URI are used for the listing; nothing returned or raised holds them.
+    """
+    location = Location.parse(source)
+    uri = location.uri
     if is_s3(uri):
-        listing = s3_list(uri)
+        try:
+            listing = s3_list(uri, client=s3_client(location.credentials))
+        except Exception as exc:  # botocore raises many unrelated types (credentials, endpoint, ClientError)
+            raise UnreadableSource(f"{uri}: cannot list this S3 prefix: {redact(str(exc))}") from None
         if not listing:
             raise FileNotFoundError(f"{uri}: no objects under this S3 prefix")
         return [list(item) for item in listing]
@@ -80,19 +98,23 @@ def fingerprint(uri: str) -> list[Any]:
     raise FileNotFoundError(f"{uri}: video source does not exist")
 
 
-def run_external(sources: Sequence[str], out: str, params: Params) -> dict[str, Any]:
+def run_external(sources: Sequence[str | Location], out: str, params: Params) -> dict[str, Any]:
     """Record external video sources in `out` instead of rendering; returns the record (sources, fingerprint).
 
-    The content hash is the hash of the fingerprint, so it follows the bucket's content, not the URIs' spelling.
+    Credentials written into a source URI are split off first: they serve the listing only, and the record holds
+    each URI without them. The content hash is the hash of the fingerprint, so it follows the bucket's content,
+    not the URIs' spelling.
     """
     if not sources:
         raise ValueError("no external video sources given")
-    record = {"sources": list(sources), "fingerprint": {uri: fingerprint(uri) for uri in sources}}
+    locations = [Location.parse(source) for source in sources]
+    uris = [location.uri for location in locations]
+    record = {"sources": uris, "fingerprint": {location.uri: fingerprint(location) for location in locations}}
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     changed = atomic_write_json_if_changed(out_dir / EXTERNAL_SOURCES, record)
     if changed or not (out_dir / "provenance.json").exists():
-        write_resolved_config(out, params, SECTIONS, external_sources=list(sources))
+        write_resolved_config(out, params, SECTIONS, external_sources=uris)
     record_content_hash(out_dir, sha256_json(record["fingerprint"]))
     return record
 
@@ -115,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--external",
         action="append",
         default=[],
+        type=Location.parse,  # credentials in the URI are split off here, before anything can print or record them
         metavar="URI",
         help="record this s3:// prefix, file or folder of videos instead of rendering (repeatable)",
     )
@@ -130,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"recorded {len(record['sources'])} external video sources in {args.out}")
             return 0
         card = run(args.out, params, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, UnreadableSource) as exc:
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     print(f"{card['videos']} videos ({card['frames']} frames) of {', '.join(card['tasks'])} in {args.out}")
     return 0

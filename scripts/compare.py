@@ -177,31 +177,115 @@ def run_one(args: argparse.Namespace, algo: str, seed: int) -> dict[str, Any]:
     if args.clips:
         finetune_argv += ["--clips", args.clips]
     evaluate_argv = ["--agent", str(path / "agent"), "--out", str(path / "eval"), "--no-progress", *common]
+    if args.snapshot_every:
+        finetune_argv += ["--snapshots", str(path / "snapshots")]
     for module, argv in (("finetune", finetune_argv), ("evaluate", evaluate_argv)):
-        started = time.perf_counter()
-        if args.in_process:
-            import importlib
-
-            code = importlib.import_module(f"components.{module}").main(argv)
-        else:
-            log_path = path / f"{module}.log"
-            with atomic_path(log_path) as tmp, open(tmp, "w") as log_file:
-                code = subprocess.run(
-                    [sys.executable, "-m", f"components.{module}", *argv],
-                    cwd=REPO,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                ).returncode
-        print(
-            f"[compare] {algo} seed {seed}: {module} exit {code} in {time.perf_counter() - started:.0f}s",
-            file=sys.stderr,
-        )
-        if code != 0:
-            raise RuntimeError(f"{module} failed for {algo} seed {seed} (exit {code}; see {path / (module + '.log')})")
+        run_stage(args, module, argv, path / f"{module}.log", f"{algo} seed {seed}")
+    if args.snapshot_every:
+        learning_curve(args, path, common, f"{algo} seed {seed}")
     result = finished(path)
     if result is None:
         raise RuntimeError(f"{path / 'eval' / 'metrics.json'} missing or not ok after a successful evaluation")
     return result
+
+
+def run_stage(args: argparse.Namespace, module: str, argv: list[str], log_path: Path, label: str) -> None:
+    """One component (`components.MODULE`) in a subprocess with its log in `log_path` (or in this process)."""
+    started = time.perf_counter()
+    if args.in_process:
+        import importlib
+
+        code = importlib.import_module(f"components.{module}").main(argv)
+    else:
+        with atomic_path(log_path) as tmp, open(tmp, "w") as log_file:
+            code = subprocess.run(
+                [sys.executable, "-m", f"components.{module}", *argv],
+                cwd=REPO,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            ).returncode
+    print(f"[compare] {label}: {module} exit {code} in {time.perf_counter() - started:.0f}s", file=sys.stderr)
+    if code != 0:
+        raise RuntimeError(f"{module} failed for {label} (exit {code}; see {log_path})")
+
+
+def learning_curve(args: argparse.Namespace, path: Path, common: list[str], label: str) -> list[dict[str, float]]:
+    """Evaluate the run's agent snapshots (each once; finished ones are reused) and write learning_curve.csv:
+    success rate and mean return against the updates of the last phase (policy or bc), the final agent last."""
+    rows = []
+    for snapshot in sorted((path / "snapshots").glob("updates-*")):
+        if not (snapshot / "agent.json").is_file():
+            continue  # interrupted while being written; the final curve simply lacks that point
+        out = path / "curve" / snapshot.name
+        metrics = out / "metrics.json"
+        if not (metrics.is_file() and read_json(metrics).get("status") == "ok"):
+            argv = ["--agent", str(snapshot), "--out", str(out), "--no-progress", *common]
+            run_stage(args, "evaluate", argv, path / "curve" / f"{snapshot.name}.log", f"{label} {snapshot.name}")
+        rows.append({"updates": int(snapshot.name.split("-")[1]), **_scores(read_json(metrics))})
+    trained = read_json(path / "agent" / "agent.json")["trained_updates"]
+    rows.append({"updates": int(list(trained.values())[-1]), **_scores(read_json(path / "eval" / "metrics.json"))})
+    lines = ["updates,success_rate,mean_return"]
+    lines += [f"{r['updates']},{r['success_rate']},{r['mean_return']}" for r in rows]
+    atomic_write_text(path / "learning_curve.csv", "\n".join(lines) + "\n")
+    return rows
+
+
+def _scores(metrics: dict[str, Any]) -> dict[str, float]:
+    return {key: float(metrics[key]) for key, _ in METRICS}
+
+
+def read_learning_curve(path: Path) -> list[dict[str, float]] | None:
+    file = path / "learning_curve.csv"
+    if not file.is_file():
+        return None
+    header, *rows = file.read_text().strip().splitlines()
+    keys = header.split(",")
+    return [dict(zip(keys, map(float, row.split(",")))) for row in rows]
+
+
+def aggregate_curves(curves: dict[str, dict[int, list[dict[str, float]]]]) -> dict[str, list[dict[str, Any]]]:
+    """Per algorithm and update count: mean and sample std over the seeds that have that point."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for algo, by_seed in curves.items():
+        points: dict[int, list[dict[str, float]]] = {}
+        for rows in by_seed.values():
+            for row in rows:
+                points.setdefault(int(row["updates"]), []).append(row)
+        out[algo] = []
+        for updates in sorted(points):
+            entry: dict[str, Any] = {"updates": updates, "seeds": len(points[updates])}
+            for key, _ in METRICS:
+                stats = seed_statistics([r[key] for r in points[updates]])
+                entry[key] = {"mean": stats["mean"], "std": stats["std"]}
+            out[algo].append(entry)
+    return out
+
+
+def curve_chart(path: Path, curves: dict[str, list[dict[str, Any]]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, (key, label) in zip(axes, METRICS):
+        for algo, points in curves.items():
+            x = [p["updates"] for p in points]
+            mean = [p[key]["mean"] for p in points]
+            std = [p[key]["std"] or 0.0 for p in points]
+            ax.plot(x, mean, marker="o", label=algo)
+            ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+        ax.set_xlabel("policy (or bc) updates")
+        ax.set_ylabel(label)
+        if key == "success_rate":
+            ax.set_ylim(-0.02, 1.05)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title + " (line: mean over seeds, band: +- 1 std)", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".tmp.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,6 +362,7 @@ def write_document(
     args: argparse.Namespace,
     protocol: dict[str, Any],
     failures: list[str],
+    curve_figure: Path | None = None,
 ) -> None:
     relative_figure = os.path.relpath(figure.resolve(), doc.resolve().parent)
     command = "python scripts/compare.py " + " ".join(args.argv)
@@ -318,6 +403,17 @@ def write_document(
     for algo, row in table.items():
         for seed, values in row["per_seed"].items():
             lines.append(f"| {algo} | {seed} | {values['success_rate']:.3f} | {values['mean_return']:.1f} |")
+    if curve_figure is not None:
+        relative_curves = os.path.relpath(curve_figure.resolve(), doc.resolve().parent)
+        lines += [
+            "",
+            "## Learning curves",
+            "",
+            "Each agent was also saved every few policy (or bc) updates and evaluated on the same episodes as the "
+            "final one.",
+            "",
+            f"![success rate and return against updates, mean over seeds with a one-std band]({relative_curves})",
+        ]
     if failures:
         lines += ["", "## Runs that failed (not in the table)", ""] + [f"- {f}" for f in failures]
     if args.notes:
@@ -377,6 +473,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="markdown appended under 'Observations' (what the runs show, written by a person)",
     )
     parser.add_argument(
+        "--snapshot-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="learning curves: snapshot each agent every N policy (or bc) updates, evaluate every snapshot and "
+        "plot success and return against updates (default: 0, final agents only)",
+    )
+    parser.add_argument(
         "--in-process", action="store_true", help="run the stages in this process (faster start; tests)"
     )
     parser.add_argument(
@@ -391,6 +495,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    if args.snapshot_every < 0:
+        print("error: --snapshot-every must be >= 0", file=sys.stderr)
+        return 2
+    if args.snapshot_every:
+        args.overrides.append(f"finetune.snapshot_every={args.snapshot_every}")
     # The stages run with the repository as their working directory: paths given relative to where this
     # script was started are made absolute first.
     for name in ("world_model", "episodes", "clips", "results", "params", "doc", "figure", "notes"):
@@ -437,7 +546,18 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(results / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     figure, doc = Path(args.figure), Path(args.doc)
     bar_chart(figure, table, title=f"{protocol.get('task')} ({params.preset} preset), {len(args.seeds)} seeds")
-    write_document(doc, figure, table, args, protocol, failures)
+    curves = {
+        algo: {seed: c for seed in by_seed if (c := read_learning_curve(run_dir(results, algo, seed)))}
+        for algo, by_seed in runs.items()
+    }
+    curves = aggregate_curves({algo: by_seed for algo, by_seed in curves.items() if by_seed})
+    curve_figure = None
+    if any(len(points) > 1 for points in curves.values()):
+        curve_figure = figure.with_name(figure.stem + "_curves.png")
+        curve_chart(curve_figure, curves, title=f"{protocol.get('task')} ({params.preset} preset)")
+        summary["curves"] = curves
+        atomic_write_text(results / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_document(doc, figure, table, args, protocol, failures, curve_figure)
     print(markdown_table(table))
     print(f"written: {doc}, {figure}, {results / 'summary.json'}")
     return 1 if failures else 0

@@ -32,6 +32,7 @@ def test_presets_change_sizes_only_never_algorithm_switches():
         "use_intrinsic",
         "use_latent_action",
         "use_mmd",
+        "pretrained_encoder",
         "ban_on_source",
         "rssm_kind",
         "mmd_weight",

@@ -295,6 +295,37 @@ def test_compare_skips_finished_runs_and_writes_the_document(tmp_path):
     assert "| veorl | 2 | 0.750 |" in doc.read_text()
 
 
+def test_learning_curves_are_aggregated_per_update_count_and_plotted(tmp_path):
+    compare = _compare_module()
+    curves = {
+        "veorl": {
+            0: [
+                {"updates": 50, "success_rate": 0.0, "mean_return": 100.0},
+                {"updates": 100, "success_rate": 0.5, "mean_return": 300.0},
+            ],
+            1: [
+                {"updates": 50, "success_rate": 0.2, "mean_return": 140.0},
+                {"updates": 100, "success_rate": 0.3, "mean_return": 200.0},
+            ],
+        },
+        "bc": {0: [{"updates": 100, "success_rate": 0.1, "mean_return": 120.0}]},
+    }
+    out = compare.aggregate_curves(curves)
+    first, last = out["veorl"]
+    assert (first["updates"], first["seeds"], last["updates"]) == (50, 2, 100)
+    assert first["success_rate"]["mean"] == pytest.approx(0.1) and last["mean_return"]["mean"] == pytest.approx(250.0)
+    assert last["mean_return"]["std"] == pytest.approx((2 * 50.0**2) ** 0.5)  # sample std of 300, 200
+    assert out["bc"][0]["success_rate"]["std"] is None  # one seed: no spread
+    compare.curve_chart(tmp_path / "curves.png", out, "drawer-open")
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # the per-run file round-trips
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "learning_curve.csv").write_text("updates,success_rate,mean_return\n50,0.0,100.0\n100,0.5,300.0\n")
+    assert compare.read_learning_curve(run) == curves["veorl"][0]
+    assert compare.read_learning_curve(tmp_path) is None
+
+
 def test_compare_reports_a_failed_run_and_exits_nonzero(tmp_path, mlflow_store):
     compare = _compare_module()
     code = compare.main(

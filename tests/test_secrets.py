@@ -10,6 +10,7 @@ store as text) is swept for the secrets.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -149,3 +150,59 @@ def test_credentials_are_split_off_where_a_source_argument_is_parsed(argument, u
     assert "se/cr+et" not in repr(location) and "pa@ss" not in repr(location)
     if uri != argument:
         assert location.credentials is not None and "KEYID123" not in repr(location.credentials)
+
+
+def test_credentials_in_external_video_sources_are_used_to_list_but_never_recorded(s3_bucket, tmp_path, capsys, params):
+    """`components.source_videos --external s3://KEY:SECRET@bucket/prefix`: the keys list the prefix, the record
+    (and config, provenance, messages) holds the URI without them, and ingestion reads the recorded sources with the
+    environment's credentials. Every file written and every line printed is swept for the keys."""
+    from components import ingest, source_videos
+    from veorl.storage import s3_client
+    from veorl.video.encode import write_video
+
+    client = s3_client()
+    for index in range(2):
+        local = tmp_path / f"video-{index}.mp4"
+        write_video(local, moving_square_video(30, seed=index), fps=10)
+        client.upload_file(str(local), s3_bucket, f"raw/video-{index}.mp4")
+        local.unlink()
+    work = tmp_path / "work"
+    videos = work / "data" / "source_videos"
+    common = ["--out", str(videos), "--preset", "smoke", "--params", str(tmp_path / "absent.yaml")]
+    prefix, one = f"{s3_bucket}/raw/", f"{s3_bucket}/raw/video-1.mp4"
+
+    planted = [f"s3://{SOURCE_KEY_ID}:{SOURCE_SECRET}@{prefix}", f"s3://{SOURCE_KEY_ID}:{SOURCE_SECRET}@{one}"]
+    assert source_videos.main([*common, "--external", planted[0], "--external", planted[1]]) == 0
+    record = json.loads((videos / source_videos.EXTERNAL_SOURCES).read_text())
+    assert record["sources"] == [f"s3://{prefix}", f"s3://{one}"]
+    assert [item[0] for item in record["fingerprint"][f"s3://{prefix}"]] == [
+        f"s3://{s3_bucket}/raw/video-0.mp4",
+        f"s3://{s3_bucket}/raw/video-1.mp4",
+    ]
+    config = json.loads((videos / "provenance.json").read_text())
+    assert config["external_sources"] == record["sources"]
+
+    # Refused sources: an https URL with user:password (not a source ingestion reads) and a bucket that cannot be
+    # listed; their messages name the URI without the keys.
+    refused = work / "refused"
+    argv = ["--out", str(refused), "--preset", "smoke", "--params", str(tmp_path / "absent.yaml")]
+    https = f"https://{SOURCE_KEY_ID}:{SOURCE_SECRET}@videos.example.com/x.mp4"
+    assert source_videos.main([*argv, "--external", https]) == 2
+    missing = f"s3://{SOURCE_KEY_ID}:{SOURCE_SECRET}@no-such-bucket-x/raw/"
+    assert source_videos.main([*argv, "--external", missing]) == 2
+    printed = capsys.readouterr()
+    assert "https://videos.example.com/x.mp4" in printed.err and "s3://no-such-bucket-x/raw/" in printed.err
+
+    # Ingestion of the folder reads the recorded sources with the environment's keys (s3_env's), as --source would.
+    manifest = ingest.run([str(videos)], str(work / "data" / "video_clips"), params(), progress=False)
+    assert [(e["uri"], e["status"]) for e in manifest["sources"]] == [
+        (f"s3://{s3_bucket}/raw/video-{index}.mp4", "ok") for index in range(2)
+    ]
+
+    printed = capsys.readouterr()
+    assert not _leaks((printed.out + printed.err).encode()), _leaks((printed.out + printed.err).encode())
+    swept = 0
+    for path in sorted(p for p in work.rglob("*") if p.is_file()):
+        assert not _leaks(path.read_bytes()), f"{path.relative_to(work)} holds {_leaks(path.read_bytes())}"
+        swept += 1
+    assert swept >= 6 and (videos / "config.json").is_file()

@@ -44,6 +44,7 @@ RESUMABLE_CHANGES: tuple[str, ...] = (
     "*.bc_steps",
     "*.checkpoint_every",
     "*.log_every",
+    "*.snapshot_every",
     "*.image_log_every",
     "*.prefetch",
     "*.device",

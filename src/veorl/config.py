@@ -307,6 +307,12 @@ class FinetuneParams(Section):
         "level on the data's own states (about 1 there, more where the model guesses).",
     )
     diagnostics_sequences: int = Field(default=16, ge=2, description="Target windows the end-of-stage diagnostics use.")
+    snapshot_every: int = Field(
+        default=0,
+        ge=0,
+        description="With --snapshots DIR: write the agent every this many policy (or bc) updates, for learning "
+        "curves; 0 = off.",
+    )
 
     @field_validator("ensemble_size")
     @classmethod
@@ -319,6 +325,9 @@ class FinetuneParams(Section):
     use_intrinsic: bool = Field(default=True, description="Ablation: intrinsic reward on/off.")
     use_latent_action: bool = Field(default=True, description="Ablation: latent action input of actor and critic.")
     use_mmd: bool = Field(default=True, description="Ablation: MMD term while training the Trunk Net encoder.")
+    pretrained_encoder: bool = Field(
+        default=True, description="Ablation: the Trunk Net encoder starts from the video world model's."
+    )
     mmd_weight: float = Field(
         default=5.0, ge=0, description="Weight of linear MMD between source and target embeddings."
     )

@@ -330,6 +330,34 @@ def test_finetune_cli_baselines_do_not_need_the_world_model(inputs, tmp_path, al
     assert summary["algo"] == algo
 
 
+@pytest.mark.parametrize("algo", ["dreamerv2", "bc"])
+def test_snapshots_are_complete_agents_of_the_last_phase(inputs, tmp_path, algo):
+    """With --snapshots, the agent is written every snapshot_every updates of the last phase (not at its end:
+    that is the agent itself), each loadable and recording the updates it had."""
+    from components.finetune import main
+
+    steps = "finetune.policy_steps=5" if algo == "dreamerv2" else "finetune.bc_steps=5"
+    extra = ["--set", f"finetune.algo={algo}", "--set", steps, "--set", "finetune.snapshot_every=2"]
+    assert main(_finetune_args(inputs, tmp_path, *extra, "--snapshots", str(tmp_path / "snaps"))) == 0
+    assert sorted(p.name for p in (tmp_path / "snaps").iterdir()) == ["updates-000002", "updates-000004"]
+    last = "policy" if algo == "dreamerv2" else "bc"
+    for updates in (2, 4):
+        snapshot = tmp_path / "snaps" / f"updates-{updates:06d}"
+        agent = _check_agent(snapshot, algo)
+        assert agent.meta["trained_updates"][last] == updates
+        assert json.loads((snapshot / "provenance.json").read_text())["content_hash"] == artifact_hash(snapshot)
+    final = Agent.load(str(tmp_path / "agent"))
+    assert final.meta["trained_updates"][last] == 5
+    # the snapshot is the actor of that moment, not the final one
+    snap = Agent.load(str(tmp_path / "snaps" / "updates-000002"))
+    module = "policy" if algo == "bc" else "actor"
+    differ = [
+        not torch.equal(a, b)
+        for a, b in zip(snap.modules[module].state_dict().values(), final.modules[module].state_dict().values())
+    ]
+    assert any(differ)
+
+
 def test_veorl_without_latent_action_input_and_release_guidance(inputs, tmp_path):
     from components.finetune import main
 

@@ -39,7 +39,7 @@ class Switches:
 def switches(fp: FinetuneParams) -> Switches:
     if fp.algo == "veorl":
         return Switches(
-            pretrained_encoder=True,
+            pretrained_encoder=fp.pretrained_encoder,
             use_mmd=fp.use_mmd,
             use_latent_action=fp.use_latent_action,
             use_intrinsic=fp.use_intrinsic,

@@ -613,8 +613,12 @@ def finetune(
     parent_run_id: str | None = None,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
+    snapshots: str | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) and write the agent artifact to `out`; returns the summary written to metrics_path.
+
+    With `snapshots` and finetune.snapshot_every > 0, the agent is also written every snapshot_every updates of
+    the last phase (policy, or bc) to snapshots/updates-NNNNNN/, for learning curves (scripts/compare.py).
 
     on_step(global_step) is called after every update (tests use it to simulate a kill).
     """
@@ -715,33 +719,12 @@ def finetune(
             ),
             Phase("policy", fp.policy_steps, policy_phase, starts, windows * fp.horizon),
         ]
-    loop = TrainingLoop(
-        STAGE,
-        phases,
-        seed=fp.seed,
-        config=config,
-        upstream=upstream,
-        checkpoints=run_dir,
-        log_every=fp.log_every,
-        checkpoint_every=fp.checkpoint_every,
-        prefetch=fp.prefetch,
-        device=device,
-        progress=progress,
-        on_step=on_step,
-    )
 
-    with tracking.stage_run(
-        STAGE,
-        params,
-        parent_run_id,
-        run_dir=run_dir,
-        sections=SECTIONS,
-        upstream=upstream,
-        tags={"veorl.algo": fp.algo, "veorl.guidance": fp.guidance},
-    ) as stage:
-        result = loop.run(stage.run_id)
-
-        # -- the agent artifact ----------------------------------------------------------------------
+    def write_agent(
+        progress: dict[str, int], folder: str | Path, run_id: str | None, diagnostics: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The deployable agent as it stands after `progress` updates (agent.json last: the completion marker);
+        returns its description."""
         agent_meta = {
             "algo": fp.algo,
             **meta,
@@ -758,8 +741,8 @@ def finetune(
             "bc": {"units": model.actor_units, "layers": model.actor_layers, "loss": fp.bc_loss}
             if fp.algo == "bc"
             else None,
-            "trained_updates": dict(result.progress),
-            "mlflow_run_id": stage.run_id,
+            "trained_updates": dict(progress),
+            "mlflow_run_id": run_id,
             "reward_head": (
                 {"units": model.head_units, "layers": model.head_layers, "reward_scale": fp.reward_scale}
                 if trunk is not None
@@ -772,16 +755,61 @@ def finetune(
         if guidance is not None:
             trained.update(fbc=guidance.fbc, codebook=guidance.codebook)
         modules = assemble_agent(agent_meta, trained)
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "agent.json").unlink(missing_ok=True)
-        write_resolved_config(out, params, SECTIONS, upstream=upstream, algo=fp.algo)
-        report = agent_diagnostics(params, store, trunk, actor, guidance, sw, policy, device)
-        atomic_write_json(Path(out) / DIAGNOSTICS_FILE, report)
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "agent.json").unlink(missing_ok=True)
+        write_resolved_config(folder, params, SECTIONS, upstream=upstream, algo=fp.algo)
+        if diagnostics is not None:
+            atomic_write_json(folder / DIAGNOSTICS_FILE, diagnostics)
         if trunk is not None:  # for evaluation's predicted-vs-simulator reward diagnostic; acting never reads it
-            with atomic_path(Path(out) / REWARD_HEAD_FILE) as tmp:
+            with atomic_path(folder / REWARD_HEAD_FILE) as tmp:
                 torch.save({k: v.detach().cpu() for k, v in trunk.reward_head.state_dict().items()}, tmp)
-        save_agent(out, modules, agent_meta)
-        record_content_hash(out)
+        save_agent(folder, modules, agent_meta)
+        record_content_hash(folder)
+        return agent_meta
+
+    # learning curves: the agent every `snapshot_every` updates of the last (policy or bc) phase
+    before_last = sum(p.steps for p in phases[:-1])
+    last = phases[-1]
+
+    def step_hook(global_step: int) -> None:
+        phase_step = global_step - before_last
+        if snapshots and fp.snapshot_every and 0 < phase_step < last.steps and phase_step % fp.snapshot_every == 0:
+            folder = Path(snapshots) / f"updates-{phase_step:06d}"
+            if not (folder / "agent.json").is_file():  # a resumed run keeps the snapshots it already wrote
+                write_agent({**{p.name: p.steps for p in phases[:-1]}, last.name: phase_step}, folder, None)
+        if on_step is not None:
+            on_step(global_step)
+
+    loop = TrainingLoop(
+        STAGE,
+        phases,
+        seed=fp.seed,
+        config=config,
+        upstream=upstream,
+        checkpoints=run_dir,
+        log_every=fp.log_every,
+        checkpoint_every=fp.checkpoint_every,
+        prefetch=fp.prefetch,
+        device=device,
+        progress=progress,
+        on_step=step_hook,
+    )
+
+    with tracking.stage_run(
+        STAGE,
+        params,
+        parent_run_id,
+        run_dir=run_dir,
+        sections=SECTIONS,
+        upstream=upstream,
+        tags={"veorl.algo": fp.algo, "veorl.guidance": fp.guidance},
+    ) as stage:
+        result = loop.run(stage.run_id)
+
+        # -- the agent artifact ----------------------------------------------------------------------
+        report = agent_diagnostics(params, store, trunk, actor, guidance, sw, policy, device)
+        agent_meta = write_agent(result.progress, out, stage.run_id, diagnostics=report)
 
         summary = {
             "algo": fp.algo,
