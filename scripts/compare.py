@@ -1,4 +1,4 @@
-"""Compare algorithms over training seeds on the same data, and write the table and chart into docs/results.md.
+r"""Compare algorithms over training seeds on the same data; table and chart into a section of docs/results.md.
 
     python scripts/compare.py --world-model models/video_world_model --episodes data/target_episodes \
         --clips data/video_clips --algos veorl dreamerv2 --seeds 0 1 2 --results results/compare
@@ -12,6 +12,20 @@ reported and left out of the table (never given a made-up score), and the script
 
 Statistics per algorithm over seeds: mean, sample standard deviation and a 95% confidence interval of
 the mean (Student t with n-1 degrees of freedom) of the success rate and of the mean episode return.
+
+The document holds one section per invocation (one per target task, one per ablation table), between
+<!-- compare:KEY --> and <!-- /compare:KEY --> (--section KEY, default: the task). Only that section is
+replaced (or appended); the rest of the document is kept byte for byte. A missing document is created.
+
+Ablation table: --report-only --ablation NAME=DIR [--ablation NAME=DIR@ALGO ...] makes one row per NAME
+from the finished runs in DIR/ALGO/seed-*/ (ALGO: each of --algos unless given), e.g.
+
+    python scripts/compare.py --report-only --algos veorl --section drawer-open-ablations \
+        --ablation "veorl (full)=results/compare" --ablation "no intrinsic reward=results/ablations/no_intrinsic" \
+        --ablation "no video (= dreamerv2)=results/compare@dreamerv2" --figure docs/results_ablations.png
+
+Each row has its own overrides, so its runs are not checked against this command's settings (the script
+prints which runs it read; their settings are in each run's agent/provenance.json).
 """
 
 from __future__ import annotations
@@ -20,6 +34,8 @@ import argparse
 import json
 import math
 import os
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -68,6 +84,7 @@ _T975 = [
     2.042,
 ]
 METRICS = (("success_rate", "success rate"), ("mean_return", "return"))
+ALGOS = ("veorl", "dreamerv2", "bc")
 
 
 def t_quantile_975(df: int) -> float:
@@ -326,26 +343,37 @@ def markdown_table(table: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def seeds_label(table: dict[str, dict[str, Any]]) -> str:
+    """'3 seeds', or '1-3 seeds' when the rows have different numbers of finished seeds."""
+    counts = sorted({len(row["seeds"]) for row in table.values()})
+    n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return f"{n} seed" + ("" if n == "1" else "s")
+
+
 def bar_chart(path: Path, table: dict[str, dict[str, Any]], title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    algos = list(table)
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
+    labels = list(table)
+    palette = plt.get_cmap("tab10").colors
+    long_labels = len(labels) > 3 or any(len(label) > 10 for label in labels)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.2 if long_labels else 3.5))
     for ax, (key, label) in zip(axes, METRICS):
-        means = [table[a][key]["mean"] for a in algos]
+        means = [table[a][key]["mean"] for a in labels]
         errors = [
-            [0.0 if table[a][key]["std"] is None else table[a][key]["mean"] - table[a][key]["ci_low"] for a in algos]
+            [0.0 if table[a][key]["std"] is None else table[a][key]["mean"] - table[a][key]["ci_low"] for a in labels]
         ] * 2
-        ax.bar(
-            algos, means, yerr=errors, capsize=6, color=["tab:blue", "tab:orange", "tab:green", "tab:red"][: len(algos)]
-        )
-        for i, a in enumerate(algos):  # each seed as a dot, so the spread is visible, not only summarised
+        ax.bar(labels, means, yerr=errors, capsize=6, color=[palette[i % len(palette)] for i in range(len(labels))])
+        for i, a in enumerate(labels):  # each seed as a dot, so the spread is visible, not only summarised
             values = [float(v[key]) for v in table[a]["per_seed"].values()]
             ax.scatter([i] * len(values), values, color="black", s=12, zorder=3)
         ax.set_title(label)
+        if long_labels:
+            ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+            for tick in ax.get_xticklabels():
+                tick.set_horizontalalignment("right")
         if key == "success_rate":
             ax.set_ylim(0.0, 1.05)
     fig.suptitle(title, fontsize=10)
@@ -355,20 +383,71 @@ def bar_chart(path: Path, table: dict[str, dict[str, Any]], title: str) -> None:
     plt.close(fig)
 
 
-def write_document(
+DOC_TITLE = "# Results: VeoRL against its baselines"
+DOC_INTRO = (
+    "Each section below is written by one `scripts/compare.py` invocation (one per target task, one per ablation "
+    "table; they may run in different sessions) between its HTML comment markers `compare:KEY` and `/compare:KEY`. "
+    "Re-running an invocation replaces only its own section; text outside the markers is kept as it is."
+)
+_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def section_markers(key: str) -> tuple[str, str]:
+    if not _KEY.fullmatch(key):
+        raise ValueError(f"section key {key!r}: use letters, digits, '-', '_' or '.'")
+    return f"<!-- compare:{key} -->", f"<!-- /compare:{key} -->"
+
+
+def replace_section(text: str | None, key: str, body: str) -> str:
+    """The document `text` (None: no document yet) with section `key` set to `body`.
+
+    An existing section is replaced in place, a missing one is appended at the end; all other bytes are kept.
+    A new document starts with the title and the intro paragraph.
+    """
+    start, end = section_markers(key)
+    block = f"{start}\n{body.strip()}\n{end}"
+    if text is None:
+        return f"{DOC_TITLE}\n\n{DOC_INTRO}\n\n{block}\n"
+    i = text.find(start)
+    if i < 0:
+        if end in text:
+            raise ValueError(f"the document has the end marker of section {key!r} but not its start: {start}")
+        if not text.strip():
+            return text + block + "\n"
+        separator = "" if text.endswith("\n\n") else "\n" if text.endswith("\n") else "\n\n"
+        return text + separator + block + "\n"
+    j = text.find(end, i)
+    if j < 0:
+        raise ValueError(f"the document has the start marker of section {key!r} but not its end: {end}")
+    if start in text[i + len(start) :] or end in text[j + len(end) :]:
+        raise ValueError(f"the document has section {key!r} more than once")
+    return text[:i] + block + text[j + len(end) :]
+
+
+def write_section(doc: Path, key: str, body: str) -> None:
+    atomic_write_text(doc, replace_section(doc.read_text() if doc.exists() else None, key, body))
+
+
+def section_markdown(
     doc: Path,
     figure: Path,
     table: dict[str, dict[str, Any]],
     args: argparse.Namespace,
     protocol: dict[str, Any],
     failures: list[str],
+    title: str,
     curve_figure: Path | None = None,
-) -> None:
+    sources: list[dict[str, Any]] | None = None,
+) -> str:
+    """One section of the results document (without its markers): heading, command, protocol, table, chart,
+    per-seed table, learning curves, failures, observations. `sources`: the rows of an ablation table."""
     relative_figure = os.path.relpath(figure.resolve(), doc.resolve().parent)
-    command = "python scripts/compare.py " + " ".join(args.argv)
-    lines = [
-        "# Results: VeoRL against its baselines",
-        "",
+    command = "python scripts/compare.py " + " ".join(shlex.quote(a) for a in args.argv)
+    first_seed = protocol.get("seed", 0)
+    lines = [f"## {title}", ""]
+    if args.intro:
+        lines += [args.intro.strip(), ""]
+    lines += [
         f"Generated by `scripts/compare.py` on {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}; "
         "re-run the command below to reproduce (finished runs are reused).",
         "",
@@ -376,26 +455,51 @@ def write_document(
         command,
         "```",
         "",
-        "## Protocol",
+        "### Protocol",
         "",
         f"- task: `{protocol.get('task')}` ({protocol.get('env')}, camera `{protocol.get('camera')}`, "
         f"episodes of {protocol.get('episode_length')} steps); preset `{protocol.get('preset')}`",
         f"- each seed trains one agent (`finetune.seed`); every agent is evaluated on the same "
-        f"{protocol.get('episodes')} episodes (seeds {protocol.get('seed')}.."
-        f"{protocol.get('seed', 0) + protocol.get('episodes', 1) - 1}; episode i starts from task variation i, so the "
+        f"{protocol.get('episodes')} episodes (seeds {first_seed}.."
+        f"{first_seed + protocol.get('episodes', 1) - 1}; episode i starts from task variation i, so the "
         "starts are distinct), deterministic policy; success = any step flagged success",
-        "- upstream artifacts (shared by all runs): "
-        + ", ".join(f"`{k}` {v}" for k, v in protocol.get("upstream", {}).items()),
+        "- upstream artifacts the runs read (content hashes; 'a / b': runs read different versions): "
+        + (", ".join(f"`{k}` {v}" for k, v in protocol.get("upstream", {}).items()) or "none recorded"),
         "- statistics over seeds: mean, sample standard deviation, 95% confidence interval of the mean (Student t)",
+    ]
+    if sources is not None:
+        lines += [
+            "",
+            "### Rows",
+            "",
+            "Each row is tabulated from the finished runs (evaluation status ok) in its folder, over whatever seeds "
+            "finished. Their settings were not checked against this command: each row's settings (the resolved "
+            "config it was trained with, and the hashes of the inputs it read) are in its runs' "
+            "`agent/provenance.json`.",
+            "",
+        ]
+        for source in sources:
+            line = f"- {source['label']}: `{source['algo']}` runs in `{source['folder']}`"
+            differs = source.get("differs")
+            if not source["seeds"]:
+                line += ": none finished yet (not in the table)"
+            elif differs is None:
+                line += f" (seeds {', '.join(map(str, source['seeds']))}); no provenance.json to read its settings from"
+            else:
+                line += f" (seeds {', '.join(map(str, source['seeds']))})"
+                if differs:
+                    line += f"; settings other than {source['reference']}'s: " + ", ".join(f"`{d}`" for d in differs)
+            lines.append(line)
+    lines += [
         "",
-        "## Table",
+        "### Table",
         "",
         markdown_table(table),
         "",
         "![success rate and return per algorithm (bars: mean over seeds, whiskers: 95% CI, dots: seeds)]"
         f"({relative_figure})",
         "",
-        "## Per seed",
+        "### Per seed",
         "",
         "| algorithm | seed | success rate | return |",
         "|---|---|---|---|",
@@ -407,7 +511,7 @@ def write_document(
         relative_curves = os.path.relpath(curve_figure.resolve(), doc.resolve().parent)
         lines += [
             "",
-            "## Learning curves",
+            "### Learning curves",
             "",
             "Each agent was also saved every few policy (or bc) updates and evaluated on the same episodes as the "
             "final one.",
@@ -415,16 +519,154 @@ def write_document(
             f"![success rate and return against updates, mean over seeds with a one-std band]({relative_curves})",
         ]
     if failures:
-        lines += ["", "## Runs that failed (not in the table)", ""] + [f"- {f}" for f in failures]
+        lines += ["", "### Runs that failed (not in the table)", ""] + [f"- {f}" for f in failures]
     if args.notes:
-        lines += ["", "## Observations", "", Path(args.notes).read_text().strip()]
+        lines += ["", "### Observations", "", Path(args.notes).read_text().strip()]
     lines += [
         "",
         "The numbers above are what these runs measured, whatever they show; small presets train for minutes "
         "on a CPU and are not comparable to the paper's 40k+50k-step GPU runs.",
-        "",
     ]
-    atomic_write_text(doc, "\n".join(lines))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Which runs: a comparison (train what is missing) or ablation rows (read what has finished)
+# ------------------------------------------------------------------------------------------------
+
+
+def collect_comparison(
+    args: argparse.Namespace,
+) -> tuple[dict[str, dict[int, dict[str, Any]]], dict[str, dict[int, Path]], list[str]]:
+    """Each (algo, seed) of --algos x --seeds: run (or reuse) it; with --report-only only what has finished."""
+    runs: dict[str, dict[int, dict[str, Any]]] = {algo: {} for algo in args.algos}
+    paths: dict[str, dict[int, Path]] = {algo: {} for algo in args.algos}
+    failures: list[str] = []
+    pending: list[str] = []
+    for algo in args.algos:
+        for seed in args.seeds:
+            path = run_dir(Path(args.results), algo, seed)
+            if args.report_only and finished(path) is None:
+                pending.append(f"{algo} seed {seed}")
+                continue
+            try:
+                runs[algo][seed] = run_one(args, algo, seed)
+            except Exception as exc:  # one failed run must not hide the others; it is reported, not scored
+                failures.append(f"{algo} seed {seed}: {exc}")
+                print(f"[compare] FAILED {algo} seed {seed}: {exc}", file=sys.stderr)
+                continue
+            paths[algo][seed] = path
+    if pending:
+        print(f"[compare] not finished, left out: {', '.join(pending)}", file=sys.stderr)
+    return runs, paths, failures
+
+
+def parse_ablations(values: list[str], algos: list[str]) -> list[dict[str, Any]]:
+    """--ablation NAME=RESULTS_DIR[@ALGO] -> [{label, algo, folder (as given), path}], one per (name, algo)."""
+    out: list[dict[str, Any]] = []
+    names: set[str] = set()
+    for value in values:
+        name, sep, folder = value.rpartition("=")  # the name may hold "=", the folder not
+        name = name.strip()
+        if not sep or not name or not folder:
+            raise ValueError(f"--ablation {value!r}: expected NAME=RESULTS_DIR (or NAME=RESULTS_DIR@ALGO)")
+        if "|" in name or name in names:
+            raise ValueError(f"--ablation {value!r}: the name must be unique and hold no '|'")
+        names.add(name)
+        head, at, algo = folder.rpartition("@")
+        row_algos = [algo] if at and algo in ALGOS else algos
+        if at and algo in ALGOS:
+            folder = head
+        for row_algo in row_algos:
+            label = name if len(row_algos) == 1 else f"{name}: {row_algo}"
+            out.append({"label": label, "algo": row_algo, "folder": folder, "path": Path(folder).resolve()})
+    return out
+
+
+def collect_ablations(
+    sources: list[dict[str, Any]],
+) -> tuple[dict[str, dict[int, dict[str, Any]]], dict[str, dict[int, Path]]]:
+    """The finished runs under each row's RESULTS_DIR/ALGO/seed-*/ (no staleness check: each row has its own
+    overrides, recorded in its runs' agent/provenance.json)."""
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    paths: dict[str, dict[int, Path]] = {}
+    for source in sources:
+        label, folder = source["label"], source["path"] / source["algo"]
+        runs[label], paths[label], pending = {}, {}, []
+        for path in sorted(folder.glob("seed-*")):
+            try:
+                seed = int(path.name.removeprefix("seed-"))
+            except ValueError:
+                continue
+            done = finished(path)
+            if done is None:
+                pending.append(path.name)
+                continue
+            runs[label][seed], paths[label][seed] = done, path
+        source["seeds"] = sorted(runs[label])
+        configs = [paths[label][s] / "agent" / "provenance.json" for s in source["seeds"]]
+        source["config"] = next((_flat(read_json(p).get("config", {})) for p in configs if p.is_file()), None)
+        read = ", ".join(f"seed-{s}" for s in source["seeds"]) or "nothing finished"
+        left = f"; not finished, left out: {', '.join(pending)}" if pending else ""
+        print(f"[compare] ablation {label!r}: read {folder}/ {read}{left}", file=sys.stderr)
+    return runs, paths
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+# Settings that differ between rows without making them different agents: the seed, and snapshots (learning curves).
+_UNCOMPARED = {"finetune.seed", "finetune.snapshot_every"}
+
+
+def settings_differences(sources: list[dict[str, Any]]) -> None:
+    """Each row's `differs`: its settings (from its first run's provenance) other than those of the first row
+    that has a provenance (seed and snapshots aside); None where the row's runs have none."""
+    reference = next((s for s in sources if s.get("config") is not None), None)
+    for source in sources:
+        config = source.get("config")
+        source["differs"] = None if config is None else []
+        if reference is None or config is None or source is reference:
+            continue
+        base = reference["config"]
+        keys = sorted(k for k in set(config) | set(base) if k not in _UNCOMPARED and config.get(k) != base.get(k))
+        source["differs"] = [f"{k}={json.dumps(config.get(k))}" for k in keys]
+        source["reference"] = reference["label"]
+
+
+def common_protocol(
+    runs: dict[str, dict[int, dict[str, Any]]], paths: dict[str, dict[int, Path]], failures: list[str]
+) -> dict[str, Any]:
+    """The evaluation protocol of the first run; runs evaluated under another protocol are taken out of `runs`
+    and reported in `failures`. Adds the union of the inputs the runs' agents read (baselines read only some)."""
+    protocol: dict[str, Any] | None = None
+    upstream: dict[str, list[str]] = {}
+    for label, by_seed in runs.items():
+        for seed in list(by_seed):
+            own = by_seed[seed].get("protocol", {})
+            if protocol is None:
+                protocol = own
+            elif own != protocol:
+                del by_seed[seed]
+                failures.append(f"{label} seed {seed}: evaluated under another protocol ({own}, not {protocol})")
+                print(f"[compare] left out {label} seed {seed}: evaluated under another protocol", file=sys.stderr)
+                continue
+            provenance = paths[label][seed] / "agent" / "provenance.json"
+            if provenance.is_file():
+                for key, value in read_json(provenance)["upstream"].items():
+                    if value[:12] not in upstream.setdefault(key, []):
+                        upstream[key].append(value[:12])
+    for key, values in upstream.items():
+        if len(values) > 1:
+            print(f"[compare] warning: the runs read different {key} ({', '.join(values)})", file=sys.stderr)
+    return {**(protocol or {}), "upstream": {k: " / ".join(v) for k, v in sorted(upstream.items())}}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -435,23 +677,45 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--world-model", required=True, metavar="DIR", help="video world model artifact (components.pretrain)"
+        "--world-model", metavar="DIR", help="video world model artifact (components.pretrain); required to train"
     )
-    parser.add_argument("--episodes", required=True, metavar="DIR", help="target episodes (components.collect)")
+    parser.add_argument("--episodes", metavar="DIR", help="target episodes (components.collect); required to train")
     parser.add_argument("--clips", default=None, metavar="DIR", help="ingested video clips (MMD term of veorl)")
     parser.add_argument(
         "--algos",
         nargs="+",
         default=["veorl", "dreamerv2"],
-        choices=["veorl", "dreamerv2", "bc"],
-        help="algorithms to compare (default: %(default)s)",
+        choices=ALGOS,
+        help="algorithms to compare (default: %(default)s); with --ablation: the algorithm of each row",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default: %(default)s)")
     parser.add_argument(
-        "--results", default="results/compare", metavar="DIR", help="run folders (default: %(default)s)"
+        "--results",
+        default="results/compare",
+        metavar="DIR",
+        help="run folders and summary.json (default: %(default)s); with --ablation only summary-SECTION.json",
     )
     parser.add_argument(
-        "--doc", default="docs/results.md", metavar="FILE", help="markdown written (default: %(default)s)"
+        "--doc",
+        default="docs/results.md",
+        metavar="FILE",
+        help="markdown document whose section is written (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--section",
+        default=None,
+        metavar="KEY",
+        help="the section of --doc written, between <!-- compare:KEY --> markers (default: the runs' task; "
+        "with --ablation: TASK-ablations)",
+    )
+    parser.add_argument(
+        "--title",
+        default=None,
+        metavar="TEXT",
+        help="heading of the section (default: 'TASK (PRESET preset)', with --ablation 'TASK: ablations (...)')",
+    )
+    parser.add_argument(
+        "--intro", default=None, metavar="TEXT", help="a paragraph under the section's heading (what the rows are)"
     )
     parser.add_argument(
         "--figure", default="docs/results.png", metavar="FILE", help="bar chart written (default: %(default)s)"
@@ -488,6 +752,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start no training: tabulate the runs that have finished (e.g. while others still run elsewhere)",
     )
+    parser.add_argument(
+        "--ablation",
+        dest="ablations",
+        action="append",
+        default=[],
+        metavar="NAME=RESULTS_DIR[@ALGO]",
+        help="with --report-only: a row NAME of the finished runs in RESULTS_DIR/ALGO/seed-*/ (ALGO: each of "
+        "--algos unless given; repeatable). The runs are not checked against this command's settings",
+    )
     return parser
 
 
@@ -497,6 +770,19 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     if args.snapshot_every < 0:
         print("error: --snapshot-every must be >= 0", file=sys.stderr)
+        return 2
+    if args.ablations and not args.report_only:
+        print("error: --ablation tabulates finished runs: use it with --report-only", file=sys.stderr)
+        return 2
+    if not args.ablations and (args.world_model is None or args.episodes is None):
+        print("error: --world-model and --episodes are required (except with --ablation)", file=sys.stderr)
+        return 2
+    try:
+        sources = parse_ablations(args.ablations, args.algos)
+        if args.section is not None:
+            section_markers(args.section)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.snapshot_every:
         args.overrides.append(f"finetune.snapshot_every={args.snapshot_every}")
@@ -513,53 +799,53 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    runs: dict[str, dict[int, dict[str, Any]]] = {algo: {} for algo in args.algos}
     failures: list[str] = []
-    protocol: dict[str, Any] = {}
-    pending: list[str] = []
-    for algo in args.algos:
-        for seed in args.seeds:
-            if args.report_only and finished(run_dir(Path(args.results), algo, seed)) is None:
-                pending.append(f"{algo} seed {seed}")
-                continue
-            try:
-                runs[algo][seed] = run_one(args, algo, seed)
-            except Exception as exc:  # one failed run must not hide the others; it is reported, not scored
-                failures.append(f"{algo} seed {seed}: {exc}")
-                print(f"[compare] FAILED {algo} seed {seed}: {exc}", file=sys.stderr)
-                continue
-            if not protocol:
-                protocol = {**runs[algo][seed]["protocol"], "preset": params.preset, "upstream": {}}
-            provenance = run_dir(Path(args.results), algo, seed) / "agent" / "provenance.json"
-            if provenance.is_file():  # the union: baselines read only some of the upstream artifacts
-                protocol["upstream"].update({k: v[:12] for k, v in read_json(provenance)["upstream"].items()})
-    if pending:
-        print(f"[compare] not finished, left out: {', '.join(pending)}", file=sys.stderr)
-    runs = {algo: by_seed for algo, by_seed in runs.items() if by_seed}
+    if sources:
+        runs, paths = collect_ablations(sources)
+        settings_differences(sources)
+    else:
+        runs, paths, failures = collect_comparison(args)
+    protocol = {**common_protocol(runs, paths, failures), "preset": params.preset}
+    runs = {label: by_seed for label, by_seed in runs.items() if by_seed}
     table = aggregate(runs)
     if not table:
-        print("error: no run finished; nothing to report", file=sys.stderr)
+        reason = f"all {len(failures)} failed or were left out (see above)" if failures else "no run finished"
+        print(f"error: {reason}; nothing to report", file=sys.stderr)
         return 1
-    results = Path(args.results)
-    summary = {"protocol": protocol, "table": table, "failures": failures}
-    results.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(results / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    figure, doc = Path(args.figure), Path(args.doc)
-    bar_chart(figure, table, title=f"{protocol.get('task')} ({params.preset} preset), {len(args.seeds)} seeds")
+    task = protocol.get("task")
+    key = args.section or (f"{task}-ablations" if sources else str(task))
+    title = args.title or (
+        f"{task}: ablations ({params.preset} preset)" if sources else f"{task} ({params.preset} preset)"
+    )
+    results, figure, doc = Path(args.results), Path(args.figure), Path(args.doc)
+    try:  # a document with broken markers fails before anything is written
+        replace_section(doc.read_text() if doc.exists() else None, key, "")
+    except ValueError as exc:
+        print(f"error: {doc}: {exc}", file=sys.stderr)
+        return 2
+    summary: dict[str, Any] = {"protocol": protocol, "table": table, "failures": failures}
+    if sources:
+        summary["rows"] = [{k: v for k, v in s.items() if k not in ("path", "config")} for s in sources]
+    summary_path = results / (f"summary-{key}.json" if sources else "summary.json")
+    bar_chart(figure, table, title=f"{title}, {seeds_label(table)}")
     curves = {
-        algo: {seed: c for seed in by_seed if (c := read_learning_curve(run_dir(results, algo, seed)))}
-        for algo, by_seed in runs.items()
+        label: {seed: c for seed, path in by_seed.items() if (c := read_learning_curve(path))}
+        for label, by_seed in paths.items()
+        if label in table
     }
-    curves = aggregate_curves({algo: by_seed for algo, by_seed in curves.items() if by_seed})
+    curves = aggregate_curves({label: by_seed for label, by_seed in curves.items() if by_seed})
     curve_figure = None
-    if any(len(points) > 1 for points in curves.values()):
+    # an ablation table shows curves only when they compare rows (the full agent's alone are in its task section)
+    if sum(len(points) > 1 for points in curves.values()) >= (2 if sources else 1):
         curve_figure = figure.with_name(figure.stem + "_curves.png")
-        curve_chart(curve_figure, curves, title=f"{protocol.get('task')} ({params.preset} preset)")
+        curve_chart(curve_figure, curves, title=title)
         summary["curves"] = curves
-        atomic_write_text(results / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    write_document(doc, figure, table, args, protocol, failures, curve_figure)
+    results.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    body = section_markdown(doc, figure, table, args, protocol, failures, title, curve_figure, sources or None)
+    write_section(doc, key, body)
     print(markdown_table(table))
-    print(f"written: {doc}, {figure}, {results / 'summary.json'}")
+    print(f"written: section {key!r} of {doc}, {figure}, {summary_path}")
     return 1 if failures else 0
 
 

@@ -1,19 +1,29 @@
 #!/usr/bin/env bash
-# The laptop-preset comparison behind docs/results.md: VeoRL, offline DreamerV2 and behaviour cloning over seeds on
-# one target task, plus VeoRL's ablations, in two one-thread lanes so both cores of a 2-core machine work.
+# The laptop-preset comparison behind one task's section of docs/results.md: VeoRL, offline DreamerV2 and behaviour
+# cloning over three seeds on one target task, with learning curves, and (ABLATIONS=1) VeoRL's ablations, in two
+# one-thread lanes so both cores of a 2-core machine work.
 #
 #   bash scripts/laptop_comparison.sh [TASK] [OUT]        (defaults: drawer-open, results/laptop-TASK)
+#   ABLATIONS=0|1 bash scripts/laptop_comparison.sh ...   (default: 1 for drawer-open, else 0)
 #
-# Re-running resumes: finished runs are skipped and interrupted ones continue from their checkpoints.
-# The last step writes docs/results.md from whatever has finished (scripts/compare.py --report-only);
-# NOTES (default docs/results_notes.md) is appended as the observations.
+# Lane A: pretraining, then veorl seeds 0 1 2. Lane B: bc seeds 0 1 2 (no world model needed, so it starts at once),
+# then dreamerv2 seeds 0 1 2 once the world model exists. Main runs snapshot their agent every 500 updates (learning
+# curves). With ABLATIONS=1, veorl seed 0 without the intrinsic reward and without the latent-action input (lane B),
+# and without the uncertainty penalty (lane A); the "no video" ablation is the dreamerv2 row itself.
+#
+# Re-running resumes: finished runs are skipped and interrupted ones continue from their checkpoints; OUT/times.txt
+# gets a stamp (seconds since the start of this invocation) after each step.
+# The last steps write the sections TASK (and TASK-ablations) of docs/results.md from whatever has finished
+# (scripts/compare.py --report-only); the rest of the document is kept. Observations come from
+# docs/results_notes_TASK.md (and docs/results_notes_TASK-ablations.md) where they exist.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 TASK=${1:-drawer-open}
 OUT=${2:-results/laptop-$TASK}
-NOTES=${NOTES:-docs/results_notes.md}
+if [ "$TASK" = drawer-open ]; then ABLATIONS=${ABLATIONS:-1}; else ABLATIONS=${ABLATIONS:-0}; fi
 PY=${PYTHON:-$REPO/.venv/bin/python}
+SNAPSHOT_EVERY=500
 mkdir -p "$OUT"
 sed -e 's/^preset: .*/preset: laptop/' -e "s/^  task: .*/  task: $TASK/" params.yaml > "$OUT/params.yaml"
 cd "$OUT"
@@ -33,28 +43,55 @@ lane() {  # NAME RESULTS ARGS...: one compare.py invocation, its own document (t
   "${CMP[@]}" --results "$results" --doc "$results/$name.md" --figure "$results/$name.png" "$@" >> "$name.log" 2>&1 || true
   stamp "$name"
 }
+main_runs() { lane "$1" compare --snapshot-every "$SNAPSHOT_EVERY" --algos "$2" --seeds 0 1 2; }
+ablation() {  # NAME OVERRIDE: veorl seed 0 with one component switched off, into ablations/NAME
+  lane "ablation_$1" "ablations/$1" --algos veorl --seeds 0 --set "$2"
+}
+rm -f pretrain.failed
 set +e
-# Lane B: behaviour cloning needs no world model, so it starts at once; then DreamerV2 seeds and two ablations.
+# Lane B: behaviour cloning needs no world model, so it starts at once; then DreamerV2 and two ablations.
 (
-  lane lane_b_bc compare --algos bc --seeds 0 1 2
-  while [ ! -f models/world_model/world_model.pt ]; do sleep 20; done
-  lane lane_b_dreamerv2 compare --algos dreamerv2 --seeds 1 2
-  lane ablation_no_intrinsic ablations/no_intrinsic --algos veorl --seeds 0 --set finetune.use_intrinsic=false
-  lane ablation_no_latent_action ablations/no_latent_action --algos veorl --seeds 0 \
-    --set finetune.use_latent_action=false
+  main_runs lane_b_bc bc
+  while [ ! -f models/world_model/world_model.pt ] && [ ! -f pretrain.failed ]; do sleep 20; done
+  main_runs lane_b_dreamerv2 dreamerv2
+  if [ "$ABLATIONS" = 1 ]; then
+    ablation no_intrinsic finetune.use_intrinsic=false
+    ablation no_latent_action finetune.use_latent_action=false
+  fi
 ) &
-# Lane A: pretraining, then VeoRL seeds and DreamerV2 seed 0; then the last two ablations.
+# Lane A: pretraining, then the VeoRL seeds; then the last ablation.
 $PY -m components.pretrain --params params.yaml --clips data/video_clips --episodes data/target_episodes \
   --out models/world_model --checkpoints checkpoints/pretrain --metrics metrics/pretrain.json \
-  --curve metrics/pretrain_curve.csv >> pretrain.log 2>&1
+  --curve metrics/pretrain_curve.csv >> pretrain.log 2>&1 || { echo "pretraining failed: see $OUT/pretrain.log" >&2; touch pretrain.failed; }
 stamp pretrain
-lane lane_a_seed0 compare --algos veorl dreamerv2 --seeds 0
-lane lane_a_veorl compare --algos veorl --seeds 1 2
-# (The "no video" ablation, VeoRL without encoder, MMD, latent actions or intrinsic reward, is algo=dreamerv2.)
-lane ablation_no_uncertainty ablations/no_uncertainty --algos veorl --seeds 0 --set finetune.ensemble_size=0
+main_runs lane_a_veorl veorl
+[ "$ABLATIONS" = 1 ] && ablation no_uncertainty finetune.ensemble_size=0
 wait
 set -e
 cd "$REPO"
+status=0
+NOTES=()
+[ -f "docs/results_notes_$TASK.md" ] && NOTES=(--notes "docs/results_notes_$TASK.md")
 "$PY" scripts/compare.py --params "$OUT/params.yaml" --world-model "$OUT/models/world_model" \
   --episodes "$OUT/data/target_episodes" --clips "$OUT/data/video_clips" --results "$OUT/compare" \
-  --set evaluate.workers=1 --algos veorl dreamerv2 bc --seeds 0 1 2 --report-only --notes "$NOTES"
+  --set evaluate.workers=1 --snapshot-every "$SNAPSHOT_EVERY" --algos veorl dreamerv2 bc --seeds 0 1 2 --report-only \
+  --section "$TASK" --doc docs/results.md --figure "docs/results_$TASK.png" ${NOTES[@]+"${NOTES[@]}"} || status=$?
+if [ "$ABLATIONS" = 1 ]; then
+  # Each row has its own overrides, so these runs are read without a staleness check (see compare.py --help).
+  NOTES=()
+  [ -f "docs/results_notes_$TASK-ablations.md" ] && NOTES=(--notes "docs/results_notes_$TASK-ablations.md")
+  INTRO="VeoRL with one component switched off per row, seed 0 only (the full agent: the three seeds of the \
+comparison above): the intrinsic reward (\`finetune.use_intrinsic=false\`), the latent-action input of actor and \
+critic (\`finetune.use_latent_action=false\`), the uncertainty penalty (\`finetune.ensemble_size=0\`). The \
+\"no video\" row is offline DreamerV2, the dreamerv2 runs of the comparison above: VeoRL without any of its video \
+components (no pretrained encoder, no latent actions, no intrinsic reward)."
+  "$PY" scripts/compare.py --params "$OUT/params.yaml" --report-only --algos veorl --results "$OUT/ablations" \
+    --section "$TASK-ablations" --doc docs/results.md --figure "docs/results_${TASK}_ablations.png" \
+    --intro "$INTRO" \
+    --ablation "veorl (full)=$OUT/compare" \
+    --ablation "no intrinsic reward=$OUT/ablations/no_intrinsic" \
+    --ablation "no latent-action input=$OUT/ablations/no_latent_action" \
+    --ablation "no uncertainty penalty=$OUT/ablations/no_uncertainty" \
+    --ablation "no video (= dreamerv2)=$OUT/compare@dreamerv2" ${NOTES[@]+"${NOTES[@]}"} || status=$?
+fi
+exit "$status"

@@ -200,82 +200,52 @@ def test_seed_statistics_by_hand():
     assert compare.seed_statistics([0.5])["std"] is None
 
 
-def test_compare_skips_finished_runs_and_writes_the_document(tmp_path):
-    compare = _compare_module()
-    results = tmp_path / "results"
-    finished = {
-        ("veorl", 0): (0.5, 100.0),
-        ("veorl", 1): (1.0, 300.0),
-        ("dreamerv2", 0): (0.0, 50.0),
-        ("dreamerv2", 1): (0.5, 70.0),
-    }
+def _fake_finished_run(compare, results: Path, algo: str, seed: int, success: float, ret: float, **kw) -> Path:
+    """What a finished (algo, seed) run leaves: eval/metrics.json (status ok) and, unless `inputs` is None, the
+    agent's provenance (the settings it was trained with at the smoke preset, the hashes of the inputs it read)."""
     from veorl.algo.baselines import switches
     from veorl.algo.finetune import upstream_hashes
     from veorl.config import load_params
 
+    task, inputs = kw.get("task", "drawer-open"), kw.get("inputs")
+    path = compare.run_dir(results, algo, seed)
+    (path / "eval").mkdir(parents=True, exist_ok=True)
+    protocol = {"env": "metaworld", "task": task, "camera": "corner", "episode_length": 200, "episodes": 4}
+    metrics = {"status": "ok", "success_rate": success, "mean_return": ret, "task": task, "algo": algo}
+    (path / "eval" / "metrics.json").write_text(json.dumps({**metrics, "protocol": {**protocol, "seed": 1000}}))
+    if inputs is not None:
+        overrides = [f"finetune.algo={algo}", f"finetune.seed={seed}", *kw.get("overrides", [])]
+        params = load_params("params.yaml", preset="smoke", overrides=overrides)
+        (path / "agent").mkdir(exist_ok=True)
+        upstream = upstream_hashes(str(inputs), str(inputs), None, switches(params.finetune))
+        (path / "agent" / "provenance.json").write_text(
+            json.dumps({"config": params.section_dict("model", "finetune"), "upstream": upstream})
+        )
+    return path
+
+
+def _compare_argv(inputs: Path, results: Path, doc: Path, figure: Path, *extra: str) -> list[str]:
+    return [
+        *("--world-model", str(inputs), "--episodes", str(inputs), "--results", str(results)),
+        *("--doc", str(doc), "--figure", str(figure), "--preset", "smoke", "--in-process", *extra),
+    ]
+
+
+def test_compare_skips_finished_runs_and_writes_the_document(tmp_path):
+    compare = _compare_module()
+    results = tmp_path / "results"
     # The inputs are empty folders: their content hash exists, but training from them would fail the run.
     (tmp_path / "none").mkdir()
-    for (algo, seed), (success, ret) in finished.items():
-        path = compare.run_dir(results, algo, seed) / "eval"
-        path.mkdir(parents=True)
-        (path / "metrics.json").write_text(
-            json.dumps(
-                {
-                    "status": "ok",
-                    "success_rate": success,
-                    "mean_return": ret,
-                    "task": "drawer-open",
-                    "algo": algo,
-                    "protocol": {
-                        "env": "metaworld",
-                        "task": "drawer-open",
-                        "camera": "corner",
-                        "episode_length": 200,
-                        "episodes": 4,
-                        "seed": 1000,
-                    },
-                }
-            )
-        )
-        # what a finished run's agent records: the settings it was trained with and the inputs it read
-        params = load_params(
-            "params.yaml", preset="smoke", overrides=[f"finetune.algo={algo}", f"finetune.seed={seed}"]
-        )
-        agent = path.parent / "agent"
-        agent.mkdir()
-        (agent / "provenance.json").write_text(
-            json.dumps(
-                {
-                    "config": params.section_dict("model", "finetune"),
-                    "upstream": upstream_hashes(
-                        str(tmp_path / "none"), str(tmp_path / "none"), None, switches(params.finetune)
-                    ),
-                }
-            )
-        )
+    for (algo, seed), (success, ret) in {
+        ("veorl", 0): (0.5, 100.0),
+        ("veorl", 1): (1.0, 300.0),
+        ("dreamerv2", 0): (0.0, 50.0),
+        ("dreamerv2", 1): (0.5, 70.0),
+    }.items():
+        _fake_finished_run(compare, results, algo, seed, success, ret, inputs=tmp_path / "none")
     doc, figure = tmp_path / "docs" / "results.md", tmp_path / "docs" / "results.png"
     # Any attempt to train instead of skipping would fail the run (no episodes, no world model).
-    argv = [
-        "--world-model",
-        str(tmp_path / "none"),
-        "--episodes",
-        str(tmp_path / "none"),
-        "--algos",
-        "veorl",
-        "dreamerv2",
-        "--seeds",
-        "0",
-        "1",
-        "--results",
-        str(results),
-        "--doc",
-        str(doc),
-        "--figure",
-        str(figure),
-        "--preset",
-        "smoke",
-        "--in-process",
-    ]
+    argv = _compare_argv(tmp_path / "none", results, doc, figure, "--algos", "veorl", "dreamerv2", "--seeds", "0", "1")
     # Finished runs made with other settings are not passed off as results of this comparison.
     assert compare.main(argv + ["--set", "finetune.discount=0.5"]) == 1
     assert not doc.exists()
@@ -287,12 +257,105 @@ def test_compare_skips_finished_runs_and_writes_the_document(tmp_path):
     assert "| veorl | 2 | 0.750 | 0.354 | [-2.426, 3.926] | 200.0 | 141.4 |" in text
     assert "| dreamerv2 | 2 | 0.250 | 0.354 |" in text
     assert "![" in text and "(results.png)" in text
+    # a new document: the title, the intro, then the task's section with its heading one level down
+    assert text.startswith(compare.DOC_TITLE + "\n\n" + compare.DOC_INTRO + "\n\n<!-- compare:drawer-open -->\n")
+    assert "## drawer-open (smoke preset)" in text and "### Protocol" in text and "### Per seed" in text
+    assert text.endswith("<!-- /compare:drawer-open -->\n") and text.count("are not comparable to the paper") == 1
     assert figure.read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((results / "summary.json").read_text())
     assert summary["table"]["veorl"]["per_seed"]["1"] == {"success_rate": 1.0, "mean_return": 300.0}
     # --report-only tabulates what has finished and starts nothing: training seed 2 here would fail the run.
     assert compare.main([*argv, "--seeds", "0", "1", "2", "--report-only"]) == 0
     assert "| veorl | 2 | 0.750 |" in doc.read_text()
+
+
+def test_compare_sections_of_two_tasks_share_one_document(tmp_path):
+    compare = _compare_module()
+    inputs, doc = tmp_path / "none", tmp_path / "docs" / "results.md"
+    inputs.mkdir()
+    drawer, handle = tmp_path / "drawer", tmp_path / "handle"
+    for seed, success in ((0, 0.5), (1, 1.0)):
+        run = _fake_finished_run(compare, drawer, "veorl", seed, success, 100.0, inputs=inputs)
+        (run / "learning_curve.csv").write_text(f"updates,success_rate,mean_return\n5,0.0,10.0\n10,{success},100.0\n")
+    _fake_finished_run(compare, handle, "bc", 0, 0.25, 40.0, inputs=inputs, task="handle-press")
+    drawer_argv = _compare_argv(inputs, drawer, doc, tmp_path / "docs" / "results_drawer-open.png", "--report-only")
+    handle_argv = _compare_argv(inputs, handle, doc, tmp_path / "docs" / "results_handle-press.png", "--report-only")
+    assert compare.main([*drawer_argv, "--algos", "veorl", "--seeds", "0", "1"]) == 0
+    # text written by hand outside the sections, before and after them
+    doc.write_text(doc.read_text().replace("<!-- compare:", "A hand-written paragraph.\n\n<!-- compare:", 1) + "\nEnd.")
+    notes = tmp_path / "notes.md"
+    notes.write_text("- bc presses the handle.\n")
+    assert compare.main([*handle_argv, "--algos", "bc", "--seeds", "0", "--notes", str(notes)]) == 0
+    both = doc.read_text()
+    assert both.count("<!-- compare:drawer-open -->") == 1 and both.count("<!-- /compare:handle-press -->") == 1
+    assert "| veorl | 2 | 0.750 |" in both and "| bc | 1 | 0.250 | n/a | n/a | 40.0 | n/a | n/a |" in both
+    assert "\nEnd.\n\n<!-- compare:handle-press -->\n## handle-press (smoke preset)" in both  # appended at the end
+    assert "### Observations\n\n- bc presses the handle." in both and "(results_handle-press.png)" in both
+    assert "### Learning curves" in both.split("<!-- compare:handle-press -->")[0]  # drawer-open's only
+    assert "(results_drawer-open_curves.png)" in both and "results_handle-press_curves" not in both
+    assert both.startswith(compare.DOC_TITLE + "\n\n" + compare.DOC_INTRO + "\n\nA hand-written paragraph.\n")
+    # Re-running one task replaces its own section only: everything else stays byte for byte.
+    _fake_finished_run(compare, drawer, "veorl", 1, 0.0, 100.0, inputs=inputs)
+    assert compare.main([*drawer_argv, "--algos", "veorl", "--seeds", "0", "1"]) == 0
+    again = doc.read_text()
+    start, end = "<!-- compare:drawer-open -->", "<!-- /compare:drawer-open -->"
+    assert again.split(start)[0] == both.split(start)[0] and again.split(end)[1] == both.split(end)[1]
+    assert "| veorl | 2 | 0.250 |" in again and "| veorl | 2 | 0.750 |" not in again
+    # an explicit key and title; a document with a broken section is left alone
+    assert compare.main([*handle_argv, "--algos", "bc", "--seeds", "0", "--section", "hp", "--title", "Other"]) == 0
+    assert "<!-- compare:hp -->\n## Other\n" in doc.read_text()
+    doc.write_text(doc.read_text().replace("<!-- /compare:hp -->", ""))
+    broken = doc.read_text()
+    assert compare.main([*handle_argv, "--algos", "bc", "--seeds", "0", "--section", "hp"]) == 2
+    assert doc.read_text() == broken
+    assert compare.main([*handle_argv, "--algos", "bc", "--section", "no spaces"]) == 2
+    assert compare.replace_section("", "k", "body") == "<!-- compare:k -->\nbody\n<!-- /compare:k -->\n"
+
+
+def test_compare_tabulates_ablation_rows_from_their_own_folders(tmp_path, capsys):
+    compare = _compare_module()
+    full, no_intrinsic = tmp_path / "compare", tmp_path / "ablations" / "no_intrinsic"
+    (tmp_path / "none").mkdir()
+    for seed, success in ((0, 0.5), (1, 1.0)):  # seed 1: no provenance, seed 0's settings stand for the row
+        inputs = tmp_path / "none" if seed == 0 else None
+        snapshots = ["finetune.snapshot_every=500"]  # bookkeeping, not a difference between rows
+        _fake_finished_run(compare, full, "veorl", seed, success, 200.0, inputs=inputs, overrides=snapshots)
+    _fake_finished_run(compare, full, "dreamerv2", 0, 0.3, 90.0)  # no provenance at all
+    off = ["finetune.use_intrinsic=false"]  # each row has its own overrides: no staleness check against this command
+    _fake_finished_run(compare, no_intrinsic, "veorl", 0, 0.0, 50.0, inputs=tmp_path / "none", overrides=off)
+    (compare.run_dir(no_intrinsic, "veorl", 1) / "checkpoints").mkdir(parents=True)  # still training: left out
+    doc, figure = tmp_path / "results.md", tmp_path / "results_ablations.png"
+    ablations = [
+        *("--ablation", f"veorl (full)={full}", "--ablation", f"no intrinsic reward={no_intrinsic}"),
+        *("--ablation", f"no video (= dreamerv2)={full}@dreamerv2", "--ablation", f"later={tmp_path / 'later'}"),
+    ]
+    argv = ["--algos", "veorl", "--doc", str(doc), "--figure", str(figure), "--results", str(tmp_path / "s")]
+    argv += ["--preset", "smoke", *ablations, "--intro", "One component off per row."]
+    assert compare.main(argv) == 2  # ablation rows are read, never trained
+    assert not doc.exists()
+    assert compare.main([*argv, "--report-only"]) == 0
+    text = doc.read_text()
+    assert "<!-- compare:drawer-open-ablations -->\n## drawer-open: ablations (smoke preset)\n\nOne component" in text
+    assert "| veorl (full) | 2 | 0.750 | 0.354 |" in text
+    assert "| no intrinsic reward | 1 | 0.000 | n/a | n/a | 50.0 | n/a | n/a |" in text
+    assert "| no video (= dreamerv2) | 1 | 0.300 |" in text
+    assert "agent/provenance.json" in text and "(results_ablations.png)" in text
+    assert f"- veorl (full): `veorl` runs in `{full}` (seeds 0, 1)\n" in text
+    assert (
+        f"- no intrinsic reward: `veorl` runs in `{no_intrinsic}` (seeds 0); settings other than veorl (full)'s: "
+        "`finetune.use_intrinsic=false`\n" in text
+    )
+    assert "(seeds 0); no provenance.json to read its settings from" in text
+    assert f"- later: `veorl` runs in `{tmp_path / 'later'}`: none finished yet (not in the table)" in text
+    assert "| later |" not in text
+    assert figure.read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((tmp_path / "s" / "summary-drawer-open-ablations.json").read_text())
+    assert summary["table"]["no intrinsic reward"]["seeds"] == [0]
+    err = capsys.readouterr().err
+    assert "ablation 'no intrinsic reward': read" in err and "seed-0" in err and "left out: seed-1" in err
+    # several algorithms without @ALGO: one row per (name, algorithm)
+    assert compare.main([*argv[2:], "--report-only", "--algos", "veorl", "dreamerv2", "--section", "x"]) == 0
+    assert "| veorl (full): dreamerv2 | 1 | 0.300 |" in doc.read_text()
 
 
 def test_learning_curves_are_aggregated_per_update_count_and_plotted(tmp_path):
