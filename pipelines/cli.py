@@ -4,13 +4,15 @@
     python -m pipelines.cli upload --host https://kfp.example.org [--version v2]
     python -m pipelines.cli submit --host https://kfp.example.org [--preset paper]
         [--set finetune.policy_steps=1000] ...
-    python -m pipelines.cli run-local --preset smoke [--pipeline-root local_outputs]
+    python -m pipelines.cli run-local --preset smoke [--pipeline-root local_outputs] [--runner docker --image IMG]
 
 `compile` writes the YAML that is checked in (with no options it reproduces pipelines/veorl_pipeline.yaml).
 `upload` registers the compiled pipeline (or a new version of it) in the KFP UI; `submit` compiles with the given
 options (or takes --package) and starts a run through kfp.Client. The token for an authenticated endpoint comes
 from $KFP_TOKEN (never from the command line, so it stays out of shell history and logs). `run-local` executes the
-pipeline on this machine with kfp.local's SubprocessRunner (no cluster, no Docker); run it from the repository root.
+pipeline on this machine with kfp.local's SubprocessRunner (no cluster, no Docker); run it from the repository
+root. With `--runner docker` each step runs in --image instead (kfp.local's DockerRunner; `make images-local` builds
+the image), and the steps' MLflow store is a sqlite file in the pipeline root unless --env MLFLOW_TRACKING_URI=... .
 """
 
 import argparse
@@ -18,6 +20,7 @@ import json
 import os
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from pipelines.veorl_pipeline import (
@@ -224,11 +227,36 @@ def cmd_run_local(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", message=r"Task .* have no effect in the current local runner")
     warnings.filterwarnings("ignore", message=r"You may be attemping to run a task that uses custom")
     root = Path(args.pipeline_root).resolve()
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), enable_caching=args.cache)
-    pipeline = build_pipeline(options_from_args(args))
-    outcome = pipeline(**run_arguments(args))
-    print(json.dumps({"registered": outcome.output, "pipeline_root": str(root)}, sort_keys=True))
+    options = options_from_args(args)
+    result = {"pipeline_root": str(root)}
+    if args.runner == "docker":
+        gpu_image_given = bool(args.gpu_image or os.environ.get(GPU_IMAGE_ENV))
+        runner, options, result["tracking_uri"] = docker_runner(root, options, gpu_image_given)
+        result["image"] = options.image
+    else:
+        runner = local.SubprocessRunner(use_venv=False)
+    local.init(runner=runner, pipeline_root=str(root), enable_caching=args.cache)
+    outcome = build_pipeline(options)(**run_arguments(args))
+    print(json.dumps({"registered": outcome.output, **result}, sort_keys=True))
     return 0
+
+
+def docker_runner(root: Path, options: CompileOptions, gpu_image_given: bool = False):
+    """kfp.local's DockerRunner for a run under `root`: (runner, options, MLflow tracking URI of the steps).
+
+    DockerRunner mounts the pipeline root at its own path in every container; the steps run as this user, so what
+    they write belongs to the caller and a private root (a pytest tmp_path) is reachable. The MLflow store is a
+    sqlite file in the root (its artifacts beside it), unless --env MLFLOW_TRACKING_URI names another. The training
+    steps use the CPU image unless a GPU image is given: a local Docker engine has no GPU to offer.
+    """
+    from kfp import local
+
+    root.mkdir(parents=True, exist_ok=True)
+    tracking_uri = options.env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlruns.db'}"
+    runner = local.DockerRunner(user=f"{os.getuid()}:{os.getgid()}", environment={"MLFLOW_TRACKING_URI": tracking_uri})
+    if not gpu_image_given:
+        options = replace(options, gpu_image=options.image)
+    return runner, options, tracking_uri
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -281,6 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
         "run-local", help="run the pipeline here with kfp.local (SubprocessRunner; from the repository root)"
     )
     p.add_argument("--pipeline-root", default="local_outputs", help="where step outputs go (default: %(default)s)")
+    p.add_argument(
+        "--runner",
+        choices=["subprocess", "docker"],
+        default="subprocess",
+        help="subprocess: the steps run in this Python environment; docker: in --image, through a local Docker "
+        "engine, with the MLflow store in the pipeline root (default: %(default)s)",
+    )
     p.add_argument("--cache", action="store_true", help="enable kfp.local's step cache")
     _add_run_arguments(p)
     _add_compile_options(p)
