@@ -104,3 +104,18 @@ def test_clips_and_dataset_hashes_prefer_the_recorded_one(tmp_path):
         atomic_write_json(folder / name, {"entries": [1, 2, 3]})
         # Every reader agrees on the recorded hash; recorded=False is what the writing step computes.
         assert hash_of(folder) == artifact_hash(folder) != hash_of(folder, recorded=False)
+
+
+def test_torch_artifacts_are_byte_identical_for_equal_tensors(tmp_path):
+    """A re-run that saves the same weights must not change an artifact's content hash (torch.save to a path
+    names its archive after the random temporary file)."""
+    import torch
+
+    from veorl.storage import atomic_torch_save
+
+    state = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(3)}
+    atomic_torch_save(tmp_path / "a" / "weights.pt", state)
+    atomic_torch_save(tmp_path / "b" / "weights.pt", {k: v.clone() for k, v in state.items()})
+    assert (tmp_path / "a" / "weights.pt").read_bytes() == (tmp_path / "b" / "weights.pt").read_bytes()
+    loaded = torch.load(tmp_path / "a" / "weights.pt", weights_only=True)
+    assert torch.equal(loaded["w"], state["w"]) and not list(tmp_path.glob("*/.*"))  # no temporary left

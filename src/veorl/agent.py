@@ -30,7 +30,7 @@ from veorl.models.ban import Codebook
 from veorl.models.networks import FBC, DenseHead, Encoder
 from veorl.models.rssm import RSSMState
 from veorl.models.world_models import build_rssm
-from veorl.storage import atomic_path, atomic_write_json, read_json
+from veorl.storage import atomic_torch_save, atomic_write_json, read_json
 
 WEIGHTS_FILE = "agent.pt"
 REWARD_HEAD_FILE = "reward_head.pt"  # diagnostics only: acting never reads it
@@ -110,8 +110,7 @@ def save_agent(out_dir: str | Path, modules: nn.ModuleDict, meta: dict[str, Any]
         )
     (out / META_FILE).unlink(missing_ok=True)
     state = {k: v.detach().cpu() for k, v in modules.state_dict().items()}
-    with atomic_path(out / WEIGHTS_FILE) as tmp:
-        torch.save(state, tmp)
+    atomic_torch_save(out / WEIGHTS_FILE, state)
     atomic_write_json(out / META_FILE, {"format": FORMAT_VERSION, **meta})
     return out
 

@@ -17,7 +17,6 @@ import fnmatch
 import hashlib
 import json
 import logging
-import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 
 import torch
 
-from veorl.storage import atomic_path, atomic_write_text
+from veorl.storage import atomic_torch_save, atomic_write_text
 from veorl.trees import flatten
 
 log = logging.getLogger(__name__)
@@ -128,10 +127,7 @@ class CheckpointManager:
     def save(self, step: int, state: dict[str, Any]) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self.path_for(step)
-        with atomic_path(final) as tmp:
-            torch.save(state, tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
+        atomic_torch_save(final, state)
         atomic_write_text(self.directory / LATEST, final.name + "\n")
         for _, old in self.checkpoints()[: -self.keep]:
             old.unlink(missing_ok=True)

@@ -67,6 +67,22 @@ def atomic_write_bytes(final: str | Path, data: bytes) -> None:
             os.fsync(fh.fileno())
 
 
+def atomic_torch_save(final: str | Path, obj: Any) -> None:
+    """torch.save `obj` to `final` atomically and reproducibly: the same tensors give the same bytes.
+
+    torch.save to a path names the archive's root folder after the file, here a random temporary name, so two
+    saves of equal weights would differ and change the artifact's content hash; through a file object the root
+    is always "archive".
+    """
+    import torch
+
+    with atomic_path(final) as tmp:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
 def atomic_write_text(final: str | Path, text: str) -> None:
     atomic_write_bytes(final, text.encode("utf-8"))
 

@@ -169,7 +169,7 @@ def test_policy_update_refreshes_the_slow_critic_and_keeps_the_world_model():
 
 def test_world_model_phase_trains_every_trunk_parameter_and_the_aligned_guidance_only():
     # Free nats off: below them the KL is a constant and the prior would rightly get no gradient.
-    params = smoke_params("finetune.world_model_optim.lr=0.01", "finetune.free_nats=0.0")
+    params = smoke_params("finetune.world_model_optim.lr=0.01", "finetune.free_nats=0.0", "finetune.use_mmd=true")
     video_wm, trunk, guidance, actor, critic = build_veorl(params)
     phase = WorldModelPhase(trunk, params, switches(params.finetune), video_wm, guidance)
     losses = assert_update_trains_exactly(
@@ -280,7 +280,7 @@ def test_finetune_cli_veorl_subprocess(inputs, tmp_path):
         sys.executable,
         "-m",
         "components.finetune",
-        *_finetune_args(inputs, tmp_path, "--checkpoints", str(tmp_path / "ckpt")),
+        *_finetune_args(inputs, tmp_path, "--checkpoints", str(tmp_path / "ckpt"), "--set", "finetune.use_mmd=true"),
     ]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -60,7 +60,7 @@ from veorl.models.world_models import (
 )
 from veorl.storage import (
     artifact_hash,
-    atomic_path,
+    atomic_torch_save,
     atomic_write_json,
     read_json,
     record_content_hash,
@@ -762,8 +762,8 @@ def finetune(
         if diagnostics is not None:
             atomic_write_json(folder / DIAGNOSTICS_FILE, diagnostics)
         if trunk is not None:  # for evaluation's predicted-vs-simulator reward diagnostic; acting never reads it
-            with atomic_path(folder / REWARD_HEAD_FILE) as tmp:
-                torch.save({k: v.detach().cpu() for k, v in trunk.reward_head.state_dict().items()}, tmp)
+            head = {k: v.detach().cpu() for k, v in trunk.reward_head.state_dict().items()}
+            atomic_torch_save(folder / REWARD_HEAD_FILE, head)
         save_agent(folder, modules, agent_meta)
         record_content_hash(folder)
         return agent_meta

@@ -27,7 +27,7 @@ from veorl.models.ban import BehaviourAbstraction, Codebook
 from veorl.models.ensemble import PriorEnsemble
 from veorl.models.networks import FBC, MLP, BinaryHead, Decoder, DenseHead, Encoder
 from veorl.models.rssm import RSSM, RSSMState
-from veorl.storage import atomic_path, atomic_write_json, read_json
+from veorl.storage import atomic_torch_save, atomic_write_json, read_json
 
 WEIGHTS_FILE = "world_model.pt"
 MODEL_CONFIG_FILE = "model_config.json"
@@ -226,8 +226,7 @@ def save_world_model(
     out = Path(path_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(out / WEIGHTS_FILE) as tmp:
-        torch.save(state, tmp)
+    atomic_torch_save(out / WEIGHTS_FILE, state)
     atomic_write_json(out / MODEL_CONFIG_FILE, model.params.model_dump(mode="json"))
     atomic_write_json(out / "config.json", config)
     atomic_write_json(out / "provenance.json", provenance)
