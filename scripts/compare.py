@@ -229,35 +229,53 @@ def run_stage(args: argparse.Namespace, module: str, argv: list[str], log_path: 
 def learning_curve(args: argparse.Namespace, path: Path, common: list[str], label: str) -> list[dict[str, float]]:
     """Evaluate the run's agent snapshots (each once; finished ones are reused) and write learning_curve.csv:
     success rate and mean return against the updates of the last phase (policy or bc), the final agent last."""
-    rows = []
     for snapshot in sorted((path / "snapshots").glob("updates-*")):
         if not (snapshot / "agent.json").is_file():
             continue  # interrupted while being written; the final curve simply lacks that point
         out = path / "curve" / snapshot.name
-        metrics = out / "metrics.json"
-        if not (metrics.is_file() and read_json(metrics).get("status") == "ok"):
+        if not _evaluated(out):
             argv = ["--agent", str(snapshot), "--out", str(out), "--no-progress", *common]
             run_stage(args, "evaluate", argv, path / "curve" / f"{snapshot.name}.log", f"{label} {snapshot.name}")
-        rows.append({"updates": int(snapshot.name.split("-")[1]), **_scores(read_json(metrics))})
-    trained = read_json(path / "agent" / "agent.json")["trained_updates"]
-    rows.append({"updates": int(list(trained.values())[-1]), **_scores(read_json(path / "eval" / "metrics.json"))})
+    rows = curve_rows(path)
     lines = ["updates,success_rate,mean_return"]
     lines += [f"{r['updates']},{r['success_rate']},{r['mean_return']}" for r in rows]
     atomic_write_text(path / "learning_curve.csv", "\n".join(lines) + "\n")
     return rows
 
 
+def _evaluated(out: Path) -> bool:
+    return (out / "metrics.json").is_file() and read_json(out / "metrics.json").get("status") == "ok"
+
+
 def _scores(metrics: dict[str, Any]) -> dict[str, float]:
     return {key: float(metrics[key]) for key, _ in METRICS}
 
 
+def final_updates(trained: dict[str, int]) -> int:
+    """Updates of the phase the curve's x axis counts: policy for the model-based agents, bc for bc."""
+    for phase in ("policy", "bc"):
+        if phase in trained:
+            return int(trained[phase])
+    raise ValueError(f"no policy or bc phase in trained_updates {trained}")
+
+
+def curve_rows(path: Path) -> list[dict[str, float]]:
+    """The learning curve of a finished run from what was evaluated: its snapshots, then the final agent."""
+    rows = [
+        {"updates": int(out.name.split("-")[1]), **_scores(read_json(out / "metrics.json"))}
+        for out in sorted((path / "curve").glob("updates-*"))
+        if _evaluated(out)
+    ]
+    trained = read_json(path / "agent" / "agent.json")["trained_updates"]
+    rows.append({"updates": final_updates(trained), **_scores(read_json(path / "eval" / "metrics.json"))})
+    return rows
+
+
 def read_learning_curve(path: Path) -> list[dict[str, float]] | None:
-    file = path / "learning_curve.csv"
-    if not file.is_file():
+    """A finished run's learning curve (None without snapshots): rebuilt from its evaluations, no new one started."""
+    if not (path / "curve").is_dir():
         return None
-    header, *rows = file.read_text().strip().splitlines()
-    keys = header.split(",")
-    return [dict(zip(keys, map(float, row.split(",")))) for row in rows]
+    return curve_rows(path)
 
 
 def aggregate_curves(curves: dict[str, dict[int, list[dict[str, float]]]]) -> dict[str, list[dict[str, Any]]]:

@@ -224,6 +224,18 @@ def _fake_finished_run(compare, results: Path, algo: str, seed: int, success: fl
     return path
 
 
+def _fake_snapshots(run: Path, points: dict[int, tuple[float, float]], final_updates: int) -> None:
+    """What a run with --snapshot-every leaves besides its final evaluation: an evaluation per snapshot
+    (curve/updates-N/metrics.json) and the agent's record of its updates (json keys sorted, as agents write them)."""
+    for updates, (success, ret) in points.items():
+        out = run / "curve" / f"updates-{updates:06d}"
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text(json.dumps({"status": "ok", "success_rate": success, "mean_return": ret}))
+    (run / "agent").mkdir(exist_ok=True)
+    trained = {"policy": final_updates, "world_model": 2 * final_updates}  # the phase counted is not the last key
+    (run / "agent" / "agent.json").write_text(json.dumps({"trained_updates": trained}, sort_keys=True))
+
+
 def _compare_argv(inputs: Path, results: Path, doc: Path, figure: Path, *extra: str) -> list[str]:
     return [
         *("--world-model", str(inputs), "--episodes", str(inputs), "--results", str(results)),
@@ -276,7 +288,7 @@ def test_compare_sections_of_two_tasks_share_one_document(tmp_path):
     drawer, handle = tmp_path / "drawer", tmp_path / "handle"
     for seed, success in ((0, 0.5), (1, 1.0)):
         run = _fake_finished_run(compare, drawer, "veorl", seed, success, 100.0, inputs=inputs)
-        (run / "learning_curve.csv").write_text(f"updates,success_rate,mean_return\n5,0.0,10.0\n10,{success},100.0\n")
+        _fake_snapshots(run, {5: (0.0, 10.0)}, final_updates=10)
     _fake_finished_run(compare, handle, "bc", 0, 0.25, 40.0, inputs=inputs, task="handle-press")
     drawer_argv = _compare_argv(inputs, drawer, doc, tmp_path / "docs" / "results_drawer-open.png", "--report-only")
     handle_argv = _compare_argv(inputs, handle, doc, tmp_path / "docs" / "results_handle-press.png", "--report-only")
@@ -381,12 +393,14 @@ def test_learning_curves_are_aggregated_per_update_count_and_plotted(tmp_path):
     assert out["bc"][0]["success_rate"]["std"] is None  # one seed: no spread
     compare.curve_chart(tmp_path / "curves.png", out, "drawer-open")
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    # the per-run file round-trips
+    # a run's curve: its snapshots' evaluations, then the final agent's at the policy phase's update count
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "learning_curve.csv").write_text("updates,success_rate,mean_return\n50,0.0,100.0\n100,0.5,300.0\n")
+    (run / "eval").mkdir(parents=True)
+    (run / "eval" / "metrics.json").write_text(json.dumps({"status": "ok", "success_rate": 0.5, "mean_return": 300.0}))
+    assert compare.read_learning_curve(run) is None  # no snapshots
+    _fake_snapshots(run, {50: (0.0, 100.0)}, final_updates=100)
     assert compare.read_learning_curve(run) == curves["veorl"][0]
-    assert compare.read_learning_curve(tmp_path) is None
+    assert compare.final_updates({"bc": 7}) == 7
 
 
 def test_compare_reports_a_failed_run_and_exits_nonzero(tmp_path, mlflow_store):

@@ -49,7 +49,7 @@ def random_policy_return(episodes: int, seed: int) -> float:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Collect, pretrain, fine-tune (offline DreamerV2 with the conservatism defaults) and evaluate, once."""
+    """Collect, pretrain, fine-tune (VeoRL with its defaults) and evaluate, once."""
     import os
 
     from components import collect, evaluate, finetune, ingest, pretrain, source_videos
@@ -59,7 +59,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("learning")
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlruns.db'}"
-    params = resolve({}, preset="cpu", overrides=[*OVERRIDES, "finetune.algo=dreamerv2"])
+    params = resolve({}, preset="cpu", overrides=[*OVERRIDES, "finetune.algo=veorl"])
     data = root / "data"
     source_videos.run(str(data / "source_videos"), params, progress=False)
     ingest.run([str(data / "source_videos")], str(data / "video_clips"), params, progress=False)
