@@ -559,6 +559,30 @@ def build_guidance(
     return BehaviourGuidance(video_wm.fbc, video_wm.codebook, video_wm.plan_net, "release")
 
 
+def build_model_based(
+    params: Params,
+    sw: Switches,
+    action_dim: int,
+    action_kind: str,
+    video_wm: VideoWorldModel | None,
+    device: str | torch.device = "cpu",
+) -> tuple[TrunkWorldModel, BehaviourGuidance | None, Actor, Critic]:
+    """The networks of veorl and dreamerv2 fine-tuning, built in this fixed order (what a resumed run rebuilds):
+    the Trunk Net world model (encoder from `video_wm` with the pretrained-encoder switch), the guidance (when a
+    switch needs it), the actor and the critic."""
+    fp, model = params.finetune, params.model
+    trunk = build_trunk_world_model(
+        model, action_dim, video_wm if sw.pretrained_encoder else None, ensemble_size=fp.ensemble_size
+    ).to(device)
+    guidance = build_guidance(video_wm, trunk, fp.guidance, model).to(device) if sw.needs_guidance else None
+    feat_dim = trunk.feat_dim + (model.latent_action_dim if sw.use_latent_action else 0)
+    actor = Actor(
+        feat_dim, action_dim, model.actor_units, model.actor_layers, kind=action_kind, min_std=model.actor_min_std
+    ).to(device)
+    critic = Critic(feat_dim, model.critic_units, model.critic_layers).to(device)
+    return trunk, guidance, actor, critic
+
+
 # ------------------------------------------------------------------------------------------------
 # The driver
 # ------------------------------------------------------------------------------------------------
@@ -699,21 +723,8 @@ def finetune(
             )
         ]
     else:
-        trunk = build_trunk_world_model(
-            model, action_dim, video_wm if sw.pretrained_encoder else None, ensemble_size=fp.ensemble_size
-        ).to(device)
-        if sw.needs_guidance:
-            guidance = build_guidance(video_wm, trunk, fp.guidance, model).to(device)
-        feat_dim = trunk.feat_dim + (model.latent_action_dim if sw.use_latent_action else 0)
-        actor = Actor(
-            feat_dim,
-            action_dim,
-            model.actor_units,
-            model.actor_layers,
-            kind=meta["action_kind"],
-            min_std=model.actor_min_std,
-        ).to(device)
-        critic = Critic(feat_dim, model.critic_units, model.critic_layers).to(device)
+        kind = meta["action_kind"]
+        trunk, guidance, actor, critic = build_model_based(params, sw, action_dim, kind, video_wm, device)
         target = EpisodeWindowSampler(
             store, fp.batch, fp.seq_len, fp.seed, TARGET_STREAM, keys=("image", "action", "reward")
         )
@@ -868,6 +879,7 @@ __all__ = [
     "WorldModelLosses",
     "WorldModelPhase",
     "build_guidance",
+    "build_model_based",
     "dataset_metadata",
     "finetune",
     "upstream_hashes",
