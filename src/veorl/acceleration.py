@@ -176,7 +176,7 @@ def compile_networks(*roots: nn.Module | None) -> int:
     for network in networks:
         if not is_compiled(network):
             network.compile()
-    log.info("compiled the forward of %d networks (torch.compile)", len(networks))
+    log.info("%d networks compile their forward on first use (torch.compile)", len(networks))
     return len(networks)
 
 
