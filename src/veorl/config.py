@@ -231,6 +231,17 @@ class PretrainParams(Section):
         description="torch intra-op threads; 0 = all cores (the cpu preset uses 1: "
         "faster on a small shared CPU, and leaves a core to the prefetch thread).",
     )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto",
+        description="Numeric precision of the networks' forward passes: bf16 = bf16 autocast (losses, KL, returns, "
+        "weights and optimiser state stay fp32); auto = bf16 on a CPU with AVX512-BF16 or AMX or on a CUDA GPU with "
+        "bf16, fp32 elsewhere (resolved once per stage and recorded in its metrics and MLflow params).",
+    )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the forward of the encoder, decoders, MLPs (heads, actor, critic) and BAN "
+        "(the RSSM time loops stay eager); the first updates are slower while it compiles.",
+    )
 
 
 class FinetuneParams(Section):
@@ -341,6 +352,17 @@ class FinetuneParams(Section):
     seed: int = Field(default=0, description="Seed of batches, initialisation and imagination noise.")
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N.")
     threads: int = Field(default=0, ge=0, description="torch intra-op threads; 0 = all cores.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto",
+        description="Numeric precision of the networks' forward passes: bf16 = bf16 autocast (losses, KL, returns, "
+        "weights and optimiser state stay fp32); auto = bf16 on a CPU with AVX512-BF16 or AMX or on a CUDA GPU with "
+        "bf16, fp32 elsewhere (resolved once per stage and recorded in its metrics and MLflow params).",
+    )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the forward of the encoder, decoders, MLPs (heads, actor, critic) and BAN "
+        "(the RSSM time loops stay eager); the first updates are slower while it compiles.",
+    )
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
@@ -357,6 +379,11 @@ class EvaluateParams(Section):
     )
     video_fps: int = Field(default=30, ge=1, description="Frame rate of the rollout videos.")
     device: str = Field(default="cpu", description="Device the agent acts on (cpu | cuda | cuda:N).")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto",
+        description="Numeric precision of the agent's networks while acting: bf16 autocast or fp32; auto = bf16 "
+        "where the evaluation device has native bf16 (resolved once, recorded in metrics.json and MLflow params).",
+    )
 
 
 class RegisterParams(Section):

@@ -116,7 +116,7 @@ def play_episode(
 _worker: dict[str, Any] = {}
 
 
-def _init_worker(agent_dir: str, device: str, threads: int) -> None:
+def _init_worker(agent_dir: str, device: str, threads: int, precision: str = "fp32") -> None:
     import torch
 
     from veorl.agent import Agent
@@ -124,7 +124,7 @@ def _init_worker(agent_dir: str, device: str, threads: int) -> None:
 
     if threads > 0:  # 0 = leave torch's setting as it is
         torch.set_num_threads(threads)
-    agent = Agent.load(agent_dir, device=device)
+    agent = Agent.load(agent_dir, device=device, precision=precision)
     meta = agent.meta
     env = make_env(
         env=meta["env"],
@@ -173,8 +173,12 @@ def evaluate_agent(
     device: str = "cpu",
     fps: int = 30,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> list[EpisodeResult]:
-    """Play `episodes` deterministic episodes (episode i seeded `seed + i`); the first `videos` are rendered to MP4."""
+    """Play `episodes` deterministic episodes (episode i seeded `seed + i`); the first `videos` are rendered to MP4.
+
+    `precision` (fp32 | bf16, resolved by the caller) is what the agent's networks act in.
+    """
     from tqdm import tqdm
 
     if videos and video_dir is None:
@@ -199,7 +203,7 @@ def evaluate_agent(
             jobs,
             workers,
             initializer=_init_worker,
-            initargs=(str(agent_dir), device, 1 if workers > 1 else 0),
+            initargs=(str(agent_dir), device, 1 if workers > 1 else 0, precision),
             cleanup=_close_worker,
         )
         # closing(): raising below stops the other workers now, not whenever the generator is collected.
