@@ -59,6 +59,18 @@ def test_explicit_keys_win_over_the_domain_and_the_order_is_documented():
     assert load_params(REPO / "params.yaml", overrides=["domain=driving"]).collect.env == "highway"
 
 
+def test_null_for_a_domain_chosen_key_means_the_domains_value():
+    driving = load_params(REPO / "params.yaml", overrides=["domain=driving"])
+    assert driving.collect.task == "highway" and driving.register.metric == "mean_return"
+    assert load_params(REPO / "params.yaml").collect.task == "drawer-open"
+    assert resolve({"domain": "driving"}, overrides=["source_videos.cameras=null"]).source_videos.cameras == [
+        "wide",
+        "night",
+    ]
+    with pytest.raises(ConfigError, match="collect.episodes"):  # not a domain-chosen key: null stays invalid
+        resolve({}, overrides=["collect.episodes=null"])
+
+
 def test_a_source_task_equal_to_the_target_is_refused_in_driving_too():
     with pytest.raises(ConfigError, match="must not contain the target task"):
         resolve({"domain": "driving"}, overrides=["collect.task=merge"])

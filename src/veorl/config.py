@@ -11,6 +11,8 @@ Resolution order (later wins):
   6. `--set section.key=value` overrides on the command line (`--set domain=driving` included).
 So one `domain:` switch changes every stage, and an explicit key still wins over it. params.yaml therefore
 writes no domain-specific key (environment, task, cameras, ...): written there, it would pin every domain to it.
+A key the domains choose (DOMAIN_CHOSEN) written as null means "the domain's value": params.yaml says
+`collect.task: null`, because DVC needs every key a stage lists in params.yaml.
 
 Unknown keys and bad values fail at load time with the dotted key path and the reason.
 """
@@ -688,6 +690,31 @@ DOMAIN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 NOT_IMPLEMENTED_DOMAINS = {"game": "not implemented yet (issue 9: crafter)"}
 
 
+def _dotted_keys(tree: dict[str, Any], prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for key, value in tree.items():
+        keys |= _dotted_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"}
+    return keys
+
+
+DOMAIN_CHOSEN: frozenset[str] = frozenset(
+    {"collect.task"}
+    | {k for layer in DOMAINS.values() for k in _dotted_keys(layer)}
+    | {k for presets in DOMAIN_PRESETS.values() for layer in presets.values() for k in _dotted_keys(layer)}
+)
+"""Keys some domain sets; null for one of them in params.yaml or an override means "the domain's value"."""
+
+
+def _drop_domain_nulls(raw: dict[str, Any]) -> None:
+    for dotted in DOMAIN_CHOSEN:
+        *sections, key = dotted.split(".")
+        node: Any = raw
+        for part in sections:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and key in node and node[key] is None:
+            del node[key]
+
+
 def _format_errors(err: ValidationError, origin: str) -> str:
     lines = [f"invalid parameters ({origin}):"]
     for e in err.errors():
@@ -755,6 +782,7 @@ def resolve(
     if domain in NOT_IMPLEMENTED_DOMAINS:
         raise ConfigError(f"invalid parameters ({origin}):\n  domain: {domain!r} is {NOT_IMPLEMENTED_DOMAINS[domain]}")
     raw["domain"] = domain
+    _drop_domain_nulls(raw)
     layers = [DOMAINS[domain], PRESETS[chosen], DOMAIN_PRESETS.get(domain, {}).get(chosen, {}), raw]
     merged: dict[str, Any] = {}
     for layer in layers:
