@@ -126,7 +126,10 @@ def run(
         }
         tracking.log_metrics({k: v for k, v in summary.items()})
         for r in results:
-            tracking.log_metrics({"episode_return": r.ret, "episode_success": float(r.success)}, step=r.episode)
+            episode_metrics = {"episode_return": r.ret, "episode_success": float(r.success)}
+            if r.collision is not None:
+                episode_metrics["episode_collision"] = float(r.collision)
+            tracking.log_metrics(episode_metrics, step=r.episode)
         tracking.log_artifact(out_dir / "episodes.csv")
         tracking.log_artifact(out_dir / "returns.png")
         if ev.videos:
@@ -163,10 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     except EvaluationError as exc:
         print(f"evaluation failed, no score reported: {exc}", file=sys.stderr)
         return 1
+    collisions = f", collision rate {metrics['collision_rate']:.2f}" if "collision_rate" in metrics else ""
     print(
         f"{metrics['algo']} on {metrics['task']}: success rate {metrics['success_rate']:.2f} "
-        f"(+- {metrics['success_std']:.2f}), return {metrics['mean_return']:.1f} +- {metrics['std_return']:.1f} "
-        f"over {metrics['episodes']} episodes"
+        f"(+- {metrics['success_std']:.2f}), return {metrics['mean_return']:.1f} +- {metrics['std_return']:.1f}"
+        f"{collisions} over {metrics['episodes']} episodes"
     )
     return 0
 
