@@ -35,8 +35,11 @@ stamp() { echo "$1 $(($(date +%s) - t0))" >> times.txt; }
 [ -f data/video_clips/manifest.json ] || { $PY -m components.ingest --params params.yaml --source data/source_videos --out data/video_clips; stamp ingest; }
 [ -f data/target_episodes/card.json ] || { $PY -m components.collect --params params.yaml --out data/target_episodes; stamp collect; }
 
+# fp32 throughout: the published runs were made in fp32, which also gives the same numbers on every CPU
+# (precision auto would train in bf16 on CPUs with AVX512-BF16 or AMX).
+FP32=(--set pretrain.precision=fp32 --set finetune.precision=fp32 --set evaluate.precision=fp32)
 CMP=("$PY" "$REPO/scripts/compare.py" --params params.yaml --world-model models/world_model
-     --episodes data/target_episodes --clips data/video_clips --set evaluate.workers=1)
+     --episodes data/target_episodes --clips data/video_clips --set evaluate.workers=1 "${FP32[@]}")
 lane() {  # NAME RESULTS ARGS...: one compare.py invocation, its own document (the shared one is written at the end)
   local name=$1 results=$2
   shift 2
@@ -60,7 +63,7 @@ set +e
   fi
 ) &
 # Lane A: pretraining, then the VeoRL seeds; then the last ablation.
-$PY -m components.pretrain --params params.yaml --clips data/video_clips --episodes data/target_episodes \
+$PY -m components.pretrain --params params.yaml "${FP32[@]}" --clips data/video_clips --episodes data/target_episodes \
   --out models/world_model --checkpoints checkpoints/pretrain --metrics metrics/pretrain.json \
   --curve metrics/pretrain_curve.csv >> pretrain.log 2>&1 || { echo "pretraining failed: see $OUT/pretrain.log" >&2; touch pretrain.failed; }
 stamp pretrain
@@ -74,7 +77,7 @@ NOTES=()
 [ -f "docs/results_notes_$TASK.md" ] && NOTES=(--notes "docs/results_notes_$TASK.md")
 "$PY" scripts/compare.py --params "$OUT/params.yaml" --world-model "$OUT/models/world_model" \
   --episodes "$OUT/data/target_episodes" --clips "$OUT/data/video_clips" --results "$OUT/compare" \
-  --set evaluate.workers=1 --snapshot-every "$SNAPSHOT_EVERY" --algos veorl dreamerv2 bc --seeds 0 1 2 --report-only \
+  --set evaluate.workers=1 "${FP32[@]}" --snapshot-every "$SNAPSHOT_EVERY" --algos veorl dreamerv2 bc --seeds 0 1 2 --report-only \
   --section "$TASK" --doc docs/results.md --figure "docs/results_$TASK.png" ${NOTES[@]+"${NOTES[@]}"} || status=$?
 if [ "$ABLATIONS" = 1 ]; then
   # Each row has its own overrides, so these runs are read without a staleness check (see compare.py --help).

@@ -55,6 +55,25 @@ RESUMABLE_CHANGES: tuple[str, ...] = (
 )
 
 
+# Settings added after checkpoints and runs already existed, at the value that reproduces what the code did before
+# them. Such a setting at that value is left out of a configuration's identity, so a checkpoint or run recorded
+# before it existed is still found and resumed; any other value is a change like any other.
+LEGACY_SETTINGS: dict[str, Any] = {
+    "domain": "manipulation",
+    "*.precision": "fp32",
+    "*.compile": False,
+}
+
+
+def without_legacy(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flattened configuration without the settings that sit at their pre-existing behaviour."""
+    return {
+        key: value
+        for key, value in flat.items()
+        if not any(fnmatch.fnmatchcase(key, pattern) and value == old for pattern, old in LEGACY_SETTINGS.items())
+    }
+
+
 class CheckpointMismatch(ValueError):
     """The checkpoint was made with a configuration that changes the mathematics of training."""
 
@@ -64,7 +83,7 @@ def config_differences(
 ) -> list[tuple[str, Any, Any]]:
     """(key, saved value, current value) for every key that differs and is not allowed to change."""
     allowed = tuple(allowed)
-    flat_saved, flat_current = flatten(saved), flatten(current)
+    flat_saved, flat_current = without_legacy(flatten(saved)), without_legacy(flatten(current))
     diffs = []
     for key in sorted(set(flat_saved) | set(flat_current)):
         a, b = flat_saved.get(key, "<absent>"), flat_current.get(key, "<absent>")
@@ -100,7 +119,9 @@ def run_directory(
     colliding with the old one; switching back to the earlier setting finds its finished checkpoint again.
     """
     allowed = tuple(allowed)
-    relevant = {k: v for k, v in flatten(config).items() if not any(fnmatch.fnmatchcase(k, p) for p in allowed)}
+    relevant = {
+        k: v for k, v in without_legacy(flatten(config)).items() if not any(fnmatch.fnmatchcase(k, p) for p in allowed)
+    }
     identity = {"config": relevant, "upstream": dict(sorted(upstream.items()))}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return Path(root) / f"run-{digest}"
