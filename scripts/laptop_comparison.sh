@@ -9,7 +9,8 @@
 # Lane A: pretraining, then veorl seeds 0 1 2. Lane B: bc seeds 0 1 2 (no world model needed, so it starts at once),
 # then dreamerv2 seeds 0 1 2 once the world model exists. Main runs snapshot their agent every 500 updates (learning
 # curves). With ABLATIONS=1, veorl seed 0 without the intrinsic reward and without the latent-action input (lane B),
-# and without the uncertainty penalty (lane A); the "no video" ablation is the dreamerv2 row itself.
+# and without the uncertainty penalty and with the release's MMD term in the Trunk Net (lane A; three seeds for the
+# latter); the "no video" ablation is the dreamerv2 row itself.
 #
 # Re-running resumes: finished runs are skipped and interrupted ones continue from their checkpoints; OUT/times.txt
 # gets a stamp (seconds since the start of this invocation) after each step.
@@ -68,7 +69,10 @@ $PY -m components.pretrain --params params.yaml "${FP32[@]}" --clips data/video_
   --curve metrics/pretrain_curve.csv >> pretrain.log 2>&1 || { echo "pretraining failed: see $OUT/pretrain.log" >&2; touch pretrain.failed; }
 stamp pretrain
 main_runs lane_a_veorl veorl
-[ "$ABLATIONS" = 1 ] && ablation no_uncertainty finetune.ensemble_size=0
+if [ "$ABLATIONS" = 1 ]; then
+  ablation no_uncertainty finetune.ensemble_size=0
+  lane ablation_with_mmd ablations/with_mmd --algos veorl --seeds 0 1 2 --set finetune.use_mmd=true
+fi
 wait
 set -e
 cd "$REPO"
@@ -85,7 +89,8 @@ if [ "$ABLATIONS" = 1 ]; then
   [ -f "docs/results_notes_$TASK-ablations.md" ] && NOTES=(--notes "docs/results_notes_$TASK-ablations.md")
   INTRO="VeoRL with one component switched off per row, seed 0 only (the full agent: the three seeds of the \
 comparison above): the intrinsic reward (\`finetune.use_intrinsic=false\`), the latent-action input of actor and \
-critic (\`finetune.use_latent_action=false\`), the uncertainty penalty (\`finetune.ensemble_size=0\`). The \
+critic (\`finetune.use_latent_action=false\`), the uncertainty penalty (\`finetune.ensemble_size=0\`); and with \
+the release's MMD term in the Trunk Net's training (\`finetune.use_mmd=true\`, three seeds). The \
 \"no video\" row is offline DreamerV2, the dreamerv2 runs of the comparison above: VeoRL without any of its video \
 components (no pretrained encoder, no latent actions, no intrinsic reward)."
   "$PY" scripts/compare.py --params "$OUT/params.yaml" --report-only --algos veorl --results "$OUT/ablations" \
@@ -95,6 +100,7 @@ components (no pretrained encoder, no latent actions, no intrinsic reward)."
     --ablation "no intrinsic reward=$OUT/ablations/no_intrinsic" \
     --ablation "no latent-action input=$OUT/ablations/no_latent_action" \
     --ablation "no uncertainty penalty=$OUT/ablations/no_uncertainty" \
+    --ablation "with the Trunk Net MMD term (release)=$OUT/ablations/with_mmd" \
     --ablation "no video (= dreamerv2)=$OUT/compare@dreamerv2" ${NOTES[@]+"${NOTES[@]}"} || status=$?
 fi
 exit "$status"
