@@ -62,6 +62,8 @@ LEGACY_SETTINGS: dict[str, Any] = {
     "domain": "manipulation",
     "*.precision": "fp32",
     "*.compile": False,
+    "finetune.pretrained_encoder": True,
+    "finetune.snapshot_every": 0,
 }
 
 
