@@ -1,25 +1,40 @@
-"""Throughput of one world-model update at the release's Meta-World sizes (a script, not a test).
+"""Throughput of one training update at the release's Meta-World sizes, against this machine's own limits (a script,
+not a test).
 
     .venv/bin/python benchmarks/bench_world_model.py [--threads 2] [--repeats 2] [--warmup 1]
+        [--precision auto|fp32|bf16] [--compile] [--variants phase1 phase2-trunk phase3] [--json out.json]
 
-Paper sizes (ModelParams defaults: d=32, deter 200, stoch 50, hidden 200, K=50, Z=8), batch 50 target
-sequences x 50 steps and 50 source clips x 25 frames, 64x64, fp32, CPU. Each variant runs in its own
-child process so that its peak resident memory (RSS high-water mark) is its own. Per update it reports
-data (sampling the batch from on-disk clip shards and episode files into tensors; in training a
-prefetch thread hides this), forward (all losses), backward, and optimizer (gradient clip + Adam),
-the process CPU seconds of the whole update (with 1 thread: the compute itself, whatever the machine's
-load; with more, it includes OpenMP spin-waiting), then steps/s and samples/s, and compares with the authors'
-implementation on the same kind of machine: 10.0 s per phase-1 update, 30.5 s per phase-2 update, 11.9 GB peak
-memory.
+Paper sizes (ModelParams defaults: d=32, deter 200, stoch 50, hidden 200, K=50, Z=8), batch 50 target sequences x 50
+steps and 50 source clips x 25 frames, 64x64, CPU (`--preset smoke` runs the same code at the smoke sizes, to check
+the script quickly). Each variant runs in its own child process so that its peak resident memory (RSS high-water
+mark) is its own. Per update it reports data (sampling the batch from on-disk clip shards and episode files into
+tensors; in training a prefetch thread hides this), forward (all losses; for phase3 everything but the backward
+passes and the optimiser steps), backward, and optimizer (gradient clip + Adam; for phase3 the Adam steps), the
+process CPU seconds of the whole update (with 1 thread: the compute itself, whatever the machine's load; with more,
+it includes OpenMP spin-waiting), then steps/s and samples/s.
+
+No figure from another machine is compared with: in the same run, one more child process measures this machine's
+own limits with the same thread count: a large GEMM (2048^3 by default) and a convolution shaped like the encoder's
+largest (256 x 32 x 31 x 31 -> 64 channels, kernel 4, stride 2, channels-last), each in fp32 and in bf16, timed after
+warm-up. Each variant's FLOPs are counted on one update (forward and backward) with
+torch.utils.flop_counter.FlopCounterMode (matrix products and convolutions), and its achieved FLOP/s is printed as a
+fraction of the GEMM and of the convolution throughput in the precision the variant ran in.
+
+Precision: by default what training does by default (`precision: auto`, veorl.acceleration: bf16 autocast on a CPU
+with AVX512-BF16 or AMX, fp32 elsewhere); `--precision fp32|bf16` forces one. `--compile` compiles the networks'
+forward as `compile: true` does (the warm-up updates then include the compilation: use --warmup 2 or more).
 
 Variants:
-  phase1          release data flow (BAN and Plan Net on target frames; source only via MMD): same maths as the
-                  reference
+  phase1          release data flow (BAN and Plan Net on target frames; source only via MMD)
   phase1-source   our default (pretrain.ban_on_source: BAN and Plan Net on source clips too): more work per update
   phase2          keyframe Plan Net + F_BC + MMD on source and target keyframes (this stage's phase 2)
   phase2-trunk    phase2 plus the Trunk Net world-model loss on the target batch: what the release's phase-2 update
                   computes
   phase2-trunk-worst  as phase2-trunk with every transition its own behaviour (most keyframes; the memory worst case)
+  phase3          fine-tuning's policy update (veorl.algo.finetune.PolicyPhase.update, the networks built by
+                  build_model_based as fine-tuning builds them): Trunk Net posterior over the B x T = 2500 start
+                  states, 15-step imagination with behaviour guidance and the ensemble penalty, actor and critic
+                  updates (critic warm-up off, so the actor's update is timed too); samples = imagined states
 """
 
 from __future__ import annotations
@@ -27,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -36,8 +52,10 @@ from pathlib import Path
 
 import numpy as np
 
-REFERENCE = {"phase1": 10.0, "phase2": 30.5, "peak_gb": 11.9}
-VARIANTS = ("phase1", "phase1-source", "phase2", "phase2-trunk", "phase2-trunk-worst")
+VARIANTS = ("phase1", "phase1-source", "phase2", "phase2-trunk", "phase2-trunk-worst", "phase3")
+ACTION_DIM = 4
+# The encoder's largest convolution at d=32: 32 -> 64 channels, kernel 4, stride 2, on 31x31 maps.
+CONV_SHAPE = {"channels": 32, "out_channels": 64, "size": 31, "kernel": 4, "stride": 2}
 
 
 def synthetic_video(length: int, rng: np.random.Generator) -> np.ndarray:
@@ -80,7 +98,7 @@ def write_dataset(root: Path) -> tuple[Path, Path]:
             i,
             {
                 "image": synthetic_video(n, rng),
-                "action": rng.uniform(-1, 1, (n, 4)).astype(np.float32),
+                "action": rng.uniform(-1, 1, (n, ACTION_DIM)).astype(np.float32),
                 "reward": rng.normal(size=n).astype(np.float32),
                 "discount": np.ones(n, np.float32),
             },
@@ -88,20 +106,159 @@ def write_dataset(root: Path) -> tuple[Path, Path]:
     return clips, episodes
 
 
-def run_variant(variant: str, data_root: Path, threads: int, repeats: int, warmup: int) -> dict:
+# ------------------------------------------------------------------------------------------------
+# This machine's limits
+# ------------------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
     import torch
 
-    from veorl.algo.pretrain import Phase1Trainer, Phase2Losses, Phase2Trainer
-    from veorl.algo.world_model_losses import trunk_world_model_loss
+    from veorl.acceleration import cpu_has_bf16, cpu_model_name
+
+    return {
+        "cpu_model": cpu_model_name(),
+        "cpu_count": os.cpu_count(),
+        "bf16_instructions": cpu_has_bf16(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _throughput(fn, flops: float, seconds: float, warmup: int = 2) -> float:
+    """FLOP/s of `fn` (which computes `flops`), timed for at least `seconds` (3 calls at least) after warm-up."""
+    for _ in range(warmup):
+        fn()
+    calls, start = 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - start < seconds:
+        fn()
+        calls += 1
+    return flops * calls / (time.perf_counter() - start)
+
+
+def measure_peaks(threads: int, gemm: int, conv_batch: int, seconds: float) -> dict:
+    """GEMM and convolution throughput (FLOP/s) of this machine in fp32 and bf16, with `threads` threads."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    c = CONV_SHAPE
+    out: dict = {"gemm_size": gemm, "conv": {**c, "batch": conv_batch}, "threads": threads}
+    with torch.no_grad():
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            a, b = torch.randn(gemm, gemm, dtype=dtype), torch.randn(gemm, gemm, dtype=dtype)
+            out[f"gemm_{name}"] = _throughput(lambda a=a, b=b: a @ b, 2.0 * gemm**3, seconds)
+            x = torch.randn(conv_batch, c["channels"], c["size"], c["size"]).to(
+                dtype=dtype, memory_format=torch.channels_last
+            )
+            w = torch.randn(c["out_channels"], c["channels"], c["kernel"], c["kernel"]).to(
+                dtype=dtype, memory_format=torch.channels_last
+            )
+
+            def conv(x=x, w=w):
+                return F.conv2d(x, w, stride=c["stride"])
+
+            with FlopCounterMode(display=False) as counter:
+                conv()
+            out[f"conv_{name}"] = _throughput(conv, float(counter.get_total_flops()), seconds)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# One variant
+# ------------------------------------------------------------------------------------------------
+
+
+class SectionClock:
+    """Seconds spent in Tensor.backward and in optimizer steps while it is entered (the rest of an update is the
+    forward pass and bookkeeping); lets a trainer's own `update` be timed section by section."""
+
+    def __init__(self, optimizers):
+        import torch
+
+        self.torch, self.optimizers = torch, optimizers
+        self.backward = self.optimizer = 0.0
+        self._handles: list = []
+        self._step_start = 0.0
+
+    def __enter__(self) -> SectionClock:
+        original = self.torch.Tensor.backward
+        clock = self
+
+        def timed_backward(tensor, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(tensor, *args, **kwargs)
+            finally:
+                clock.backward += time.perf_counter() - start
+
+        self._original = original
+        self.torch.Tensor.backward = timed_backward
+
+        def before(*_):
+            self._step_start = time.perf_counter()
+
+        def after(*_):
+            self.optimizer += time.perf_counter() - self._step_start
+
+        for optimizer in self.optimizers:
+            self._handles += [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.torch.Tensor.backward = self._original
+        for handle in self._handles:
+            handle.remove()
+
+
+def build_variant(variant: str, data_root: Path, preset: str, precision: str, compile_: bool):
+    """(update(step) -> (seconds by section, info), samples per update, sample unit) for one variant."""
+    import torch
+
+    from veorl.acceleration import compile_networks
     from veorl.config import resolve
     from veorl.data.clips import ClipStore
     from veorl.data.episodes import EpisodeStore
     from veorl.data.samplers import ClipSampler, EpisodeWindowSampler, JointSampler, _to_tensors
+
+    if variant == "phase3":
+        from veorl.algo.baselines import switches
+        from veorl.algo.finetune import START_STREAM, PolicyPhase, build_model_based
+        from veorl.models.world_models import VideoWorldModel
+
+        params = resolve({}, preset=preset, overrides=["finetune.critic_warmup=0"])
+        fp = params.finetune
+        sw = switches(fp)
+        video_wm = VideoWorldModel(params.model)
+        video_wm.freeze_behaviours()
+        trunk, guidance, actor, critic = build_model_based(params, sw, ACTION_DIM, "continuous", video_wm)
+        if compile_:
+            compile_networks(trunk, video_wm, guidance, actor, critic)
+        phase = PolicyPhase(trunk, actor, critic, params, sw, guidance, precision)
+        phase.freeze_world_model()
+        starts = EpisodeWindowSampler(
+            EpisodeStore(data_root / "target_episodes"), fp.batch, fp.seq_len, 0, START_STREAM, keys=("image", "action")
+        )
+
+        def update(step: int) -> tuple[dict, dict]:
+            t0 = time.perf_counter()
+            batch = _to_tensors(starts(step), False)
+            t1 = time.perf_counter()
+            with SectionClock([phase.actor_optimizer, phase.critic_optimizer]) as clock:
+                phase.update(batch)
+            t2 = time.perf_counter()
+            rest = t2 - t1 - clock.backward - clock.optimizer
+            return {"data": t1 - t0, "forward": rest, "backward": clock.backward, "optimizer": clock.optimizer}, {}
+
+        return update, fp.batch * fp.seq_len * fp.horizon, "imagined states"
+
+    from veorl.algo.pretrain import Phase1Trainer, Phase2Losses, Phase2Trainer
+    from veorl.algo.world_model_losses import trunk_world_model_loss
     from veorl.models.world_models import VideoWorldModel, build_trunk_world_model
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    params = resolve({}, preset="paper", overrides=[f"pretrain.ban_on_source={variant == 'phase1-source'}"])
+    params = resolve({}, preset=preset, overrides=[f"pretrain.ban_on_source={variant == 'phase1-source'}"])
     cfg = params.pretrain
     keys = ("image", "action", "reward", "discount") if "trunk" in variant else ("image",)
     sampler = JointSampler(
@@ -111,12 +268,13 @@ def run_variant(variant: str, data_root: Path, threads: int, repeats: int, warmu
         source=ClipSampler(ClipStore(data_root / "video_clips"), cfg.source_batch, cfg.source_len, 0, 1),
     )
     model = VideoWorldModel(params.model)
+    extra = None
     if variant.startswith("phase1"):
-        trainer = Phase1Trainer(model, cfg)
-        parameters, extra = trainer.parameters, None
+        trainer = Phase1Trainer(model, cfg, precision)
+        parameters = trainer.parameters
     else:
         model.freeze_behaviours()
-        trainer = Phase2Trainer(model, cfg)
+        trainer = Phase2Trainer(model, cfg, precision)
         if variant.endswith("worst"):
 
             def every_transition(frames, shapes, _inner=trainer.transition_codes):
@@ -125,27 +283,25 @@ def run_variant(variant: str, data_root: Path, threads: int, repeats: int, warmu
 
             trainer.transition_codes = every_transition
         parameters = list(trainer.parameters)
-        extra = None
         if "trunk" in variant:
-            extra = build_trunk_world_model(params.model, action_dim=4, video_world_model=model)
+            extra = build_trunk_world_model(params.model, action_dim=ACTION_DIM, video_world_model=model)
             extra.encoder = model.encoder  # the encoder is shared between the Plan Net and the Trunk Net
             parameters += [p for n, p in extra.named_parameters() if not n.startswith("encoder.")]
+    if compile_:
+        compile_networks(model, extra)
     optimizer = torch.optim.Adam(parameters, lr=cfg.optim.lr, eps=cfg.optim.eps)
-    per_step_sequences = cfg.batch + cfg.source_batch
 
-    timings: list[dict] = []
-    info: dict = {}
-    for step in range(warmup + repeats):
-        c0 = time.process_time()
+    def update(step: int) -> tuple[dict, dict]:
         t0 = time.perf_counter()
         batch = _to_tensors(sampler(step), False)
         t1 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        terms = trainer.losses(batch)
+        terms = trainer.losses(batch)  # under the trainer's precision
         loss = terms.loss
         if extra is not None:
             target = batch["target"]
-            trunk = trunk_world_model_loss(extra, target["image"], target["action"], target["reward"])
+            with trainer.autocast():
+                trunk = trunk_world_model_loss(extra, target["image"], target["action"], target["reward"])
             loss = loss + trunk.loss
         t2 = time.perf_counter()
         loss.backward()
@@ -153,33 +309,93 @@ def run_variant(variant: str, data_root: Path, threads: int, repeats: int, warmu
         torch.nn.utils.clip_grad_norm_(parameters, cfg.optim.grad_clip)
         optimizer.step()
         t4 = time.perf_counter()
-        c4 = time.process_time()
-        if step >= warmup:
-            timings.append(
-                {
-                    "data": t1 - t0,
-                    "forward": t2 - t1,
-                    "backward": t3 - t2,
-                    "optimizer": t4 - t3,
-                    "update": t4 - t1,
-                    "cpu": c4 - c0,
-                }
-            )
+        info = {}
         if isinstance(terms, Phase2Losses):
-            info["keyframes"] = float(terms.keyframes)
-            info["behaviours_per_seq"] = float(terms.behaviours_per_seq)
+            info = {"keyframes": float(terms.keyframes), "behaviours_per_seq": float(terms.behaviours_per_seq)}
+        return {"data": t1 - t0, "forward": t2 - t1, "backward": t3 - t2, "optimizer": t4 - t3}, info
+
+    return update, cfg.batch + cfg.source_batch, "sequences"
+
+
+def run_variant(
+    variant: str, data_root: Path, threads: int, repeats: int, warmup: int, preset: str, precision: str, compile_: bool
+) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from veorl.acceleration import eager
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    update, per_step, unit = build_variant(variant, data_root, preset, precision, compile_)
+
+    timings: list[dict] = []
+    info: dict = {}
+    for step in range(warmup + repeats):
+        c0 = time.process_time()
+        seconds, info = update(step)
+        c1 = time.process_time()
+        seconds["update"] = seconds["forward"] + seconds["backward"] + seconds["optimizer"]
+        seconds["cpu"] = c1 - c0
+        if step >= warmup:
+            timings.append(seconds)
+    # FLOPs of one more update (forward and backward), counted on the eager code (same maths when compiled).
+    with eager(), FlopCounterMode(display=False) as counter:
+        update(warmup + repeats)
+    flops = float(counter.get_total_flops())
     mean = {k: float(np.mean([t[k] for t in timings])) for k in timings[0]}
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     return {
         "variant": variant,
         "seconds": mean,
         "steps_per_s": 1.0 / mean["update"],
-        "samples_per_s": per_step_sequences / mean["update"],
+        "samples_per_s": per_step / mean["update"],
+        "sample_unit": unit,
         "peak_rss_gb": peak_gb,
         "repeats": repeats,
         "threads": threads,
+        "preset": preset,
+        "precision": precision,
+        "compile": compile_,
+        "flops_per_update": flops,
+        "flops_per_s": flops / mean["update"],
         **info,
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# The driver
+# ------------------------------------------------------------------------------------------------
+
+
+def _child(args: argparse.Namespace, *extra: str) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--threads",
+        str(args.threads),
+        "--repeats",
+        str(args.repeats),
+        "--warmup",
+        str(args.warmup),
+        "--preset",
+        args.preset,
+        "--precision",
+        args.precision,
+        "--gemm",
+        str(args.gemm),
+        "--conv-batch",
+        str(args.conv_batch),
+        "--peak-seconds",
+        str(args.peak_seconds),
+        *(["--compile"] if args.compile else []),
+        *extra,
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    if done.returncode != 0:
+        print(done.stderr, file=sys.stderr)
+        raise SystemExit(done.returncode)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,72 +404,104 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="timed updates per variant (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed updates first (default: %(default)s)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="forward-pass precision; auto = what training resolves on this machine (default: %(default)s)",
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile the networks' forward (compile: true)")
+    parser.add_argument(
+        "--preset", default="paper", help="sizes: paper (the release's; default) or smoke (a quick check of the script)"
+    )
+    parser.add_argument("--gemm", type=int, default=2048, help="side of the square GEMM of the peak (default: 2048)")
+    parser.add_argument("--conv-batch", type=int, default=256, help="batch of the peak convolution (default: 256)")
+    parser.add_argument(
+        "--peak-seconds", type=float, default=2.0, help="seconds each peak measurement is timed for (default: 2)"
+    )
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.child == "peak":
+        print(json.dumps(measure_peaks(args.threads, args.gemm, args.conv_batch, args.peak_seconds)))
+        return 0
     if args.child:
-        print(json.dumps(run_variant(args.child, Path(args.data), args.threads, args.repeats, args.warmup)))
+        result = run_variant(
+            args.child,
+            Path(args.data),
+            args.threads,
+            args.repeats,
+            args.warmup,
+            args.preset,
+            args.precision,
+            args.compile,
+        )
+        print(json.dumps(result))
         return 0
 
+    from veorl.acceleration import resolve_precision
+
+    args.precision = resolve_precision(args.precision, "cpu")  # once, as a training stage does
+    info = machine()
+    print(
+        f"machine: {info['cpu_model']}, {info['cpu_count']} logical CPUs, bf16 instructions: "
+        f"{'yes' if info['bf16_instructions'] else 'no'}; torch {info['torch']}; {args.threads} threads",
+        file=sys.stderr,
+        flush=True,
+    )
+    peaks = _child(args, "--child", "peak")
+    print(
+        f"peak: GEMM fp32 {peaks['gemm_fp32'] / 1e9:.1f}, bf16 {peaks['gemm_bf16'] / 1e9:.1f} GFLOP/s; "
+        f"conv fp32 {peaks['conv_fp32'] / 1e9:.1f}, bf16 {peaks['conv_bf16'] / 1e9:.1f} GFLOP/s",
+        file=sys.stderr,
+        flush=True,
+    )
     results = []
     with tempfile.TemporaryDirectory(prefix="veorl-bench-") as tmp:
         write_dataset(Path(tmp))
         for variant in args.variants:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--child",
-                variant,
-                "--data",
-                tmp,
-                "--threads",
-                str(args.threads),
-                "--repeats",
-                str(args.repeats),
-                "--warmup",
-                str(args.warmup),
-            ]
-            done = subprocess.run(
-                cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-            )
-            if done.returncode != 0:
-                print(done.stderr, file=sys.stderr)
-                return done.returncode
-            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            r = results[-1]
+            r = _child(args, "--child", variant, "--data", tmp)
+            r["peak_gemm_flops_per_s"] = peaks[f"gemm_{r['precision']}"]
+            r["peak_conv_flops_per_s"] = peaks[f"conv_{r['precision']}"]
+            r["fraction_of_gemm_peak"] = r["flops_per_s"] / r["peak_gemm_flops_per_s"]
+            r["fraction_of_conv_peak"] = r["flops_per_s"] / r["peak_conv_flops_per_s"]
+            r["machine"], r["peaks"] = info, peaks
+            results.append(r)
             print(f"{variant}: {r['seconds']['update']:.2f} s/update", file=sys.stderr, flush=True)
 
+    compiled = ", compiled networks" if args.compile else ""
     print(
-        f"\nOne world-model update, paper sizes, fp32, CPU, {args.threads} threads, mean of {args.repeats} after "
-        f"{args.warmup} warm-up (load average at the end: {os.getloadavg()[0]:.1f})\n"
+        f"\nOne training update, {args.preset} sizes, {args.precision}{compiled}, CPU {info['cpu_model']} "
+        f"({info['cpu_count']} logical CPUs, bf16 instructions: {'yes' if info['bf16_instructions'] else 'no'}), "
+        f"{args.threads} threads, mean of {args.repeats} after {args.warmup} warm-up "
+        f"(load average at the end: {os.getloadavg()[0]:.1f}); torch {info['torch']}\n"
+    )
+    c = peaks["conv"]
+    print(
+        f"This machine's limits, {args.threads} threads: GEMM {args.gemm}^3 fp32 "
+        f"{peaks['gemm_fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['gemm_bf16'] / 1e9:.1f} GFLOP/s; "
+        f"conv2d {c['batch']}x{c['channels']}x{c['size']}x{c['size']} -> "
+        f"{c['out_channels']} (k{c['kernel']} s{c['stride']}, channels-last) fp32 {peaks['conv_fp32'] / 1e9:.1f} "
+        f"GFLOP/s, bf16 {peaks['conv_bf16'] / 1e9:.1f} GFLOP/s\n"
     )
     print(
-        "| variant | update s | data s | forward s | backward s | optimizer s | CPU s | steps/s | samples/s | "
-        "peak RSS GB | vs reference |"
+        "| variant | precision | update s | data s | forward s | backward s | optimizer s | CPU s | steps/s | "
+        "samples/s | peak RSS GB | GFLOP/update | GFLOP/s | of GEMM peak | of conv peak | notes |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---" * 16 + "|")
     for r in results:
         s = r["seconds"]
-        ref = REFERENCE["phase1"] if r["variant"].startswith("phase1") else REFERENCE["phase2"]
-        note = f"{ref / s['update']:.1f}x faster"
+        note = f"samples = {r['sample_unit']}"
         if "keyframes" in r:
             note += f"; {r['keyframes']:.0f} keyframes, {r['behaviours_per_seq']:.1f} behaviours/seq"
         print(
-            f"| {r['variant']} | {s['update']:.2f} | {s['data']:.2f} | {s['forward']:.2f} | {s['backward']:.2f} | "
-            f"{s['optimizer']:.3f} | {s['cpu']:.2f} | {r['steps_per_s']:.3f} | {r['samples_per_s']:.1f} | "
-            f"{r['peak_rss_gb']:.2f} | {note} |"
-        )
-    print(
-        f"\nreference (authors' implementation, same machine class): phase 1 {REFERENCE['phase1']} s, "
-        f"phase 2 {REFERENCE['phase2']} s per update, peak {REFERENCE['peak_gb']} GB"
-    )
-    for r in results:
-        ref = REFERENCE["phase1"] if r["variant"].startswith("phase1") else REFERENCE["phase2"]
-        print(
-            f"ratio {r['variant']}: time {r['seconds']['update'] / ref:.3f} "
-            f"of reference, peak memory {r['peak_rss_gb'] / REFERENCE['peak_gb']:.3f} of reference"
+            f"| {r['variant']} | {r['precision']}{' compiled' if r['compile'] else ''} | {s['update']:.2f} | "
+            f"{s['data']:.2f} | {s['forward']:.2f} | {s['backward']:.2f} | {s['optimizer']:.3f} | {s['cpu']:.2f} | "
+            f"{r['steps_per_s']:.3f} | {r['samples_per_s']:.1f} | {r['peak_rss_gb']:.2f} | "
+            f"{r['flops_per_update'] / 1e9:.1f} | {r['flops_per_s'] / 1e9:.1f} | {r['fraction_of_gemm_peak']:.2f} | "
+            f"{r['fraction_of_conv_peak']:.2f} | {note} |"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -31,6 +31,7 @@ def run(
 ) -> dict[str, Any]:
     """Evaluate the agent artifact `agent` into `out`; returns the contents of OUT/metrics.json."""
     from veorl import tracking
+    from veorl.acceleration import resolve_precision
     from veorl.agent import META_FILE, AgentError
     from veorl.evaluation import (
         evaluate_agent,
@@ -75,6 +76,7 @@ def run(
         "seed": ev.seed,
     }
     upstream = {"agent": artifact_hash(agent)}
+    precision = resolve_precision(ev.precision, ev.device)  # once for the stage
     with tracking.stage_run(
         "evaluate",
         params,
@@ -84,6 +86,7 @@ def run(
         tags={"veorl.algo": meta["algo"], "veorl.task": meta["task"]},
     ):
         tracking.log_params({f"protocol.{k}": v for k, v in protocol.items()})
+        tracking.log_params({"evaluate.precision_resolved": precision})
         results = evaluate_agent(
             agent,
             ev.episodes,
@@ -95,6 +98,7 @@ def run(
             device=ev.device,
             fps=ev.video_fps,
             progress=progress,
+            precision=precision,
         )
         summary = summarise(results)
         write_episodes_csv(out_dir / "episodes.csv", results)
@@ -112,10 +116,20 @@ def run(
             report["warnings"] = check(report, f"evaluate ({meta['algo']})")
             atomic_write_json(out_dir / DIAGNOSTICS_FILE, report)
             tracking.log_metrics({f"diagnostics/reward/{k}": v for k, v in rewards.items() if math.isfinite(v)})
-        metrics = {"task": meta["task"], "algo": meta["algo"], **summary, "protocol": protocol, "status": "ok"}
+        metrics = {
+            "task": meta["task"],
+            "algo": meta["algo"],
+            **summary,
+            "protocol": protocol,
+            "precision": precision,
+            "status": "ok",
+        }
         tracking.log_metrics({k: v for k, v in summary.items()})
         for r in results:
-            tracking.log_metrics({"episode_return": r.ret, "episode_success": float(r.success)}, step=r.episode)
+            episode_metrics = {"episode_return": r.ret, "episode_success": float(r.success)}
+            if r.collision is not None:
+                episode_metrics["episode_collision"] = float(r.collision)
+            tracking.log_metrics(episode_metrics, step=r.episode)
         tracking.log_artifact(out_dir / "episodes.csv")
         tracking.log_artifact(out_dir / "returns.png")
         if ev.videos:
@@ -152,10 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     except EvaluationError as exc:
         print(f"evaluation failed, no score reported: {exc}", file=sys.stderr)
         return 1
+    collisions = f", collision rate {metrics['collision_rate']:.2f}" if "collision_rate" in metrics else ""
     print(
         f"{metrics['algo']} on {metrics['task']}: success rate {metrics['success_rate']:.2f} "
-        f"(+- {metrics['success_std']:.2f}), return {metrics['mean_return']:.1f} +- {metrics['std_return']:.1f} "
-        f"over {metrics['episodes']} episodes"
+        f"(+- {metrics['success_std']:.2f}), return {metrics['mean_return']:.1f} +- {metrics['std_return']:.1f}"
+        f"{collisions} over {metrics['episodes']} episodes"
     )
     return 0
 

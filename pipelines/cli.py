@@ -133,6 +133,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--preset", default=None, choices=sorted(PRESETS), help="sizes and step counts (pipeline default: paper)"
     )
+    group.add_argument(
+        "--domain", default=None, choices=["manipulation", "driving"], help="paper domain (every stage; params.yaml)"
+    )
     group.add_argument("--task", default=None, help="target task (collect.task)")
     group.add_argument("--algo", default=None, choices=["veorl", "dreamerv2", "bc"], help="finetune.algo")
     group.add_argument("--model-name", default=None, help="register.model_name")
@@ -159,7 +162,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def run_arguments(args: argparse.Namespace) -> dict:
     """Pipeline arguments given on the command line (the rest keep the pipeline's defaults)."""
     arguments: dict = {}
-    for name in ("preset", "task", "algo", "model_name", "checkpoint_root", "parent_run_id"):
+    for name in ("preset", "domain", "task", "algo", "model_name", "checkpoint_root", "parent_run_id"):
         value = getattr(args, name)
         if value is not None:
             arguments[name] = value

@@ -19,6 +19,10 @@ key of a step is its configuration: changing `finetune.*` re-runs finetune, eval
 ingestion. The one widening is the price of re-validating: a step also re-runs when a key that its keys are
 cross-checked against changes (ingest on `pretrain.source_len`, collect on `source_videos.tasks`).
 
+The domain, like the preset, heads every document: both choose the defaults under the document's keys. Params'
+checks between the domain and a section's keys (collect.env, source_videos.env) therefore run on validated
+values wherever that section is in a document, and compare the domain's own defaults everywhere else.
+
 Upstream artifacts are followed by content: the component that writes an artifact records its content hash in
 its provenance.json once (veorl.storage.record_content_hash), the KFP step returns that recorded hash
 (veorl.storage.artifact_hash), and the downstream step takes it as an input parameter, so a changed artifact
@@ -39,15 +43,17 @@ PARAMS_ENV = "VEORL_PARAMS"
 
 # Keys each stage reads: exactly the `params:` lists of dvc.yaml (a section name means the whole section).
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
-    "source_videos": ("preset", "source_videos", "collect.task"),
-    "ingest": ("preset", "ingest"),
-    "collect": ("preset", "collect"),
-    "pretrain": ("preset", "model", "pretrain", "tracking"),
-    "finetune": ("preset", "model", "finetune", "tracking"),
+    "source_videos": ("preset", "domain", "source_videos", "collect.task"),
+    "ingest": ("preset", "domain", "ingest"),
+    "collect": ("preset", "domain", "collect"),
+    "pretrain": ("preset", "domain", "model", "pretrain", "tracking"),
+    "finetune": ("preset", "domain", "model", "finetune", "tracking"),
     # evaluation runs on the task, camera and episode length recorded in the agent it is given
-    "evaluate": ("preset", "evaluate", "tracking"),
-    "register": ("register", "tracking"),
+    "evaluate": ("preset", "domain", "evaluate", "tracking"),
+    "register": ("domain", "register", "tracking"),
 }
+# Keys every stage document starts with: the preset and the domain pick the defaults under the document's keys.
+HEADER_KEYS = ("preset", "domain")
 
 # The keys each cross-section check of Params (veorl.config, `_cross_checks`) compares. A stage document that
 # holds one key of a group holds the whole group, so the check runs on validated values, not on defaults.
@@ -60,6 +66,7 @@ CROSS_CHECKED: tuple[tuple[str, ...], ...] = (
 
 # Pipeline knobs -> the parameter each one sets (empty knob = keep params.yaml / preset).
 KNOBS: dict[str, str] = {
+    "domain": "domain",
     "task": "collect.task",
     "algo": "finetune.algo",
     "model_name": "register.model_name",
@@ -85,12 +92,12 @@ def _covers(key: str, dotted: str) -> bool:
 
 def stage_keys(stage: str) -> tuple[str, ...]:
     """The keys of `stage`'s document: the ones it reads plus every key cross-checked against one of them."""
-    keys = [key for key in STAGE_PARAMS[stage] if key != "preset"]
+    keys = [key for key in STAGE_PARAMS[stage] if key not in HEADER_KEYS]
     read = tuple(keys)
     for group in CROSS_CHECKED:
         if any(_covers(key, member) for key in read for member in group):
             keys.extend(member for member in group if not any(_covers(key, member) for key in keys))
-    return ("preset", *keys)
+    return (*HEADER_KEYS, *keys)
 
 
 def _select(data: dict[str, Any], key: str) -> Any:
@@ -104,8 +111,8 @@ def stage_document(params: Params, stage: str) -> str:
     """JSON text of the validated configuration restricted to `stage_keys(stage)` (sorted: equal configurations
     give equal documents, hence equal KFP cache keys)."""
     full = params.model_dump(by_alias=True, mode="json")
-    picked: dict[str, Any] = {"preset": params.preset}
-    for key in stage_keys(stage)[1:]:
+    picked: dict[str, Any] = {name: full[name] for name in HEADER_KEYS}
+    for key in stage_keys(stage)[len(HEADER_KEYS) :]:
         node = picked
         parts = key.split(".")
         for part in parts[:-1]:

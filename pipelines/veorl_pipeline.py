@@ -86,7 +86,7 @@ class CompileOptions:
 # ----------------------------------------------------------------------------------------------
 
 
-def resolve_config(preset: str, task: str, algo: str, model_name: str, overrides: list[str]) -> NamedTuple(
+def resolve_config(preset: str, domain: str, task: str, algo: str, model_name: str, overrides: list[str]) -> NamedTuple(
     "StageConfigs", source_videos=str, ingest=str, collect=str, pretrain=str, finetune=str, evaluate=str, register=str
 ):
     """Validate the whole configuration once; emit each stage's part of it (the keys it reads) as JSON."""
@@ -94,7 +94,8 @@ def resolve_config(preset: str, task: str, algo: str, model_name: str, overrides
 
     from pipelines.steps import STAGE_PARAMS, resolve_stage_documents
 
-    documents = resolve_stage_documents(preset, list(overrides), {"task": task, "algo": algo, "model_name": model_name})
+    knobs = {"domain": domain, "task": task, "algo": algo, "model_name": model_name}
+    documents = resolve_stage_documents(preset, list(overrides), knobs)
     StageConfigs = namedtuple("StageConfigs", list(STAGE_PARAMS))
     return StageConfigs(**documents)
 
@@ -325,6 +326,7 @@ def build_pipeline(options: CompileOptions | None = None) -> Callable:
     )
     def veorl(
         preset: str = "paper",
+        domain: str = "",
         task: str = "",
         algo: str = "",
         model_name: str = "",
@@ -336,8 +338,10 @@ def build_pipeline(options: CompileOptions | None = None) -> Callable:
         """Run the VeoRL workflow end to end.
 
         Args:
-            preset: smoke | cpu | paper (sizes and step counts).
-            task: Meta-World target task (collect.task); empty keeps params.yaml.
+            preset: smoke | cpu | laptop | paper (sizes and step counts).
+            domain: manipulation | driving (environment, target task, source videos, model kind of every stage);
+                empty keeps params.yaml.
+            task: target task (collect.task); empty keeps the domain's / params.yaml's.
             algo: veorl | dreamerv2 | bc (finetune.algo); empty keeps params.yaml.
             model_name: registered model name (register.model_name); empty keeps params.yaml.
             overrides: params overrides such as finetune.policy_steps=1000 (section.key=value).
@@ -349,7 +353,7 @@ def build_pipeline(options: CompileOptions | None = None) -> Callable:
             The registered model version as models:/NAME/VERSION.
         """
         configs = _configure(
-            resolve_op(preset=preset, task=task, algo=algo, model_name=model_name, overrides=overrides),
+            resolve_op(preset=preset, domain=domain, task=task, algo=algo, model_name=model_name, overrides=overrides),
             "resolve-config",
             options,
         )

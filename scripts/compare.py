@@ -47,8 +47,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a file: make `components` and `veorl` importable from the checkout
     sys.path.insert(0, str(REPO))
 
+from veorl.checkpoint import without_legacy  # noqa: E402
 from veorl.config import PRESETS  # noqa: E402
 from veorl.storage import atomic_path, atomic_write_text, read_json  # noqa: E402
+from veorl.trees import flatten  # noqa: E402
 
 # Two-sided 95% Student t quantiles t_{0.975, df} for df = 1..30 (beyond: the normal 1.96 is within 2%).
 _T975 = [
@@ -139,10 +141,12 @@ def stale_reason(path: Path, args: argparse.Namespace, algo: str, seed: int) -> 
     params = load_params(
         args.params, preset=args.preset, overrides=[f"finetune.algo={algo}", f"finetune.seed={seed}", *args.overrides]
     )
-    current = params.section_dict(*[k for k in saved["config"] if k != "preset"])
-    if saved["config"] != current:
-        keys = sorted(k for k in current if saved["config"].get(k) != current[k])
-        return f"it was trained with other settings (sections {keys})"
+    current = params.section_dict(*[k for k in saved["config"] if k not in ("preset", "domain")])
+    # a setting introduced after the run was made counts as what the code did before it existed
+    old, new = without_legacy(flatten(saved["config"])), without_legacy(flatten(current))
+    differ = sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>"))
+    if differ:
+        return f"it was trained with other settings ({', '.join(differ[:6])}{', ...' if len(differ) > 6 else ''})"
     sw = switches(params.finetune)
     if sw.use_mmd and args.clips is None:
         sw = Switches(sw.pretrained_encoder, False, sw.use_latent_action, sw.use_intrinsic)

@@ -9,7 +9,8 @@
 # Lane A: pretraining, then veorl seeds 0 1 2. Lane B: bc seeds 0 1 2 (no world model needed, so it starts at once),
 # then dreamerv2 seeds 0 1 2 once the world model exists. Main runs snapshot their agent every 500 updates (learning
 # curves). With ABLATIONS=1, veorl seed 0 without the intrinsic reward and without the latent-action input (lane B),
-# and without the uncertainty penalty (lane A); the "no video" ablation is the dreamerv2 row itself.
+# and without the uncertainty penalty and with the release's MMD term in the Trunk Net (lane A; three seeds for the
+# latter); the "no video" ablation is the dreamerv2 row itself.
 #
 # Re-running resumes: finished runs are skipped and interrupted ones continue from their checkpoints; OUT/times.txt
 # gets a stamp (seconds since the start of this invocation) after each step.
@@ -35,8 +36,11 @@ stamp() { echo "$1 $(($(date +%s) - t0))" >> times.txt; }
 [ -f data/video_clips/manifest.json ] || { $PY -m components.ingest --params params.yaml --source data/source_videos --out data/video_clips; stamp ingest; }
 [ -f data/target_episodes/card.json ] || { $PY -m components.collect --params params.yaml --out data/target_episodes; stamp collect; }
 
+# fp32 throughout: the published runs were made in fp32, which also gives the same numbers on every CPU
+# (precision auto would train in bf16 on CPUs with AVX512-BF16 or AMX).
+FP32=(--set pretrain.precision=fp32 --set finetune.precision=fp32 --set evaluate.precision=fp32)
 CMP=("$PY" "$REPO/scripts/compare.py" --params params.yaml --world-model models/world_model
-     --episodes data/target_episodes --clips data/video_clips --set evaluate.workers=1)
+     --episodes data/target_episodes --clips data/video_clips --set evaluate.workers=1 "${FP32[@]}")
 lane() {  # NAME RESULTS ARGS...: one compare.py invocation, its own document (the shared one is written at the end)
   local name=$1 results=$2
   shift 2
@@ -60,12 +64,15 @@ set +e
   fi
 ) &
 # Lane A: pretraining, then the VeoRL seeds; then the last ablation.
-$PY -m components.pretrain --params params.yaml --clips data/video_clips --episodes data/target_episodes \
+$PY -m components.pretrain --params params.yaml "${FP32[@]}" --clips data/video_clips --episodes data/target_episodes \
   --out models/world_model --checkpoints checkpoints/pretrain --metrics metrics/pretrain.json \
   --curve metrics/pretrain_curve.csv >> pretrain.log 2>&1 || { echo "pretraining failed: see $OUT/pretrain.log" >&2; touch pretrain.failed; }
 stamp pretrain
 main_runs lane_a_veorl veorl
-[ "$ABLATIONS" = 1 ] && ablation no_uncertainty finetune.ensemble_size=0
+if [ "$ABLATIONS" = 1 ]; then
+  ablation no_uncertainty finetune.ensemble_size=0
+  lane ablation_with_mmd ablations/with_mmd --algos veorl --seeds 0 1 2 --set finetune.use_mmd=true
+fi
 wait
 set -e
 cd "$REPO"
@@ -74,7 +81,7 @@ NOTES=()
 [ -f "docs/results_notes_$TASK.md" ] && NOTES=(--notes "docs/results_notes_$TASK.md")
 "$PY" scripts/compare.py --params "$OUT/params.yaml" --world-model "$OUT/models/world_model" \
   --episodes "$OUT/data/target_episodes" --clips "$OUT/data/video_clips" --results "$OUT/compare" \
-  --set evaluate.workers=1 --snapshot-every "$SNAPSHOT_EVERY" --algos veorl dreamerv2 bc --seeds 0 1 2 --report-only \
+  --set evaluate.workers=1 "${FP32[@]}" --snapshot-every "$SNAPSHOT_EVERY" --algos veorl dreamerv2 bc --seeds 0 1 2 --report-only \
   --section "$TASK" --doc docs/results.md --figure "docs/results_$TASK.png" ${NOTES[@]+"${NOTES[@]}"} || status=$?
 if [ "$ABLATIONS" = 1 ]; then
   # Each row has its own overrides, so these runs are read without a staleness check (see compare.py --help).
@@ -82,7 +89,8 @@ if [ "$ABLATIONS" = 1 ]; then
   [ -f "docs/results_notes_$TASK-ablations.md" ] && NOTES=(--notes "docs/results_notes_$TASK-ablations.md")
   INTRO="VeoRL with one component switched off per row, seed 0 only (the full agent: the three seeds of the \
 comparison above): the intrinsic reward (\`finetune.use_intrinsic=false\`), the latent-action input of actor and \
-critic (\`finetune.use_latent_action=false\`), the uncertainty penalty (\`finetune.ensemble_size=0\`). The \
+critic (\`finetune.use_latent_action=false\`), the uncertainty penalty (\`finetune.ensemble_size=0\`); and with \
+the release's MMD term in the Trunk Net's training (\`finetune.use_mmd=true\`, three seeds). The \
 \"no video\" row is offline DreamerV2, the dreamerv2 runs of the comparison above: VeoRL without any of its video \
 components (no pretrained encoder, no latent actions, no intrinsic reward)."
   "$PY" scripts/compare.py --params "$OUT/params.yaml" --report-only --algos veorl --results "$OUT/ablations" \
@@ -92,6 +100,7 @@ components (no pretrained encoder, no latent actions, no intrinsic reward)."
     --ablation "no intrinsic reward=$OUT/ablations/no_intrinsic" \
     --ablation "no latent-action input=$OUT/ablations/no_latent_action" \
     --ablation "no uncertainty penalty=$OUT/ablations/no_uncertainty" \
+    --ablation "with the Trunk Net MMD term (release)=$OUT/ablations/with_mmd" \
     --ablation "no video (= dreamerv2)=$OUT/compare@dreamerv2" ${NOTES[@]+"${NOTES[@]}"} || status=$?
 fi
 exit "$status"

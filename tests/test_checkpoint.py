@@ -177,3 +177,20 @@ def test_prefetcher_stays_bounded_and_reports_errors():
         with pytest.raises(RuntimeError, match="step 6 failed: disk gone"):
             for _ in it:
                 pass
+
+
+def test_settings_added_later_at_their_old_behaviour_keep_the_identity(tmp_path):
+    """A checkpoint recorded before `precision` and `domain` existed is still found and resumable with them at the
+    values that reproduce the old code (fp32, manipulation); another value is a change of the maths."""
+    from veorl.checkpoint import run_directory
+
+    before = {"preset": "cpu", "finetune": {"lr": 1e-3}}
+    now = {"preset": "cpu", "domain": "manipulation", "finetune": {"lr": 1e-3, "precision": "fp32", "compile": False}}
+    assert run_directory(tmp_path, before, {}) == run_directory(tmp_path, now, {})
+    assert_resumable(before, now)
+    bf16 = {**now, "finetune": {**now["finetune"], "precision": "bf16"}}
+    assert run_directory(tmp_path, before, {}) != run_directory(tmp_path, bf16, {})
+    with pytest.raises(CheckpointMismatch, match="finetune.precision"):
+        assert_resumable(before, bf16)
+    with pytest.raises(CheckpointMismatch, match="domain"):
+        assert_resumable(before, {**now, "domain": "driving"})

@@ -281,6 +281,27 @@ def test_compare_skips_finished_runs_and_writes_the_document(tmp_path):
     assert "| veorl | 2 | 0.750 |" in doc.read_text()
 
 
+def test_runs_recorded_before_a_setting_existed_count_as_its_legacy_value(tmp_path):
+    """A finished run whose provenance predates a setting (no precision, compile or domain recorded) matches an
+    invocation that sets the value the code had before (fp32, not compiled) and not one that changes it."""
+    compare = _compare_module()
+    inputs, results = tmp_path / "none", tmp_path / "results"
+    inputs.mkdir()
+    run = _fake_finished_run(compare, results, "bc", 0, 0.5, 10.0, inputs=inputs, overrides=["finetune.precision=fp32"])
+    provenance = json.loads((run / "agent" / "provenance.json").read_text())
+    for key in ("precision", "compile"):
+        del provenance["config"]["finetune"][key]
+    del provenance["config"]["domain"]
+    (run / "agent" / "provenance.json").write_text(json.dumps(provenance))
+    args = compare.build_parser().parse_args(_compare_argv(inputs, results, tmp_path / "d.md", tmp_path / "f.png"))
+    args.overrides = ["finetune.precision=fp32"]
+    assert compare.stale_reason(run, args, "bc", 0) is None
+    args.overrides = ["finetune.precision=bf16"]
+    assert "finetune.precision" in compare.stale_reason(run, args, "bc", 0)
+    args.overrides = ["finetune.precision=fp32", "finetune.discount=0.5"]
+    assert "finetune.discount" in compare.stale_reason(run, args, "bc", 0)
+
+
 def test_compare_sections_of_two_tasks_share_one_document(tmp_path):
     compare = _compare_module()
     inputs, doc = tmp_path / "none", tmp_path / "docs" / "results.md"

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from veorl.acceleration import autocast
 from veorl.config import ModelParams
 from veorl.models.actor_critic import Actor, PixelPolicy, policy_inputs
 from veorl.models.ban import Codebook
@@ -118,8 +119,10 @@ def save_agent(out_dir: str | Path, modules: nn.ModuleDict, meta: dict[str, Any]
 class Agent:
     """A loaded policy: `initial_state(batch)` then repeated `act(image, state)`."""
 
-    def __init__(self, modules: nn.ModuleDict, meta: dict[str, Any], device: str = "cpu"):
+    def __init__(self, modules: nn.ModuleDict, meta: dict[str, Any], device: str = "cpu", precision: str = "fp32"):
         self.meta = dict(meta)
+        # Resolved (fp32 | bf16, veorl.acceleration): the networks' forward passes while acting.
+        self.precision = precision
         self.algo: str = meta["algo"]
         self.action_dim = int(meta["action_dim"])
         self.image_size = int(meta["image_size"])
@@ -131,7 +134,7 @@ class Agent:
         self.reward_scale = 1.0
 
     @classmethod
-    def load(cls, path: str, device: str = "cpu") -> Agent:
+    def load(cls, path: str, device: str = "cpu", precision: str = "fp32") -> Agent:
         root = Path(path)
         meta_path, weights_path = root / META_FILE, root / WEIGHTS_FILE
         if not meta_path.is_file():
@@ -160,7 +163,7 @@ class Agent:
             modules.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise AgentError(f"{weights_path}: weights do not match {META_FILE}: {exc}") from None
-        agent = cls(modules, meta, device)
+        agent = cls(modules, meta, device, precision)
         head_path = root / REWARD_HEAD_FILE
         if meta.get("reward_head") and head_path.is_file():
             agent.load_reward_head(head_path)
@@ -207,11 +210,15 @@ class Agent:
 
     @torch.no_grad()
     def act(self, image: np.ndarray, state: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        with autocast(self.precision, self.device):
+            return self._act(image, state)
+
+    def _act(self, image: np.ndarray, state: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         pixels = self._check_image(image)
         batch = pixels.shape[0]
         if self.algo == "bc":
             mean, _ = self.modules["policy"](pixels)
-            return mean.cpu().numpy().astype(np.float32), {}
+            return mean.float().cpu().numpy().astype(np.float32), {}
         expected = self.initial_state(batch)
         for key, zeros in expected.items():
             if key not in state:
@@ -229,8 +236,8 @@ class Agent:
             latent_action, _ = self.modules["codebook"].nearest(self.modules["fbc"](feature))
         action = self.modules["actor"](policy_inputs(feature, latent_action)).mode()
         new_state = {"deter": posterior.deter, "stoch": posterior.stoch, "prev_action": action}
-        return action.cpu().numpy().astype(np.float32), {
-            k: v.cpu().numpy().astype(np.float32) for k, v in new_state.items()
+        return action.float().cpu().numpy().astype(np.float32), {
+            k: v.float().cpu().numpy().astype(np.float32) for k, v in new_state.items()
         }
 
 

@@ -33,7 +33,10 @@ LATEST = "latest"
 _NAME = re.compile(r"^ckpt-(\d+)\.pt$")
 
 # Settings that may change between an interrupted run and its resumption: how long to train, how
-# often to log or checkpoint, where and with how many threads to run, how far to prefetch.
+# often to log or checkpoint, where and with how many threads to run, how far to prefetch, whether the networks
+# are compiled (the same maths). Not the precision: the stages record the resolved one (fp32 | bf16) in the config
+# they checkpoint, so a bf16 run is never continued in fp32 (or the other way round) and each trains in its own
+# folder.
 RESUMABLE_CHANGES: tuple[str, ...] = (
     "preset",
     "*.phase1_steps",
@@ -48,7 +51,29 @@ RESUMABLE_CHANGES: tuple[str, ...] = (
     "*.prefetch",
     "*.device",
     "*.threads",
+    "*.compile",
 )
+
+
+# Settings added after checkpoints and runs already existed, at the value that reproduces what the code did before
+# them. Such a setting at that value is left out of a configuration's identity, so a checkpoint or run recorded
+# before it existed is still found and resumed; any other value is a change like any other.
+LEGACY_SETTINGS: dict[str, Any] = {
+    "domain": "manipulation",
+    "*.precision": "fp32",
+    "*.compile": False,
+    "finetune.pretrained_encoder": True,
+    "finetune.snapshot_every": 0,
+}
+
+
+def without_legacy(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flattened configuration without the settings that sit at their pre-existing behaviour."""
+    return {
+        key: value
+        for key, value in flat.items()
+        if not any(fnmatch.fnmatchcase(key, pattern) and value == old for pattern, old in LEGACY_SETTINGS.items())
+    }
 
 
 class CheckpointMismatch(ValueError):
@@ -60,7 +85,7 @@ def config_differences(
 ) -> list[tuple[str, Any, Any]]:
     """(key, saved value, current value) for every key that differs and is not allowed to change."""
     allowed = tuple(allowed)
-    flat_saved, flat_current = flatten(saved), flatten(current)
+    flat_saved, flat_current = without_legacy(flatten(saved)), without_legacy(flatten(current))
     diffs = []
     for key in sorted(set(flat_saved) | set(flat_current)):
         a, b = flat_saved.get(key, "<absent>"), flat_current.get(key, "<absent>")
@@ -96,7 +121,9 @@ def run_directory(
     colliding with the old one; switching back to the earlier setting finds its finished checkpoint again.
     """
     allowed = tuple(allowed)
-    relevant = {k: v for k, v in flatten(config).items() if not any(fnmatch.fnmatchcase(k, p) for p in allowed)}
+    relevant = {
+        k: v for k, v in without_legacy(flatten(config)).items() if not any(fnmatch.fnmatchcase(k, p) for p in allowed)
+    }
     identity = {"config": relevant, "upstream": dict(sorted(upstream.items()))}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return Path(root) / f"run-{digest}"

@@ -1,10 +1,18 @@
 """Typed, validated parameters for every stage.
 
 Resolution order (later wins):
-  1. the field defaults below (the release's numbers from the method doc, i.e. the `paper` sizes),
-  2. the preset named by `preset:` in params.yaml (or `--preset`), which changes sizes and step counts only,
-  3. whatever params.yaml writes explicitly,
-  4. `--set section.key=value` overrides on the command line.
+  1. the field defaults below (the release's numbers from the method doc, i.e. the `paper` sizes, for the
+     manipulation domain: Meta-World),
+  2. the defaults of the domain named by `domain:` (DOMAINS: environment family, target task, source videos,
+     model kind, behaviour-policy calibration; empty for `manipulation`),
+  3. the preset named by `preset:` in params.yaml (or `--preset`), which changes sizes and step counts only,
+  4. the domain's own part of that preset (DOMAIN_PRESETS: e.g. which source tasks the small presets film),
+  5. whatever params.yaml writes explicitly,
+  6. `--set section.key=value` overrides on the command line (`--set domain=driving` included).
+So one `domain:` switch changes every stage, and an explicit key still wins over it. params.yaml therefore
+writes no domain-specific key (environment, task, cameras, ...): written there, it would pin every domain to it.
+A key the domains choose (DOMAIN_CHOSEN) written as null means "the domain's value": params.yaml says
+`collect.task: null`, because DVC needs every key a stage lists in params.yaml.
 
 Unknown keys and bad values fail at load time with the dotted key path and the reason.
 """
@@ -35,14 +43,19 @@ class Section(BaseModel):
 
 
 class SourceVideosParams(Section):
-    """Renders unlabeled source videos from Meta-World tasks other than the target (frames only)."""
+    """Renders unlabeled source videos from tasks other than the target (frames only)."""
 
+    env: Literal["metaworld", "highway"] = Field(
+        default="metaworld", description="Simulator family the source videos are rendered in."
+    )
     tasks: list[str] = Field(
         default=["door-open", "button-press-topdown", "handle-press", "plate-slide", "coffee-push"],
-        description="Meta-World v3 task names (without -v3) to film; must not include the target task.",
+        description="Tasks (Meta-World v3 names without -v3; highway-env scenarios) to film; must not include the "
+        "target task.",
     )
     cameras: list[str] = Field(
-        default=["corner2", "corner3"], description="Cameras filmed, one video per camera per episode."
+        default=["corner2", "corner3"],
+        description="Cameras (Meta-World) or view styles (highway-env) filmed, one video per camera per episode.",
     )
     episodes_per_task: int = Field(default=10, ge=1, description="Scripted episodes rendered per task.")
     episode_length: int = Field(
@@ -54,7 +67,8 @@ class SourceVideosParams(Section):
     camera_jitter: float = Field(
         default=0.03,
         ge=0.0,
-        description="Gaussian sigma (metres) of a per-episode camera position offset, for visual variety.",
+        description="Per-episode view jitter for visual variety: Gaussian sigma of a camera position offset in metres "
+        "(Meta-World) or of a relative zoom change (highway-env).",
     )
     render_size: int = Field(
         default=96, ge=16, description="Rendered frame side in pixels (ingestion resizes it later)."
@@ -104,16 +118,25 @@ class IngestParams(Section):
 class CollectParams(Section):
     """Offline target dataset collection with a degraded scripted behaviour policy."""
 
-    env: Literal["metaworld"] = Field(default="metaworld", description="Simulator family.")
-    task: str = Field(default="drawer-open", description="Meta-World v3 task name (without -v3).")
-    camera: str = Field(default="corner", description="Camera the observations are rendered from.")
+    env: Literal["metaworld", "highway", "carla"] = Field(
+        default="metaworld",
+        description="Simulator family (metaworld: manipulation; highway: highway-env driving; carla: a CARLA 0.9.x "
+        "server, see docs/domains.md).",
+    )
+    task: str = Field(
+        default="drawer-open", description="Target task: a Meta-World v3 task name (without -v3) or a driving scenario."
+    )
+    camera: str = Field(
+        default="corner", description="Camera (Meta-World), view style (highway-env) the observations are rendered in."
+    )
     size: int = Field(default=64, ge=8, description="Observation side in pixels.")
     episodes: int = Field(default=20, ge=1, description="Episodes collected.")
     episode_length: int = Field(
         default=500,
         ge=2,
         le=500,
-        description="Environment steps per episode (action repeat 1; Meta-World's own limit is 500).",
+        description="Environment steps per episode (action repeat 1; Meta-World's own limit is 500; a driving step "
+        "is 0.2 s).",
     )
     quality: Literal["expert", "medium", "mixed"] = Field(default="medium", description="Behaviour data quality level.")
     medium_random_prob: float = Field(
@@ -231,6 +254,17 @@ class PretrainParams(Section):
         description="torch intra-op threads; 0 = all cores (the cpu preset uses 1: "
         "faster on a small shared CPU, and leaves a core to the prefetch thread).",
     )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto",
+        description="Numeric precision of the networks' forward passes: bf16 = bf16 autocast (losses, KL, returns, "
+        "weights and optimiser state stay fp32); auto = bf16 on a CPU with AVX512-BF16 or AMX or on a CUDA GPU with "
+        "bf16, fp32 elsewhere (resolved once per stage and recorded in its metrics and MLflow params).",
+    )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the forward of the encoder, decoders, MLPs (heads, actor, critic) and BAN "
+        "(the RSSM time loops stay eager); the first updates are slower while it compiles.",
+    )
 
 
 class FinetuneParams(Section):
@@ -341,6 +375,17 @@ class FinetuneParams(Section):
     seed: int = Field(default=0, description="Seed of batches, initialisation and imagination noise.")
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N.")
     threads: int = Field(default=0, ge=0, description="torch intra-op threads; 0 = all cores.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto",
+        description="Numeric precision of the networks' forward passes: bf16 = bf16 autocast (losses, KL, returns, "
+        "weights and optimiser state stay fp32); auto = bf16 on a CPU with AVX512-BF16 or AMX or on a CUDA GPU with "
+        "bf16, fp32 elsewhere (resolved once per stage and recorded in its metrics and MLflow params).",
+    )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the forward of the encoder, decoders, MLPs (heads, actor, critic) and BAN "
+        "(the RSSM time loops stay eager); the first updates are slower while it compiles.",
+    )
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
@@ -357,6 +402,11 @@ class EvaluateParams(Section):
     )
     video_fps: int = Field(default=30, ge=1, description="Frame rate of the rollout videos.")
     device: str = Field(default="cpu", description="Device the agent acts on (cpu | cuda | cuda:N).")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto",
+        description="Numeric precision of the agent's networks while acting: bf16 autocast or fp32; auto = bf16 "
+        "where the evaluation device has native bf16 (resolved once, recorded in metrics.json and MLflow params).",
+    )
 
 
 class RegisterParams(Section):
@@ -392,6 +442,7 @@ class TrackingParams(Section):
 
 
 PresetName = Literal["smoke", "cpu", "laptop", "paper"]
+DomainName = Literal["manipulation", "driving", "game"]
 
 
 with warnings.catch_warnings():
@@ -403,6 +454,12 @@ with warnings.catch_warnings():
             default="cpu",
             description="Sizes and step counts: smoke (tests), cpu (default, ~10 min), laptop (a working agent in "
             "under an hour on 2 cores), paper (GPU cluster).",
+        )
+        domain: DomainName = Field(
+            default="manipulation",
+            description="Paper domain: manipulation (Meta-World), driving (highway-env; CARLA with a server), game "
+            "(not implemented yet). Selects every stage's environment, task, source videos and model kind; "
+            "explicit keys still win (docs/domains.md).",
         )
         source_videos: SourceVideosParams = Field(default_factory=SourceVideosParams)
         ingest: IngestParams = Field(default_factory=IngestParams)
@@ -416,6 +473,12 @@ with warnings.catch_warnings():
 
         @model_validator(mode="after")
         def _cross_checks(self) -> Params:
+            envs = DOMAIN_ENVS.get(self.domain, ())
+            for key, env in (("collect.env", self.collect.env), ("source_videos.env", self.source_videos.env)):
+                if env not in envs:
+                    raise ValueError(
+                        f"{key}={env!r} does not belong to domain={self.domain!r} (its environments: {list(envs)})"
+                    )
             if self.pretrain.source_len > self.ingest.window:
                 raise ValueError(
                     f"pretrain.source_len ({self.pretrain.source_len}) exceeds ingest.window ({self.ingest.window})"
@@ -436,7 +499,7 @@ with warnings.catch_warnings():
 
         def section_dict(self, *names: str) -> dict[str, Any]:
             data = self.model_dump(by_alias=True, mode="json")
-            return {"preset": data["preset"], **{n: data[n] for n in names}}
+            return {"preset": data["preset"], "domain": data["domain"], **{n: data[n] for n in names}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -472,12 +535,8 @@ _SMALL_MODEL = {
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "cpu": {
-        "source_videos": {
-            "episodes_per_task": 3,
-            "episode_length": 150,
-            "tasks": ["door-open", "button-press-topdown", "handle-press"],
-        },
-        "collect": {"episodes": 12, "episode_length": 200, "medium_random_prob": 0.45},
+        "source_videos": {"episodes_per_task": 3, "episode_length": 150},
+        "collect": {"episodes": 12, "episode_length": 200},
         "model": {
             "cnn_depth": 16,
             "deter": 128,
@@ -523,13 +582,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ingest": {"window": 25, "stride": 12},
     },
     "smoke": {
-        "source_videos": {
-            "episodes_per_task": 1,
-            "episode_length": 30,
-            "tasks": ["door-open", "button-press-topdown"],
-            "cameras": ["corner2"],
-            "workers": 1,
-        },
+        "source_videos": {"episodes_per_task": 1, "episode_length": 30, "workers": 1},
         "ingest": {"window": 12, "stride": 6, "clips_per_shard": 16, "workers": 1},
         "collect": {"episodes": 2, "episode_length": 40, "workers": 1},
         "model": _SMALL_MODEL,
@@ -568,15 +621,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # A working agent on a 2-core laptop: the cpu preset's network and batch sizes with enough target data (50 medium
-# episodes) and updates to train on them (whole chain under an hour). The source tasks leave out both tasks the
-# results compare on (drawer-open, handle-press).
+# episodes) and updates to train on them (whole chain under an hour).
 PRESETS["laptop"] = deep_merge(
     PRESETS["cpu"],
     {
-        "source_videos": {
-            "episodes_per_task": 4,
-            "tasks": ["door-open", "button-press-topdown", "plate-slide", "coffee-push"],
-        },
+        "source_videos": {"episodes_per_task": 4},
         "collect": {"episodes": 50},
         "pretrain": {
             "phase1_steps": 600,
@@ -598,6 +647,99 @@ PRESETS["laptop"] = deep_merge(
         "evaluate": {"episodes": 10},
     },
 )
+
+
+# ----------------------------------------------------------------------------------------------
+# Domains: one switch for every stage (see the module docstring for where they sit in the resolution order).
+# ----------------------------------------------------------------------------------------------
+
+DOMAIN_ENVS: dict[str, tuple[str, ...]] = {
+    "manipulation": ("metaworld",),
+    "driving": ("highway", "carla"),  # carla: collect/evaluate against a user's CARLA server (docs/domains.md)
+    "game": (),
+}
+"""Environment families each domain's collect/source-video stages may use (a cross-check of Params)."""
+
+DOMAINS: dict[str, dict[str, Any]] = {
+    # The field defaults are Meta-World's (the release's), so the manipulation domain adds nothing.
+    "manipulation": {},
+    "driving": {
+        # Source videos: other highway-env scenarios (never the target's), filmed in other view styles.
+        "source_videos": {
+            "env": "highway",
+            "tasks": ["merge", "roundabout", "intersection"],
+            "cameras": ["wide", "night"],
+            "action_noise": 0.05,
+            "camera_jitter": 0.1,
+        },
+        # Target: 4-lane highway with traffic, continuous [throttle, steer], 64x64 top-down, 200 steps = 40 s.
+        # Behaviour calibration (highway, 200 steps, 10 episodes each; collision = crash or leaving the road):
+        #   expert (noise 0.1)                        0% collisions, return ~100 (expert without noise ~110)
+        #   medium noise 0.15, random_prob 0.02       50% collisions, return 61 +- 36   <- default
+        #   medium noise 0.15, random_prob 0.03       60% collisions, return 57 +- 38
+        #   noise 0.5 alone                           88% collisions (steering noise sends the car off the road)
+        "collect": {
+            "env": "highway",
+            "task": "highway",
+            "camera": "topdown",
+            "episode_length": 200,
+            "medium_noise": 0.15,
+            "medium_random_prob": 0.02,
+        },
+        "model": {"rssm_kind": "gaussian"},  # continuous actions: the actor kind follows the data (its card)
+        # The paper reports driving by episode return; a success is rarer and coarser (no collision for 40 s).
+        "register": {"metric": "mean_return"},
+    },
+}
+"""Domain defaults: applied over the field defaults and under the preset (`resolve`)."""
+
+DOMAIN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # What a preset sets that only makes sense for one domain (task names, cameras, behaviour calibration);
+    # applied over the preset's sizes.
+    "manipulation": {
+        "cpu": {
+            "source_videos": {"tasks": ["door-open", "button-press-topdown", "handle-press"]},
+            "collect": {"medium_random_prob": 0.45},
+        },
+        "smoke": {"source_videos": {"tasks": ["door-open", "button-press-topdown"], "cameras": ["corner2"]}},
+        # The laptop's source tasks leave out both tasks the results compare on (drawer-open, handle-press).
+        "laptop": {
+            "source_videos": {"tasks": ["door-open", "button-press-topdown", "plate-slide", "coffee-push"]},
+            "collect": {"medium_random_prob": 0.45},
+        },
+    },
+    "driving": {
+        # smoke: one short source scenario in one style, so the whole chain stays at seconds.
+        "smoke": {"source_videos": {"tasks": ["merge"], "cameras": ["wide"]}},
+    },
+}
+
+NOT_IMPLEMENTED_DOMAINS = {"game": "not implemented yet (issue 9: crafter)"}
+
+
+def _dotted_keys(tree: dict[str, Any], prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for key, value in tree.items():
+        keys |= _dotted_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"}
+    return keys
+
+
+DOMAIN_CHOSEN: frozenset[str] = frozenset(
+    {"collect.task"}
+    | {k for layer in DOMAINS.values() for k in _dotted_keys(layer)}
+    | {k for presets in DOMAIN_PRESETS.values() for layer in presets.values() for k in _dotted_keys(layer)}
+)
+"""Keys some domain sets; null for one of them in params.yaml or an override means "the domain's value"."""
+
+
+def _drop_domain_nulls(raw: dict[str, Any]) -> None:
+    for dotted in DOMAIN_CHOSEN:
+        *sections, key = dotted.split(".")
+        node: Any = raw
+        for part in sections:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and key in node and node[key] is None:
+            del node[key]
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:
@@ -659,7 +801,19 @@ def resolve(
             f"invalid parameters ({origin}):\n  preset: must be one of {sorted(PRESETS)} (got {chosen!r})"
         )
     raw["preset"] = chosen
-    merged = deep_merge(PRESETS[chosen], raw)
+    domain = raw.get("domain", "manipulation")
+    if not isinstance(domain, str) or domain not in DOMAIN_ENVS:
+        raise ConfigError(
+            f"invalid parameters ({origin}):\n  domain: must be one of {sorted(DOMAIN_ENVS)} (got {domain!r})"
+        )
+    if domain in NOT_IMPLEMENTED_DOMAINS:
+        raise ConfigError(f"invalid parameters ({origin}):\n  domain: {domain!r} is {NOT_IMPLEMENTED_DOMAINS[domain]}")
+    raw["domain"] = domain
+    _drop_domain_nulls(raw)
+    layers = [DOMAINS[domain], PRESETS[chosen], DOMAIN_PRESETS.get(domain, {}).get(chosen, {}), raw]
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = deep_merge(merged, layer)
     try:
         return Params.model_validate(merged)
     except ValidationError as err:

@@ -5,6 +5,9 @@ fork- nor pickle-safe), then plays whole episodes with the deterministic policy:
 reset with seed `seed + i`, so a result does not depend on how episodes were spread over workers.
 A policy that raises or emits a non-finite action stops the evaluation with an EvaluationError
 naming the episode and the step; nothing is averaged over the episodes that did finish.
+
+Simulators whose steps report info["collision"] (driving) add a collision rate: the share of episodes that
+ended in a collision (or by leaving the road). Their success is "no collision and reached the end".
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class EpisodeResult:
     success: bool
     length: int
     video: str | None = None
+    collision: bool | None = None  # driving: the episode ended in a collision; None where the simulator has none
     predicted_return: float | None = None  # the world model's reward summed over the steps it was compared on
     simulator_return: float | None = None  # the simulator's reward over the same steps
     reward_correlation: float | None = None  # per-step correlation of the two (nan when either is constant)
@@ -62,6 +66,7 @@ def play_episode(
     state = agent.initial_state(1)
     frames: list[np.ndarray] = [obs["image"]] if record else []
     total, success, steps = 0.0, False, 0
+    collision: bool | None = None
     # The world model's reward on each state the agent filtered, against the reward that came with that
     # observation (the first observation comes with none).
     compare = getattr(agent, "reward_head", None) is not None
@@ -92,6 +97,8 @@ def play_episode(
         total += float(reward)
         last_reward = float(reward)
         success = success or bool(info.get("success", False))
+        if "collision" in info:
+            collision = bool(collision) or bool(info["collision"])
         steps = step + 1
         if record:
             frames.append(obs["image"])
@@ -106,7 +113,10 @@ def play_episode(
             "simulator_return": float(r.sum()),
             "reward_correlation": correlation,
         }
-    return EpisodeResult(episode=episode, seed=seed, ret=total, success=success, length=steps, **comparison), frames
+    result = EpisodeResult(
+        episode=episode, seed=seed, ret=total, success=success, length=steps, collision=collision, **comparison
+    )
+    return result, frames
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,7 +126,7 @@ def play_episode(
 _worker: dict[str, Any] = {}
 
 
-def _init_worker(agent_dir: str, device: str, threads: int) -> None:
+def _init_worker(agent_dir: str, device: str, threads: int, precision: str = "fp32") -> None:
     import torch
 
     from veorl.agent import Agent
@@ -124,7 +134,7 @@ def _init_worker(agent_dir: str, device: str, threads: int) -> None:
 
     if threads > 0:  # 0 = leave torch's setting as it is
         torch.set_num_threads(threads)
-    agent = Agent.load(agent_dir, device=device)
+    agent = Agent.load(agent_dir, device=device, precision=precision)
     meta = agent.meta
     env = make_env(
         env=meta["env"],
@@ -173,8 +183,12 @@ def evaluate_agent(
     device: str = "cpu",
     fps: int = 30,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> list[EpisodeResult]:
-    """Play `episodes` deterministic episodes (episode i seeded `seed + i`); the first `videos` are rendered to MP4."""
+    """Play `episodes` deterministic episodes (episode i seeded `seed + i`); the first `videos` are rendered to MP4.
+
+    `precision` (fp32 | bf16, resolved by the caller) is what the agent's networks act in.
+    """
     from tqdm import tqdm
 
     if videos and video_dir is None:
@@ -199,7 +213,7 @@ def evaluate_agent(
             jobs,
             workers,
             initializer=_init_worker,
-            initargs=(str(agent_dir), device, 1 if workers > 1 else 0),
+            initargs=(str(agent_dir), device, 1 if workers > 1 else 0, precision),
             cleanup=_close_worker,
         )
         # closing(): raising below stops the other workers now, not whenever the generator is collected.
@@ -224,7 +238,7 @@ def summarise(results: list[EpisodeResult]) -> dict[str, float | int]:
     returns = np.array([r.ret for r in results], dtype=np.float64)
     successes = np.array([r.success for r in results], dtype=np.float64)
     lengths = np.array([r.length for r in results], dtype=np.float64)
-    return {
+    summary = {
         "episodes": len(results),
         "mean_return": float(returns.mean()),
         "std_return": float(returns.std()),
@@ -232,6 +246,9 @@ def summarise(results: list[EpisodeResult]) -> dict[str, float | int]:
         "success_std": float(successes.std()),
         "mean_length": float(lengths.mean()),
     }
+    if any(r.collision is not None for r in results):
+        summary["collision_rate"] = float(np.mean([bool(r.collision) for r in results]))
+    return summary
 
 
 def reward_diagnostics(results: list[EpisodeResult]) -> dict[str, float] | None:
@@ -258,9 +275,11 @@ def write_episodes_csv(path: str | Path, results: list[EpisodeResult]) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="") as fh:
             writer = csv.writer(fh)
-            writer.writerow(["episode", "return", "success", "length"])
+            collisions = any(r.collision is not None for r in results)
+            writer.writerow(["episode", "return", "success", "length"] + (["collision"] if collisions else []))
             for r in results:
-                writer.writerow([r.episode, f"{r.ret:.6f}", int(r.success), r.length])
+                row = [r.episode, f"{r.ret:.6f}", int(r.success), r.length]
+                writer.writerow(row + ([int(bool(r.collision))] if collisions else []))
 
 
 def plot_returns(path: str | Path, results: list[EpisodeResult], title: str) -> None:

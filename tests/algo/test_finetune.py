@@ -390,7 +390,7 @@ def test_resume_continues_exactly_where_an_interrupted_run_stopped(inputs, tmp_p
     from components.finetune import run
 
     def train(out: Path, *overrides: str) -> dict[str, torch.Tensor]:
-        params = smoke_params("finetune.checkpoint_every=1", *overrides)
+        params = smoke_params("finetune.checkpoint_every=1", "finetune.precision=fp32", *overrides)
         run(
             str(inputs["world_model"]),
             str(inputs["episodes"]),
@@ -426,7 +426,7 @@ def test_killed_runs_resume_to_the_uninterrupted_result(inputs, tmp_path):
 
     # Checkpoints at global steps 2, 3 (world-model end), 5 and 6 (policy end); rows every 3 updates of a phase
     # (its end here), so the checkpoints at steps 2 and 5 hold an open window of two updates that must be restored.
-    params = smoke_params("finetune.checkpoint_every=2", "finetune.log_every=3")
+    params = smoke_params("finetune.checkpoint_every=2", "finetune.log_every=3", "finetune.precision=fp32")
 
     def train(out: Path, kill_at: int | None = None) -> None:
         def on_step(global_step: int) -> None:
@@ -470,6 +470,7 @@ def test_killed_runs_resume_to_the_uninterrupted_result(inputs, tmp_path):
     ]
     summary = json.loads((tmp_path / "killed" / "m.json").read_text())
     assert summary["resumed"] and summary["updates"] == {"world_model": 3, "policy": 3}
+    assert summary["precision"] == "fp32" and summary["compile"] is False
 
 
 def test_other_settings_train_in_their_own_checkpoint_folder(inputs, tmp_path):

@@ -160,10 +160,18 @@ def test_stage_documents_change_only_where_a_stage_reads(repo_params, params):
 
 
 def test_stage_keys_are_the_read_keys_plus_their_cross_checked_partners():
-    assert steps.stage_keys("finetune") == ("preset", "model", "finetune", "tracking", "ingest.size", "collect.size")
-    assert steps.stage_keys("ingest") == ("preset", "ingest", "pretrain.source_len", "model.image_size")
-    assert steps.stage_keys("source_videos") == ("preset", "source_videos", "collect.task")
-    assert steps.stage_keys("register") == ("preset", "register", "tracking")
+    assert steps.stage_keys("finetune") == (
+        "preset",
+        "domain",
+        "model",
+        "finetune",
+        "tracking",
+        "ingest.size",
+        "collect.size",
+    )
+    assert steps.stage_keys("ingest") == ("preset", "domain", "ingest", "pretrain.source_len", "model.image_size")
+    assert steps.stage_keys("source_videos") == ("preset", "domain", "source_videos", "collect.task")
+    assert steps.stage_keys("register") == ("preset", "domain", "register", "tracking")
     for stage, read in steps.STAGE_PARAMS.items():
         assert set(read) <= set(steps.stage_keys(stage)) | {"preset"}
 

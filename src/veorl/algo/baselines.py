@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from veorl.acceleration import module_device
 from veorl.algo.loop import Trainer, detached
 from veorl.config import FinetuneParams
 from veorl.models.actor_critic import PixelPolicy
@@ -88,13 +89,15 @@ class BehaviourCloning(Trainer):
 
     name = "bc"
 
-    def __init__(self, policy: PixelPolicy, fp: FinetuneParams):
+    def __init__(self, policy: PixelPolicy, fp: FinetuneParams, precision: str = "fp32"):
         self.policy, self.fp = policy, fp
+        self.precision, self.autocast_device = precision, module_device(policy)
         self.optimizer = torch.optim.Adam(policy.parameters(), lr=fp.bc_optim.lr, eps=fp.bc_optim.eps)
 
     def losses(self, batch: dict[str, torch.Tensor]) -> BCLosses:
         frames, targets = bc_pairs(batch["image"], batch["action"])
-        return bc_loss(self.policy, frames, targets, self.fp.bc_loss)
+        with self.autocast():
+            return bc_loss(self.policy, frames, targets, self.fp.bc_loss)
 
     def update(self, batch: dict[str, torch.Tensor]) -> BCLosses:
         losses = self.losses(batch)

@@ -26,7 +26,6 @@ critic before the policy phase starts) is rebuilt identically.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -36,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from veorl.acceleration import clone_module, module_device
 from veorl.algo.baselines import BehaviourCloning, Switches, switches
 from veorl.algo.imagination import (
     BehaviourGuidance,
@@ -133,9 +133,11 @@ class WorldModelPhase(Trainer):
         sw: Switches,
         video_wm: VideoWorldModel | None = None,
         guidance: BehaviourGuidance | None = None,
+        precision: str = "fp32",
     ):
         fp = params.finetune
         self.trunk, self.fp, self.sw, self.video_wm, self.guidance = trunk, fp, sw, video_wm, guidance
+        self.precision, self.autocast_device = precision, module_device(trunk)
         self.optimizer = torch.optim.Adam(trunk.parameters(), lr=fp.world_model_optim.lr, eps=fp.world_model_optim.eps)
         self.train_guidance = guidance is not None and guidance.mode == "aligned"
         self.guidance_optimizer = None
@@ -151,6 +153,10 @@ class WorldModelPhase(Trainer):
 
     def losses(self, batch: Batch) -> WorldModelLosses:
         """The terms of one batch (image, action, reward [, source clips]); a pure function of the batch."""
+        with self.autocast():
+            return self._losses(batch)
+
+    def _losses(self, batch: Batch) -> WorldModelLosses:
         fp = self.fp
         image = preprocess(batch["image"])
         trunk = trunk_world_model_loss(
@@ -294,6 +300,7 @@ class PolicyPhase(Trainer):
         params: Params,
         sw: Switches,
         guidance: BehaviourGuidance | None = None,
+        precision: str = "fp32",
     ):
         fp = params.finetune
         if sw.needs_guidance and guidance is None:
@@ -301,7 +308,8 @@ class PolicyPhase(Trainer):
         if fp.uncertainty_weight > 0 and fp.ensemble_size and trunk.ensemble is None:
             raise FinetuneError("finetune.uncertainty_weight > 0 needs the Trunk Net's prior ensemble (ensemble_size)")
         self.trunk, self.actor, self.critic, self.fp, self.sw, self.guidance = trunk, actor, critic, fp, sw, guidance
-        self.slow_critic = copy.deepcopy(critic).requires_grad_(False)
+        self.precision, self.autocast_device = precision, module_device(trunk)
+        self.slow_critic = clone_module(critic).requires_grad_(False)
         self.actor_optimizer = torch.optim.Adam(actor.parameters(), lr=fp.actor_optim.lr, eps=fp.actor_optim.eps)
         self.critic_optimizer = torch.optim.Adam(critic.parameters(), lr=fp.critic_optim.lr, eps=fp.critic_optim.eps)
         self.normaliser = ReturnNormaliser(fp.return_norm_decay) if fp.return_norm == "percentile" else None
@@ -414,6 +422,10 @@ class PolicyPhase(Trainer):
         return self._losses_and_returns(batch)[0]
 
     def _losses_and_returns(self, batch: Batch) -> tuple[PolicyLosses, torch.Tensor, StartStates]:
+        with self.autocast():
+            return self._policy_terms(batch)
+
+    def _policy_terms(self, batch: Batch) -> tuple[PolicyLosses, torch.Tensor, StartStates]:
         start = self.start_states(batch)
         if self.penalise and self.disagreement_on_data is None:
             self._track_disagreement(start.states)  # the first batch sets the unit before any penalty
@@ -540,11 +552,35 @@ def build_guidance(
     """aligned: a trainable copy of F_BC and a new state map; release: the pretrained F_BC as it is."""
     video_wm.requires_grad_(False)
     if mode == "aligned":
-        fbc = copy.deepcopy(video_wm.fbc).requires_grad_(True)
+        fbc = clone_module(video_wm.fbc).requires_grad_(True)
         state_map = PlanStateMap(trunk.feat_dim, video_wm.plan_net, units=model.head_units, layers=2)
         return BehaviourGuidance(fbc, video_wm.codebook, video_wm.plan_net, "aligned", state_map)
     check_release_compatible(trunk.trunk_net, video_wm.plan_net)
     return BehaviourGuidance(video_wm.fbc, video_wm.codebook, video_wm.plan_net, "release")
+
+
+def build_model_based(
+    params: Params,
+    sw: Switches,
+    action_dim: int,
+    action_kind: str,
+    video_wm: VideoWorldModel | None,
+    device: str | torch.device = "cpu",
+) -> tuple[TrunkWorldModel, BehaviourGuidance | None, Actor, Critic]:
+    """The networks of veorl and dreamerv2 fine-tuning, built in this fixed order (what a resumed run rebuilds):
+    the Trunk Net world model (encoder from `video_wm` with the pretrained-encoder switch), the guidance (when a
+    switch needs it), the actor and the critic."""
+    fp, model = params.finetune, params.model
+    trunk = build_trunk_world_model(
+        model, action_dim, video_wm if sw.pretrained_encoder else None, ensemble_size=fp.ensemble_size
+    ).to(device)
+    guidance = build_guidance(video_wm, trunk, fp.guidance, model).to(device) if sw.needs_guidance else None
+    feat_dim = trunk.feat_dim + (model.latent_action_dim if sw.use_latent_action else 0)
+    actor = Actor(
+        feat_dim, action_dim, model.actor_units, model.actor_layers, kind=action_kind, min_std=model.actor_min_std
+    ).to(device)
+    critic = Critic(feat_dim, model.critic_units, model.critic_layers).to(device)
+    return trunk, guidance, actor, critic
 
 
 # ------------------------------------------------------------------------------------------------
@@ -623,6 +659,7 @@ def finetune(
     on_step(global_step) is called after every update (tests use it to simulate a kill).
     """
     from veorl import tracking
+    from veorl.acceleration import compile_networks, resolve_precision
     from veorl.agent import REWARD_HEAD_FILE, assemble_agent, save_agent
     from veorl.checkpoint import run_directory
     from veorl.data.clips import ClipStore
@@ -638,6 +675,7 @@ def finetune(
     fp, model = params.finetune, params.model
     sw = switches(fp)
     device = resolve_device(fp.device)
+    precision = resolve_precision(fp.precision, device)  # once for the stage
     configure_torch_threads(fp.threads)
     torch.manual_seed(fp.seed)
 
@@ -663,6 +701,8 @@ def finetune(
         check_pretrained_sizes(model, video_wm, world_model)
     upstream = upstream_hashes(world_model, episodes, clips, sw)
     config = params.section_dict(*SECTIONS)
+    # The precision that runs, not `auto`: a checkpoint continues only in the precision it was trained in.
+    config["finetune"]["precision"] = precision
     # one folder per (maths-relevant config, inputs): a new world model or a `dvc exp run -S` variation
     # trains in its own folder instead of being refused by the persisted one
     run_dir = run_directory(checkpoints, config, upstream) if checkpoints else None
@@ -674,24 +714,17 @@ def finetune(
         policy = PixelPolicy(model.cnn_depth, action_dim, model.actor_units, model.actor_layers).to(device)
         bc_batches = EpisodeWindowSampler(store, fp.batch, fp.seq_len, fp.seed, BC_STREAM, keys=("image", "action"))
         phases = [
-            Phase("bc", fp.bc_steps, lambda: BehaviourCloning(policy, fp), bc_batches, fp.batch * (fp.seq_len - 1))
+            Phase(
+                "bc",
+                fp.bc_steps,
+                lambda: BehaviourCloning(policy, fp, precision),
+                bc_batches,
+                fp.batch * (fp.seq_len - 1),
+            )
         ]
     else:
-        trunk = build_trunk_world_model(
-            model, action_dim, video_wm if sw.pretrained_encoder else None, ensemble_size=fp.ensemble_size
-        ).to(device)
-        if sw.needs_guidance:
-            guidance = build_guidance(video_wm, trunk, fp.guidance, model).to(device)
-        feat_dim = trunk.feat_dim + (model.latent_action_dim if sw.use_latent_action else 0)
-        actor = Actor(
-            feat_dim,
-            action_dim,
-            model.actor_units,
-            model.actor_layers,
-            kind=meta["action_kind"],
-            min_std=model.actor_min_std,
-        ).to(device)
-        critic = Critic(feat_dim, model.critic_units, model.critic_layers).to(device)
+        kind = meta["action_kind"]
+        trunk, guidance, actor, critic = build_model_based(params, sw, action_dim, kind, video_wm, device)
         target = EpisodeWindowSampler(
             store, fp.batch, fp.seq_len, fp.seed, TARGET_STREAM, keys=("image", "action", "reward")
         )
@@ -705,7 +738,7 @@ def finetune(
             return batch
 
         def policy_phase() -> PolicyPhase:
-            phase = PolicyPhase(trunk, actor, critic, params, sw, guidance)
+            phase = PolicyPhase(trunk, actor, critic, params, sw, guidance, precision)
             phase.freeze_world_model()
             return phase
 
@@ -713,12 +746,15 @@ def finetune(
             Phase(
                 "world_model",
                 fp.world_model_steps,
-                lambda: WorldModelPhase(trunk, params, sw, video_wm, guidance),
+                lambda: WorldModelPhase(trunk, params, sw, video_wm, guidance, precision),
                 world_model_batch,
                 windows,
             ),
             Phase("policy", fp.policy_steps, policy_phase, starts, windows * fp.horizon),
         ]
+
+    if fp.compile:
+        compile_networks(trunk, video_wm, guidance, actor, critic, policy)
 
     def write_agent(
         progress: dict[str, int], folder: str | Path, run_id: str | None, diagnostics: dict[str, Any] | None = None
@@ -805,6 +841,8 @@ def finetune(
         upstream=upstream,
         tags={"veorl.algo": fp.algo, "veorl.guidance": fp.guidance},
     ) as stage:
+        tracking.log_params({"finetune.precision_resolved": precision})
+        log.info("finetune: %s forward passes%s", precision, ", compiled networks" if fp.compile else "")
         result = loop.run(stage.run_id)
 
         # -- the agent artifact ----------------------------------------------------------------------
@@ -815,6 +853,8 @@ def finetune(
             "algo": fp.algo,
             **result.summary(),
             "task": meta["task"],
+            "precision": precision,
+            "compile": fp.compile,
             "agent": str(out),
             "mlflow_run_id": stage.run_id,
         }
@@ -839,6 +879,7 @@ __all__ = [
     "WorldModelLosses",
     "WorldModelPhase",
     "build_guidance",
+    "build_model_based",
     "dataset_metadata",
     "finetune",
     "upstream_hashes",

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from veorl import tracking
+from veorl import acceleration, tracking
 from veorl.checkpoint import CheckpointManager, CheckpointMismatch, assert_resumable
 from veorl.data.samplers import Prefetcher
 from veorl.storage import atomic_path
@@ -78,9 +78,19 @@ class Trainer(abc.ABC):
     `state_dict` holds everything needed to continue this phase from where it is: the weights of every
     module the phase reads or trains (also the frozen ones it inherited from earlier phases) and its own
     optimiser states and counters. A checkpoint stores only the state of the phase in progress.
+
+    `precision` (resolved: fp32 | bf16, set by the constructor from the stage's setting) is what the forward
+    passes of `update` (and of `losses`, where a trainer has it) run in: `with self.autocast():` around them,
+    losses and optimiser steps in fp32 (veorl.acceleration).
     """
 
     name: str = ""
+    precision: str = "fp32"
+    autocast_device: torch.device = torch.device("cpu")
+
+    def autocast(self):
+        """The region the trainer's forward passes run in: bf16 autocast with precision bf16, nothing with fp32."""
+        return acceleration.autocast(self.precision, self.autocast_device)
 
     @abc.abstractmethod
     def update(self, batch: Any) -> Any:

@@ -114,8 +114,10 @@ class PhaseTrainer(Trainer):
     to each row) and since the last figure (the usage figure).
     """
 
-    def __init__(self, model: VideoWorldModel, cfg: PretrainParams):
+    def __init__(self, model: VideoWorldModel, cfg: PretrainParams, precision: str = "fp32"):
         self.model, self.cfg = model, cfg
+        self.precision = precision  # resolved (fp32 | bf16): the stage resolves pretrain.precision once
+        self.autocast_device = model.codebook.vectors.device
         self.parameters = [p for m in self.trainable_modules() for p in m.parameters()]
         self.optimizer = torch.optim.Adam(self.parameters, lr=cfg.optim.lr, eps=cfg.optim.eps)
         # Kept on the model's device so counting never waits for it.
@@ -133,11 +135,13 @@ class PhaseTrainer(Trainer):
 
     def losses(self, batch: Batch) -> Any:
         """The loss terms of one batch (a pure function of the batch and torch's RNG); `loss` is minimised."""
-        return self.forward(batch)[0]
+        with self.autocast():
+            return self.forward(batch)[0]
 
     def update(self, batch: Batch) -> Any:
         self.optimizer.zero_grad(set_to_none=True)
-        losses, codes = self.forward(batch)
+        with self.autocast():
+            losses, codes = self.forward(batch)
         losses.loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.cfg.optim.grad_clip)
         self.optimizer.step()
@@ -201,8 +205,8 @@ class Phase1Trainer(PhaseTrainer):
 
     name = "phase1"
 
-    def __init__(self, model: VideoWorldModel, cfg: PretrainParams):
-        super().__init__(model, cfg)
+    def __init__(self, model: VideoWorldModel, cfg: PretrainParams, precision: str = "fp32"):
+        super().__init__(model, cfg, precision)
         # Code counts since the last dead-code restart, and updates taken (the restart schedule).
         self.restart_usage = torch.zeros_like(self.usage)
         self.updates = 0
@@ -338,10 +342,10 @@ class Phase2Trainer(PhaseTrainer):
 
     name = "phase2"
 
-    def __init__(self, model: VideoWorldModel, cfg: PretrainParams):
+    def __init__(self, model: VideoWorldModel, cfg: PretrainParams, precision: str = "fp32"):
         if not bool(model.behaviour_frozen):
             raise RuntimeError("phase 2 needs the phase-1 BAN side frozen: call model.freeze_behaviours() first")
-        super().__init__(model, cfg)
+        super().__init__(model, cfg, precision)
 
     def trainable_modules(self) -> list[nn.Module]:
         m = self.model
@@ -528,11 +532,13 @@ def pretrain(
 
     on_step(global_step) is called after every update (tests use it to simulate a kill).
     """
+    from veorl.acceleration import compile_networks, resolve_precision
     from veorl.runtime import configure_torch_threads, resolve_device
 
     cfg = params.pretrain
     configure_torch_threads(cfg.threads)
     device = torch.device(resolve_device(cfg.device))
+    precision = resolve_precision(cfg.precision, device)  # once for the stage
     clip_store = ClipStore(clips)
     if clip_store.size != params.model.image_size:
         raise ValueError(
@@ -545,9 +551,13 @@ def pretrain(
     ClipSampler(clip_store, cfg.source_batch, cfg.source_len, cfg.seed)
     upstream = upstream_hashes(clips, episodes)
     config = params.section_dict(*CONFIG_SECTIONS)
+    # The precision that runs, not `auto`: a checkpoint continues only in the precision it was trained in.
+    config["pretrain"]["precision"] = precision
 
     torch.manual_seed(cfg.seed)
     model = VideoWorldModel(params.model).to(device)
+    if cfg.compile:
+        compile_networks(model)
     run_dir = run_directory(checkpoints, config, upstream) if checkpoints is not None else None
 
     def sampler(phase: str) -> JointSampler:
@@ -561,13 +571,15 @@ def pretrain(
 
     def phase2() -> Phase2Trainer:
         model.freeze_behaviours()
-        return Phase2Trainer(model, cfg)
+        return Phase2Trainer(model, cfg, precision)
 
     sequences = cfg.batch + cfg.source_batch
     loop = TrainingLoop(
         STAGE,
         [
-            Phase("phase1", cfg.phase1_steps, lambda: Phase1Trainer(model, cfg), sampler("phase1"), sequences),
+            Phase(
+                "phase1", cfg.phase1_steps, lambda: Phase1Trainer(model, cfg, precision), sampler("phase1"), sequences
+            ),
             Phase("phase2", cfg.phase2_steps, phase2, sampler("phase2"), sequences),
         ],
         seed=cfg.seed,
@@ -586,11 +598,16 @@ def pretrain(
     with tracking.stage_run(
         STAGE, params, parent_run_id, run_dir=run_dir, sections=CONFIG_SECTIONS + ("tracking",), upstream=upstream
     ) as run:
+        tracking.log_params({"pretrain.precision_resolved": precision})
+        log.info("pretrain: %s forward passes%s", precision, ", compiled networks" if cfg.compile else "")
         result = loop.run(run.run_id)
         model.freeze_behaviours()  # a run with phase2_steps=0 still hands over a frozen BAN side
         metrics = result.summary()
         metrics.update(
-            codebook_perplexity=metrics.get("phase1", {}).get("codebook_perplexity"), mlflow_run_id=run.run_id
+            codebook_perplexity=metrics.get("phase1", {}).get("codebook_perplexity"),
+            precision=precision,
+            compile=cfg.compile,
+            mlflow_run_id=run.run_id,
         )
         out = Path(out)
         windows = target_windows(episode_store, cfg.diagnostics_sequences, cfg.seq_len, seed=cfg.seed)

@@ -1,7 +1,8 @@
 """Environment adapters behind one small interface, and scripted behaviour policies.
 
     env = make_env("metaworld", "drawer-open", camera="corner", size=64, episode_length=500, seed=0)
-    obs = env.reset(seed=3)                       # {"image": (64, 64, 3) uint8, "state": (39,) float32}
+    env = make_env("highway", "highway", camera="topdown", size=64, episode_length=200, seed=0)   # driving
+    obs = env.reset(seed=3)                       # {"image": (64, 64, 3) uint8, "state": float32 vector}
     obs, reward, done, info = env.step(action)    # action in [-1, 1]^env.action_dim; info["success"]: bool
     env.close()
 
@@ -14,17 +15,32 @@ from __future__ import annotations
 from veorl.envs.base import Env, EnvError
 from veorl.envs.policies import BehaviourPolicy, StatePolicy, behaviour_policy, scripted_policy
 
-ENV_FAMILIES = ("metaworld",)
-ACTION_DIMS = {"metaworld": 4}
+ENV_FAMILIES = ("metaworld", "highway", "carla")
+ACTION_DIMS = {"metaworld": 4, "highway": 2, "carla": 2}
 """Action size per environment family, known without importing the simulator (e.g. to validate imported data)."""
+ACTION_KINDS = {"metaworld": "continuous", "highway": "continuous", "carla": "continuous"}
+"""Action kind per environment family: the actor fine-tuning builds for data collected there (via the data card)."""
 
 
 def make_env(env: str, task: str, camera: str, size: int, episode_length: int, seed: int) -> Env:
-    """Build an environment of family `env` (only "metaworld" for now) for `task`, observed from `camera`."""
+    """Build an environment of family `env` for `task`, observed from `camera` (a camera or a view style).
+
+    metaworld: Meta-World v3; highway: highway-env driving (veorl.envs.driving); carla: a client of a running
+    CARLA 0.9.x server (veorl.envs.carla_client; host and port from $CARLA_HOST / $CARLA_PORT).
+    """
     if env == "metaworld":
         from veorl.envs.meta_world import MetaWorldEnv
 
         return MetaWorldEnv(task, camera=camera, size=size, episode_length=episode_length, seed=seed)
+    if env == "highway":
+        from veorl.envs.driving import HighwayEnv
+
+        return HighwayEnv(task, camera=camera, size=size, episode_length=episode_length, seed=seed)
+    if env == "carla":
+        from veorl.envs.carla_client import CarlaEnv, CarlaSettings
+
+        settings = CarlaSettings.from_environment(task=task, camera=camera, size=size, episode_length=episode_length)
+        return CarlaEnv(settings, seed=seed)
     raise EnvError(f"unknown environment family {env!r} (known: {', '.join(ENV_FAMILIES)})")
 
 
@@ -60,4 +76,5 @@ __all__ = [
     "StatePolicy",
     "ENV_FAMILIES",
     "ACTION_DIMS",
+    "ACTION_KINDS",
 ]

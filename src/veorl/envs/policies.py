@@ -1,4 +1,5 @@
-"""Scripted behaviour policies: Meta-World's hand-written experts and degraded versions of them.
+"""Scripted behaviour policies: Meta-World's hand-written experts, the driving expert (IDM/MOBIL, read from the
+environment), and degraded versions of them.
 
 Quality levels used for offline datasets (see components.collect):
 - expert: the scripted expert plus small Gaussian action noise (sigma `expert_noise`).
@@ -6,6 +7,8 @@ Quality levels used for offline datasets (see components.collect):
   instead, and Gaussian noise (sigma `noise`) is added to the expert's actions. Noise alone is not enough:
   Meta-World's experts keep ~90-100% success even at sigma 1.0, because they are closed-loop controllers
   that correct every perturbation; random actions that replace the controller's output are what slows it.
+  Driving is the opposite: steering noise alone sends the car off the road (sigma 0.5: ~90% collisions), so the
+  driving domain uses small noise and rare random actions (calibration in veorl.config.DOMAINS).
 """
 
 from __future__ import annotations
@@ -21,10 +24,22 @@ from veorl.envs.base import EnvError
 StatePolicy = Callable[[np.ndarray], np.ndarray]
 
 
-def scripted_policy(env_name: str, task: str) -> StatePolicy:
-    """The simulator's scripted expert for `task`: a callable mapping the state observation to an action in [-1, 1]."""
+def scripted_policy(env_name: str, task: str, env: object | None = None) -> StatePolicy:
+    """The simulator's scripted expert for `task`: a callable mapping the state observation to an action in [-1, 1].
+
+    Driving experts (highway, carla) read the simulator rather than the state vector, so they need the `env`
+    they act in: the callable returns `env.expert_action()`.
+    """
+    if env_name in ("highway", "carla"):
+        if env is None or not hasattr(env, "expert_action"):
+            raise EnvError(f"the {env_name} expert reads the environment: pass the env it drives")
+
+        def drive(state: np.ndarray) -> np.ndarray:
+            return np.clip(np.asarray(env.expert_action(), dtype=np.float32), -1.0, 1.0)
+
+        return drive
     if env_name != "metaworld":
-        raise EnvError(f"no scripted policies for environment family {env_name!r} (known: metaworld)")
+        raise EnvError(f"no scripted policies for environment family {env_name!r} (known: metaworld, highway, carla)")
     os.environ.setdefault("MUJOCO_GL", "egl")
     from metaworld.policies import ENV_POLICY_MAP
 
@@ -88,9 +103,10 @@ def behaviour_policy(
     medium_noise: float,
     medium_random_prob: float,
     seed: int,
+    env: object | None = None,
 ) -> BehaviourPolicy:
     """The behaviour policy of one quality level ("expert" or "medium"; "mixed" is a per-episode choice of these)."""
-    expert = scripted_policy(env_name, task)
+    expert = scripted_policy(env_name, task, env=env)
     if level == "expert":
         return BehaviourPolicy(expert, action_dim, noise=expert_noise, random_prob=0.0, seed=seed)
     if level == "medium":

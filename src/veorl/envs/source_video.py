@@ -1,4 +1,8 @@
-"""Rendering unlabeled source videos: scripted episodes of Meta-World tasks other than the target, frames only.
+"""Rendering unlabeled source videos: scripted episodes of tasks other than the target, frames only.
+
+Manipulation: Meta-World tasks other than the target, filmed from other cameras. Driving: highway-env scenarios
+other than the target's highway (merge, roundabout, intersection), filmed in other view styles (zoom, colours);
+a driving episode that ends early (a collision) gives a shorter video.
 
 This mirrors the paper's setting (action-free video from a related but visually different domain): the
 actions and rewards of these episodes are thrown away, only the frames are encoded as real video files,
@@ -10,7 +14,8 @@ Layout of DIR:
   DIR/card.json                                  every file with its frame count
 
 Visual variety at no cost: every episode is filmed from several cameras, and each episode jitters the
-camera positions by a few centimetres (`camera_jitter`), so no two videos share an exact viewpoint.
+camera positions by a few centimetres (`camera_jitter`; driving: the zoom by a few percent), so no two videos
+share an exact viewpoint.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ def video_name(task: str, camera: str, episode: int, container: str) -> str:
 def episode_recipe(cfg: Any, task: str, episode: int) -> dict[str, Any]:
     """Everything that determines one source episode's files (not the worker count, not the other tasks)."""
     return {
-        "env": "metaworld",
+        "env": cfg.env,
         "task": task,
         "episode": episode,
         "cameras": list(cfg.cameras),
@@ -71,7 +76,7 @@ def render_episode(job: tuple[str, dict[str, Any]]) -> dict[str, Any]:
     out_text, recipe = job
     out = Path(out_text)
     env = cached_env(
-        "metaworld",
+        recipe["env"],
         recipe["task"],
         recipe["cameras"][0],
         recipe["render_size"],
@@ -84,7 +89,7 @@ def render_episode(job: tuple[str, dict[str, Any]]) -> dict[str, Any]:
     env_seed = int(streams[0].generate_state(1)[0] & 0x7FFFFFFF)
     env.jitter_cameras(np.random.default_rng(streams[1]), recipe["camera_jitter"])
     policy = BehaviourPolicy(
-        scripted_policy("metaworld", task), env.action_dim, noise=recipe["action_noise"], seed=streams[2]
+        scripted_policy(recipe["env"], task, env=env), env.action_dim, noise=recipe["action_noise"], seed=streams[2]
     )
     frames: dict[str, list[np.ndarray]] = {cam: [] for cam in cameras}
     obs = env.reset(seed=env_seed)
@@ -95,8 +100,13 @@ def render_episode(job: tuple[str, dict[str, Any]]) -> dict[str, Any]:
         for cam in cameras[1:]:
             frames[cam].append(env.render(cam))
         if step + 1 < recipe["episode_length"]:
-            obs, _, _, info = env.step(policy(obs["state"]))
+            obs, _, done, info = env.step(policy(obs["state"]))
             successes += int(info["success"])
+            if done and step + 2 < recipe["episode_length"]:  # ended early (a driving collision): keep its last frame
+                frames[cameras[0]].append(obs["image"])
+                for cam in cameras[1:]:
+                    frames[cam].append(env.render(cam))
+                break
     files = []
     for cam in cameras:
         name = video_name(task, cam, episode, recipe["container"])
@@ -230,7 +240,7 @@ def render_source_videos(
     card = {
         "version": CARD_VERSION,
         "source": "rendered",
-        "env": "metaworld",
+        "env": cfg.env,
         "target_task": target_task,
         "tasks": list(cfg.tasks),
         "cameras": list(cfg.cameras),

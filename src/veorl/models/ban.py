@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from veorl.acceleration import upcast
+
 
 class BehaviourAbstraction(nn.Module):
     """BAN: embeddings (..., T, E) -> pre-quantisation latent actions (..., T-1, Z)."""
@@ -30,11 +32,11 @@ class BehaviourAbstraction(nn.Module):
             raise ValueError(f"BAN needs at least two consecutive embeddings, got shape {tuple(embed.shape)}")
         # Each frame's projection is computed once and shared by the two transitions it takes part in.
         hidden = self.next_proj(embed[..., 1:, :]) + self.this_proj(embed[..., :-1, :])
-        return self.out(F.relu(hidden))
+        return upcast(self.out(F.relu(hidden)))  # fp32 out, also under bf16 autocast (veorl.acceleration)
 
     def pair(self, embed_now: torch.Tensor, embed_next: torch.Tensor) -> torch.Tensor:
         """Latent action of one explicit transition (embed_now -> embed_next)."""
-        return self.out(F.relu(self.next_proj(embed_next) + self.this_proj(embed_now)))
+        return upcast(self.out(F.relu(self.next_proj(embed_next) + self.this_proj(embed_now))))
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,11 @@ class Codebook(nn.Module):
 
     def distances(self, z: torch.Tensor) -> torch.Tensor:
         """Squared Euclidean distances (..., K) of each z to every code."""
-        flat = z.reshape(-1, self.dim)
-        dist = flat.square().sum(-1, keepdim=True) - 2.0 * flat @ self.vectors.t() + self.vectors.square().sum(-1)[None]
+        flat = upcast(z.reshape(-1, self.dim))
+        # Which code is nearest is a decision, not a network: fp32 even inside a bf16 autocast region.
+        with torch.autocast(device_type=flat.device.type, enabled=False):
+            vectors = self.vectors
+            dist = flat.square().sum(-1, keepdim=True) - 2.0 * flat @ vectors.t() + vectors.square().sum(-1)[None]
         return dist.reshape(*z.shape[:-1], self.K)
 
     def indices(self, z: torch.Tensor) -> torch.Tensor:

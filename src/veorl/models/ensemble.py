@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from veorl.acceleration import upcast
 from veorl.models.rssm import RSSM, RSSMState
 
 
@@ -41,7 +42,7 @@ class PriorEnsemble(nn.Module):
 
     def _stats(self, deter: torch.Tensor) -> torch.Tensor:
         """(N, ..., stat) raw statistics of every head."""
-        return torch.stack([head(deter) for head in self.heads], 0)
+        return upcast(torch.stack([head(deter) for head in self.heads], 0))  # fp32 out under bf16 autocast
 
     def predictions(self, deter: torch.Tensor) -> torch.Tensor:
         """What each head expects s to be: the Gaussian mean, or the class probabilities (flattened): (N, ..., S)."""

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from veorl.acceleration import upcast
+
 IMAGE_SIZE = 64
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -69,7 +71,8 @@ class Encoder(nn.Module):
         # channels_last lets oneDNN/cuDNN run the convs without a layout conversion of the NHWC input.
         x = x.contiguous(memory_format=torch.channels_last)
         x = self.convs(x)
-        return x.reshape(*lead, self.output_dim)
+        # Under bf16 autocast the convolutions run in bf16; what leaves a network is fp32 (veorl.acceleration).
+        return upcast(x.reshape(*lead, self.output_dim))
 
 
 class Decoder(nn.Module):
@@ -101,7 +104,7 @@ class Decoder(nn.Module):
         x = F.linear(x, first.weight.flatten(1).t(), first.bias.repeat_interleave(k * k))
         x = x.reshape(-1, first.out_channels, k, k).contiguous(memory_format=torch.channels_last)
         x = self.deconvs[1:](x)  # starts with the ELU that follows the first transposed conv
-        return x.permute(0, 2, 3, 1).reshape(*lead, IMAGE_SIZE, IMAGE_SIZE, 3)
+        return upcast(x.permute(0, 2, 3, 1).reshape(*lead, IMAGE_SIZE, IMAGE_SIZE, 3))
 
     def log_prob(self, feature: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """log-likelihood of preprocessed target frames under the unit Gaussian, summed per frame."""
@@ -126,7 +129,7 @@ class MLP(nn.Module):
         self.in_dim, self.out_dim = in_dim, out_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return upcast(self.net(x))  # fp32 out, also under bf16 autocast (veorl.acceleration)
 
 
 class DenseHead(nn.Module):

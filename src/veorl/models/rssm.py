@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from veorl.acceleration import upcast
+
 
 @dataclass
 class RSSMState:
@@ -166,8 +168,11 @@ class LayerNormGRUCell(nn.Module):
         return torch.cat([self.input_proj.weight, self.state_proj.weight], 1).t()
 
     def from_gates(self, gates: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """New state from the gate pre-activations [x, h] @ fused_weight()."""
-        gates = self.norm(gates)
+        """New state from the gate pre-activations [x, h] @ fused_weight().
+
+        The recurrent state stays fp32: under bf16 autocast only the matrix products that make the gates are bf16.
+        """
+        gates = self.norm(upcast(gates))
         reset, cand, update = gates.chunk(3, -1)
         reset = torch.sigmoid(reset)
         cand = torch.tanh(reset * cand)
@@ -260,6 +265,7 @@ class RSSM(nn.Module):
     def _stats_to_state(
         self, stats: torch.Tensor, deter: torch.Tensor, sample: bool, noise: torch.Tensor | None = None
     ) -> RSSMState:
+        stats = upcast(stats)  # state statistics (and so KL terms and samples) are fp32, also under bf16 autocast
         if self.kind == "gaussian":
             mean, raw_std = stats.chunk(2, -1)
             std = 2.0 * torch.sigmoid(raw_std / 2.0) + self.min_std

@@ -1,0 +1,95 @@
+"""The `domain` switch: manipulation resolves exactly as before it existed, driving switches every stage, explicit
+keys still win, and unknown or unfinished domains fail with a clear message."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from veorl.config import DOMAIN_ENVS, ConfigError, load_params, resolve
+
+REPO = Path(__file__).resolve().parents[1]
+# Every preset (and params.yaml) resolved by the code before the domain switch existed (commit 16d40f2).
+GOLDEN = json.loads((REPO / "tests/golden/params_manipulation.json").read_text())
+# Keys added with the switch; their manipulation values are the behaviour the old code had without them.
+NEW_KEYS = {"domain": "manipulation", "source_videos.env": "metaworld"}
+# Keys added since by other changes (mixed precision, compiled updates), at their defaults.
+NEW_KEYS |= {f"{stage}.precision": "auto" for stage in ("pretrain", "finetune", "evaluate")}
+NEW_KEYS |= {f"{stage}.compile": False for stage in ("pretrain", "finetune")}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@pytest.mark.parametrize("preset", ["smoke", "cpu", "laptop", "paper", "params.yaml"])
+def test_manipulation_resolves_every_preset_exactly_as_before(preset):
+    if preset == "params.yaml":
+        params = load_params(REPO / "params.yaml")
+    else:
+        params = resolve({"domain": "manipulation"}, preset=preset)
+    now = _flat(params.model_dump(by_alias=True, mode="json"))
+    before = _flat(GOLDEN[preset])
+    assert {k: now[k] for k in before} == before
+    assert {k: now[k] for k in set(now) - set(before)} == NEW_KEYS
+    if preset != "params.yaml":  # no domain key at all: manipulation
+        assert resolve({}, preset=preset) == params
+
+
+def test_driving_switches_every_stage():
+    params = resolve({"domain": "driving"}, preset="cpu")
+    assert (params.collect.env, params.collect.task, params.collect.camera) == ("highway", "highway", "topdown")
+    assert params.source_videos.env == "highway" and "highway" not in params.source_videos.tasks
+    assert params.model.rssm_kind == "gaussian" and params.register.metric == "mean_return"
+    # the preset's sizes still apply, the Meta-World calibration of the preset does not
+    assert params.collect.episodes == 12 and params.collect.medium_random_prob == 0.02
+    smoke = resolve({"domain": "driving"}, preset="smoke")
+    assert smoke.source_videos.tasks == ["merge"] and smoke.model.deter == 64
+
+
+def test_explicit_keys_win_over_the_domain_and_the_order_is_documented():
+    params = resolve({"domain": "driving", "collect": {"medium_random_prob": 0.1}}, overrides=["collect.camera=wide"])
+    assert params.collect.medium_random_prob == 0.1 and params.collect.camera == "wide"
+    # --set domain=driving over a params.yaml that says manipulation
+    assert load_params(REPO / "params.yaml", overrides=["domain=driving"]).collect.env == "highway"
+
+
+def test_null_for_a_domain_chosen_key_means_the_domains_value():
+    driving = load_params(REPO / "params.yaml", overrides=["domain=driving"])
+    assert driving.collect.task == "highway" and driving.register.metric == "mean_return"
+    assert load_params(REPO / "params.yaml").collect.task == "drawer-open"
+    assert resolve({"domain": "driving"}, overrides=["source_videos.cameras=null"]).source_videos.cameras == [
+        "wide",
+        "night",
+    ]
+    with pytest.raises(ConfigError, match="collect.episodes"):  # not a domain-chosen key: null stays invalid
+        resolve({}, overrides=["collect.episodes=null"])
+
+
+def test_a_source_task_equal_to_the_target_is_refused_in_driving_too():
+    with pytest.raises(ConfigError, match="must not contain the target task"):
+        resolve({"domain": "driving"}, overrides=["collect.task=merge"])
+
+
+def test_game_is_not_implemented_yet_and_unknown_domains_fail():
+    with pytest.raises(ConfigError, match=r"'game' is not implemented yet \(issue 9: crafter\)"):
+        resolve({"domain": "game"})
+    with pytest.raises(ConfigError, match="domain: must be one of"):
+        resolve({"domain": "flying"})
+
+
+def test_an_environment_of_another_domain_is_refused():
+    with pytest.raises(ConfigError, match="collect.env='metaworld' does not belong to domain='driving'"):
+        resolve({"domain": "driving", "collect": {"env": "metaworld"}})
+    with pytest.raises(ConfigError, match="source_videos.env='highway' does not belong"):
+        resolve({"source_videos": {"env": "highway"}})
+    assert "carla" in DOMAIN_ENVS["driving"]
+    assert resolve({"domain": "driving"}, overrides=["collect.env=carla", "collect.camera=firstperson"])
