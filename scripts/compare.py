@@ -627,21 +627,11 @@ def collect_ablations(
             runs[label][seed], paths[label][seed] = done, path
         source["seeds"] = sorted(runs[label])
         configs = [paths[label][s] / "agent" / "provenance.json" for s in source["seeds"]]
-        source["config"] = next((_flat(read_json(p).get("config", {})) for p in configs if p.is_file()), None)
+        source["config"] = next((flatten(read_json(p).get("config", {})) for p in configs if p.is_file()), None)
         read = ", ".join(f"seed-{s}" for s in source["seeds"]) or "nothing finished"
         left = f"; not finished, left out: {', '.join(pending)}" if pending else ""
         print(f"[compare] ablation {label!r}: read {folder}/ {read}{left}", file=sys.stderr)
     return runs, paths
-
-
-def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 # Settings that differ between rows without making them different agents: the seed, and snapshots (learning curves).

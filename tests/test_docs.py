@@ -64,7 +64,9 @@ def test_the_patterns_find_what_they_should():
         "Phase 3",
     ]
     assert section_references("See docs/method.md (phase 2): unquoted, a pointer rather than a section name") == []
-    for path in ("/work/checkout/src", "at /root/.cache", "(/home/user/x)", '"/work/x"', "`/home/a/b`"):
+    # built from parts so that this file itself names no machine's path
+    work, root, home = "/" + "work/", "/" + "root/", "/" + "home/"
+    for path in (f"{work}checkout/src", f"at {root}.cache", f"({home}user/x)", f'"{work}x"', f"`{home}a/b`"):
         assert MACHINE_PATH.search(path), path
     for path in ("/app/work/clips", "$PWD/work:/app/work", "s3://bucket/work/x", "~/work/x", "./work/x", "/workspace"):
         assert not MACHINE_PATH.search(path), path

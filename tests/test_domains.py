@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from veorl.config import DOMAIN_ENVS, ConfigError, load_params, resolve
+from veorl.trees import flatten
 
 REPO = Path(__file__).resolve().parents[1]
 # Every preset (and params.yaml) resolved by the code before the domain switch existed (commit 16d40f2).
@@ -20,24 +21,14 @@ NEW_KEYS |= {f"{stage}.precision": "auto" for stage in ("pretrain", "finetune", 
 NEW_KEYS |= {f"{stage}.compile": False for stage in ("pretrain", "finetune")}
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 @pytest.mark.parametrize("preset", ["smoke", "cpu", "laptop", "paper", "params.yaml"])
 def test_manipulation_resolves_every_preset_exactly_as_before(preset):
     if preset == "params.yaml":
         params = load_params(REPO / "params.yaml")
     else:
         params = resolve({"domain": "manipulation"}, preset=preset)
-    now = _flat(params.model_dump(by_alias=True, mode="json"))
-    before = _flat(GOLDEN[preset])
+    now = flatten(params.model_dump(by_alias=True, mode="json"))
+    before = flatten(GOLDEN[preset])
     assert {k: now[k] for k in before} == before
     assert {k: now[k] for k in set(now) - set(before)} == NEW_KEYS
     if preset != "params.yaml":  # no domain key at all: manipulation
