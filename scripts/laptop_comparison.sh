@@ -12,6 +12,8 @@
 # and without the uncertainty penalty and with the release's MMD term in the Trunk Net (lane A; three seeds for the
 # latter); the "no video" ablation is the dreamerv2 row itself.
 #
+# The code run is the checkout holding this script (PYTHONPATH), so a frozen worktree can run a long comparison
+# while the main checkout changes.
 # Re-running resumes: finished runs are skipped and interrupted ones continue from their checkpoints; OUT/times.txt
 # gets a stamp (seconds since the start of this invocation) after each step.
 # The last steps write the sections TASK (and TASK-ablations) of docs/results.md from whatever has finished
@@ -28,7 +30,7 @@ SNAPSHOT_EVERY=500
 mkdir -p "$OUT"
 sed -e 's/^preset: .*/preset: laptop/' -e "s/^  task: .*/  task: $TASK/" params.yaml > "$OUT/params.yaml"
 cd "$OUT"
-export PYTHONPATH=$REPO MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/mlruns.db}
+export PYTHONPATH=$REPO/src:$REPO MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/mlruns.db}
 t0=$(date +%s)
 stamp() { echo "$1 $(($(date +%s) - t0))" >> times.txt; }
 
