@@ -16,9 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 GOLDEN = json.loads((REPO / "tests/golden/params_manipulation.json").read_text())
 # Keys added with the switch; their manipulation values are the behaviour the old code had without them.
 NEW_KEYS = {"domain": "manipulation", "source_videos.env": "metaworld"}
-# Keys added since by other changes (mixed precision, compiled updates), at their defaults.
+# Keys added since by other changes (mixed precision, compiled updates, k-step BAN), at their defaults.
 NEW_KEYS |= {f"{stage}.precision": "auto" for stage in ("pretrain", "finetune", "evaluate")}
 NEW_KEYS |= {f"{stage}.compile": False for stage in ("pretrain", "finetune")}
+NEW_KEYS |= {"model.ban_horizon": 1}  # the k-step BAN option; 1 is the release's BAN
 
 
 @pytest.mark.parametrize("preset", ["smoke", "cpu", "laptop", "paper", "params.yaml"])

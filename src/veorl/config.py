@@ -173,6 +173,11 @@ class ModelParams(Section):
     hidden: int = Field(default=200, ge=1, description="RSSM MLP hidden size.")
     min_std: float = Field(default=0.1, gt=0, description="Added to the Gaussian state std: 2*sigmoid(x/2)+min_std.")
     ban_hidden: int = Field(default=128, ge=1, description="Behaviour abstraction network hidden size.")
+    ban_horizon: int = Field(
+        default=1,
+        ge=1,
+        description="k: the BAN codes transition t -> t+1 from e_t and e_{t+k} (1 = the release's BAN).",
+    )
     latent_action_dim: int = Field(default=8, ge=1, description="Z: latent action (codebook vector) size.")
     codebook_size: int = Field(default=50, ge=2, description="K: number of latent behaviours.")
     head_units: int = Field(default=400, ge=1, description="Reward/discount head width.")

@@ -188,7 +188,7 @@ def codebook_diagnostics(model, windows: dict[str, np.ndarray], device: str | to
     try:
         image = torch.as_tensor(windows["image"], device=device)
         embed = model.behaviour_embed(preprocess(image))  # (B, T, E)
-        now, following = embed[:, :-1], embed[:, 1:]
+        now, following = embed[:, :-1], model.ban.ahead(embed)  # e_t and e_{t+1} (e_{t+k}: k-step BAN)
         codes = model.codebook.indices(model.ban.pair(now, following))  # (B, T-1)
         reversed_codes = model.codebook.indices(model.ban.pair(following, now))
         static_codes = model.codebook.indices(model.ban.pair(now, now))

@@ -103,6 +103,24 @@ def test_every_dense_stack_is_the_one_mlp():
     assert set(Actor(10, 4, 7, 2).state_dict()) == {f"net.net.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
 
 
+def test_k_step_ban_looks_ahead_and_clamps_at_the_end():
+    torch.manual_seed(0)
+    one, three = BehaviourAbstraction(12, 10, 4), BehaviourAbstraction(12, 10, 4, horizon=3)
+    three.load_state_dict(one.state_dict())  # same weights: only what the BAN reads differs
+    embed = torch.randn(2, 6, 12)
+    z1, z3 = one(embed), three(embed)
+    assert z3.shape == z1.shape == (2, 5, 4)  # one latent action per transition, whatever k
+    tol = dict(rtol=1e-5, atol=1e-5)  # see test_ban_formula_and_codebook
+    for t in range(5):
+        ahead = min(t + 3, 5)  # e_{t+k}, stopping at the last frame
+        assert torch.allclose(z3[:, t], three.pair(embed[:, t], embed[:, ahead]), **tol), t
+    # the last transition looks one frame ahead under both; the first reads e_3 under k = 3, not e_1
+    assert torch.allclose(z3[:, -1], z1[:, -1], **tol)
+    assert not torch.allclose(z3[:, 0], z1[:, 0], **tol)
+    with pytest.raises(ValueError, match="horizon"):
+        BehaviourAbstraction(12, 10, 4, horizon=0)
+
+
 @pytest.mark.parametrize("embed_dim,latent", [(16, 3), (64, 8)])
 def test_ban_formula_and_codebook(embed_dim, latent):
     ban = BehaviourAbstraction(embed_dim, 10, latent)

@@ -4,6 +4,11 @@ See docs/method.md ("Networks"): z_t = W3 relu(W1 e_{t+1} + W2 e_t) for each pai
 of consecutive frame embeddings, vector-quantised to the nearest of K codebook vectors with a
 straight-through estimator; VQ loss = ||sg(z) - c||^2 + beta ||z - sg(c)||^2. The quantised vector
 is the latent action of the transition t -> t+1.
+
+A k-step BAN (`model.ban_horizon` = k > 1, an option beyond the release) reads e_{t+k} in place of e_{t+1}:
+consecutive frames differ far less than behaviours do, and a longer look ahead shows where the transition
+is heading. Near the end of a sequence the look ahead stops at the last frame, so there is still one latent
+action per transition and everything downstream keeps its shapes; k = 1 is the release's BAN exactly.
 """
 
 from __future__ import annotations
@@ -20,18 +25,28 @@ from veorl.acceleration import upcast
 class BehaviourAbstraction(nn.Module):
     """BAN: embeddings (..., T, E) -> pre-quantisation latent actions (..., T-1, Z)."""
 
-    def __init__(self, embed_dim: int, hidden: int = 128, latent_dim: int = 8):
+    def __init__(self, embed_dim: int, hidden: int = 128, latent_dim: int = 8, horizon: int = 1):
         super().__init__()
-        self.next_proj = nn.Linear(embed_dim, hidden)  # W1, applied to e_{t+1}
+        if horizon < 1:
+            raise ValueError(f"BAN horizon must be at least 1, got {horizon}")
+        self.next_proj = nn.Linear(embed_dim, hidden)  # W1, applied to e_{t+k}
         self.this_proj = nn.Linear(embed_dim, hidden, bias=False)  # W2, applied to e_t
         self.out = nn.Linear(hidden, latent_dim)  # W3
-        self.embed_dim, self.latent_dim = embed_dim, latent_dim
+        self.embed_dim, self.latent_dim, self.horizon = embed_dim, latent_dim, horizon
 
-    def forward(self, embed: torch.Tensor) -> torch.Tensor:
+    def ahead(self, embed: torch.Tensor) -> torch.Tensor:
+        """The embedding each transition t -> t+1 of a sequence (..., T, E) looks ahead to: e_{min(t+k, T-1)}."""
         if embed.shape[-2] < 2:
             raise ValueError(f"BAN needs at least two consecutive embeddings, got shape {tuple(embed.shape)}")
-        # Each frame's projection is computed once and shared by the two transitions it takes part in.
-        hidden = self.next_proj(embed[..., 1:, :]) + self.this_proj(embed[..., :-1, :])
+        if self.horizon == 1:
+            return embed[..., 1:, :]
+        steps = embed.shape[-2]
+        index = (torch.arange(steps - 1, device=embed.device) + self.horizon).clamp_max(steps - 1)
+        return embed.index_select(-2, index)
+
+    def forward(self, embed: torch.Tensor) -> torch.Tensor:
+        # Each frame's projection is computed once and shared by the transitions it takes part in.
+        hidden = self.next_proj(self.ahead(embed)) + self.this_proj(embed[..., :-1, :])
         return upcast(self.out(F.relu(hidden)))  # fp32 out, also under bf16 autocast (veorl.acceleration)
 
     def pair(self, embed_now: torch.Tensor, embed_next: torch.Tensor) -> torch.Tensor:

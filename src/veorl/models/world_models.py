@@ -55,7 +55,7 @@ class VideoWorldModel(nn.Module):
         self.encoder = Encoder(params.cnn_depth)
         embed_dim = self.encoder.output_dim
         self.behaviour_encoder = Encoder(params.cnn_depth)
-        self.ban = BehaviourAbstraction(embed_dim, params.ban_hidden, params.latent_action_dim)
+        self.ban = BehaviourAbstraction(embed_dim, params.ban_hidden, params.latent_action_dim, params.ban_horizon)
         self.codebook = Codebook(params.codebook_size, params.latent_action_dim)
         self.plan_net = build_rssm(params, params.latent_action_dim, embed_dim)
         feat_dim = self.plan_net.feat_dim
@@ -122,9 +122,10 @@ class VideoWorldModel(nn.Module):
         error summed over the embedding, divided by the batch's mean squared change (so 1 = no better than
         predicting no change, whatever the embedding's scale; consecutive frames differ little, and an
         unnormalised error would vanish next to the image NLL). Embeddings enter detached: this term shapes
-        the BAN and codebook (through the straight-through latent actions), not the encoder."""
+        the BAN and codebook (through the straight-through latent actions), not the encoder. With a k-step BAN
+        the change predicted is the one the code looks at, e_t+k - e_t (`BehaviourAbstraction.ahead`)."""
         now = embed[..., :-1, :].detach()
-        change = (embed[..., 1:, :] - embed[..., :-1, :]).detach()
+        change = (self.ban.ahead(embed) - embed[..., :-1, :]).detach()
         predicted = self.latent_forward(torch.cat([now, latent_actions], -1))
         scale = change.square().sum(-1).mean().clamp_min(1e-8)
         return (predicted - change).square().sum(-1).mean() / scale
