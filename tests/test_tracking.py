@@ -179,3 +179,24 @@ def test_credentials_in_the_tracking_uri_go_to_the_connection_only(store, monkey
     assert os.environ[tracking.PASSWORD_ENV] == "s3cr3t-pw"
     assert tracking.tracking_uri(params) == "https://mlflow.example.com"
     assert "s3cr3t" not in json.dumps(public.section_dict("tracking")) and "S3CR3T2" not in str(public)
+
+
+def _open_store_when_all_are_ready(uri: str, barrier) -> str:
+    barrier.wait()  # every process reaches the fresh database at the same moment
+    params = resolve({"tracking": {"uri": uri, "experiment": "race"}}, preset="smoke")
+    with tracking.stage_run("race", params) as run:
+        return run.run_id
+
+
+def test_stages_starting_together_on_a_fresh_sqlite_store_all_get_a_run(tmp_path, monkeypatch):
+    """Parallel stages creating a new store's tables at once used to fail with "table ... already exists"."""
+    import multiprocessing
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'fresh' / 'mlruns.db'}"
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: nothing created in this process
+    with context.Manager() as manager:
+        barrier = manager.Barrier(4)
+        with context.Pool(4) as pool:
+            run_ids = pool.starmap(_open_store_when_all_are_ready, [(uri, barrier)] * 4)
+    assert len(set(run_ids)) == 4

@@ -11,6 +11,7 @@ mlflow is imported lazily so importing this module stays cheap.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 from collections.abc import Iterator
@@ -73,7 +74,33 @@ def tracking_uri(params: Params) -> str:
     if db is None:
         return uri
     db.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{db}"
+    uri = f"sqlite:///{db}"
+    _create_sqlite_store(uri)
+    return uri
+
+
+_READY_STORES: set[str] = set()
+
+
+def _create_sqlite_store(uri: str) -> None:
+    """Create (or upgrade) the tables of a sqlite store once per process, one process at a time.
+
+    MLflow creates a new store's tables when it first opens it. Two stages starting together on a fresh
+    database (a pipeline's parallel steps, the two lanes of a comparison) both see no tables and both create
+    them; the second fails with "table experiments already exists". An exclusive lock on a file beside the
+    database makes the creation happen once; later openers find the tables and leave them alone.
+    """
+    if uri in _READY_STORES:
+        return
+    mlflow = _mlflow()
+    db = _sqlite_file(uri)
+    with open(f"{db}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            mlflow.tracking.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _READY_STORES.add(uri)
 
 
 def public_params(params: Params) -> Params:
