@@ -14,8 +14,10 @@ Facts this adapter relies on (measured with metaworld 3.1.1 + mujoco 3.3.0 on a 
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
+import weakref
 from typing import Any
 
 import numpy as np
@@ -98,6 +100,10 @@ class MetaWorldEnv:
         flags = mujoco.mjtRndFlag
         self._renderer.scene.flags[flags.mjRND_SHADOW] = False
         self._renderer.scene.flags[flags.mjRND_REFLECTION] = False
+        # Close before MuJoCo's own exit hook (registered when its first EGL context was made) terminates EGL:
+        # exit hooks run newest first. Left to the garbage collector at exit, the renderer frees its context
+        # after EGL is gone and prints tracebacks (worker processes of collection and source videos).
+        atexit.register(_close_if_alive, weakref.ref(self))
 
         self._seed_stream = np.random.default_rng(self.seed)
         self._steps = 0
@@ -185,7 +191,7 @@ class MetaWorldEnv:
         return self._observation(state), float(reward), self._done, info
 
     def close(self) -> None:
-        if self._closed:
+        if getattr(self, "_closed", True):
             return
         self._closed = True
         self._renderer.close()
@@ -228,3 +234,9 @@ class MetaWorldEnv:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _close_if_alive(env_ref: weakref.ref) -> None:
+    env = env_ref()
+    if env is not None:
+        env.close()
