@@ -25,6 +25,11 @@ and takes `steps` updates on batches from `batches(step)`. The loop owns everyth
   the MLflow run id (when the run it names is gone, the curve so far is logged again to the new run);
 - a progress bar on stderr (tqdm), and `on_step(global_step)` after each update (tests simulate kills).
 
+Under torchrun with several processes (veorl.distributed) every rank runs this loop: each reseeds with its rank
+too, rows average the ranks' metrics, a non-finite update on any rank stops all of them, only rank 0 writes
+checkpoints, MLflow metrics and the progress bar, and every rank resumes from the checkpoint (checking that all
+found the same one).
+
 Global steps number the updates of all phases in order: phase k's step 0 is global step
 sum(steps of phases before k). Once a later phase has started, an earlier one cannot be extended.
 """
