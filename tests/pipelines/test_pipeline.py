@@ -402,3 +402,13 @@ def test_local_pipeline_run_registers_a_champion(tmp_path, monkeypatch, mlflow_s
         run.data.tags.get("veorl.stage") for run in mlflow.search_runs(experiment_names=["veorl"], output_format="list")
     }
     assert {"pretrain", "finetune", "evaluate", "register"} <= stages
+
+
+def test_a_torchrun_step_hands_its_parameters_to_the_component_unchanged(tmp_path):
+    """gpus_per_node > 1: the step writes its validated Params for the component's --params (pipelines.training)."""
+    from pipelines.training import write_params
+    from tests.builders import smoke_params
+    from veorl.config import load_params
+
+    for params in (smoke_params("pretrain.batch=3", "finetune.algo=bc"), smoke_params(preset="paper")):
+        assert load_params(write_params(params, tmp_path)) == params
