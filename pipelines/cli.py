@@ -157,12 +157,25 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--checkpoint-root", default=None, help="shared checkpoint directory for resumable training")
     group.add_argument("--parent-run-id", default=None, help="MLflow run to nest the stage runs under")
+    group.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="GPUs of each training node; > 1 runs that many processes under torchrun (default: the compiled --gpus)",
+    )
+    group.add_argument(
+        "--num-nodes",
+        type=int,
+        default=None,
+        help="training nodes; > 1 runs pretrain and finetune as Kubeflow Trainer TrainJobs (default 1)",
+    )
 
 
 def run_arguments(args: argparse.Namespace) -> dict:
     """Pipeline arguments given on the command line (the rest keep the pipeline's defaults)."""
     arguments: dict = {}
-    for name in ("preset", "domain", "task", "algo", "model_name", "checkpoint_root", "parent_run_id"):
+    names = ("preset", "domain", "task", "algo", "model_name", "checkpoint_root", "parent_run_id")
+    for name in (*names, "gpus_per_node", "num_nodes"):
         value = getattr(args, name)
         if value is not None:
             arguments[name] = value

@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from kfp import compiler, dsl
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
@@ -146,30 +146,51 @@ def pretrain(
     episodes_hash: str,
     checkpoint_root: str,
     parent_run_id: str,
+    gpus_per_node: int,
+    num_nodes: int,
     clips: Input[Dataset],
     episodes: Input[Dataset],
     world_model: Output[Model],
     metrics: Output[Metrics],
     training_log: Output[Artifact],
 ) -> str:
-    """Phases 1 and 2: the action-free video world model."""
+    """Phases 1 and 2: the action-free video world model (in the step, under torchrun, or as a TrainJob)."""
     import os
 
     from components.pretrain import run
     from pipelines.steps import checkpoint_dir, params_for_stage
+    from pipelines.training import launch
     from veorl.storage import artifact_hash
     from veorl.trees import numeric_leaves
 
     os.makedirs(training_log.path, exist_ok=True)
-    summary = run(
-        clips.path,
-        episodes.path,
-        world_model.path,
-        params_for_stage(config),
-        checkpoints=checkpoint_dir(checkpoint_root, "pretrain", config, clips_hash, episodes_hash),
-        parent_run_id=parent_run_id or None,
-        metrics=os.path.join(training_log.path, "metrics.json"),
-        curve=os.path.join(training_log.path, "curve.csv"),
+    params = params_for_stage(config)
+    checkpoints = checkpoint_dir(checkpoint_root, "pretrain", config, clips_hash, episodes_hash)
+    metrics_file, curve_file = (
+        os.path.join(training_log.path, "metrics.json"),
+        os.path.join(training_log.path, "curve.csv"),
+    )
+    summary = launch(
+        "pretrain",
+        lambda: run(
+            clips.path,
+            episodes.path,
+            world_model.path,
+            params,
+            checkpoints=checkpoints,
+            parent_run_id=parent_run_id or None,
+            metrics=metrics_file,
+            curve=curve_file,
+        ),
+        params,
+        inputs={"--clips": clips.path, "--episodes": episodes.path},
+        outputs={"--out": world_model.path},
+        options={"--checkpoints": checkpoints, "--parent-run-id": parent_run_id or None, "--curve": curve_file},
+        metrics=metrics_file,
+        gpus_per_node=gpus_per_node,
+        num_nodes=num_nodes,
+        shared_root=checkpoint_root,
+        workdir=training_log.path,
     )
     for name, value in sorted(numeric_leaves(summary).items()):
         metrics.log_metric(name, value)
@@ -187,6 +208,8 @@ def finetune(
     clips_hash: str,
     checkpoint_root: str,
     parent_run_id: str,
+    gpus_per_node: int,
+    num_nodes: int,
     world_model: Input[Model],
     episodes: Input[Dataset],
     clips: Input[Dataset],
@@ -194,26 +217,45 @@ def finetune(
     metrics: Output[Metrics],
     training_log: Output[Artifact],
 ) -> str:
-    """The Trunk Net world model and phase-3 policy learning: the deployable agent."""
+    """The Trunk Net world model and phase-3 policy learning: the deployable agent (in the step, under torchrun,
+    or as a TrainJob)."""
     import os
 
     from components.finetune import run
     from pipelines.steps import checkpoint_dir, params_for_stage
+    from pipelines.training import launch
     from veorl.storage import artifact_hash
     from veorl.trees import numeric_leaves
 
     os.makedirs(training_log.path, exist_ok=True)
+    params = params_for_stage(config)
     checkpoints = checkpoint_dir(checkpoint_root, "finetune", config, world_model_hash, episodes_hash, clips_hash)
-    summary = run(
-        world_model.path,
-        episodes.path,
-        agent.path,
-        params_for_stage(config),
-        clips=clips.path,
-        checkpoints=checkpoints,
-        parent_run_id=parent_run_id or None,
-        metrics=os.path.join(training_log.path, "metrics.json"),
-        curve=os.path.join(training_log.path, "curve.csv"),
+    metrics_file, curve_file = (
+        os.path.join(training_log.path, "metrics.json"),
+        os.path.join(training_log.path, "curve.csv"),
+    )
+    summary = launch(
+        "finetune",
+        lambda: run(
+            world_model.path,
+            episodes.path,
+            agent.path,
+            params,
+            clips=clips.path,
+            checkpoints=checkpoints,
+            parent_run_id=parent_run_id or None,
+            metrics=metrics_file,
+            curve=curve_file,
+        ),
+        params,
+        inputs={"--world-model": world_model.path, "--episodes": episodes.path, "--clips": clips.path},
+        outputs={"--out": agent.path},
+        options={"--checkpoints": checkpoints, "--parent-run-id": parent_run_id or None, "--curve": curve_file},
+        metrics=metrics_file,
+        gpus_per_node=gpus_per_node,
+        num_nodes=num_nodes,
+        shared_root=checkpoint_root,
+        workdir=training_log.path,
     )
     for name, value in sorted(numeric_leaves(summary).items()):
         metrics.log_metric(name, value)
@@ -284,11 +326,19 @@ def register(
 # ----------------------------------------------------------------------------------------------
 
 
-def _configure(task: dsl.PipelineTask, step: str, options: CompileOptions) -> dsl.PipelineTask:
+def _configure(
+    task: dsl.PipelineTask, step: str, options: CompileOptions, gpus_per_node: Any = None
+) -> dsl.PipelineTask:
     cpu, memory = options.resources.get(step, DEFAULT_RESOURCES[step])
     task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
     if step in GPU_STEPS and options.gpus > 0:
-        task.set_accelerator_type(options.accelerator).set_accelerator_limit(options.gpus)
+        # The pipeline parameter gpus_per_node (default: options.gpus); with several nodes the TrainJob's pods
+        # hold the GPUs, and this step only waits for them.
+        task.set_accelerator_type(options.accelerator).set_accelerator_limit(
+            options.gpus if gpus_per_node is None else gpus_per_node
+        )
+    if step in GPU_STEPS:
+        task.set_env_variable("VEORL_TRAINER_IMAGE", options.gpu_image)
     if step in GPU_STEPS and options.retries > 0:
         task.set_retry(num_retries=options.retries)
     for name, value in sorted(options.env.items()):
@@ -334,6 +384,8 @@ def build_pipeline(options: CompileOptions | None = None) -> Callable:
         video_sources: list[str] = [],  # noqa: B006 - kfp compiles the literal default into the YAML; never mutated
         checkpoint_root: str = "",
         parent_run_id: str = "",
+        gpus_per_node: int = options.gpus,
+        num_nodes: int = 1,
     ) -> str:
         """Run the VeoRL workflow end to end.
 
@@ -348,6 +400,10 @@ def build_pipeline(options: CompileOptions | None = None) -> Callable:
             video_sources: s3:// prefixes (or paths inside the image) of unlabeled videos; empty renders them.
             checkpoint_root: shared directory for training checkpoints so that a retried step resumes; empty for none.
             parent_run_id: MLflow run to nest the stage runs under; empty for top-level runs.
+            gpus_per_node: GPUs of each training node (pretrain, finetune); more than 1 runs that many processes
+                under torchrun, 0 trains on CPU.
+            num_nodes: training nodes; more than 1 runs pretrain and finetune as Kubeflow Trainer TrainJobs (needs
+                checkpoint_root on a volume the trainer pods mount).
 
         Returns:
             The registered model version as models:/NAME/VERSION.
@@ -374,11 +430,14 @@ def build_pipeline(options: CompileOptions | None = None) -> Callable:
                 episodes_hash=episodes.outputs["Output"],
                 checkpoint_root=checkpoint_root,
                 parent_run_id=parent_run_id,
+                gpus_per_node=gpus_per_node,
+                num_nodes=num_nodes,
                 clips=clips.outputs["clips"],
                 episodes=episodes.outputs["episodes"],
             ),
             "pretrain",
             options,
+            gpus_per_node,
         )
         agent = _configure(
             finetune_op(
@@ -388,12 +447,15 @@ def build_pipeline(options: CompileOptions | None = None) -> Callable:
                 clips_hash=clips.outputs["Output"],
                 checkpoint_root=checkpoint_root,
                 parent_run_id=parent_run_id,
+                gpus_per_node=gpus_per_node,
+                num_nodes=num_nodes,
                 world_model=world_model.outputs["world_model"],
                 episodes=episodes.outputs["episodes"],
                 clips=clips.outputs["clips"],
             ),
             "finetune",
             options,
+            gpus_per_node,
         )
         evaluation = _configure(
             evaluate_op(

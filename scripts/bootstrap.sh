@@ -23,7 +23,7 @@ fi
 stamp=.venv/.veorl-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "[bootstrap] installing veorl and its pinned dependencies (first time: about 2 minutes)"
-  .venv/bin/pip install -q -e ".[envs,dev]"
+  .venv/bin/pip install -q -e ".[envs,dev,cluster]"
   touch "$stamp"
 fi
 # DVC needs a git repository (the checkout) and its own config, which is committed in .dvc/.

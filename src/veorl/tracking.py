@@ -34,9 +34,9 @@ _MAX_PARAM_CHARS = 6000
 
 @dataclass
 class StageRun:
-    run_id: str
-    experiment_id: str
-    tracking_uri: str
+    run_id: str | None  # None on the ranks of a multi-process stage that do not record (record=False)
+    experiment_id: str | None
+    tracking_uri: str | None
     resumed: bool
 
 
@@ -179,6 +179,7 @@ def stage_run(
     sections: tuple[str, ...] = (),
     upstream: dict[str, str] | None = None,
     tags: dict[str, str] | None = None,
+    record: bool = True,
 ) -> Iterator[StageRun]:
     """Context manager: an active MLflow run for one stage execution.
 
@@ -186,7 +187,12 @@ def stage_run(
     an existing run in the same experiment, that run is continued instead of starting a second one.
     sections: params sections logged as flattened parameters (default: all).
     The run ends FINISHED on success, KILLED on KeyboardInterrupt, FAILED on any other exception.
+    record=False (the ranks other than 0 of a multi-process stage) starts no run: run_id is None and the
+    logging helpers below do nothing.
     """
+    if not record:
+        yield StageRun(run_id=None, experiment_id=None, tracking_uri=None, resumed=False)
+        return
     mlflow = _mlflow()
     uri = tracking_uri(params)
     mlflow.set_tracking_uri(uri)

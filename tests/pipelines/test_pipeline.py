@@ -41,6 +41,9 @@ def test_compilation_is_deterministic(tmp_path, compiled):
     assert again == compiled["text"]
 
 
+GPUS_PER_NODE = "{{$.inputs.parameters['pipelinechannel--gpus_per_node']}}"
+
+
 def _executors(spec: dict) -> dict:
     return spec["deploymentSpec"]["executors"]
 
@@ -86,7 +89,9 @@ def test_images_resources_and_gpus(compiled):
         assert resources["resourceCpuRequest"] and resources["resourceMemoryRequest"]
         if gpu:
             assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
-            assert resources["accelerator"]["resourceCount"] == "1"
+            # GPUs per node are a pipeline parameter (default: the compile option, 1)
+            assert resources["accelerator"]["resourceCount"] == GPUS_PER_NODE
+            assert {"name": "VEORL_TRAINER_IMAGE", "value": DEFAULT_GPU_IMAGE} in container["env"]
         else:
             assert "accelerator" not in resources
         # Lightweight component: the body calls the component's `run`, the function DVC and Docker run too.
@@ -110,12 +115,10 @@ def test_compile_options_and_image_env(tmp_path, monkeypatch):
     assert executors["exec-ingest"]["container"]["image"] == "registry.example.org/veorl:abc-cpu"
     assert executors["exec-finetune"]["container"]["image"] == DEFAULT_GPU_IMAGE
     pretrain = executors["exec-pretrain"]["container"]
-    assert pretrain["resources"]["accelerator"] == {
-        "count": "2",
-        "resourceCount": "2",
-        "resourceType": "amd.com/gpu",
-        "type": "amd.com/gpu",
-    }
+    accelerator = {"resourceCount": GPUS_PER_NODE, "resourceType": "amd.com/gpu", "type": "amd.com/gpu"}
+    assert pretrain["resources"]["accelerator"] == accelerator
+    defaults = {k: v.get("defaultValue") for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
+    assert defaults["gpus_per_node"] == 2 and defaults["num_nodes"] == 1
     assert (
         pretrain["resources"]["resourceCpuRequest"] == "16" and pretrain["resources"]["resourceMemoryRequest"] == "64G"
     )
@@ -399,3 +402,13 @@ def test_local_pipeline_run_registers_a_champion(tmp_path, monkeypatch, mlflow_s
         run.data.tags.get("veorl.stage") for run in mlflow.search_runs(experiment_names=["veorl"], output_format="list")
     }
     assert {"pretrain", "finetune", "evaluate", "register"} <= stages
+
+
+def test_a_torchrun_step_hands_its_parameters_to_the_component_unchanged(tmp_path):
+    """gpus_per_node > 1: the step writes its validated Params for the component's --params (pipelines.training)."""
+    from pipelines.training import write_params
+    from tests.builders import smoke_params
+    from veorl.config import load_params
+
+    for params in (smoke_params("pretrain.batch=3", "finetune.algo=bc"), smoke_params(preset="paper")):
+        assert load_params(write_params(params, tmp_path)) == params

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from veorl import distributed
 from veorl.acceleration import module_device
 from veorl.algo.loop import Trainer, detached
 from veorl.config import FinetuneParams
@@ -93,6 +94,7 @@ class BehaviourCloning(Trainer):
         self.policy, self.fp = policy, fp
         self.precision, self.autocast_device = precision, module_device(policy)
         self.optimizer = torch.optim.Adam(policy.parameters(), lr=fp.bc_optim.lr, eps=fp.bc_optim.eps)
+        self.replicas = distributed.replicas({"policy": policy})  # several processes: DDP; else None
 
     def losses(self, batch: dict[str, torch.Tensor]) -> BCLosses:
         frames, targets = bc_pairs(batch["image"], batch["action"])
@@ -100,12 +102,20 @@ class BehaviourCloning(Trainer):
             return bc_loss(self.policy, frames, targets, self.fp.bc_loss)
 
     def update(self, batch: dict[str, torch.Tensor]) -> BCLosses:
-        losses = self.losses(batch)
+        if self.replicas is None:
+            losses = self.losses(batch)
+            loss = losses.bc_loss
+        else:
+            loss, losses = self.replicas(lambda: self._objective(batch))
         self.optimizer.zero_grad(set_to_none=True)
-        losses.bc_loss.backward()
+        loss.backward()
         grad = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.fp.bc_optim.grad_clip)
         self.optimizer.step()
         return replace(detached(losses), grad_norm=grad.detach())
+
+    def _objective(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, BCLosses]:
+        losses = self.losses(batch)
+        return losses.bc_loss, losses
 
     def state_dict(self) -> dict:
         return {"policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict()}

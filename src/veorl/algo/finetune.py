@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from veorl import distributed
 from veorl.acceleration import clone_module, module_device
 from veorl.algo.baselines import BehaviourCloning, Switches, switches
 from veorl.algo.imagination import (
@@ -147,6 +148,15 @@ class WorldModelPhase(Trainer):
             self.guidance_optimizer = torch.optim.Adam(
                 self.guidance_parameters(), lr=fp.world_model_optim.lr, eps=fp.world_model_optim.eps
             )
+        # Several processes: DDP over the Trunk Net (and the trained guidance); None in a single process.
+        trained_guidance = self.guidance if self.train_guidance else None
+        self.replicas = distributed.replicas(
+            {
+                "trunk": trunk,
+                "fbc": trained_guidance.fbc if trained_guidance else None,
+                "state_map": trained_guidance.state_map if trained_guidance else None,
+            }
+        )
 
     def guidance_parameters(self) -> list[nn.Parameter]:
         return list(self.guidance.fbc.parameters()) + list(self.guidance.state_map.parameters())
@@ -198,6 +208,8 @@ class WorldModelPhase(Trainer):
         )
 
     def update(self, batch: Batch) -> WorldModelLosses:
+        if self.replicas is not None:
+            return self._replicated_update(batch)
         losses = self.losses(batch)
         self.optimizer.zero_grad(set_to_none=True)
         losses.loss.backward()
@@ -206,6 +218,29 @@ class WorldModelPhase(Trainer):
         if self.train_guidance:
             self.guidance_optimizer.zero_grad(set_to_none=True)
             (losses.fbc_loss + losses.map_loss).backward()
+            guidance_grad = _clip_step(
+                self.guidance_optimizer, self.guidance_parameters(), self.fp.world_model_optim.grad_clip
+            )
+        return replace(detached(losses), trunk_grad_norm=trunk_grad, guidance_grad_norm=guidance_grad)
+
+    def _replicated_update(self, batch: Batch) -> WorldModelLosses:
+        """`update` as one rank of several: one backward of the Trunk Net loss plus the guidance losses through
+        DDP. The guidance reads detached Trunk Net features, so each parameter gets its own loss's gradient, as
+        in the two backward passes of one process; then each optimiser steps on the averaged gradients."""
+
+        def objective() -> tuple[torch.Tensor, WorldModelLosses]:
+            losses = self.losses(batch)
+            total = losses.loss + (losses.fbc_loss + losses.map_loss if self.train_guidance else 0.0)
+            return total, losses
+
+        total, losses = self.replicas(objective)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.train_guidance:
+            self.guidance_optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        trunk_grad = _clip_step(self.optimizer, list(self.trunk.parameters()), self.fp.world_model_optim.grad_clip)
+        guidance_grad = None
+        if self.train_guidance:
             guidance_grad = _clip_step(
                 self.guidance_optimizer, self.guidance_parameters(), self.fp.world_model_optim.grad_clip
             )
@@ -316,6 +351,8 @@ class PolicyPhase(Trainer):
         self.penalise = trunk.ensemble is not None and fp.uncertainty_weight > 0
         self.disagreement_on_data: float | None = None  # EMA of the ensemble disagreement at the start states
         self.updates = 0
+        # Several processes: DDP over the actor and the critic; None in a single process.
+        self.replicas = distributed.replicas({"actor": actor, "critic": critic})
 
     def freeze_world_model(self) -> None:
         """Phase 3 never changes the world model; gradients pass through it into the actions only."""
@@ -381,7 +418,7 @@ class PolicyPhase(Trainer):
 
     @torch.no_grad()
     def _track_disagreement(self, start: RSSMState) -> None:
-        level = float(self.trunk.ensemble.disagreement(start.deter).mean())
+        level = distributed.mean_float(float(self.trunk.ensemble.disagreement(start.deter).mean()))
         decay = self.fp.return_norm_decay
         previous = self.disagreement_on_data
         self.disagreement_on_data = level if previous is None else decay * previous + (1.0 - decay) * level
@@ -453,6 +490,8 @@ class PolicyPhase(Trainer):
         )
 
     def update(self, batch: Batch) -> PolicyLosses:
+        if self.replicas is not None:
+            return self._replicated_update(batch)
         losses, returns, start = self._losses_and_returns(batch)
         actor_grad = None
         if self.updates >= self.fp.critic_warmup:
@@ -462,8 +501,41 @@ class PolicyPhase(Trainer):
         self.critic_optimizer.zero_grad(set_to_none=True)
         losses.critic_loss.backward()
         critic_grad = _clip_step(self.critic_optimizer, list(self.critic.parameters()), self.fp.critic_optim.grad_clip)
+        return self._after_steps(losses, returns, start, actor_grad, critic_grad)
+
+    def _replicated_update(self, batch: Batch) -> PolicyLosses:
+        """`update` as one rank of several: one backward of actor loss (after the warm-up) plus critic loss through
+        DDP. The critic loss reads detached rollout features and the actor loss the frozen slow critic, so each
+        network gets its own loss's gradient, as in the two backward passes of one process."""
+        train_actor = self.updates >= self.fp.critic_warmup
+
+        def objective() -> tuple[torch.Tensor, tuple[PolicyLosses, torch.Tensor, StartStates]]:
+            losses, returns, start = self._losses_and_returns(batch)
+            total = losses.critic_loss + losses.actor_loss if train_actor else losses.critic_loss
+            return total, (losses, returns, start)
+
+        total, (losses, returns, start) = self.replicas(objective)
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        actor_grad = None
+        if train_actor:
+            actor_grad = _clip_step(self.actor_optimizer, list(self.actor.parameters()), self.fp.actor_optim.grad_clip)
+        critic_grad = _clip_step(self.critic_optimizer, list(self.critic.parameters()), self.fp.critic_optim.grad_clip)
+        return self._after_steps(losses, returns, start, actor_grad, critic_grad)
+
+    def _after_steps(
+        self,
+        losses: PolicyLosses,
+        returns: torch.Tensor,
+        start: StartStates,
+        actor_grad: torch.Tensor | None,
+        critic_grad: torch.Tensor,
+    ) -> PolicyLosses:
+        """The bookkeeping after the optimiser steps: return scale, disagreement unit, slow critic."""
         if self.normaliser is not None:
-            self.normaliser.update(returns)
+            # With several processes, the percentiles of every rank's returns (the global batch).
+            self.normaliser.update(distributed.gather_cat(returns, dim=1))
         if self.penalise:
             self._track_disagreement(start.states)
         self.updates += 1
@@ -656,8 +728,47 @@ def finetune(
     With `snapshots` and finetune.snapshot_every > 0, the agent is also written every snapshot_every updates of
     the last phase (policy, or bc) to snapshots/updates-NNNNNN/, for learning curves (scripts/compare.py).
 
+    Under torchrun with several processes, each is one rank of a data-parallel run (veorl.distributed) and only
+    rank 0 writes checkpoints, snapshots, the agent, the metrics files and the MLflow run.
     on_step(global_step) is called after every update (tests use it to simulate a kill).
     """
+    from veorl.runtime import resolve_device
+
+    with distributed.session(resolve_device(params.finetune.device)) as ctx:
+        result = _finetune(
+            ctx,
+            world_model,
+            episodes,
+            out,
+            params,
+            clips,
+            checkpoints,
+            metrics_path,
+            curve_path,
+            parent_run_id,
+            progress,
+            on_step,
+            snapshots,
+        )
+        distributed.barrier()  # the other ranks return once rank 0 has written the outputs
+        return result
+
+
+def _finetune(
+    ctx: distributed.Context,
+    world_model: str | None,
+    episodes: str,
+    out: str,
+    params: Params,
+    clips: str | None,
+    checkpoints: str | None,
+    metrics_path: str | None,
+    curve_path: str | None,
+    parent_run_id: str | None,
+    progress: bool,
+    on_step: Callable[[int], None] | None,
+    snapshots: str | None,
+) -> dict[str, Any]:
     from veorl import tracking
     from veorl.acceleration import compile_networks, resolve_precision
     from veorl.agent import REWARD_HEAD_FILE, assemble_agent, save_agent
@@ -666,15 +777,11 @@ def finetune(
     from veorl.data.episodes import EpisodeStore
     from veorl.data.samplers import ClipSampler, EpisodeWindowSampler
     from veorl.models.world_models import load_world_model
-    from veorl.runtime import (
-        configure_torch_threads,
-        resolve_device,
-        write_resolved_config,
-    )
+    from veorl.runtime import configure_torch_threads, write_resolved_config
 
     fp, model = params.finetune, params.model
     sw = switches(fp)
-    device = resolve_device(fp.device)
+    device = str(ctx.device)
     precision = resolve_precision(fp.precision, device)  # once for the stage
     configure_torch_threads(fp.threads)
     torch.manual_seed(fp.seed)
@@ -705,14 +812,17 @@ def finetune(
     config["finetune"]["precision"] = precision
     # one folder per (maths-relevant config, inputs): a new world model or a `dvc exp run -S` variation
     # trains in its own folder instead of being refused by the persisted one
-    run_dir = run_directory(checkpoints, config, upstream) if checkpoints else None
+    trained_as = ctx.identity(config)  # + the number of processes, when several
+    run_dir = run_directory(checkpoints, trained_as, upstream) if checkpoints else None
 
     # -- the networks (built in a fixed order from the seed: a resumed run rebuilds the same ones) --------
     trunk = guidance = actor = critic = policy = None
     windows = fp.batch * fp.seq_len
     if fp.algo == "bc":
         policy = PixelPolicy(model.cnn_depth, action_dim, model.actor_units, model.actor_layers).to(device)
-        bc_batches = EpisodeWindowSampler(store, fp.batch, fp.seq_len, fp.seed, BC_STREAM, keys=("image", "action"))
+        bc_batches = EpisodeWindowSampler(
+            store, fp.batch, fp.seq_len, fp.seed, BC_STREAM, keys=("image", "action"), rank=ctx.rank
+        )
         phases = [
             Phase(
                 "bc",
@@ -726,10 +836,14 @@ def finetune(
         kind = meta["action_kind"]
         trunk, guidance, actor, critic = build_model_based(params, sw, action_dim, kind, video_wm, device)
         target = EpisodeWindowSampler(
-            store, fp.batch, fp.seq_len, fp.seed, TARGET_STREAM, keys=("image", "action", "reward")
+            store, fp.batch, fp.seq_len, fp.seed, TARGET_STREAM, keys=("image", "action", "reward"), rank=ctx.rank
         )
-        source = ClipSampler(clip_store, fp.source_batch, fp.source_len, fp.seed, SOURCE_STREAM) if clip_store else None
-        starts = EpisodeWindowSampler(store, fp.batch, fp.seq_len, fp.seed, START_STREAM, keys=("image", "action"))
+        source = None
+        if clip_store:
+            source = ClipSampler(clip_store, fp.source_batch, fp.source_len, fp.seed, SOURCE_STREAM, rank=ctx.rank)
+        starts = EpisodeWindowSampler(
+            store, fp.batch, fp.seq_len, fp.seed, START_STREAM, keys=("image", "action"), rank=ctx.rank
+        )
 
         def world_model_batch(step: int) -> dict[str, Any]:
             batch = dict(target(step))
@@ -810,7 +924,8 @@ def finetune(
 
     def step_hook(global_step: int) -> None:
         phase_step = global_step - before_last
-        if snapshots and fp.snapshot_every and 0 < phase_step < last.steps and phase_step % fp.snapshot_every == 0:
+        snapshot = snapshots and fp.snapshot_every and 0 < phase_step < last.steps
+        if ctx.is_main and snapshot and phase_step % fp.snapshot_every == 0:
             folder = Path(snapshots) / f"updates-{phase_step:06d}"
             if not (folder / "agent.json").is_file():  # a resumed run keeps the snapshots it already wrote
                 write_agent({**{p.name: p.steps for p in phases[:-1]}, last.name: phase_step}, folder, None)
@@ -821,7 +936,7 @@ def finetune(
         STAGE,
         phases,
         seed=fp.seed,
-        config=config,
+        config=trained_as,
         upstream=upstream,
         checkpoints=run_dir,
         log_every=fp.log_every,
@@ -840,10 +955,13 @@ def finetune(
         sections=SECTIONS,
         upstream=upstream,
         tags={"veorl.algo": fp.algo, "veorl.guidance": fp.guidance},
+        record=ctx.is_main,
     ) as stage:
-        tracking.log_params({"finetune.precision_resolved": precision})
+        tracking.log_params({"finetune.precision_resolved": precision, **ctx.params("finetune")})
         log.info("finetune: %s forward passes%s", precision, ", compiled networks" if fp.compile else "")
         result = loop.run(stage.run_id)
+        if not ctx.is_main:  # the same weights as rank 0, which writes the agent
+            return {"algo": fp.algo, **result.summary()}
 
         # -- the agent artifact ----------------------------------------------------------------------
         report = agent_diagnostics(params, store, trunk, actor, guidance, sw, policy, device)

@@ -25,6 +25,11 @@ and takes `steps` updates on batches from `batches(step)`. The loop owns everyth
   the MLflow run id (when the run it names is gone, the curve so far is logged again to the new run);
 - a progress bar on stderr (tqdm), and `on_step(global_step)` after each update (tests simulate kills).
 
+Under torchrun with several processes (veorl.distributed) every rank runs this loop: each reseeds with its rank
+too, rows average the ranks' metrics, a non-finite update on any rank stops all of them, only rank 0 writes
+checkpoints, MLflow metrics and the progress bar, and every rank resumes from the checkpoint (checking that all
+found the same one).
+
 Global steps number the updates of all phases in order: phase k's step 0 is global step
 sum(steps of phases before k). Once a later phase has started, an earlier one cannot be extended.
 """
@@ -47,7 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from veorl import acceleration, tracking
+from veorl import acceleration, distributed, tracking
 from veorl.checkpoint import CheckpointManager, CheckpointMismatch, assert_resumable
 from veorl.data.samplers import Prefetcher
 from veorl.storage import atomic_path
@@ -146,10 +151,11 @@ def detached(losses: Any) -> Any:
 # ------------------------------------------------------------------------------------------------
 
 
-def reseed(seed: int, phase: str, step: int) -> None:
+def reseed(seed: int, phase: str, step: int, rank: int = 0) -> None:
     """Seed torch (CPU and CUDA) for one update from (seed, phase, step) alone, so a resumed run draws the
-    noise an uninterrupted run draws at that step, whatever ran before it in this process."""
-    entropy = [int(seed) & 0xFFFFFFFF, zlib.crc32(phase.encode()), int(step)]
+    noise an uninterrupted run draws at that step, whatever ran before it in this process. Each rank of a
+    multi-process run draws its own noise for its own batch; rank 0 draws what a single process draws."""
+    entropy = [int(seed) & 0xFFFFFFFF, zlib.crc32(phase.encode()), int(step)] + ([int(rank)] if rank else [])
     state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
     torch.manual_seed((int(state[0]) << 31) ^ int(state[1]))
 
@@ -201,11 +207,22 @@ class MetricWindow:
     def add_seconds(self, section: str, seconds: float) -> None:
         self.seconds[section] += seconds
 
+    def average_ranks(self) -> None:
+        """Before a row of a multi-process run (no-op in a single process): the sums become the means over
+        ranks of each rank's sums, so the row describes the global batch. Times stay this rank's own."""
+        if distributed.active() and self.total is not None:
+            distributed.mean_(self.total)
+
     def check_finite(self, where: str) -> None:
         """Raise NonFiniteLoss naming the first update of the window whose metrics were not all finite."""
         if self._bad_step is None:
             return
         step = int(self._bad_step)
+        if distributed.active():
+            # Gradients are averaged, so one rank's NaN reaches every rank's weights: all ranks stop together.
+            anywhere = int(distributed.max_(self._bad_step.clone()))
+            if step < 0 and anywhere >= 0:
+                raise NonFiniteLoss(f"{where} step {anywhere}: non-finite metrics on another rank")
         if step >= 0:
             values = dict(zip(self.keys, self._bad_values.tolist()))
             bad = [k for k, v in values.items() if not np.isfinite(v)]
@@ -375,6 +392,19 @@ class TrainingLoop:
             )
         return saved
 
+    def _agree(self, saved: dict[str, Any] | None) -> None:
+        """Every rank read the checkpoint itself; they must all continue from the same one (no-op in one process)."""
+        if not distributed.active():
+            return
+        mine = dict(saved["progress"]) if saved is not None else None
+        everyone = distributed.gather_objects(mine)
+        if any(p != everyone[0] for p in everyone):
+            where = self.manager.directory if self.manager is not None else "no checkpoint directory"
+            raise CheckpointMismatch(
+                f"{self.stage}: the ranks found different checkpoints in {where} (progress by rank: {everyone}); "
+                f"the checkpoint directory must be one folder that every node reads"
+            )
+
     def _totals(self, progress: dict[str, int]) -> dict[str, int]:
         totals = {}
         for i, phase in enumerate(self.phases):
@@ -400,6 +430,8 @@ class TrainingLoop:
         from tqdm import tqdm
 
         saved = self._load()
+        self._agree(saved)
+        main = distributed.is_main()
         progress = {p.name: 0 for p in self.phases}
         elapsed = {p.name: 0.0 for p in self.phases}
         curve: list[dict[str, Any]] = []
@@ -447,7 +479,7 @@ class TrainingLoop:
                 unit="update",
                 file=sys.stderr,
                 dynamic_ncols=True,
-                disable=not self.progress,
+                disable=not (self.progress and main),
             )
             with Prefetcher(phase.batches, done, total, depth=self.prefetch, device=self.device) as batches:
                 iterator = iter(batches)
@@ -458,7 +490,7 @@ class TrainingLoop:
                     except StopIteration:
                         break
                     t1 = time.perf_counter()
-                    reseed(self.seed, phase.name, step)
+                    reseed(self.seed, phase.name, step, distributed.rank())
                     if step == 0:
                         trainer.before_first_update(batch)
                     window.add(scalar_fields(trainer.update(batch)), step + 1)
@@ -469,6 +501,7 @@ class TrainingLoop:
                     global_step = phase_offset + done
                     last = done == total
                     if done % self.log_every == 0 or last:
+                        window.average_ranks()
                         row = {
                             "step": global_step,
                             "phase": phase.name,
@@ -538,6 +571,8 @@ class TrainingLoop:
         if self.manager is None:
             return
         window.check_finite(f"{self.stage} {trainer.name}")
+        if not distributed.is_main():  # every rank holds the same weights; one writes them
+            return
         self.manager.save(
             global_step,
             {

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from veorl import tracking
+from veorl import distributed, tracking
 from veorl.algo.loop import Phase, Trainer, TrainingLoop, detached, write_curve
 from veorl.algo.segmentation import (
     Segments,
@@ -124,6 +124,8 @@ class PhaseTrainer(Trainer):
         device = model.codebook.vectors.device
         self.usage = torch.zeros(model.codebook.K, dtype=torch.float32, device=device)
         self.figure_usage = torch.zeros_like(self.usage)
+        # Several processes: DDP over the trained modules (veorl.distributed); None in a single process.
+        self.replicas = distributed.replicas({f"m{i}": m for i, m in enumerate(self.trainable_modules())})
 
     @abc.abstractmethod
     def trainable_modules(self) -> list[nn.Module]:
@@ -140,9 +142,13 @@ class PhaseTrainer(Trainer):
 
     def update(self, batch: Batch) -> Any:
         self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
-            losses, codes = self.forward(batch)
-        losses.loss.backward()
+        if self.replicas is None:
+            with self.autocast():
+                losses, codes = self.forward(batch)
+            losses.loss.backward()
+        else:
+            loss, (losses, codes) = self.replicas(lambda: self._replicated_forward(batch))
+            loss.backward()  # gradients averaged across ranks
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.cfg.optim.grad_clip)
         self.optimizer.step()
         for chosen, mask in codes:
@@ -155,12 +161,18 @@ class PhaseTrainer(Trainer):
             self.count_codes(index, weights)
         return replace(detached(losses), grad_norm=grad_norm.detach())
 
+    def _replicated_forward(self, batch: Batch) -> tuple[torch.Tensor, Any]:
+        with self.autocast():
+            losses, codes = self.forward(batch)
+        return losses.loss, (losses, codes)
+
     def count_codes(self, index: torch.Tensor, weights: torch.Tensor) -> None:
         # index_add_ rather than bincount, which reads the largest code back to size its output (a sync).
         self.usage.index_add_(0, index, weights)
         self.figure_usage.index_add_(0, index, weights)
 
     def extra_metrics(self) -> dict[str, float]:
+        distributed.sum_(self.usage)  # the codes of every rank's batches
         stats = codebook_stats(self.usage.double().cpu())
         self.usage.zero_()
         return {"codebook_perplexity": stats.perplexity, "codebook_used": float(stats.used)}
@@ -234,7 +246,9 @@ class Phase1Trainer(PhaseTrainer):
         m = self.model
         sequences = [batch["target"]["image"]] + ([batch["source"]["image"]] if self.cfg.ban_on_source else [])
         z = torch.cat([m.ban(m.encoder(preprocess(x))).reshape(-1, m.latent_action_dim) for x in sequences])
+        distributed.sum_(self.restart_usage)  # dead on every rank's batches
         restarted = m.codebook.restart_dead(self.restart_usage, z)
+        distributed.broadcast_(m.codebook.vectors.data)  # rank 0's restarted codes (from its batch) everywhere
         self.restart_usage.zero_()
         if restarted:
             log.debug("phase 1 update %d: restarted %d dead codes", self.updates, restarted)
@@ -271,6 +285,7 @@ class Phase1Trainer(PhaseTrainer):
         vectors = z[chosen]
         vectors[distinct:] += 1e-3 * torch.randn_like(vectors[distinct:])  # repeated codes nudged apart
         m.codebook.vectors.copy_(vectors)
+        distributed.broadcast_(m.codebook.vectors.data)  # several processes: rank 0's batch initialises the codes
 
     def forward(self, batch: Batch) -> tuple[Phase1Losses, list[tuple[torch.Tensor, None]]]:
         m, cfg = self.model, self.cfg
@@ -530,14 +545,38 @@ def pretrain(
 ) -> dict[str, Any]:
     """Run (or resume) phases 1 and 2 and write the world-model artifact and metrics. Returns the metrics.
 
+    Under torchrun with several processes, each is one rank of a data-parallel run (veorl.distributed) and only
+    rank 0 writes checkpoints, the artifact, the metrics files and the MLflow run.
     on_step(global_step) is called after every update (tests use it to simulate a kill).
     """
-    from veorl.acceleration import compile_networks, resolve_precision
     from veorl.runtime import configure_torch_threads, resolve_device
 
+    configure_torch_threads(params.pretrain.threads)
+    with distributed.session(resolve_device(params.pretrain.device)) as ctx:
+        result = _pretrain(
+            params, ctx, clips, episodes, out, checkpoints, parent_run_id, metrics_path, curve_path, on_step, progress
+        )
+        distributed.barrier()  # the other ranks return once rank 0 has written the outputs
+        return result
+
+
+def _pretrain(
+    params: Params,
+    ctx: distributed.Context,
+    clips: str | Path,
+    episodes: str | Path,
+    out: str | Path,
+    checkpoints: str | Path | None,
+    parent_run_id: str | None,
+    metrics_path: str | Path,
+    curve_path: str | Path,
+    on_step: Callable[[int], None] | None,
+    progress: bool,
+) -> dict[str, Any]:
+    from veorl.acceleration import compile_networks, resolve_precision
+
     cfg = params.pretrain
-    configure_torch_threads(cfg.threads)
-    device = torch.device(resolve_device(cfg.device))
+    device = ctx.device
     precision = resolve_precision(cfg.precision, device)  # once for the stage
     clip_store = ClipStore(clips)
     if clip_store.size != params.model.image_size:
@@ -558,15 +597,16 @@ def pretrain(
     model = VideoWorldModel(params.model).to(device)
     if cfg.compile:
         compile_networks(model)
-    run_dir = run_directory(checkpoints, config, upstream) if checkpoints is not None else None
+    trained_as = ctx.identity(config)
+    run_dir = run_directory(checkpoints, trained_as, upstream) if checkpoints is not None else None
 
     def sampler(phase: str) -> JointSampler:
         target_stream, source_stream = PHASE_STREAMS[phase]
         return JointSampler(
             target=EpisodeWindowSampler(
-                episode_store, cfg.batch, cfg.seq_len, cfg.seed, target_stream, keys=("image",)
+                episode_store, cfg.batch, cfg.seq_len, cfg.seed, target_stream, keys=("image",), rank=ctx.rank
             ),
-            source=ClipSampler(clip_store, cfg.source_batch, cfg.source_len, cfg.seed, source_stream),
+            source=ClipSampler(clip_store, cfg.source_batch, cfg.source_len, cfg.seed, source_stream, rank=ctx.rank),
         )
 
     def phase2() -> Phase2Trainer:
@@ -583,7 +623,7 @@ def pretrain(
             Phase("phase2", cfg.phase2_steps, phase2, sampler("phase2"), sequences),
         ],
         seed=cfg.seed,
-        config=config,
+        config=trained_as,
         upstream=upstream,
         checkpoints=run_dir,
         log_every=cfg.log_every,
@@ -596,13 +636,21 @@ def pretrain(
     )
 
     with tracking.stage_run(
-        STAGE, params, parent_run_id, run_dir=run_dir, sections=CONFIG_SECTIONS + ("tracking",), upstream=upstream
+        STAGE,
+        params,
+        parent_run_id,
+        run_dir=run_dir,
+        sections=CONFIG_SECTIONS + ("tracking",),
+        upstream=upstream,
+        record=ctx.is_main,
     ) as run:
-        tracking.log_params({"pretrain.precision_resolved": precision})
+        tracking.log_params({"pretrain.precision_resolved": precision, **ctx.params("pretrain")})
         log.info("pretrain: %s forward passes%s", precision, ", compiled networks" if cfg.compile else "")
         result = loop.run(run.run_id)
         model.freeze_behaviours()  # a run with phase2_steps=0 still hands over a frozen BAN side
         metrics = result.summary()
+        if not ctx.is_main:  # the same weights as rank 0, which writes them
+            return metrics
         metrics.update(
             codebook_perplexity=metrics.get("phase1", {}).get("codebook_perplexity"),
             precision=precision,

@@ -25,9 +25,11 @@ from veorl.data.episodes import EpisodeStore
 Batch = dict[str, Any]
 
 
-def step_rng(seed: int, stream: int, step: int) -> np.random.Generator:
-    """RNG for one batch: independent across (seed, stream, step), reproducible from those numbers alone."""
-    return np.random.default_rng(np.random.SeedSequence([int(seed), int(stream), int(step)]))
+def step_rng(seed: int, stream: int, step: int, rank: int = 0) -> np.random.Generator:
+    """RNG for one batch: independent across (seed, stream, step), reproducible from those numbers alone.
+    Each rank of a multi-process run (veorl.distributed) has its own; rank 0's is a single process's."""
+    entropy = [int(seed), int(stream), int(step)] + ([int(rank)] if rank else [])
+    return np.random.default_rng(np.random.SeedSequence(entropy))
 
 
 class EpisodeWindowSampler:
@@ -41,6 +43,7 @@ class EpisodeWindowSampler:
         seed: int,
         stream: int = 0,
         keys: tuple[str, ...] | None = None,
+        rank: int = 0,
     ):
         if int(store.lengths.max()) < seq_len:
             raise ValueError(
@@ -55,9 +58,10 @@ class EpisodeWindowSampler:
             stream,
             keys,
         )
+        self.rank = rank
 
     def __call__(self, step: int) -> Batch:
-        data = self.store.sample(self.batch, self.seq_len, step_rng(self.seed, self.stream, step))
+        data = self.store.sample(self.batch, self.seq_len, step_rng(self.seed, self.stream, step, self.rank))
         if self.keys is not None:
             data = {k: data[k] for k in self.keys}
         return data
@@ -75,16 +79,18 @@ class EpisodeWindowSampler:
 class ClipSampler:
     """Source video clips cut to `length` frames: {"image": (batch, length, S, S, 3) uint8}."""
 
-    def __init__(self, store: ClipStore, batch: int, length: int, seed: int, stream: int = 1):
+    def __init__(self, store: ClipStore, batch: int, length: int, seed: int, stream: int = 1, rank: int = 0):
         if length > store.window:
             raise ValueError(
                 f"{store.root}: clips have {store.window} frames, fewer than the {length} requested "
                 f"(lower pretrain.source_len or re-ingest with a longer window)"
             )
         self.store, self.batch, self.length, self.seed, self.stream = store, batch, length, seed, stream
+        self.rank = rank
 
     def __call__(self, step: int) -> Batch:
-        return {"image": self.store.sample(self.batch, self.length, step_rng(self.seed, self.stream, step))}
+        rng = step_rng(self.seed, self.stream, step, self.rank)
+        return {"image": self.store.sample(self.batch, self.length, rng)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "clips", "seed": self.seed, "stream": self.stream, "batch": self.batch, "length": self.length}
