@@ -64,6 +64,7 @@ LEGACY_SETTINGS: dict[str, Any] = {
     "*.compile": False,
     "finetune.pretrained_encoder": True,
     "finetune.snapshot_every": 0,
+    "finetune.discount_head": False,
 }
 
 

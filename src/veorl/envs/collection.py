@@ -91,7 +91,7 @@ def episode_recipe(cfg: Any, index: int) -> dict[str, Any]:
 
 def collect_episode(job: tuple[str, int, dict[str, Any]]) -> dict[str, Any]:
     """Roll out and save one episode (runs in a worker); returns its meta row."""
-    from veorl.envs.policies import BehaviourPolicy, scripted_policy
+    from veorl.envs.policies import BehaviourPolicy, is_discrete, scripted_policy
     from veorl.envs.rollout import rollout
 
     out, index, recipe = job
@@ -106,6 +106,7 @@ def collect_episode(job: tuple[str, int, dict[str, Any]]) -> dict[str, Any]:
         noise=recipe["noise"],
         random_prob=recipe.get("random_prob", 0.0),
         seed=np.random.SeedSequence([recipe["episode_seed"], 0x5EED]),
+        discrete=is_discrete(env),
     )
     episode = rollout(env, policy, seed=recipe["episode_seed"])
     episodes_dir = Path(out) / EPISODE_DIR
