@@ -81,7 +81,8 @@ def test_game_switches_every_stage_to_crafter_with_a_categorical_model():
     assert params.collect.episode_length == 100 and params.collect.medium_random_prob == 0.92
     assert params.collect.medium_noise == 0.0 and params.collect.expert_noise == 0.0
     paper = resolve({"domain": "game"}, preset="paper")
-    assert (paper.model.stoch, paper.model.stoch_classes, paper.model.deter, paper.model.cnn_depth) == (32, 32, 4096, 96)
+    sizes = (paper.model.stoch, paper.model.stoch_classes, paper.model.deter, paper.model.cnn_depth)
+    assert sizes == (32, 32, 4096, 96)
     smoke = resolve({"domain": "game"}, preset="smoke")
     assert smoke.source_videos.tasks == ["explore"] and smoke.model.deter == 64 and smoke.collect.episode_length == 40
     assert load_params(REPO / "params.yaml", overrides=["domain=game"]).collect.task == "collect-wood"
