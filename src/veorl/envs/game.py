@@ -9,6 +9,11 @@ Facts this adapter relies on (crafter 1.8.3; numba installed makes world generat
 - crafter seeds each world from `hash((seed, episode counter))`; the adapter resets that counter so that
   `reset(seed)` alone decides the world (the same seed gives the same world and, with the same actions, the same
   frames).
+- crafter is not deterministic by itself: every 10 steps it despawns a creature picked by index from a `set` of
+  objects, whose order follows memory addresses, so two runs of one seed part ways after ~150 steps. The adapter's
+  crafter hands that code the chunk's objects sorted by position (`_deterministic_env_class`); nothing else changes.
+  Its night-time noise also draws from the world's generator, so `render` of another view puts the generator back
+  (filming source videos from several views does not change the episode).
 
 Tasks. The target tasks are crafter's achievements written with hyphens (`collect-wood`, the default target;
 `collect-drink`, `collect-sapling`, ... any of the 22 in TASKS), in the spirit of the paper's harvesting tasks:
@@ -147,6 +152,24 @@ def _import_crafter():
     return crafter, constants, engine, objects
 
 
+_ENV_CLASS = None
+
+
+def _deterministic_env_class():
+    """crafter.Env whose creature balancing sees each chunk's objects in a fixed order (by position: one object per
+    cell) instead of a set's, so one seed and one action sequence always give one episode."""
+    global _ENV_CLASS
+    if _ENV_CLASS is None:
+        crafter, _, _, _ = _import_crafter()
+
+        class DeterministicCrafter(crafter.Env):
+            def _balance_chunk(self, chunk, objs):
+                super()._balance_chunk(chunk, sorted(objs, key=lambda obj: (int(obj.pos[0]), int(obj.pos[1]))))
+
+        _ENV_CLASS = DeterministicCrafter
+    return _ENV_CLASS
+
+
 def available_tasks() -> list[str]:
     return sorted(TASKS) + list(SOURCE_ONLY_TASKS)
 
@@ -173,7 +196,7 @@ class CrafterEnv:
             raise EnvError(f"episode_length must lie in [2, {MAX_EPISODE_LENGTH}] for crafter, got {episode_length}")
         if size < 16:
             raise EnvError(f"size must be at least 16 pixels, got {size}")
-        crafter, constants, engine, objects = _import_crafter()
+        _, constants, engine, objects = _import_crafter()
         if tuple(constants.actions) != ACTIONS:
             raise EnvError(f"this adapter knows crafter 1.8.3's actions; the installed crafter has {constants.actions}")
         self._engine, self._objects = engine, objects
@@ -186,7 +209,9 @@ class CrafterEnv:
         self.action_dim = NUM_ACTIONS
         self.state_dim = 20
         # crafter's own episode limit is ours; its reward is replaced by the task's.
-        self._env = crafter.Env(size=(self.size, self.size), view=(STYLES[camera].view,) * 2, seed=self.seed)
+        self._env = _deterministic_env_class()(
+            size=(self.size, self.size), view=(STYLES[camera].view,) * 2, seed=self.seed
+        )
         self._views: dict[int, tuple[Any, Any]] = {}
         self._seed_stream = np.random.default_rng(self.seed)
         self._brightness = 1.0
@@ -219,19 +244,19 @@ class CrafterEnv:
         # crafter draws the world from (its seed, its episode counter): pin both so the seed alone decides.
         self._env._seed = int(seed)
         self._env._episode = 0
-        self._env.reset()
+        frame = self._env.reset()
         self._player_rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xC0FFEE]))
         self._heading, self._heading_left = _DIRECTIONS[int(self._player_rng.integers(4))], 0
         self._forage_goal, self._forage_left = FORAGE_GOALS[0], 0
         self._steps = 0
         self._done = False
-        return self._observation()
+        return self._observation(frame)
 
     def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, dict[str, Any]]:
         if self._done:
             raise EnvError("step() called on a finished episode; call reset() first")
         index = self.action_index(action)
-        _, _, crafter_done, crafter_info = self._env.step(index)
+        frame, _, crafter_done, crafter_info = self._env.step(index)
         self._steps += 1
         unlocked = crafter_info["achievements"]
         target = TASKS.get(self.task)
@@ -247,7 +272,7 @@ class CrafterEnv:
             "action_name": ACTIONS[index],
             "tasks": {task: bool(unlocked[name] > 0) for task, name in TASKS.items()},
         }
-        return self._observation(), 1.0 if success else 0.0, self._done, info
+        return self._observation(frame), 1.0 if success else 0.0, self._done, info
 
     @staticmethod
     def action_index(action: Any) -> int:
@@ -380,10 +405,13 @@ class CrafterEnv:
         if name not in STYLES:
             raise EnvError(f"unknown game view {name!r}; views: {', '.join(sorted(STYLES))}")
         style = STYLES[name]
-        if style.view == STYLES[self.camera].view:
-            frame = self._env.render()
-        else:
-            frame = self._render_view(style.view)
+        # crafter's night-time noise draws from the world's generator: filming must not change what happens next.
+        random = self._env._world.random
+        saved = random.get_state()
+        try:
+            frame = self._env.render() if style.view == STYLES[self.camera].view else self._render_view(style.view)
+        finally:
+            random.set_state(saved)
         return np.ascontiguousarray(style.apply(np.asarray(frame, np.uint8), self._brightness))
 
     def _render_view(self, view: int) -> np.ndarray:
@@ -411,8 +439,10 @@ class CrafterEnv:
         """Scale every view's brightness by exp(N(0, scale)) (visual variety for source video; 0 = the styles')."""
         self._brightness = float(np.clip(np.exp(rng.normal(0.0, scale)), 0.5, 1.5)) if scale > 0 else 1.0
 
-    def _observation(self) -> dict[str, np.ndarray]:
-        return {"image": self.render(), "state": self._state()}
+    def _observation(self, frame: np.ndarray) -> dict[str, np.ndarray]:
+        """crafter's own frame (rendered in this env's view) in the env's style, and the state vector."""
+        image = STYLES[self.camera].apply(np.asarray(frame, np.uint8), self._brightness)
+        return {"image": np.ascontiguousarray(image), "state": self._state()}
 
     def __enter__(self) -> CrafterEnv:
         return self
