@@ -38,6 +38,7 @@ def run(
         plot_returns,
         reward_diagnostics,
         summarise,
+        task_success_rates,
         write_episodes_csv,
     )
     from veorl.runtime import write_resolved_config
@@ -116,15 +117,19 @@ def run(
             report["warnings"] = check(report, f"evaluate ({meta['algo']})")
             atomic_write_json(out_dir / DIAGNOSTICS_FILE, report)
             tracking.log_metrics({f"diagnostics/reward/{k}": v for k, v in rewards.items() if math.isfinite(v)})
+        per_task = task_success_rates(results)
         metrics = {
             "task": meta["task"],
             "algo": meta["algo"],
             **summary,
+            **({"success_per_task": per_task} if per_task is not None else {}),
             "protocol": protocol,
             "precision": precision,
             "status": "ok",
         }
         tracking.log_metrics({k: v for k, v in summary.items()})
+        if per_task is not None:
+            tracking.log_metrics({f"success_per_task/{k}": v for k, v in per_task.items()})
         for r in results:
             episode_metrics = {"episode_return": r.ret, "episode_success": float(r.success)}
             if r.collision is not None:

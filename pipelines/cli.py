@@ -134,7 +134,10 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--preset", default=None, choices=sorted(PRESETS), help="sizes and step counts (pipeline default: paper)"
     )
     group.add_argument(
-        "--domain", default=None, choices=["manipulation", "driving"], help="paper domain (every stage; params.yaml)"
+        "--domain",
+        default=None,
+        choices=["manipulation", "driving", "game"],
+        help="paper domain (every stage; params.yaml)",
     )
     group.add_argument("--task", default=None, help="target task (collect.task)")
     group.add_argument("--algo", default=None, choices=["veorl", "dreamerv2", "bc"], help="finetune.algo")

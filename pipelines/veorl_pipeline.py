@@ -391,7 +391,7 @@ def build_pipeline(options: CompileOptions | None = None) -> Callable:
 
         Args:
             preset: smoke | cpu | laptop | paper (sizes and step counts).
-            domain: manipulation | driving (environment, target task, source videos, model kind of every stage);
+            domain: manipulation | driving | game (environment, target task, source videos, model kind of every stage);
                 empty keeps params.yaml.
             task: target task (collect.task); empty keeps the domain's / params.yaml's.
             algo: veorl | dreamerv2 | bc (finetune.algo); empty keeps params.yaml.

@@ -1,5 +1,5 @@
 """The `domain` switch: manipulation resolves exactly as before it existed, driving switches every stage, explicit
-keys still win, and unknown or unfinished domains fail with a clear message."""
+keys still win, the game resolves crafter with a categorical model, and unknown domains fail with a clear message."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ NEW_KEYS = {"domain": "manipulation", "source_videos.env": "metaworld"}
 NEW_KEYS |= {f"{stage}.precision": "auto" for stage in ("pretrain", "finetune", "evaluate")}
 NEW_KEYS |= {f"{stage}.compile": False for stage in ("pretrain", "finetune")}
 NEW_KEYS |= {"model.ban_horizon": 1}  # the k-step BAN option; 1 is the release's BAN
+NEW_KEYS |= {"finetune.discount_head": False}  # the game's discount head (issue 9), off elsewhere
 
 
 @pytest.mark.parametrize("preset", ["smoke", "cpu", "laptop", "paper", "params.yaml"])
@@ -71,9 +72,35 @@ def test_a_source_task_equal_to_the_target_is_refused_in_driving_too():
         resolve({"domain": "driving"}, overrides=["collect.task=merge"])
 
 
-def test_game_is_not_implemented_yet_and_unknown_domains_fail():
-    with pytest.raises(ConfigError, match=r"'game' is not implemented yet \(issue 9: crafter\)"):
-        resolve({"domain": "game"})
+def test_game_switches_every_stage_to_crafter_with_a_categorical_model():
+    params = resolve({"domain": "game"}, preset="cpu")
+    assert (params.collect.env, params.collect.task, params.collect.camera) == ("crafter", "collect-wood", "native")
+    assert params.source_videos.env == "crafter" and "collect-wood" not in params.source_videos.tasks
+    assert (params.model.rssm_kind, params.model.stoch, params.model.stoch_classes) == ("categorical", 32, 32)
+    assert params.finetune.discount_head and params.register.metric == "success_rate"
+    # the game's calibration, not Meta-World's: 100-step episodes, one-hot actions without Gaussian noise
+    assert params.collect.episode_length == 100 and params.collect.medium_random_prob == 0.92
+    assert params.collect.medium_noise == 0.0 and params.collect.expert_noise == 0.0
+    paper = resolve({"domain": "game"}, preset="paper")
+    sizes = (paper.model.stoch, paper.model.stoch_classes, paper.model.deter, paper.model.cnn_depth)
+    assert sizes == (32, 32, 4096, 96)
+    smoke = resolve({"domain": "game"}, preset="smoke")
+    assert smoke.source_videos.tasks == ["explore"] and smoke.model.deter == 64 and smoke.collect.episode_length == 40
+    assert load_params(REPO / "params.yaml", overrides=["domain=game"]).collect.task == "collect-wood"
+
+
+def test_explicit_keys_win_over_the_game_domain():
+    params = resolve(
+        {"domain": "game", "collect": {"task": "collect-drink"}},
+        overrides=["model.stoch_classes=16", "finetune.discount_head=false"],
+    )
+    assert params.collect.task == "collect-drink" and params.model.stoch_classes == 16
+    assert not params.finetune.discount_head and params.model.rssm_kind == "categorical"
+    with pytest.raises(ConfigError, match="must not contain the target task"):
+        resolve({"domain": "game"}, overrides=["collect.task=explore"])
+
+
+def test_unknown_domains_fail():
     with pytest.raises(ConfigError, match="domain: must be one of"):
         resolve({"domain": "flying"})
 
@@ -84,4 +111,8 @@ def test_an_environment_of_another_domain_is_refused():
     with pytest.raises(ConfigError, match="source_videos.env='highway' does not belong"):
         resolve({"source_videos": {"env": "highway"}})
     assert "carla" in DOMAIN_ENVS["driving"]
+    with pytest.raises(ConfigError, match="collect.env='highway' does not belong to domain='game'"):
+        resolve({"domain": "game", "collect": {"env": "highway"}})
+    with pytest.raises(ConfigError, match="collect.env='crafter' does not belong to domain='manipulation'"):
+        resolve({"collect": {"env": "crafter"}})
     assert resolve({"domain": "driving"}, overrides=["collect.env=carla", "collect.camera=firstperson"])

@@ -65,6 +65,7 @@ LEGACY_SETTINGS: dict[str, Any] = {
     "finetune.pretrained_encoder": True,
     "finetune.snapshot_every": 0,
     "model.ban_horizon": 1,
+    "finetune.discount_head": False,
 }
 
 

@@ -45,17 +45,18 @@ class Section(BaseModel):
 class SourceVideosParams(Section):
     """Renders unlabeled source videos from tasks other than the target (frames only)."""
 
-    env: Literal["metaworld", "highway"] = Field(
+    env: Literal["metaworld", "highway", "crafter"] = Field(
         default="metaworld", description="Simulator family the source videos are rendered in."
     )
     tasks: list[str] = Field(
         default=["door-open", "button-press-topdown", "handle-press", "plate-slide", "coffee-push"],
-        description="Tasks (Meta-World v3 names without -v3; highway-env scenarios) to film; must not include the "
-        "target task.",
+        description="Tasks (Meta-World v3 names without -v3; highway-env scenarios; crafter players such as explore "
+        "and forage) to film; must not include the target task.",
     )
     cameras: list[str] = Field(
         default=["corner2", "corner3"],
-        description="Cameras (Meta-World) or view styles (highway-env) filmed, one video per camera per episode.",
+        description="Cameras (Meta-World) or view styles (highway-env, crafter) filmed, one video per camera per "
+        "episode.",
     )
     episodes_per_task: int = Field(default=10, ge=1, description="Scripted episodes rendered per task.")
     episode_length: int = Field(
@@ -68,7 +69,7 @@ class SourceVideosParams(Section):
         default=0.03,
         ge=0.0,
         description="Per-episode view jitter for visual variety: Gaussian sigma of a camera position offset in metres "
-        "(Meta-World) or of a relative zoom change (highway-env).",
+        "(Meta-World), of a relative zoom change (highway-env) or of a relative brightness change (crafter).",
     )
     render_size: int = Field(
         default=96, ge=16, description="Rendered frame side in pixels (ingestion resizes it later)."
@@ -118,16 +119,19 @@ class IngestParams(Section):
 class CollectParams(Section):
     """Offline target dataset collection with a degraded scripted behaviour policy."""
 
-    env: Literal["metaworld", "highway", "carla"] = Field(
+    env: Literal["metaworld", "highway", "carla", "crafter"] = Field(
         default="metaworld",
         description="Simulator family (metaworld: manipulation; highway: highway-env driving; carla: a CARLA 0.9.x "
-        "server, see docs/domains.md).",
+        "server; crafter: the game; see docs/domains.md).",
     )
     task: str = Field(
-        default="drawer-open", description="Target task: a Meta-World v3 task name (without -v3) or a driving scenario."
+        default="drawer-open",
+        description="Target task: a Meta-World v3 task name (without -v3), a driving scenario or a crafter "
+        "achievement (collect-wood).",
     )
     camera: str = Field(
-        default="corner", description="Camera (Meta-World), view style (highway-env) the observations are rendered in."
+        default="corner",
+        description="Camera (Meta-World), view style (highway-env, crafter) the observations are rendered in.",
     )
     size: int = Field(default=64, ge=8, description="Observation side in pixels.")
     episodes: int = Field(default=20, ge=1, description="Episodes collected.")
@@ -136,7 +140,7 @@ class CollectParams(Section):
         ge=2,
         le=500,
         description="Environment steps per episode (action repeat 1; Meta-World's own limit is 500; a driving step "
-        "is 0.2 s).",
+        "is 0.2 s; a game episode also ends when its achievement is unlocked).",
     )
     quality: Literal["expert", "medium", "mixed"] = Field(default="medium", description="Behaviour data quality level.")
     medium_random_prob: float = Field(
@@ -313,6 +317,12 @@ class FinetuneParams(Section):
     )
     horizon: int = Field(default=15, ge=1, description="Imagination horizon H.")
     discount: float = Field(default=0.99, gt=0, le=1, description="Discount of imagined returns.")
+    discount_head: bool = Field(
+        default=False,
+        description="Trunk Net discount head (DreamerV2): learns where episodes end (true terminals: discount 0), "
+        "imagined returns are discounted by discount x its predicted continuation, and episodes shorter than seq_len "
+        "that end in a terminal are sampled padded with absorbing steps. For domains whose episodes end (game).",
+    )
     lambda_: float = Field(default=0.95, ge=0, le=1, alias="lambda", description="lambda of the lambda-return.")
     actor_entropy: float = Field(default=1e-4, ge=0, description="Weight of the actor's entropy bonus.")
     slow_critic_every: int = Field(default=100, ge=1, description="Updates between slow-critic refreshes.")
@@ -463,8 +473,8 @@ with warnings.catch_warnings():
         domain: DomainName = Field(
             default="manipulation",
             description="Paper domain: manipulation (Meta-World), driving (highway-env; CARLA with a server), game "
-            "(not implemented yet). Selects every stage's environment, task, source videos and model kind; "
-            "explicit keys still win (docs/domains.md).",
+            "(crafter). Selects every stage's environment, task, source videos and model kind; explicit keys still "
+            "win (docs/domains.md).",
         )
         source_videos: SourceVideosParams = Field(default_factory=SourceVideosParams)
         ingest: IngestParams = Field(default_factory=IngestParams)
@@ -661,7 +671,7 @@ PRESETS["laptop"] = deep_merge(
 DOMAIN_ENVS: dict[str, tuple[str, ...]] = {
     "manipulation": ("metaworld",),
     "driving": ("highway", "carla"),  # carla: collect/evaluate against a user's CARLA server (docs/domains.md)
-    "game": (),
+    "game": ("crafter",),
 }
 """Environment families each domain's collect/source-video stages may use (a cross-check of Params)."""
 
@@ -695,6 +705,41 @@ DOMAINS: dict[str, dict[str, Any]] = {
         # The paper reports driving by episode return; a success is rarer and coarser (no collision for 40 s).
         "register": {"metric": "mean_return"},
     },
+    "game": {
+        # Source videos: crafter played in other worlds (seeds drawn per task and episode, never the target's) by
+        # players that never chop a tree (a persistent random walk; a forager: water, saplings, cows), filmed
+        # zoomed out with rotated colours (`far`) and zoomed in at dusk (`dusk`), brightness jittered.
+        "source_videos": {
+            "env": "crafter",
+            "tasks": ["explore", "forage"],
+            "cameras": ["far", "dusk"],
+            "action_noise": 0.0,  # one-hot actions take no Gaussian noise
+            "camera_jitter": 0.1,
+        },
+        # Target: collect-wood (reward 1 and a terminal when wood is first collected), 17 one-hot actions, 64x64.
+        # The scripted player reaches a tree in ~5 steps, so `medium` is mostly random actions and the episodes
+        # are short (100 steps; success ends an episode earlier). Calibration (collect-wood, worlds of seeds 0..39,
+        # 40 episodes per row; `python scripts/calibrate_game.py [--length 40 --random-prob 0.8 0.85 0.9]`):
+        #   expert (no random actions), 100 steps    100% success, return 1.00, 5.3 steps per episode
+        #   medium random_prob 0.9,   100 steps       78% success, return 0.78 +- 0.42
+        #   medium random_prob 0.92,  100 steps       57% success, return 0.57 +- 0.49   <- default (cpu, laptop, paper)
+        #   medium random_prob 0.95,  100 steps       35% success
+        #   medium random_prob 0.85,   40 steps       57% success, return 0.57 +- 0.49   <- smoke
+        # cpu preset, `python -m components.collect --out DIR --set domain=game`: 12 episodes, 67% success.
+        "collect": {
+            "env": "crafter",
+            "task": "collect-wood",
+            "camera": "native",
+            "episode_length": 100,
+            "expert_noise": 0.0,
+            "medium_noise": 0.0,
+            "medium_random_prob": 0.92,
+        },
+        # DreamerV2's Crafter/Atari world model: 32 categoricals of 32 classes; the discount head learns episode ends.
+        "model": {"rssm_kind": "categorical", "stoch": 32, "stoch_classes": 32},
+        "finetune": {"discount_head": True},
+        "register": {"metric": "success_rate"},
+    },
 }
 """Domain defaults: applied over the field defaults and under the preset (`resolve`)."""
 
@@ -717,9 +762,24 @@ DOMAIN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # smoke: one short source scenario in one style, so the whole chain stays at seconds.
         "smoke": {"source_videos": {"tasks": ["merge"], "cameras": ["wide"]}},
     },
+    "game": {
+        # The presets' episode lengths are the manipulation calibration's; the game's medium data is calibrated at
+        # 100 steps (smoke: 40), see DOMAINS["game"].
+        "cpu": {"collect": {"episode_length": 100}},
+        "laptop": {"collect": {"episode_length": 100}},
+        # smoke: one source player in one style, 8 classes per categorical, so the chain stays at seconds.
+        "smoke": {
+            "source_videos": {"tasks": ["explore"], "cameras": ["far"]},
+            "collect": {"medium_random_prob": 0.85},
+            "model": {"stoch_classes": 8},
+        },
+        # The release's game sizes (DreamerV2 on Crafter/Atari): 32 x 32 categoricals, a 4096-unit GRU, cnn depth 96.
+        "paper": {"model": {"stoch": 32, "stoch_classes": 32, "deter": 4096, "cnn_depth": 96}},
+    },
 }
 
-NOT_IMPLEMENTED_DOMAINS = {"game": "not implemented yet (issue 9: crafter)"}
+NOT_IMPLEMENTED_DOMAINS: dict[str, str] = {}
+"""Domains that exist as names but are refused (with the reason); none at present."""
 
 
 def _dotted_keys(tree: dict[str, Any], prefix: str = "") -> set[str]:

@@ -8,6 +8,9 @@ naming the episode and the step; nothing is averaged over the episodes that did 
 
 Simulators whose steps report info["collision"] (driving) add a collision rate: the share of episodes that
 ended in a collision (or by leaving the road). Their success is "no collision and reached the end".
+Simulators whose steps report info["tasks"] (the game: {task: achievement unlocked this episode} for every crafter
+achievement) add a success rate per task (`success_per_task`; the target task's equals `success_rate`) and an
+`achievements` column in episodes.csv.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class EpisodeResult:
     length: int
     video: str | None = None
     collision: bool | None = None  # driving: the episode ended in a collision; None where the simulator has none
+    tasks: dict[str, bool] | None = None  # game: whether each task's achievement was unlocked; None elsewhere
     predicted_return: float | None = None  # the world model's reward summed over the steps it was compared on
     simulator_return: float | None = None  # the simulator's reward over the same steps
     reward_correlation: float | None = None  # per-step correlation of the two (nan when either is constant)
@@ -67,6 +71,7 @@ def play_episode(
     frames: list[np.ndarray] = [obs["image"]] if record else []
     total, success, steps = 0.0, False, 0
     collision: bool | None = None
+    tasks: dict[str, bool] | None = None
     # The world model's reward on each state the agent filtered, against the reward that came with that
     # observation (the first observation comes with none).
     compare = getattr(agent, "reward_head", None) is not None
@@ -99,6 +104,8 @@ def play_episode(
         success = success or bool(info.get("success", False))
         if "collision" in info:
             collision = bool(collision) or bool(info["collision"])
+        if "tasks" in info:
+            tasks = {name: bool(done_) for name, done_ in info["tasks"].items()}
         steps = step + 1
         if record:
             frames.append(obs["image"])
@@ -114,7 +121,14 @@ def play_episode(
             "reward_correlation": correlation,
         }
     result = EpisodeResult(
-        episode=episode, seed=seed, ret=total, success=success, length=steps, collision=collision, **comparison
+        episode=episode,
+        seed=seed,
+        ret=total,
+        success=success,
+        length=steps,
+        collision=collision,
+        tasks=tasks,
+        **comparison,
     )
     return result, frames
 
@@ -251,6 +265,15 @@ def summarise(results: list[EpisodeResult]) -> dict[str, float | int]:
     return summary
 
 
+def task_success_rates(results: list[EpisodeResult]) -> dict[str, float] | None:
+    """Share of episodes that unlocked each task's achievement (the game), None for simulators without tasks."""
+    reported = [r.tasks for r in results if r.tasks is not None]
+    if not reported:
+        return None
+    names = sorted(set().union(*reported))
+    return {name: float(np.mean([bool(tasks.get(name, False)) for tasks in reported])) for name in names}
+
+
 def reward_diagnostics(results: list[EpisodeResult]) -> dict[str, float] | None:
     """Predicted vs simulator reward along the agent's own rollouts (None for agents without a reward head).
 
@@ -276,10 +299,17 @@ def write_episodes_csv(path: str | Path, results: list[EpisodeResult]) -> None:
         with open(tmp, "w", newline="") as fh:
             writer = csv.writer(fh)
             collisions = any(r.collision is not None for r in results)
-            writer.writerow(["episode", "return", "success", "length"] + (["collision"] if collisions else []))
+            tasks = any(r.tasks is not None for r in results)
+            writer.writerow(
+                ["episode", "return", "success", "length"]
+                + (["collision"] if collisions else [])
+                + (["achievements"] if tasks else [])
+            )
             for r in results:
                 row = [r.episode, f"{r.ret:.6f}", int(r.success), r.length]
-                writer.writerow(row + ([int(bool(r.collision))] if collisions else []))
+                row += [int(bool(r.collision))] if collisions else []
+                row += [";".join(sorted(k for k, v in (r.tasks or {}).items() if v))] if tasks else []
+                writer.writerow(row)
 
 
 def plot_returns(path: str | Path, results: list[EpisodeResult], title: str) -> None:

@@ -135,6 +135,45 @@ def test_discrete_actions_use_reinforce_with_the_critic_baseline():
     assert all(g is None for g in _grads(trunk))
 
 
+def test_the_discount_head_learns_terminals_and_cuts_imagined_returns():
+    """finetune.discount_head (the game): the world-model phase fits the data's discount, the policy phase discounts
+    each imagined step by gamma x the predicted continuation, and no data action follows a terminal."""
+    params = smoke_params("finetune.discount_head=true", "finetune.critic_warmup=0", "finetune.ensemble_size=0")
+    torch.manual_seed(0)
+    video_wm = VideoWorldModel(params.model)
+    video_wm.freeze_behaviours()
+    trunk = build_trunk_world_model(params.model, 3, video_wm, discount_head=True)
+    guidance = build_guidance(video_wm, trunk, "aligned", params.model)
+    in_dim = trunk.feat_dim + params.model.latent_action_dim
+    actor = Actor(in_dim, 3, params.model.actor_units, params.model.actor_layers, kind="discrete")
+    critic = Critic(in_dim, params.model.critic_units, params.model.critic_layers)
+    batch = target_batch(action_dim=3)
+    batch["action"] = torch.nn.functional.one_hot(torch.randint(0, 3, batch["action"].shape[:2]), 3).float()
+    batch["discount"] = torch.ones(2, 6)
+    batch["discount"][0, 3:] = 0.0  # a terminal at step 3, absorbing steps after it
+    world = WorldModelPhase(trunk, params, switches(params.finetune), video_wm, guidance)
+    losses = world.losses(batch)
+    assert losses.discount_nll is not None and losses.discount_nll > 0
+    head_before = [p.clone() for p in trunk.discount_head.parameters()]
+    world.update(batch)
+    assert any(not torch.equal(a, b) for a, b in zip(head_before, trunk.discount_head.parameters()))
+
+    phase = PolicyPhase(trunk, actor, critic, params, switches(params.finetune), guidance)
+    phase.freeze_world_model()
+    start = phase.start_states(batch)
+    assert start.has_next.reshape(2, 6)[0].tolist() == [1, 1, 1, 0, 0, 0]
+    with torch.no_grad():  # a head sure that every episode ends now: no weight beyond the first imagined step
+        trunk.discount_head.mlp.net[-1].bias.fill_(-30.0)
+    ended = phase.imagine_returns(start.states)
+    assert torch.all(ended.weights[1:] < 1e-6) and torch.allclose(ended.weights[0], torch.ones_like(ended.weights[0]))
+    assert torch.allclose(ended.returns[0], ended.reward[0], atol=1e-4)  # nothing after the terminal counts
+    with torch.no_grad():  # sure it goes on: gamma alone, as without the head
+        trunk.discount_head.mlp.net[-1].bias.fill_(30.0)
+    going_on = phase.imagine_returns(start.states)
+    gamma = params.finetune.discount
+    assert torch.allclose(going_on.weights[2], torch.full_like(going_on.weights[2], gamma**2), atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["continuous", "discrete"])
 def test_policy_update_trains_actor_and_critic_only(kind):
     params = smoke_params("finetune.actor_optim.lr=0.05", "finetune.critic_optim.lr=0.05", "finetune.critic_warmup=0")

@@ -141,6 +141,26 @@ def test_episode_sampler_keys_and_length_limits(episodes):
         EpisodeWindowSampler(episodes, 2, max(EPISODE_LENGTHS) + 1, seed=0)
 
 
+def test_absorbing_store_pads_short_terminal_episodes_and_leaves_the_rest_alone(tmp_path, episodes):
+    """With `absorbing` (the discount head's data), the 5-step episode is drawn too: from its start, then absorbing
+    steps (last frame, zero action and reward, discount 0). Long episodes are sampled exactly as before."""
+    absorbing = EpisodeStore(write_episodes(tmp_path / "absorbing"), absorbing=True)
+    batch = EpisodeWindowSampler(absorbing, batch=64, seq_len=8, seed=0)(0)
+    short = batch["reward"][:, 0] < 1000
+    assert short.any()
+    assert np.array_equal(batch["reward"][short][:, :5], np.tile(np.arange(5.0), (short.sum(), 1)))
+    assert np.all(batch["reward"][short][:, 5:] == 0) and np.all(batch["discount"][short][:, 5:] == 0)
+    assert np.all(batch["discount"][short][:, :5] == 1) and np.all(batch["image"][short][:, 5:] == 0)
+    assert np.all(batch["action"][short][:, 5:] == 0) and "is_terminal" not in batch  # no key is invented
+    # every window is as long as asked; at seq_len 20 only the padded short episode and the 20-step one fit whole
+    assert EpisodeWindowSampler(absorbing, 4, 20, seed=0)(0)["reward"].shape == (4, 20)
+    # no short episode in play: the same windows as a store without padding
+    assert equal(
+        EpisodeWindowSampler(EpisodeStore(write_episodes(tmp_path / "long", (12, 20)), absorbing=True), 8, 8, 3)(2),
+        EpisodeWindowSampler(EpisodeStore(write_episodes(tmp_path / "plain", (12, 20))), 8, 8, 3)(2),
+    )
+
+
 def test_clip_windows_are_contiguous_pieces_of_one_clip(clips):
     sampler = ClipSampler(clips, batch=32, length=4, seed=1)
     for step in range(4):

@@ -4,7 +4,8 @@ Two phases, each a trainer run by the shared training loop (veorl.algo.loop; met
 "Phase 3"):
 
 WorldModelPhase  ("world_model") the Trunk Net world model on target sequences: image NLL + reward NLL
-                 (rewards times finetune.reward_scale) + balanced KL, + mmd_weight * linear MMD(source,
+                 (rewards times finetune.reward_scale) (+ discount NLL with finetune.discount_head) + balanced
+                 KL, + mmd_weight * linear MMD(source,
                  target embeddings) when MMD is on and clips are given; its encoder starts from
                  pretraining (veorl). With guidance="aligned" it also trains the guidance in the space
                  where it is used: F_BC on Trunk Net features with targets from the frozen BAN (the
@@ -15,7 +16,10 @@ WorldModelPhase  ("world_model") the Trunk Net world model on target sequences: 
 PolicyPhase      ("policy") world model frozen: imagination from every posterior state of a target batch
                  (veorl.algo.imagination), lambda-returns with a slow critic, actor by backpropagation
                  through the Trunk Net dynamics (continuous actions) or REINFORCE with the slow critic as
-                 baseline (discrete actions), critic by the NLL of the lambda-return.
+                 baseline (discrete actions), critic by the NLL of the lambda-return. With the discount head
+                 (finetune.discount_head, the game domain) each imagined step is discounted by
+                 finetune.discount x the head's predicted continuation, as in DreamerV2: returns stop at
+                 the terminals the model foresees.
 
 The `bc` baseline replaces both by BehaviourCloning ("bc", veorl.algo.baselines).
 
@@ -114,6 +118,7 @@ class WorldModelLosses:
     reward_nll: torch.Tensor
     kl_loss: torch.Tensor  # balanced KL with free nats (optimised)
     kl: torch.Tensor  # raw KL(posterior || prior)
+    discount_nll: torch.Tensor | None = None  # with the discount head: Bernoulli NLL of the data's discount
     mmd: torch.Tensor | None = None  # with MMD on and source clips
     fbc_loss: torch.Tensor | None = None  # aligned guidance only: F_BC to the BAN's latent action
     map_loss: torch.Tensor | None = None  # aligned guidance only: M(f) to the Plan Net posterior
@@ -162,7 +167,8 @@ class WorldModelPhase(Trainer):
         return list(self.guidance.fbc.parameters()) + list(self.guidance.state_map.parameters())
 
     def losses(self, batch: Batch) -> WorldModelLosses:
-        """The terms of one batch (image, action, reward [, source clips]); a pure function of the batch."""
+        """The terms of one batch (image, action, reward [, discount] [, source clips]); a pure function of the
+        batch."""
         with self.autocast():
             return self._losses(batch)
 
@@ -174,6 +180,7 @@ class WorldModelPhase(Trainer):
             image,
             batch["action"],
             batch["reward"],
+            discount=batch.get("discount"),
             kl_balance=fp.kl_balance,
             free_nats=fp.free_nats,
             kl_scale=fp.kl_scale,
@@ -201,6 +208,7 @@ class WorldModelPhase(Trainer):
             reward_nll=trunk.reward_nll,
             kl_loss=trunk.kl_loss,
             kl=trunk.kl,
+            discount_nll=trunk.discount_nll,
             mmd=mmd,
             fbc_loss=fbc_loss,
             map_loss=map_loss,
@@ -371,6 +379,9 @@ class PolicyPhase(Trainer):
         following = torch.cat([action[:, 1:], torch.zeros_like(action[:, :1])], 1)
         has_next = torch.ones(rows, steps, device=action.device, dtype=action.dtype)
         has_next[:, -1] = 0.0
+        if "discount" in batch:
+            # No action follows a terminal (nor the absorbing steps padded after one, veorl.data.episodes).
+            has_next = has_next * (batch["discount"] > 0).to(has_next.dtype)
         return StartStates(
             posterior.reshape_batch(-1).detach(), following.reshape(rows * steps, -1), has_next.reshape(-1)
         )
@@ -401,6 +412,9 @@ class PolicyPhase(Trainer):
             uncertainty = self.trunk.ensemble.disagreement(traj.states.deter[1:]) / self.uncertainty_reference
             reward = reward - fp.uncertainty_weight * uncertainty
         discount = torch.full_like(reward, fp.discount)
+        if self.trunk.discount_head is not None:
+            # DreamerV2: the discount of transition t is gamma x P(the episode goes on after s_t+1).
+            discount = discount * torch.sigmoid(self.trunk.discount_head(traj.features[1:]))
         returns = lambda_return(reward, values[1:], discount, fp.lambda_)
         return ImaginedReturns(
             traj=traj,
@@ -644,7 +658,11 @@ def build_model_based(
     switch needs it), the actor and the critic."""
     fp, model = params.finetune, params.model
     trunk = build_trunk_world_model(
-        model, action_dim, video_wm if sw.pretrained_encoder else None, ensemble_size=fp.ensemble_size
+        model,
+        action_dim,
+        video_wm if sw.pretrained_encoder else None,
+        discount_head=fp.discount_head,
+        ensemble_size=fp.ensemble_size,
     ).to(device)
     guidance = build_guidance(video_wm, trunk, fp.guidance, model).to(device) if sw.needs_guidance else None
     feat_dim = trunk.feat_dim + (model.latent_action_dim if sw.use_latent_action else 0)
@@ -786,7 +804,8 @@ def _finetune(
     configure_torch_threads(fp.threads)
     torch.manual_seed(fp.seed)
 
-    store = EpisodeStore(episodes, image_size=model.image_size)
+    # With the discount head, episodes cut short by a terminal are sampled with absorbing steps after it.
+    store = EpisodeStore(episodes, image_size=model.image_size, absorbing=fp.discount_head)
     action_dim = int(store.episode(0)["action"].shape[1])
     meta = dataset_metadata(episodes, params, action_dim)
     if sw.use_mmd and clips is None:
@@ -835,14 +854,21 @@ def _finetune(
     else:
         kind = meta["action_kind"]
         trunk, guidance, actor, critic = build_model_based(params, sw, action_dim, kind, video_wm, device)
+        ends = ("discount",) if fp.discount_head else ()  # where episodes end: the discount head's targets
         target = EpisodeWindowSampler(
-            store, fp.batch, fp.seq_len, fp.seed, TARGET_STREAM, keys=("image", "action", "reward"), rank=ctx.rank
+            store,
+            fp.batch,
+            fp.seq_len,
+            fp.seed,
+            TARGET_STREAM,
+            keys=("image", "action", "reward", *ends),
+            rank=ctx.rank,
         )
         source = None
         if clip_store:
             source = ClipSampler(clip_store, fp.source_batch, fp.source_len, fp.seed, SOURCE_STREAM, rank=ctx.rank)
         starts = EpisodeWindowSampler(
-            store, fp.batch, fp.seq_len, fp.seed, START_STREAM, keys=("image", "action"), rank=ctx.rank
+            store, fp.batch, fp.seq_len, fp.seed, START_STREAM, keys=("image", "action", *ends), rank=ctx.rank
         )
 
         def world_model_batch(step: int) -> dict[str, Any]:

@@ -186,16 +186,43 @@ def import_episodes(
     return ImportReport(accepted, rejected)
 
 
-class EpisodeStore:
-    """Random access to a folder of episodes with a bounded in-memory LRU cache (never the whole dataset)."""
+def pad_absorbing(ep: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+    """`ep` extended to `length` steps by absorbing steps after its end: the last frame again, a zero action, zero
+    reward, discount 0 (the episode has ended: nothing after it counts), no success, terminal."""
+    missing = length - len(ep["reward"])
+    if missing <= 0:
+        return ep
+    fill = {
+        "image": np.repeat(ep["image"][-1:], missing, 0),
+        "action": np.zeros((missing, *ep["action"].shape[1:]), ep["action"].dtype),
+        "reward": np.zeros(missing, ep["reward"].dtype),
+        "discount": np.zeros(missing, ep["discount"].dtype),
+        "success": np.zeros(missing, bool),
+        "is_terminal": np.ones(missing, bool),
+        "is_first": np.zeros(missing, bool),
+    }
+    return {k: np.concatenate([v, fill[k]]) if k in fill else v for k, v in ep.items()}
 
-    def __init__(self, dataset: str | Path, cache_episodes: int = 32, image_size: int | None = None):
+
+class EpisodeStore:
+    """Random access to a folder of episodes with a bounded in-memory LRU cache (never the whole dataset).
+
+    With `absorbing`, an episode shorter than the window is not skipped: it is sampled as one window from its start,
+    padded with absorbing steps (`pad_absorbing`). Collection cuts an episode short only at a true terminal (a
+    game's success or death, a collision), so the padding says what a terminal means: nothing more happens. The
+    game domain needs it (its successful episodes end after a few steps); without it, sampling is as it always was.
+    """
+
+    def __init__(
+        self, dataset: str | Path, cache_episodes: int = 32, image_size: int | None = None, absorbing: bool = False
+    ):
         self.files = episode_files(dataset)
         if not self.files:
             raise FileNotFoundError(f"no episode files (*.npz) under {dataset}")
         self.lengths = np.array([episode_length(p) for p in self.files], dtype=np.int64)
         self.cache_episodes = max(1, cache_episodes)
         self.image_size = image_size
+        self.absorbing = bool(absorbing)
         self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
 
     def __len__(self) -> int:
@@ -217,13 +244,15 @@ class EpisodeStore:
 
     def sample(self, batch: int, seq_len: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """`batch` windows of `seq_len` consecutive steps, episodes chosen proportionally to their usable length."""
-        usable = np.maximum(self.lengths - seq_len + 1, 0)
+        usable = np.maximum(self.lengths - seq_len + 1, 1 if self.absorbing else 0)
         if usable.sum() == 0:
             raise ValueError(f"no episode is at least seq_len={seq_len} steps long (longest: {self.lengths.max()})")
         eps = rng.choice(len(self.files), size=batch, p=usable / usable.sum())
         out: dict[str, list[np.ndarray]] = {}
         for i in eps:
             ep = self.episode(int(i))
+            if self.absorbing and len(ep["reward"]) < seq_len:
+                ep = pad_absorbing(ep, seq_len)
             start = int(rng.integers(0, len(ep["reward"]) - seq_len + 1))
             for key, arr in ep.items():
                 out.setdefault(key, []).append(arr[start : start + seq_len])

@@ -45,7 +45,7 @@ class EpisodeWindowSampler:
         keys: tuple[str, ...] | None = None,
         rank: int = 0,
     ):
-        if int(store.lengths.max()) < seq_len:
+        if int(store.lengths.max()) < seq_len and not getattr(store, "absorbing", False):
             raise ValueError(
                 f"target episodes are at most {int(store.lengths.max())} steps long; "
                 f"sequences of seq_len={seq_len} cannot be cut (lower the seq_len parameter)"

@@ -70,7 +70,7 @@ def _meta_path(out: Path, task: str, episode: int) -> Path:
 
 def render_episode(job: tuple[str, dict[str, Any]]) -> dict[str, Any]:
     """Play one noisy scripted episode, film it from every camera, encode one video per camera (runs in a worker)."""
-    from veorl.envs.policies import BehaviourPolicy, scripted_policy
+    from veorl.envs.policies import BehaviourPolicy, is_discrete, scripted_policy
     from veorl.video.encode import write_video
 
     out_text, recipe = job
@@ -89,7 +89,11 @@ def render_episode(job: tuple[str, dict[str, Any]]) -> dict[str, Any]:
     env_seed = int(streams[0].generate_state(1)[0] & 0x7FFFFFFF)
     env.jitter_cameras(np.random.default_rng(streams[1]), recipe["camera_jitter"])
     policy = BehaviourPolicy(
-        scripted_policy(recipe["env"], task, env=env), env.action_dim, noise=recipe["action_noise"], seed=streams[2]
+        scripted_policy(recipe["env"], task, env=env),
+        env.action_dim,
+        noise=recipe["action_noise"],
+        seed=streams[2],
+        discrete=is_discrete(env),
     )
     frames: dict[str, list[np.ndarray]] = {cam: [] for cam in cameras}
     obs = env.reset(seed=env_seed)
