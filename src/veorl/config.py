@@ -33,6 +33,28 @@ class ConfigError(ValueError):
     """Raised for invalid parameters; the message names each bad key and why."""
 
 
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+def training_precision_field() -> Any:
+    """`precision` of a training stage (pretrain, finetune): one definition, so their meaning cannot drift apart."""
+    return Field(
+        default="auto",
+        description="Numeric precision of the networks' forward passes: bf16 = bf16 autocast (losses, KL, returns, "
+        "weights and optimiser state stay fp32); auto = bf16 on a CPU with AVX512-BF16 or AMX or on a CUDA GPU with "
+        "bf16, fp32 elsewhere (resolved once per stage and recorded in its metrics and MLflow params).",
+    )
+
+
+def compile_field() -> Any:
+    """`compile` of a training stage (pretrain, finetune)."""
+    return Field(
+        default=False,
+        description="torch.compile the forward of the encoder, decoders, MLPs (heads, actor, critic) and BAN "
+        "(the RSSM time loops stay eager); the first updates are slower while it compiles.",
+    )
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
@@ -263,17 +285,8 @@ class PretrainParams(Section):
         description="torch intra-op threads; 0 = all cores (the cpu preset uses 1: "
         "faster on a small shared CPU, and leaves a core to the prefetch thread).",
     )
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        default="auto",
-        description="Numeric precision of the networks' forward passes: bf16 = bf16 autocast (losses, KL, returns, "
-        "weights and optimiser state stay fp32); auto = bf16 on a CPU with AVX512-BF16 or AMX or on a CUDA GPU with "
-        "bf16, fp32 elsewhere (resolved once per stage and recorded in its metrics and MLflow params).",
-    )
-    compile: bool = Field(
-        default=False,
-        description="torch.compile the forward of the encoder, decoders, MLPs (heads, actor, critic) and BAN "
-        "(the RSSM time loops stay eager); the first updates are slower while it compiles.",
-    )
+    precision: Precision = training_precision_field()
+    compile: bool = compile_field()
 
 
 class FinetuneParams(Section):
@@ -390,17 +403,8 @@ class FinetuneParams(Section):
     seed: int = Field(default=0, description="Seed of batches, initialisation and imagination noise.")
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N.")
     threads: int = Field(default=0, ge=0, description="torch intra-op threads; 0 = all cores.")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        default="auto",
-        description="Numeric precision of the networks' forward passes: bf16 = bf16 autocast (losses, KL, returns, "
-        "weights and optimiser state stay fp32); auto = bf16 on a CPU with AVX512-BF16 or AMX or on a CUDA GPU with "
-        "bf16, fp32 elsewhere (resolved once per stage and recorded in its metrics and MLflow params).",
-    )
-    compile: bool = Field(
-        default=False,
-        description="torch.compile the forward of the encoder, decoders, MLPs (heads, actor, critic) and BAN "
-        "(the RSSM time loops stay eager); the first updates are slower while it compiles.",
-    )
+    precision: Precision = training_precision_field()
+    compile: bool = compile_field()
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
@@ -417,7 +421,7 @@ class EvaluateParams(Section):
     )
     video_fps: int = Field(default=30, ge=1, description="Frame rate of the rollout videos.")
     device: str = Field(default="cpu", description="Device the agent acts on (cpu | cuda | cuda:N).")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
+    precision: Precision = Field(
         default="auto",
         description="Numeric precision of the agent's networks while acting: bf16 autocast or fp32; auto = bf16 "
         "where the evaluation device has native bf16 (resolved once, recorded in metrics.json and MLflow params).",

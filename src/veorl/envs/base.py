@@ -11,6 +11,16 @@ class EnvError(ValueError):
     """Bad environment arguments (unknown task, camera, ...) or misuse (stepping a finished episode)."""
 
 
+def continuous_action(action: np.ndarray, action_dim: int) -> np.ndarray:
+    """A continuous action checked (size, finite values) and clipped to [-1, 1], as float64 for the simulator."""
+    action = np.asarray(action, dtype=np.float64).reshape(-1)
+    if action.shape != (action_dim,):
+        raise EnvError(f"action must have {action_dim} values, got shape {action.shape}")
+    if not np.all(np.isfinite(action)):
+        raise EnvError(f"action contains NaN or inf: {action}")
+    return np.clip(action, -1.0, 1.0)
+
+
 @runtime_checkable
 class Env(Protocol):
     """An image-based episodic environment with continuous actions in [-1, 1].

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from veorl.envs.base import EnvError
+from veorl.envs.base import EnvError, continuous_action
 
 TARGET_TASK = "highway"
 SIMULATION_FREQUENCY = 10  # Hz: physics substeps
@@ -252,12 +252,7 @@ class HighwayEnv:
     def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, dict[str, Any]]:
         if self._done:
             raise EnvError("step() called on a finished episode; call reset() first")
-        action = np.asarray(action, dtype=np.float64).reshape(-1)
-        if action.shape != (self.action_dim,):
-            raise EnvError(f"action must have {self.action_dim} values, got shape {action.shape}")
-        if not np.all(np.isfinite(action)):
-            raise EnvError(f"action contains NaN or inf: {action}")
-        action = np.clip(action, -1.0, 1.0)
+        action = continuous_action(action, self.action_dim)
         env = self._env
         env.time += 1.0 / POLICY_FREQUENCY
         env._simulate(action)  # highway-env's substeps; ContinuousAction maps [-1, 1] onto its ranges

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from veorl.envs.base import EnvError
+from veorl.envs.base import EnvError, continuous_action
 
 MAX_EPISODE_LENGTH = 500
 """Meta-World's own `max_path_length`; longer episodes would step past the benchmark's definition."""
@@ -172,12 +172,7 @@ class MetaWorldEnv:
     def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, dict[str, Any]]:
         if self._done:
             raise EnvError("step() called on a finished episode; call reset() first")
-        action = np.asarray(action, dtype=np.float64).reshape(-1)
-        if action.shape != (self.action_dim,):
-            raise EnvError(f"action must have {self.action_dim} values, got shape {action.shape}")
-        if not np.all(np.isfinite(action)):
-            raise EnvError(f"action contains NaN or inf: {action}")
-        action = np.clip(action, -1.0, 1.0)
+        action = continuous_action(action, self.action_dim)
         state, reward, terminated, truncated, raw_info = self._env.step(action)
         self._steps += 1
         self._done = bool(terminated) or bool(truncated) or self._steps >= self.episode_length
