@@ -53,6 +53,33 @@ def smoke_params(*overrides: str, raw: dict[str, Any] | None = None, preset: str
     return resolve(raw or {}, preset=preset, overrides=list(overrides), origin="test params")
 
 
+def pretrain_and_finetune(data: Path, world_model: Path, agent: Path, logs: Path, params: Params) -> None:
+    """The real pretrain and finetune stages on prepared data (`data`/video_clips, `data`/episodes, as the
+    source_videos -> ingest -> collect chain writes them): the world model into `world_model`, the agent into
+    `agent`, each stage's metrics and curve into `logs` (pretrain.json/.csv, finetune.json/.csv)."""
+    from components import finetune, pretrain
+
+    pretrain.run(
+        str(data / "video_clips"),
+        str(data / "episodes"),
+        str(world_model),
+        params,
+        metrics=str(logs / "pretrain.json"),
+        curve=str(logs / "pretrain.csv"),
+        progress=False,
+    )
+    finetune.run(
+        str(world_model),
+        str(data / "episodes"),
+        str(agent),
+        params,
+        clips=str(data / "video_clips"),
+        metrics=str(logs / "finetune.json"),
+        curve=str(logs / "finetune.csv"),
+        progress=False,
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # Frames and episodes
 # ------------------------------------------------------------------------------------------------

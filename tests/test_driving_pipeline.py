@@ -7,11 +7,13 @@ import time
 
 import pytest
 
+from tests.builders import pretrain_and_finetune
+
 pytest.importorskip("highway_env")
 
 
 def test_smoke_pipeline_for_driving_registers_an_agent(tmp_path, mlflow_store, params):
-    from components import collect, evaluate, finetune, ingest, pretrain, register, source_videos
+    from components import collect, evaluate, ingest, register, source_videos
     from veorl.storage import read_json
 
     smoke = params("domain=driving")
@@ -23,25 +25,7 @@ def test_smoke_pipeline_for_driving_registers_an_agent(tmp_path, mlflow_store, p
     ingest.run([str(data / "source_videos")], str(data / "video_clips"), smoke, progress=False)
     card = collect.run(str(data / "episodes"), smoke, progress=False)
     assert card["env"] == "highway" and "collision_rate" in card
-    pretrain.run(
-        str(data / "video_clips"),
-        str(data / "episodes"),
-        str(models / "world_model"),
-        smoke,
-        metrics=str(tmp_path / "pretrain.json"),
-        curve=str(tmp_path / "pretrain.csv"),
-        progress=False,
-    )
-    finetune.run(
-        str(models / "world_model"),
-        str(data / "episodes"),
-        str(models / "agent"),
-        smoke,
-        clips=str(data / "video_clips"),
-        metrics=str(tmp_path / "finetune.json"),
-        curve=str(tmp_path / "finetune.csv"),
-        progress=False,
-    )
+    pretrain_and_finetune(data, models / "world_model", models / "agent", tmp_path, smoke)
     agent = read_json(models / "agent" / "agent.json")
     assert (agent["env"], agent["task"], agent["action_dim"], agent["action_kind"]) == (
         "highway",

@@ -10,11 +10,13 @@ import time
 import numpy as np
 import pytest
 
+from tests.builders import pretrain_and_finetune
+
 pytest.importorskip("crafter")
 
 
 def test_smoke_pipeline_for_the_game_trains_a_discrete_agent(tmp_path, mlflow_store, params):
-    from components import collect, evaluate, finetune, ingest, pretrain, register, source_videos
+    from components import collect, evaluate, ingest, register, source_videos
     from veorl.agent import Agent
     from veorl.envs.game import NUM_ACTIONS, TASKS
     from veorl.storage import read_json
@@ -29,25 +31,7 @@ def test_smoke_pipeline_for_the_game_trains_a_discrete_agent(tmp_path, mlflow_st
     ingest.run([str(data / "source_videos")], str(data / "video_clips"), smoke, progress=False)
     card = collect.run(str(data / "episodes"), smoke, progress=False)
     assert card["env"] == "crafter" and card["action_kind"] == "discrete"
-    pretrain.run(
-        str(data / "video_clips"),
-        str(data / "episodes"),
-        str(models / "world_model"),
-        smoke,
-        metrics=str(tmp_path / "pretrain.json"),
-        curve=str(tmp_path / "pretrain.csv"),
-        progress=False,
-    )
-    finetune.run(
-        str(models / "world_model"),
-        str(data / "episodes"),
-        str(models / "agent"),
-        smoke,
-        clips=str(data / "video_clips"),
-        metrics=str(tmp_path / "finetune.json"),
-        curve=str(tmp_path / "finetune.csv"),
-        progress=False,
-    )
+    pretrain_and_finetune(data, models / "world_model", models / "agent", tmp_path, smoke)
     meta = read_json(models / "agent" / "agent.json")
     assert (meta["env"], meta["task"], meta["action_dim"], meta["action_kind"]) == (
         "crafter",

@@ -7,6 +7,8 @@ random there); the laptop preset is the test of it."""
 import numpy as np
 import pytest
 
+from tests.builders import pretrain_and_finetune
+
 TASK = "handle-press"
 EPISODE_LENGTH = 100
 # The cpu preset's networks, less data and fewer updates: the smallest budget at which the agent should act.
@@ -60,7 +62,7 @@ def trained(tmp_path_factory):
     """Collect, pretrain, fine-tune (VeoRL with its defaults) and evaluate, once."""
     import os
 
-    from components import collect, evaluate, finetune, ingest, pretrain, source_videos
+    from components import collect, evaluate, ingest, source_videos
     from veorl.config import resolve
     from veorl.storage import read_json
 
@@ -72,25 +74,7 @@ def trained(tmp_path_factory):
     source_videos.run(str(data / "source_videos"), params, progress=False)
     ingest.run([str(data / "source_videos")], str(data / "video_clips"), params, progress=False)
     collect.run(str(data / "episodes"), params, progress=False)
-    pretrain.run(
-        str(data / "video_clips"),
-        str(data / "episodes"),
-        str(root / "world_model"),
-        params,
-        metrics=str(root / "pretrain.json"),
-        curve=str(root / "pretrain.csv"),
-        progress=False,
-    )
-    finetune.run(
-        str(root / "world_model"),
-        str(data / "episodes"),
-        str(root / "agent"),
-        params,
-        clips=str(data / "video_clips"),
-        metrics=str(root / "finetune.json"),
-        curve=str(root / "finetune.csv"),
-        progress=False,
-    )
+    pretrain_and_finetune(data, root / "world_model", root / "agent", root, params)
     metrics = evaluate.run(str(root / "agent"), str(root / "eval"), params, progress=False)
     yield {
         "params": params,

@@ -11,6 +11,16 @@ class EnvError(ValueError):
     """Bad environment arguments (unknown task, camera, ...) or misuse (stepping a finished episode)."""
 
 
+def episode_seed(seed: int | None, variation: int | None, stream: np.random.Generator) -> int:
+    """The seed an episode starts from: `seed`, or the next draw of the env's own `stream` when None, with
+    `variation` (evaluation's episode index) folded in for simulators whose start states come from the seed alone."""
+    if seed is None:
+        seed = int(stream.integers(2**31 - 1))
+    if variation is not None:
+        seed = int(np.random.SeedSequence([int(seed), int(variation)]).generate_state(1)[0] & 0x7FFFFFFF)
+    return int(seed)
+
+
 def continuous_action(action: np.ndarray, action_dim: int) -> np.ndarray:
     """A continuous action checked (size, finite values) and clipped to [-1, 1], as float64 for the simulator."""
     action = np.asarray(action, dtype=np.float64).reshape(-1)

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from veorl.envs.base import EnvError, continuous_action
+from veorl.envs.base import EnvError, continuous_action, episode_seed
 
 TARGET_TASK = "highway"
 SIMULATION_FREQUENCY = 10  # Hz: physics substeps
@@ -225,10 +225,7 @@ class HighwayEnv:
         """Start an episode; `variation` (evaluation's episode index) is folded into the seed of the traffic draw."""
         if self._closed:
             raise EnvError("environment is closed")
-        if seed is None:
-            seed = int(self._seed_stream.integers(2**31 - 1))
-        if variation is not None:
-            seed = int(np.random.SeedSequence([int(seed), int(variation)]).generate_state(1)[0] & 0x7FFFFFFF)
+        seed = episode_seed(seed, variation, self._seed_stream)
         self._env.reset(seed=int(seed))
         self._swap_ego()
         self._steps = 0

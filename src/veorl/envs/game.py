@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from veorl.envs.base import EnvError
+from veorl.envs.base import EnvError, episode_seed
 
 ACTIONS = (
     "noop",
@@ -237,10 +237,7 @@ class CrafterEnv:
         """Generate the world of `seed` (folded with `variation`, evaluation's episode index) and start in it."""
         if self._closed:
             raise EnvError("environment is closed")
-        if seed is None:
-            seed = int(self._seed_stream.integers(2**31 - 1))
-        if variation is not None:
-            seed = int(np.random.SeedSequence([int(seed), int(variation)]).generate_state(1)[0] & 0x7FFFFFFF)
+        seed = episode_seed(seed, variation, self._seed_stream)
         # crafter draws the world from (its seed, its episode counter): pin both so the seed alone decides.
         self._env._seed = int(seed)
         self._env._episode = 0
