@@ -86,6 +86,8 @@ _T975 = [
     2.042,
 ]
 METRICS = (("success_rate", "success rate"), ("mean_return", "return"))
+EXTRA_METRICS = (("collision_rate", "collision rate"),)
+"""Columns a domain's evaluation adds (driving: collisions); tabled when every run of a row reports them."""
 ALGOS = ("veorl", "dreamerv2", "bc")
 
 
@@ -338,12 +340,19 @@ def aggregate(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, dict[str,
         if not by_seed:
             continue
         seeds = sorted(by_seed)
+        keys = [key for key, _ in METRICS]
+        keys += [key for key, _ in EXTRA_METRICS if all(key in by_seed[s] for s in seeds)]
         table[algo] = {
             "seeds": seeds,
-            **{key: seed_statistics([float(by_seed[s][key]) for s in seeds]) for key, _ in METRICS},
-            "per_seed": {str(s): {key: by_seed[s][key] for key, _ in METRICS} for s in seeds},
+            **{key: seed_statistics([float(by_seed[s][key]) for s in seeds]) for key in keys},
+            "per_seed": {str(s): {key: by_seed[s][key] for key in keys} for s in seeds},
         }
     return table
+
+
+def extra_columns(table: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """The EXTRA_METRICS every row of the table has."""
+    return [(key, label) for key, label in EXTRA_METRICS if table and all(key in row for row in table.values())]
 
 
 def _fmt(stats: dict[str, Any], digits: int) -> tuple[str, str, str]:
@@ -354,14 +363,17 @@ def _fmt(stats: dict[str, Any], digits: int) -> tuple[str, str, str]:
 
 
 def markdown_table(table: dict[str, dict[str, Any]]) -> str:
+    extras = extra_columns(table)
     lines = [
-        "| algorithm | seeds | success rate: mean | std | 95% CI | return: mean | std | 95% CI |",
-        "|---|---|---|---|---|---|---|---|",
+        "| algorithm | seeds | success rate: mean | std | 95% CI | return: mean | std | 95% CI |"
+        + "".join(f" {label}: mean | std | 95% CI |" for _, label in extras),
+        "|---|---|---|---|---|---|---|---|" + "---|---|---|" * len(extras),
     ]
     for algo, row in table.items():
-        s_mean, s_std, s_ci = _fmt(row["success_rate"], 3)
-        r_mean, r_std, r_ci = _fmt(row["mean_return"], 1)
-        lines.append(f"| {algo} | {len(row['seeds'])} | {s_mean} | {s_std} | {s_ci} | {r_mean} | {r_std} | {r_ci} |")
+        cells = [*_fmt(row["success_rate"], 3), *_fmt(row["mean_return"], 1)]
+        for key, _ in extras:
+            cells += _fmt(row[key], 3)
+        lines.append(f"| {algo} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -523,12 +535,13 @@ def section_markdown(
         "",
         "### Per seed",
         "",
-        "| algorithm | seed | success rate | return |",
-        "|---|---|---|---|",
+        "| algorithm | seed | success rate | return |" + "".join(f" {label} |" for _, label in extra_columns(table)),
+        "|---|---|---|---|" + "---|" * len(extra_columns(table)),
     ]
     for algo, row in table.items():
         for seed, values in row["per_seed"].items():
-            lines.append(f"| {algo} | {seed} | {values['success_rate']:.3f} | {values['mean_return']:.1f} |")
+            extra = "".join(f" {values[key]:.3f} |" for key, _ in extra_columns(table))
+            lines.append(f"| {algo} | {seed} | {values['success_rate']:.3f} | {values['mean_return']:.1f} |{extra}")
     if curve_figure is not None:
         relative_curves = os.path.relpath(curve_figure.resolve(), doc.resolve().parent)
         lines += [

@@ -5,12 +5,14 @@
 #
 #   bash scripts/laptop_comparison.sh [TASK] [OUT]        (defaults: drawer-open, results/laptop-TASK)
 #   ABLATIONS=0|1 bash scripts/laptop_comparison.sh ...   (default: 1 for drawer-open, else 0)
+#   DOMAIN=driving bash scripts/laptop_comparison.sh highway       (the other domains: driving, game; TASK then
+#   DOMAIN=game bash scripts/laptop_comparison.sh collect-wood     names one of that domain's target tasks)
 #
 # Lane A: pretraining, then veorl seeds 0 1 2. Lane B: bc seeds 0 1 2 (no world model needed, so it starts at once),
 # then dreamerv2 seeds 0 1 2 once the world model exists. Main runs snapshot their agent every 500 updates (learning
-# curves). With ABLATIONS=1, veorl seed 0 without the intrinsic reward and without the latent-action input (lane B),
-# and without the uncertainty penalty and with the release's MMD term in the Trunk Net (lane A; three seeds for the
-# latter); the "no video" ablation is the dreamerv2 row itself.
+# curves). With ABLATIONS=1, veorl seeds 0 1 2 without the intrinsic reward and without the latent-action input
+# (lane B), and without the uncertainty penalty and with the release's MMD term in the Trunk Net (lane A); the "no
+# video" ablation is the dreamerv2 row itself.
 #
 # The code run is the checkout holding this script (PYTHONPATH), so a frozen worktree can run a long comparison
 # while the main checkout changes.
@@ -24,11 +26,12 @@ cd "$(dirname "$0")/.."
 REPO=$PWD
 TASK=${1:-drawer-open}
 OUT=${2:-results/laptop-$TASK}
+DOMAIN=${DOMAIN:-manipulation}
 if [ "$TASK" = drawer-open ]; then ABLATIONS=${ABLATIONS:-1}; else ABLATIONS=${ABLATIONS:-0}; fi
 PY=${PYTHON:-$REPO/.venv/bin/python}
 SNAPSHOT_EVERY=500
 mkdir -p "$OUT"
-sed -e 's/^preset: .*/preset: laptop/' -e "s/^  task: .*/  task: $TASK/" params.yaml > "$OUT/params.yaml"
+sed -e 's/^preset: .*/preset: laptop/' -e "s/^domain: .*/domain: $DOMAIN/" -e "s/^  task: .*/  task: $TASK/" params.yaml > "$OUT/params.yaml"
 cd "$OUT"
 export PYTHONPATH=$REPO/src:$REPO MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/mlruns.db}
 t0=$(date +%s)
@@ -50,8 +53,8 @@ lane() {  # NAME RESULTS ARGS...: one compare.py invocation, its own document (t
   stamp "$name"
 }
 main_runs() { lane "$1" compare --snapshot-every "$SNAPSHOT_EVERY" --algos "$2" --seeds 0 1 2; }
-ablation() {  # NAME OVERRIDE: veorl seed 0 with one component switched off, into ablations/NAME
-  lane "ablation_$1" "ablations/$1" --algos veorl --seeds 0 --set "$2"
+ablation() {  # NAME OVERRIDE: veorl seeds 0 1 2 with one component switched off, into ablations/NAME
+  lane "ablation_$1" "ablations/$1" --algos veorl --seeds 0 1 2 --set "$2"
 }
 rm -f pretrain.failed
 set +e
@@ -73,7 +76,7 @@ stamp pretrain
 main_runs lane_a_veorl veorl
 if [ "$ABLATIONS" = 1 ]; then
   ablation no_uncertainty finetune.ensemble_size=0
-  lane ablation_with_mmd ablations/with_mmd --algos veorl --seeds 0 1 2 --set finetune.use_mmd=true
+  ablation with_mmd finetune.use_mmd=true
 fi
 wait
 set -e
@@ -89,10 +92,10 @@ if [ "$ABLATIONS" = 1 ]; then
   # Each row has its own overrides, so these runs are read without a staleness check (see compare.py --help).
   NOTES=()
   [ -f "docs/results_notes_$TASK-ablations.md" ] && NOTES=(--notes "docs/results_notes_$TASK-ablations.md")
-  INTRO="VeoRL with one component switched off per row, seed 0 only (the full agent: the three seeds of the \
-comparison above): the intrinsic reward (\`finetune.use_intrinsic=false\`), the latent-action input of actor and \
+  INTRO="VeoRL with one component switched off per row, three seeds each like the full agent of the comparison \
+above: the intrinsic reward (\`finetune.use_intrinsic=false\`), the latent-action input of actor and \
 critic (\`finetune.use_latent_action=false\`), the uncertainty penalty (\`finetune.ensemble_size=0\`); and with \
-the release's MMD term in the Trunk Net's training (\`finetune.use_mmd=true\`, three seeds). The \
+the release's MMD term in the Trunk Net's training (\`finetune.use_mmd=true\`). The \
 \"no video\" row is offline DreamerV2, the dreamerv2 runs of the comparison above: VeoRL without any of its video \
 components (no pretrained encoder, no latent actions, no intrinsic reward)."
   "$PY" scripts/compare.py --params "$OUT/params.yaml" --report-only --algos veorl --results "$OUT/ablations" \

@@ -200,6 +200,19 @@ def test_seed_statistics_by_hand():
     assert compare.seed_statistics([0.5])["std"] is None
 
 
+def test_collision_rate_is_tabled_only_when_every_run_reports_it():
+    compare = _compare_module()
+    ok = {"success_rate": 0.5, "mean_return": 10.0}
+    driving = {"veorl": {0: {**ok, "collision_rate": 0.2}, 1: {**ok, "collision_rate": 0.4}}}
+    table = compare.aggregate(driving)
+    assert table["veorl"]["collision_rate"]["mean"] == pytest.approx(0.3)
+    header, rule, row = compare.markdown_table(table).splitlines()
+    assert header.endswith("| collision rate: mean | std | 95% CI |") and rule.count("|") == header.count("|")
+    assert row.count("|") == header.count("|") and "| 0.300 |" in row
+    mixed = compare.aggregate({**driving, "bc": {0: ok}})  # bc's run says nothing about collisions: no column
+    assert "collision rate" not in compare.markdown_table(mixed)
+
+
 def _fake_finished_run(compare, results: Path, algo: str, seed: int, success: float, ret: float, **kw) -> Path:
     """What a finished (algo, seed) run leaves: eval/metrics.json (status ok) and, unless `inputs` is None, the
     agent's provenance (the settings it was trained with at the smoke preset, the hashes of the inputs it read)."""
