@@ -78,6 +78,7 @@ def test_game_switches_every_stage_to_crafter_with_a_categorical_model():
     assert params.source_videos.env == "crafter" and "collect-wood" not in params.source_videos.tasks
     assert (params.model.rssm_kind, params.model.stoch, params.model.stoch_classes) == ("categorical", 32, 32)
     assert params.finetune.discount_head and params.register.metric == "success_rate"
+    assert params.finetune.bc_loss == "categorical"  # bc is a classifier over the 17 actions
     # the game's calibration, not Meta-World's: 100-step episodes, one-hot actions without Gaussian noise
     assert params.collect.episode_length == 100 and params.collect.medium_random_prob == 0.92
     assert params.collect.medium_noise == 0.0 and params.collect.expert_noise == 0.0

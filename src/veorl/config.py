@@ -319,8 +319,10 @@ class FinetuneParams(Section):
     )
     critic_optim: OptimParams = Field(default_factory=lambda: OptimParams(lr=8e-5), description="Critic optimiser.")
     bc_optim: OptimParams = Field(default_factory=OptimParams, description="Behaviour-cloning baseline optimiser.")
-    bc_loss: Literal["mse", "gaussian"] = Field(
-        default="mse", description="bc: MSE to the dataset action, or Gaussian NLL with a learned std."
+    bc_loss: Literal["mse", "gaussian", "categorical"] = Field(
+        default="mse",
+        description="bc: MSE to the dataset action, Gaussian NLL with a learned std, or (one-hot actions: the game "
+        "domain's default) cross-entropy over the head's raw outputs as logits.",
     )
     kl_balance: float = Field(default=0.8, ge=0, le=1, description="KL balancing: weight on the prior side.")
     free_nats: float = Field(default=1.0, ge=0, description="Free nats of the KL term.")
@@ -741,7 +743,8 @@ DOMAINS: dict[str, dict[str, Any]] = {
         },
         # DreamerV2's Crafter/Atari world model: 32 categoricals of 32 classes; the discount head learns episode ends.
         "model": {"rssm_kind": "categorical", "stoch": 32, "stoch_classes": 32},
-        "finetune": {"discount_head": True},
+        # bc on one-hot actions: a classifier (cross-entropy), not a regression onto the one-hot vector.
+        "finetune": {"discount_head": True, "bc_loss": "categorical"},
         "register": {"metric": "success_rate"},
     },
 }

@@ -273,6 +273,33 @@ def test_behaviour_cloning_update_trains_the_policy(loss):
     assert torch.equal(losses.bc_loss, losses.action_mse) == (loss == "mse")
 
 
+def test_categorical_behaviour_cloning_is_the_cross_entropy_of_the_taken_actions():
+    from veorl.algo.baselines import BehaviourCloning, bc_loss, bc_pairs
+    from veorl.models.actor_critic import PixelPolicy
+
+    actions = 17
+    batch = target_batch(action_dim=actions)
+    chosen = torch.from_numpy(np.random.default_rng(1).integers(0, actions, batch["action"].shape[:2]))
+    batch["action"] = torch.nn.functional.one_hot(chosen, actions).float()
+    batch["action"][0, -2:] = 0.0  # absorbing steps padded after an episode's end: no action to imitate
+    params = smoke_params("finetune.bc_optim.lr=0.01", "finetune.bc_loss=categorical")
+    torch.manual_seed(0)
+    policy = PixelPolicy(params.model.cnn_depth, actions, params.model.actor_units, params.model.actor_layers)
+    frames, targets = bc_pairs(batch["image"], batch["action"])
+    taken = targets.sum(-1) > 0
+    assert int((~taken).sum()) == 2
+    logits, _ = policy.raw(frames)
+    by_hand = -torch.log_softmax(logits[taken], -1)[torch.arange(int(taken.sum())), targets[taken].argmax(-1)].mean()
+    loss = bc_loss(policy, frames, targets, "categorical").bc_loss
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    # acting plays the argmax of tanh(logits), the same action the logits rank first
+    assert torch.equal(policy(frames)[0].argmax(-1), logits.argmax(-1))
+    trainer = BehaviourCloning(policy, params.finetune)
+    assert_update_trains_exactly(trainer, batch, [policy], torch.nn.ModuleDict({"policy": policy}))
+    with pytest.raises(ValueError, match="one-hot"):
+        bc_loss(policy, frames, torch.rand_like(targets) * 2 - 1, "categorical")
+
+
 # ------------------------------------------------------------------------------------------------
 # The component: every algorithm, resume, errors
 # ------------------------------------------------------------------------------------------------

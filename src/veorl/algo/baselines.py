@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 
 from veorl import distributed
 from veorl.acceleration import module_device
@@ -67,22 +68,40 @@ def bc_pairs(image: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, t
 
 @dataclass(frozen=True)
 class BCLosses:
-    bc_loss: torch.Tensor  # what is minimised: MSE, or the Gaussian NLL (finetune.bc_loss)
+    bc_loss: torch.Tensor  # what is minimised: MSE, the Gaussian NLL or the cross-entropy (finetune.bc_loss)
     action_mse: torch.Tensor  # squared error of the mean action, whatever the loss
     grad_norm: torch.Tensor | None = None
 
 
 def bc_loss(policy: PixelPolicy, frames: torch.Tensor, targets: torch.Tensor, kind: str) -> BCLosses:
-    mean, log_std = policy(frames)
+    raw_mean, raw_log_std = policy.raw(frames)
+    mean, log_std = torch.tanh(raw_mean), raw_log_std.clamp(-5.0, 2.0)
     mse = (mean - targets).square().sum(-1).mean()
     if kind == "mse":
         loss = mse
     elif kind == "gaussian":
         dist = torch.distributions.Normal(mean, log_std.exp())
         loss = -dist.log_prob(targets).sum(-1).mean()
+    elif kind == "categorical":
+        loss = categorical_bc_loss(raw_mean, targets)
     else:
-        raise ValueError(f"finetune.bc_loss: unknown loss {kind!r} (mse | gaussian)")
+        raise ValueError(f"finetune.bc_loss: unknown loss {kind!r} (mse | gaussian | categorical)")
     return BCLosses(bc_loss=loss, action_mse=mse)
+
+
+def categorical_bc_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of one-hot dataset actions under logits (N, A). All-zero rows (the absorbing steps padded
+    after an episode's end, veorl.data.episodes) carry no action and are left out."""
+    taken = targets.sum(-1) > 0
+    chosen = targets[taken]
+    if not bool(((chosen == 0) | (chosen == 1)).all()) or not bool((chosen.sum(-1) == 1).all()):
+        raise ValueError(
+            "finetune.bc_loss=categorical needs one-hot dataset actions (a discrete action space such as the game "
+            "domain's); these actions are continuous: use mse or gaussian"
+        )
+    if not bool(taken.any()):
+        return logits.sum() * 0.0  # a batch of padding alone: nothing to imitate, but a graph to step through
+    return F.cross_entropy(logits[taken].float(), chosen.argmax(-1))
 
 
 class BehaviourCloning(Trainer):

@@ -157,7 +157,8 @@ class PixelPolicy(nn.Module):
     """The behaviour-cloning baseline: conv encoder + MLP from one frame to an action.
 
     The head outputs a tanh-squashed mean and a log-std; acting uses the mean, training uses either
-    the mean (MSE) or both (Gaussian NLL on the dataset action).
+    the mean (MSE) or both (Gaussian NLL on the dataset action). For one-hot actions the raw mean serves as the
+    logits of a categorical (cross-entropy); the environment plays the argmax, which tanh leaves unchanged.
     """
 
     def __init__(self, cnn_depth: int, action_dim: int, units: int, layers: int):
@@ -168,5 +169,10 @@ class PixelPolicy(nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean in [-1, 1], log-std clamped to [-5, 2]) of the action for each frame."""
-        raw_mean, raw_log_std = self.head(self.encoder(image)).chunk(2, -1)
+        raw_mean, raw_log_std = self.raw(image)
         return torch.tanh(raw_mean), raw_log_std.clamp(-5.0, 2.0)
+
+    def raw(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's outputs before squashing and clamping: (raw mean, raw log-std)."""
+        raw_mean, raw_log_std = self.head(self.encoder(image)).chunk(2, -1)
+        return raw_mean, raw_log_std
