@@ -499,3 +499,27 @@ def test_compare_runs_finetune_and_evaluate_per_seed(tmp_path, mlflow_store, epi
                 == "ok"
             )
     assert "| bc | 2 |" in (tmp_path / "results.md").read_text()
+
+
+def test_diagnostics_vs_success_ranks_with_ties_and_reads_finished_runs(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dvs", REPO / "scripts" / "diagnostics_vs_success.py")
+    dvs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dvs)
+    assert dvs.mean_ranks([3.0, 1.0, 3.0, 2.0]) == [2.5, 0.0, 2.5, 1.0]
+    assert dvs.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert dvs.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # by hand: ranks x (0, 1, 2), y (0.5, 0.5, 2) -> centred (-1, 0, 1), (-0.5, -0.5, 1) -> 1.5 / sqrt(2 * 1.5)
+    assert dvs.spearman([1, 2, 3], [0.1, 0.1, 0.9]) == pytest.approx(1.5 / 3**0.5)
+    for seed, (success, ratio) in enumerate([(0.9, 1.1), (0.5, 1.8), (0.1, 2.9)]):
+        run = tmp_path / f"seed-{seed}"
+        (run / "eval").mkdir(parents=True)
+        (run / "eval" / "metrics.json").write_text(json.dumps({"status": "ok", "success_rate": success}))
+        reward = {"predicted_over_simulator": ratio, "correlation": 0.0}
+        (run / "eval" / "diagnostics.json").write_text(json.dumps({"reward": reward}))
+    (tmp_path / "seed-3" / "eval").mkdir(parents=True)  # still evaluating: left out
+    assert dvs.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "over 3 runs" in out and "predicted/simulator reward: -1.00 (3 runs)" in out
+    assert "action spread" in out.splitlines()[0] and "share at bounds: " not in out.split("Spearman")[1]
