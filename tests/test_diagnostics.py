@@ -4,6 +4,7 @@ import json
 import logging
 
 import numpy as np
+import pytest
 
 from veorl.diagnostics import DIAGNOSTICS_FILE, action_probe_r2, check
 
@@ -45,3 +46,36 @@ def test_diagnose_cli_prints_figures_and_flags_crossed_ones(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "policy.action_spread" in out and "<--" in out and "policy.share_at_bounds" in out
     assert main([str(tmp_path / "missing")]) == 2
+
+
+class _Store:
+    """Episodes of the given lengths; each step's reward is its episode's index, so picks can be read back."""
+
+    def __init__(self, lengths: list[int], absorbing: bool = False):
+        self.lengths = np.array(lengths)
+        self.absorbing = absorbing
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def episode(self, i: int) -> dict[str, np.ndarray]:
+        n = int(self.lengths[i])
+        return {
+            "image": np.full((n, 4, 4, 3), i, np.uint8),
+            "action": np.ones((n, 2), np.float32),
+            "reward": np.full(n, float(i), np.float32),
+            "discount": np.ones(n, np.float32),
+        }
+
+
+def test_target_windows_leave_out_episodes_shorter_than_a_window():
+    from veorl.diagnostics import target_windows
+
+    windows = target_windows(_Store([20, 40, 5, 32]), count=6, length=32, seed=0)
+    assert windows["image"].shape == (6, 32, 4, 4, 3)
+    assert set(np.unique(windows["reward"])) == {1.0, 3.0}  # the 20- and 5-step episodes are never read
+    with pytest.raises(ValueError, match="at least 32 steps; the longest has 20"):
+        target_windows(_Store([20, 5]), count=2, length=32, seed=0)
+    # a store that samples absorbing steps (the game's) pads when no episode is long enough, as training does
+    padded = target_windows(_Store([20, 5], absorbing=True), count=2, length=32, seed=0)
+    assert padded["action"].shape == (2, 32, 2) and not padded["action"][:, 20:].any()

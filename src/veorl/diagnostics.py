@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from veorl.data.episodes import pad_absorbing
+
 log = logging.getLogger(__name__)
 
 DIAGNOSTICS_FILE = "diagnostics.json"
@@ -128,16 +130,27 @@ def check(diagnostics: dict[str, Any], where: str) -> list[str]:
 
 
 def target_windows(store, count: int, length: int, seed: int) -> dict[str, np.ndarray]:
-    """`count` windows of `length` steps from distinct episodes where possible (image, action, reward), seeded."""
+    """`count` windows of `length` steps from distinct episodes where possible (image, action, reward), seeded.
+
+    Episodes shorter than a window (a game's successes end early) are left out: a window of real steps says what
+    the model does with real transitions. Only when no episode is long enough does a store that samples absorbing
+    steps (the game's) give padded windows, as training sees them; any other store then fails with the lengths.
+    """
     rng = np.random.default_rng(seed)
-    episodes = rng.permutation(len(store))
+    lengths = np.asarray(store.lengths)
+    episodes = [int(i) for i in rng.permutation(len(store)) if lengths[i] >= length]
+    padded = not episodes
+    if padded:
+        if not getattr(store, "absorbing", False):
+            raise ValueError(
+                f"diagnostics need an episode of at least {length} steps; the longest has {int(lengths.max())}"
+            )
+        episodes = [int(i) for i in rng.permutation(len(store))]
     picks = [episodes[i % len(episodes)] for i in range(count)]
     out: dict[str, list[np.ndarray]] = {"image": [], "action": [], "reward": []}
     for index in picks:
-        episode = store.episode(int(index))
+        episode = pad_absorbing(store.episode(index), length) if padded else store.episode(index)
         steps = len(episode["action"])
-        if steps < length:
-            raise ValueError(f"diagnostics need episodes of at least {length} steps, episode {index} has {steps}")
         start = int(rng.integers(0, steps - length + 1))
         for key in out:
             out[key].append(np.asarray(episode[key][start : start + length]))
