@@ -74,6 +74,58 @@ def launch(
     return _train_job(stage, params, inputs, outputs, options, metrics, gpus_per_node, num_nodes, shared_root)
 
 
+def training_step(
+    stage: str,
+    config: str,
+    identity: tuple[str, ...],
+    in_process: Callable[[Params, dict[str, Any]], dict[str, Any]],
+    *,
+    inputs: Mapping[str, str],
+    outputs: Mapping[str, str],
+    checkpoint_root: str,
+    parent_run_id: str,
+    log_dir: str,
+    gpus_per_node: int,
+    num_nodes: int,
+    metrics_output: Any,
+) -> dict[str, Any]:
+    """What the KFP pretrain and finetune steps share; returns the stage's summary.
+
+    The stage's parameters come from the step's `config`; its checkpoints go to a folder under `checkpoint_root`
+    named by the config and the upstream content hashes `identity` (a retried step resumes there); its metrics and
+    curve files go to `log_dir`. `in_process(params, files)` runs the component's `run` with `files` (checkpoints,
+    parent_run_id, metrics, curve) as keywords; `launch` decides whether it runs in the step or as processes.
+    Every numeric leaf of the summary is logged to the step's `metrics_output` (a KFP Metrics artifact).
+    """
+    from pipelines.steps import checkpoint_dir, params_for_stage
+    from veorl.trees import numeric_leaves
+
+    os.makedirs(log_dir, exist_ok=True)
+    params = params_for_stage(config)
+    files = {
+        "checkpoints": checkpoint_dir(checkpoint_root, stage, config, *identity),
+        "parent_run_id": parent_run_id or None,
+        "metrics": os.path.join(log_dir, "metrics.json"),
+        "curve": os.path.join(log_dir, "curve.csv"),
+    }
+    summary = launch(
+        stage,
+        lambda: in_process(params, files),
+        params,
+        inputs=inputs,
+        outputs=outputs,
+        options={f"--{key.replace('_', '-')}": files[key] for key in ("checkpoints", "parent_run_id", "curve")},
+        metrics=files["metrics"],
+        gpus_per_node=gpus_per_node,
+        num_nodes=num_nodes,
+        shared_root=checkpoint_root,
+        workdir=log_dir,
+    )
+    for name, value in sorted(numeric_leaves(summary).items()):
+        metrics_output.log_metric(name, value)
+    return summary
+
+
 def _args(flags: Mapping[str, str | None], params_path: str) -> list[str]:
     args = [str(x) for flag, value in flags.items() if value for x in (flag, value)]
     return [*args, "--params", params_path, "--no-progress"]
@@ -121,4 +173,4 @@ def _train_job(
     return json.loads(Path(metrics).read_text())
 
 
-__all__ = ["TRAINER_IMAGE_ENV", "launch", "processes_per_node", "torchrun_command", "write_params"]
+__all__ = ["TRAINER_IMAGE_ENV", "launch", "processes_per_node", "torchrun_command", "training_step", "write_params"]

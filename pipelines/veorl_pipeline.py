@@ -155,45 +155,24 @@ def pretrain(
     training_log: Output[Artifact],
 ) -> str:
     """Phases 1 and 2: the action-free video world model (in the step, under torchrun, or as a TrainJob)."""
-    import os
-
     from components.pretrain import run
-    from pipelines.steps import checkpoint_dir, params_for_stage
-    from pipelines.training import launch
+    from pipelines.training import training_step
     from veorl.storage import artifact_hash
-    from veorl.trees import numeric_leaves
 
-    os.makedirs(training_log.path, exist_ok=True)
-    params = params_for_stage(config)
-    checkpoints = checkpoint_dir(checkpoint_root, "pretrain", config, clips_hash, episodes_hash)
-    metrics_file, curve_file = (
-        os.path.join(training_log.path, "metrics.json"),
-        os.path.join(training_log.path, "curve.csv"),
-    )
-    summary = launch(
+    training_step(
         "pretrain",
-        lambda: run(
-            clips.path,
-            episodes.path,
-            world_model.path,
-            params,
-            checkpoints=checkpoints,
-            parent_run_id=parent_run_id or None,
-            metrics=metrics_file,
-            curve=curve_file,
-        ),
-        params,
+        config,
+        (clips_hash, episodes_hash),
+        lambda params, files: run(clips.path, episodes.path, world_model.path, params, **files),
         inputs={"--clips": clips.path, "--episodes": episodes.path},
         outputs={"--out": world_model.path},
-        options={"--checkpoints": checkpoints, "--parent-run-id": parent_run_id or None, "--curve": curve_file},
-        metrics=metrics_file,
+        checkpoint_root=checkpoint_root,
+        parent_run_id=parent_run_id,
+        log_dir=training_log.path,
         gpus_per_node=gpus_per_node,
         num_nodes=num_nodes,
-        shared_root=checkpoint_root,
-        workdir=training_log.path,
+        metrics_output=metrics,
     )
-    for name, value in sorted(numeric_leaves(summary).items()):
-        metrics.log_metric(name, value)
     content_hash = artifact_hash(world_model.path)
     world_model.metadata.update(
         {"content_hash": content_hash, "upstream_clips": clips_hash, "upstream_episodes": episodes_hash}
@@ -219,46 +198,24 @@ def finetune(
 ) -> str:
     """The Trunk Net world model and phase-3 policy learning: the deployable agent (in the step, under torchrun,
     or as a TrainJob)."""
-    import os
-
     from components.finetune import run
-    from pipelines.steps import checkpoint_dir, params_for_stage
-    from pipelines.training import launch
+    from pipelines.training import training_step
     from veorl.storage import artifact_hash
-    from veorl.trees import numeric_leaves
 
-    os.makedirs(training_log.path, exist_ok=True)
-    params = params_for_stage(config)
-    checkpoints = checkpoint_dir(checkpoint_root, "finetune", config, world_model_hash, episodes_hash, clips_hash)
-    metrics_file, curve_file = (
-        os.path.join(training_log.path, "metrics.json"),
-        os.path.join(training_log.path, "curve.csv"),
-    )
-    summary = launch(
+    training_step(
         "finetune",
-        lambda: run(
-            world_model.path,
-            episodes.path,
-            agent.path,
-            params,
-            clips=clips.path,
-            checkpoints=checkpoints,
-            parent_run_id=parent_run_id or None,
-            metrics=metrics_file,
-            curve=curve_file,
-        ),
-        params,
+        config,
+        (world_model_hash, episodes_hash, clips_hash),
+        lambda params, files: run(world_model.path, episodes.path, agent.path, params, clips=clips.path, **files),
         inputs={"--world-model": world_model.path, "--episodes": episodes.path, "--clips": clips.path},
         outputs={"--out": agent.path},
-        options={"--checkpoints": checkpoints, "--parent-run-id": parent_run_id or None, "--curve": curve_file},
-        metrics=metrics_file,
+        checkpoint_root=checkpoint_root,
+        parent_run_id=parent_run_id,
+        log_dir=training_log.path,
         gpus_per_node=gpus_per_node,
         num_nodes=num_nodes,
-        shared_root=checkpoint_root,
-        workdir=training_log.path,
+        metrics_output=metrics,
     )
-    for name, value in sorted(numeric_leaves(summary).items()):
-        metrics.log_metric(name, value)
     content_hash = artifact_hash(agent.path)
     agent.metadata.update({"content_hash": content_hash, "upstream_world_model": world_model_hash})
     return content_hash
