@@ -524,6 +524,7 @@ def section_markdown(
                 if differs:
                     line += f"; settings other than {source['reference']}'s: " + ", ".join(f"`{d}`" for d in differs)
             lines.append(line)
+    extras = extra_columns(table)
     lines += [
         "",
         "### Table",
@@ -535,12 +536,12 @@ def section_markdown(
         "",
         "### Per seed",
         "",
-        "| algorithm | seed | success rate | return |" + "".join(f" {label} |" for _, label in extra_columns(table)),
-        "|---|---|---|---|" + "---|" * len(extra_columns(table)),
+        "| algorithm | seed | success rate | return |" + "".join(f" {label} |" for _, label in extras),
+        "|---|---|---|---|" + "---|" * len(extras),
     ]
     for algo, row in table.items():
         for seed, values in row["per_seed"].items():
-            extra = "".join(f" {values[key]:.3f} |" for key, _ in extra_columns(table))
+            extra = "".join(f" {values[key]:.3f} |" for key, _ in extras)
             lines.append(f"| {algo} | {seed} | {values['success_rate']:.3f} | {values['mean_return']:.1f} |{extra}")
     if curve_figure is not None:
         relative_curves = os.path.relpath(curve_figure.resolve(), doc.resolve().parent)

@@ -52,10 +52,11 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 
 def read_run(run: Path) -> dict[str, float] | None:
-    metrics = run / "eval" / "metrics.json"
-    if not metrics.is_file() or json.loads(metrics.read_text()).get("status") != "ok":
+    file = run / "eval" / "metrics.json"
+    metrics = json.loads(file.read_text()) if file.is_file() else {}
+    if metrics.get("status") != "ok":
         return None
-    row = {"success": float(json.loads(metrics.read_text())["success_rate"])}
+    row = {"success": float(metrics["success_rate"])}
     for folder, path, label in COLUMNS:
         file = run / folder / "diagnostics.json"
         value = json.loads(file.read_text()) if file.is_file() else {}

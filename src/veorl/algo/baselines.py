@@ -75,7 +75,7 @@ class BCLosses:
 
 def bc_loss(policy: PixelPolicy, frames: torch.Tensor, targets: torch.Tensor, kind: str) -> BCLosses:
     raw_mean, raw_log_std = policy.raw(frames)
-    mean, log_std = torch.tanh(raw_mean), raw_log_std.clamp(-5.0, 2.0)
+    mean, log_std = policy.squash(raw_mean, raw_log_std)
     mse = (mean - targets).square().sum(-1).mean()
     if kind == "mse":
         loss = mse

@@ -169,7 +169,11 @@ class PixelPolicy(nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean in [-1, 1], log-std clamped to [-5, 2]) of the action for each frame."""
-        raw_mean, raw_log_std = self.raw(image)
+        return self.squash(*self.raw(image))
+
+    @staticmethod
+    def squash(raw_mean: torch.Tensor, raw_log_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's raw outputs as (mean in [-1, 1], log-std clamped to [-5, 2])."""
         return torch.tanh(raw_mean), raw_log_std.clamp(-5.0, 2.0)
 
     def raw(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
