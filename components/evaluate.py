@@ -1,9 +1,11 @@
-"""Evaluate: play the agent in its simulator with the deterministic policy and report return and success.
+"""Evaluate: play the agent in its simulator (deterministic policy by default) and report return and success.
 
     python -m components.evaluate --agent models/agent --out eval
 
 Task, camera and episode length come from the agent's metadata (the data it was trained on). Episode i is
 seeded evaluate.seed + i; episodes run in evaluate.workers processes, each loading the agent itself.
+evaluate.policy=sample draws each action from the agent's distribution (stream seeded per episode) instead of
+playing its mode; the protocol in metrics.json then carries "policy": "sample".
 Writes OUT/metrics.json (last, and only on success), OUT/episodes.csv, OUT/rollouts/*.mp4 (the frames the
 agent saw), OUT/returns.png, OUT/config.json and OUT/provenance.json (with the evaluation's content hash, recorded
 last). A policy that crashes or emits a
@@ -76,6 +78,8 @@ def run(
         "episodes": ev.episodes,
         "seed": ev.seed,
     }
+    if ev.policy != "mode":  # the default adds no key, so deterministic protocols stay equal to earlier ones
+        protocol["policy"] = ev.policy
     upstream = {"agent": artifact_hash(agent)}
     precision = resolve_precision(ev.precision, ev.device)  # once for the stage
     with tracking.stage_run(
@@ -100,6 +104,7 @@ def run(
             fps=ev.video_fps,
             progress=progress,
             precision=precision,
+            policy=ev.policy,
         )
         summary = summarise(results)
         write_episodes_csv(out_dir / "episodes.csv", results)

@@ -26,6 +26,12 @@ from the finished runs in DIR/ALGO/seed-*/ (ALGO: each of --algos unless given),
 
 Each row has its own overrides, so its runs are not checked against this command's settings (the script
 prints which runs it read; their settings are in each run's agent/provenance.json).
+
+Another evaluation of the same agents: --evaluation NAME writes and reads RUN/eval-NAME/ and RUN/curve-NAME/
+instead of RUN/eval/ and RUN/curve/, and a run whose agent is complete is not fine-tuned again, e.g. sampled
+actions next to the deterministic evaluation:
+
+    python scripts/compare.py ... --evaluation sampled --set evaluate.policy=sample --section TASK-sampled
 """
 
 from __future__ import annotations
@@ -119,8 +125,27 @@ def run_dir(results: Path, algo: str, seed: int) -> Path:
     return results / algo / f"seed-{seed}"
 
 
+# The folders of a run that one evaluation writes (--evaluation NAME: eval-NAME, curve-NAME); set once by main.
+EVALUATION = {"eval": "eval", "curve": "curve", "csv": "learning_curve.csv", "log": "evaluate.log"}
+
+
+def set_evaluation(name: str | None) -> None:
+    """Point every reader and writer of this script at the folders of evaluation `name` (None: the default)."""
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ValueError(f"--evaluation {name!r}: use letters, digits, '.', '_' and '-' only")
+    suffix = f"-{name}" if name else ""
+    EVALUATION.update(
+        eval=f"eval{suffix}", curve=f"curve{suffix}", csv=f"learning_curve{suffix}.csv", log=f"evaluate{suffix}.log"
+    )
+
+
+def agent_complete(path: Path) -> bool:
+    """The run's fine-tuning finished: its agent (agent.json: the completion marker) and finetune.json exist."""
+    return (path / "agent" / "agent.json").is_file() and (path / "finetune.json").is_file()
+
+
 def finished(path: Path) -> dict[str, Any] | None:
-    metrics = path / "eval" / "metrics.json"
+    metrics = path / EVALUATION["eval"] / "metrics.json"
     if not metrics.is_file():
         return None
     data = read_json(metrics)
@@ -199,11 +224,19 @@ def run_one(args: argparse.Namespace, algo: str, seed: int) -> dict[str, Any]:
     ]
     if args.clips:
         finetune_argv += ["--clips", args.clips]
-    evaluate_argv = ["--agent", str(path / "agent"), "--out", str(path / "eval"), "--no-progress", *common]
+    evaluate_argv = ["--agent", str(path / "agent"), "--out", str(path / EVALUATION["eval"]), "--no-progress", *common]
     if args.snapshot_every:
         finetune_argv += ["--snapshots", str(path / "snapshots")]
-    for module, argv in (("finetune", finetune_argv), ("evaluate", evaluate_argv)):
-        run_stage(args, module, argv, path / f"{module}.log", f"{algo} seed {seed}")
+    stages = [("finetune", finetune_argv), ("evaluate", evaluate_argv)]
+    if args.evaluation and agent_complete(path):
+        # another evaluation of a trained agent: only if it was trained with this comparison's settings
+        reason = stale_reason(path, args, algo, seed)
+        if reason is not None:
+            raise RuntimeError(f"{path} holds a {algo} agent that does not match this comparison: {reason}")
+        stages = stages[1:]
+    for module, argv in stages:
+        log_name = "finetune.log" if module == "finetune" else EVALUATION["log"]
+        run_stage(args, module, argv, path / log_name, f"{algo} seed {seed}")
     if args.snapshot_every:
         learning_curve(args, path, common, f"{algo} seed {seed}")
     result = finished(path)
@@ -238,14 +271,15 @@ def learning_curve(args: argparse.Namespace, path: Path, common: list[str], labe
     for snapshot in sorted((path / "snapshots").glob("updates-*")):
         if not (snapshot / "agent.json").is_file():
             continue  # interrupted while being written; the final curve simply lacks that point
-        out = path / "curve" / snapshot.name
+        out = path / EVALUATION["curve"] / snapshot.name
         if not _evaluated(out):
             argv = ["--agent", str(snapshot), "--out", str(out), "--no-progress", *common]
-            run_stage(args, "evaluate", argv, path / "curve" / f"{snapshot.name}.log", f"{label} {snapshot.name}")
+            log_path = path / EVALUATION["curve"] / f"{snapshot.name}.log"
+            run_stage(args, "evaluate", argv, log_path, f"{label} {snapshot.name}")
     rows = curve_rows(path)
     lines = ["updates,success_rate,mean_return"]
     lines += [f"{r['updates']},{r['success_rate']},{r['mean_return']}" for r in rows]
-    atomic_write_text(path / "learning_curve.csv", "\n".join(lines) + "\n")
+    atomic_write_text(path / EVALUATION["csv"], "\n".join(lines) + "\n")
     return rows
 
 
@@ -269,17 +303,17 @@ def curve_rows(path: Path) -> list[dict[str, float]]:
     """The learning curve of a finished run from what was evaluated: its snapshots, then the final agent."""
     rows = [
         {"updates": int(out.name.split("-")[1]), **_scores(read_json(out / "metrics.json"))}
-        for out in sorted((path / "curve").glob("updates-*"))
+        for out in sorted((path / EVALUATION["curve"]).glob("updates-*"))
         if _evaluated(out)
     ]
     trained = read_json(path / "agent" / "agent.json")["trained_updates"]
-    rows.append({"updates": final_updates(trained), **_scores(read_json(path / "eval" / "metrics.json"))})
+    rows.append({"updates": final_updates(trained), **_scores(read_json(path / EVALUATION["eval"] / "metrics.json"))})
     return rows
 
 
 def read_learning_curve(path: Path) -> list[dict[str, float]] | None:
     """A finished run's learning curve (None without snapshots): rebuilt from its evaluations, no new one started."""
-    if not (path / "curve").is_dir():
+    if not (path / EVALUATION["curve"]).is_dir():
         return None
     return curve_rows(path)
 
@@ -496,7 +530,13 @@ def section_markdown(
         f"- each seed trains one agent (`finetune.seed`); every agent is evaluated on the same "
         f"{protocol.get('episodes')} episodes (seeds {first_seed}.."
         f"{first_seed + protocol.get('episodes', 1) - 1}; episode i starts from task variation i, so the "
-        "starts are distinct), deterministic policy; success = any step flagged success",
+        "starts are distinct), "
+        + (
+            "actions sampled from each agent's policy (the stream restarted per episode at the episode's seed)"
+            if protocol.get("policy") == "sample"
+            else "deterministic policy"
+        )
+        + "; success = any step flagged success",
         "- upstream artifacts the runs read (content hashes; 'a / b': runs read different versions): "
         + (", ".join(f"`{k}` {v}" for k, v in protocol.get("upstream", {}).items()) or "none recorded"),
         "- statistics over seeds: mean, sample standard deviation, 95% confidence interval of the mean (Student t)",
@@ -779,6 +819,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="start no training: tabulate the runs that have finished (e.g. while others still run elsewhere)",
     )
     parser.add_argument(
+        "--evaluation",
+        default=None,
+        metavar="NAME",
+        help="another evaluation of the same agents (with its own --set evaluate.*): written to and read from "
+        "RUN/eval-NAME/ and RUN/curve-NAME/; complete agents are not fine-tuned again (default: RUN/eval/)",
+    )
+    parser.add_argument(
         "--ablation",
         dest="ablations",
         action="append",
@@ -804,6 +851,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --world-model and --episodes are required (except with --ablation)", file=sys.stderr)
         return 2
     try:
+        set_evaluation(args.evaluation)
         sources = parse_ablations(args.ablations, args.algos)
         if args.section is not None:
             section_markers(args.section)

@@ -151,3 +151,43 @@ def test_acting_imports_no_simulator_and_no_training_code(tmp_path):
         [sys.executable, "-c", code, str(root)], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_sampling_agent_draws_reproducible_actions_around_its_mode(tmp_path):
+    root = tiny_agent(tmp_path)
+    mode_agent, sampler = Agent.load(str(root)), Agent.load(str(root), policy="sample")
+    frames = np.random.default_rng(1).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    mode, _ = mode_agent.act(frames, mode_agent.initial_state(4))
+    sampler.reseed(7)
+    first, first_state = sampler.act(frames, sampler.initial_state(4))
+    sampler.reseed(7)
+    again, _ = sampler.act(frames, sampler.initial_state(4))
+    sampler.reseed(8)
+    other, _ = sampler.act(frames, sampler.initial_state(4))
+    assert np.array_equal(first, again) and not np.allclose(first, other)
+    assert not np.allclose(first, mode) and np.abs(first).max() < 1.0
+    assert np.array_equal(first_state["prev_action"], first)  # the filter is told the action actually taken
+    with pytest.raises(AgentError, match="policy must be one of"):
+        Agent.load(str(root), policy="greedy")
+
+
+def test_bc_samples_only_what_its_loss_fitted(tmp_path):
+    mse = tiny_agent(tmp_path / "mse", "bc")  # an artifact without a recorded loss counts as mse
+    with pytest.raises(AgentError, match="bc_loss=mse"):
+        Agent.load(str(mse), policy="sample")
+    meta = json.loads((mse / "agent.json").read_text())
+    frames = np.random.default_rng(2).integers(0, 256, (64, 64, 64, 3), dtype=np.uint8)
+    for loss in ("categorical", "gaussian"):
+        root = tmp_path / loss
+        root.mkdir()
+        (root / "agent.pt").write_bytes((mse / "agent.pt").read_bytes())
+        (root / "agent.json").write_text(json.dumps({**meta, "bc": {**meta["bc"], "loss": loss}}))
+        agent = Agent.load(str(root), policy="sample")
+        actions, state = agent.act(frames, {})
+        assert state == {} and actions.shape == (64, 4) and np.abs(actions).max() <= 1.0
+        if loss == "categorical":  # one-hot draws from the classifier's logits (the head's raw means)
+            assert np.array_equal(actions.sum(-1), np.ones(64)) and set(np.unique(actions)) == {0.0, 1.0}
+            assert len({int(a.argmax()) for a in actions}) > 1  # an untrained classifier is near uniform
+        else:
+            mean, _ = Agent.load(str(root)).act(frames, {})
+            assert not np.allclose(actions, mean)

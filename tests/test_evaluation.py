@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -164,6 +165,15 @@ def test_summary_statistics_and_upscaling():
     assert big.shape == (4, 4, 3) and np.array_equal(big[:2, :2], np.broadcast_to(frame[0, 0], (2, 2, 3)))
 
 
+def test_a_sampled_evaluation_repeats_itself_and_differs_from_the_deterministic_one(tmp_path):
+    agent = tiny_agent(tmp_path / "agent")
+    first = evaluate_agent(agent, episodes=2, seed=3, workers=1, progress=False, policy="sample")
+    again = evaluate_agent(agent, episodes=2, seed=3, workers=1, progress=False, policy="sample")
+    mode = evaluate_agent(agent, episodes=2, seed=3, workers=1, progress=False)
+    assert [r.ret for r in first] == [r.ret for r in again]  # each episode restarts its stream at its seed
+    assert [r.ret for r in first] != pytest.approx([r.ret for r in mode], rel=1e-6)
+
+
 @pytest.mark.slow
 def test_parallel_workers_give_the_same_episodes_as_one_process(tmp_path):
     agent = tiny_agent(tmp_path / "agent")
@@ -292,6 +302,47 @@ def test_compare_skips_finished_runs_and_writes_the_document(tmp_path):
     # --report-only tabulates what has finished and starts nothing: training seed 2 here would fail the run.
     assert compare.main([*argv, "--seeds", "0", "1", "2", "--report-only"]) == 0
     assert "| veorl | 2 | 0.750 |" in doc.read_text()
+
+
+def test_another_evaluation_of_finished_agents_goes_to_its_own_folders_without_training(tmp_path, monkeypatch):
+    compare = _compare_module()
+    inputs, results = tmp_path / "none", tmp_path / "results"
+    inputs.mkdir()
+    snapshots = ["finetune.snapshot_every=5"]
+    run = _fake_finished_run(compare, results, "veorl", 0, 0.5, 100.0, inputs=inputs, overrides=snapshots)
+    _fake_snapshots(run, {5: (0.0, 10.0)}, final_updates=10)
+    (run / "finetune.json").write_text("{}")
+    (run / "snapshots" / "updates-000005").mkdir(parents=True)
+    (run / "snapshots" / "updates-000005" / "agent.json").write_text("{}")
+    calls = []
+
+    def fake_stage(args, module, argv, log_path, label):  # an evaluation that scores 0.9 wherever it is pointed
+        calls.append((module, argv[argv.index("--out") + 1] if "--out" in argv else None, log_path.name))
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps({"status": "ok", "success_rate": 0.9, "mean_return": 5.0}))
+
+    monkeypatch.setattr(compare, "run_stage", fake_stage)
+    doc, figure = tmp_path / "results.md", tmp_path / "results.png"
+    argv = _compare_argv(inputs, results, doc, figure, "--algos", "veorl", "--seeds", "0", "--snapshot-every", "5")
+    assert compare.main([*argv, "--evaluation", "sampled", "--set", "evaluate.policy=sample"]) == 0
+    # the agent was complete: only evaluations ran, into eval-sampled/ and curve-sampled/
+    assert [c[0] for c in calls] == ["evaluate", "evaluate"]
+    assert calls[0][1:] == (str(run / "eval-sampled"), "evaluate-sampled.log")
+    assert calls[1][1] == str(run / "curve-sampled" / "updates-000005")
+    assert (run / "learning_curve-sampled.csv").read_text().splitlines()[1:] == ["5,0.9,5.0", "10,0.9,5.0"]
+    assert json.loads((run / "eval" / "metrics.json").read_text())["success_rate"] == 0.5  # the original stays
+    assert "| veorl | 1 | 0.900 |" in doc.read_text()
+    # a second call reuses both; the default evaluation is read as before
+    calls.clear()
+    assert compare.main([*argv, "--evaluation", "sampled", "--set", "evaluate.policy=sample"]) == 0
+    assert calls == []
+    assert compare.main([*argv, "--report-only"]) == 0 and "| veorl | 1 | 0.500 |" in doc.read_text()
+    # an agent trained with other settings is not evaluated as if it belonged to this comparison
+    shutil.rmtree(run / "eval-sampled")
+    other = [*argv, "--evaluation", "sampled", "--set", "finetune.discount=0.5"]
+    assert compare.main(other) == 1 and calls == []
+    assert compare.main([*argv, "--evaluation", "../up"]) == 2
 
 
 def test_runs_recorded_before_a_setting_existed_count_as_its_legacy_value(tmp_path):

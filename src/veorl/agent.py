@@ -12,7 +12,10 @@ comes before it computes the same hash from the files (veorl.storage.artifact_ha
 
 Acting (VeoRL and DreamerV2): filter the Trunk Net on each observation (posterior mean: deterministic),
 f = [s, h]; with the latent-action input abar = nearest codebook vector to F_BC(f); the action is the
-mode of the actor on [f, abar] (on f alone without it). Only torch, numpy and veorl.models are used.
+mode of the actor on [f, abar] (on f alone without it). bc plays its policy's mean (one-hot actions: the argmax).
+With `policy="sample"` the action is drawn from the same distribution instead (bc: from its categorical, or its
+Gaussian when trained with the Gaussian loss), from the agent's own generator (`reseed`), so a sampled episode is
+reproducible. Only torch, numpy and veorl.models are used.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from torch import nn
 
 from veorl.acceleration import autocast
 from veorl.config import ModelParams
-from veorl.models.actor_critic import Actor, PixelPolicy, policy_inputs
+from veorl.models.actor_critic import Actor, OneHotCategorical, PixelPolicy, policy_inputs
 from veorl.models.ban import Codebook
 from veorl.models.networks import FBC, DenseHead, Encoder
 from veorl.models.rssm import RSSMState
@@ -38,6 +41,7 @@ REWARD_HEAD_FILE = "reward_head.pt"  # diagnostics only: acting never reads it
 META_FILE = "agent.json"
 FORMAT_VERSION = 1
 ALGOS = ("veorl", "dreamerv2", "bc")
+POLICIES = ("mode", "sample")
 
 
 class AgentError(ValueError):
@@ -119,7 +123,14 @@ def save_agent(out_dir: str | Path, modules: nn.ModuleDict, meta: dict[str, Any]
 class Agent:
     """A loaded policy: `initial_state(batch)` then repeated `act(image, state)`."""
 
-    def __init__(self, modules: nn.ModuleDict, meta: dict[str, Any], device: str = "cpu", precision: str = "fp32"):
+    def __init__(
+        self,
+        modules: nn.ModuleDict,
+        meta: dict[str, Any],
+        device: str = "cpu",
+        precision: str = "fp32",
+        policy: str = "mode",
+    ):
         self.meta = dict(meta)
         # Resolved (fp32 | bf16, veorl.acceleration): the networks' forward passes while acting.
         self.precision = precision
@@ -132,9 +143,24 @@ class Agent:
         self.modules.requires_grad_(False)
         self.reward_head: nn.Module | None = None
         self.reward_scale = 1.0
+        if policy not in POLICIES:
+            raise AgentError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        self.bc_loss = str((meta.get("bc") or {}).get("loss", "mse"))
+        if policy == "sample" and self.algo == "bc" and self.bc_loss == "mse":
+            raise AgentError(
+                "policy 'sample' needs an action distribution, and this bc agent was trained with bc_loss=mse, "
+                "which fits the mean action only (its spread is untrained): evaluate it with policy 'mode'"
+            )
+        self.policy = policy
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(0)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the stream sampled actions are drawn from (`policy="sample"`; no effect on the mode)."""
+        self.generator.manual_seed(int(seed))
 
     @classmethod
-    def load(cls, path: str, device: str = "cpu", precision: str = "fp32") -> Agent:
+    def load(cls, path: str, device: str = "cpu", precision: str = "fp32", policy: str = "mode") -> Agent:
         root = Path(path)
         meta_path, weights_path = root / META_FILE, root / WEIGHTS_FILE
         if not meta_path.is_file():
@@ -163,7 +189,7 @@ class Agent:
             modules.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise AgentError(f"{weights_path}: weights do not match {META_FILE}: {exc}") from None
-        agent = cls(modules, meta, device, precision)
+        agent = cls(modules, meta, device, precision, policy)
         head_path = root / REWARD_HEAD_FILE
         if meta.get("reward_head") and head_path.is_file():
             agent.load_reward_head(head_path)
@@ -217,8 +243,7 @@ class Agent:
         pixels = self._check_image(image)
         batch = pixels.shape[0]
         if self.algo == "bc":
-            mean, _ = self.modules["policy"](pixels)
-            return mean.float().cpu().numpy().astype(np.float32), {}
+            return self._bc_action(pixels).float().cpu().numpy().astype(np.float32), {}
         expected = self.initial_state(batch)
         for key, zeros in expected.items():
             if key not in state:
@@ -234,16 +259,29 @@ class Agent:
         latent_action = None
         if self.use_latent_action:
             latent_action, _ = self.modules["codebook"].nearest(self.modules["fbc"](feature))
-        action = self.modules["actor"](policy_inputs(feature, latent_action)).mode()
+        distribution = self.modules["actor"](policy_inputs(feature, latent_action))
+        action = distribution.mode() if self.policy == "mode" else distribution.sample(self.generator)
         new_state = {"deter": posterior.deter, "stoch": posterior.stoch, "prev_action": action}
         return action.float().cpu().numpy().astype(np.float32), {
             k: v.float().cpu().numpy().astype(np.float32) for k, v in new_state.items()
         }
 
+    def _bc_action(self, pixels: torch.Tensor) -> torch.Tensor:
+        policy = self.modules["policy"]
+        if self.policy == "mode":
+            return policy(pixels)[0]
+        raw_mean, raw_log_std = policy.raw(pixels)
+        if self.bc_loss == "categorical":  # the raw means are the logits of the classifier training fitted
+            return OneHotCategorical(raw_mean.float()).sample(self.generator)
+        mean, log_std = policy.squash(raw_mean, raw_log_std)  # gaussian: the Normal the NLL was taken under
+        noise = torch.randn(mean.shape, generator=self.generator, dtype=torch.float32, device=mean.device)
+        return (mean.float() + log_std.float().exp() * noise).clamp(-1.0, 1.0)
+
 
 __all__ = [
     "ALGOS",
     "META_FILE",
+    "POLICIES",
     "REWARD_HEAD_FILE",
     "WEIGHTS_FILE",
     "Agent",

@@ -66,6 +66,7 @@ LEGACY_SETTINGS: dict[str, Any] = {
     "finetune.snapshot_every": 0,
     "model.ban_horizon": 1,
     "finetune.discount_head": False,
+    "evaluate.policy": "mode",
 }
 
 

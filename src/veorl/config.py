@@ -412,9 +412,15 @@ class FinetuneParams(Section):
 
 
 class EvaluateParams(Section):
-    """Deterministic evaluation of the agent in its simulator."""
+    """Evaluation of the agent in its simulator (deterministic by default)."""
 
-    episodes: int = Field(default=10, ge=1, description="Evaluation episodes (deterministic policy).")
+    episodes: int = Field(default=10, ge=1, description="Evaluation episodes.")
+    policy: Literal["mode", "sample"] = Field(
+        default="mode",
+        description="How the agent acts: the mode of its action distribution (deterministic; one-hot actions: the "
+        "argmax) or a draw from it, seeded per episode. A sampled evaluation's protocol says so, and the registry "
+        "compares it only with other sampled ones. bc trained with bc_loss=mse has no distribution to sample.",
+    )
     seed: int = Field(default=1000, description="Seed of the first evaluation episode; episode i uses seed+i.")
     workers: int = Field(default=2, ge=1, description="Parallel evaluation processes.")
     videos: int = Field(default=2, ge=0, description="Rollouts rendered to MP4.")

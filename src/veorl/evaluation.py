@@ -1,8 +1,9 @@
 """Evaluating a deployable agent in its simulator.
 
 Each worker process loads the agent and builds its own environment (simulators are neither
-fork- nor pickle-safe), then plays whole episodes with the deterministic policy: episode i is
-reset with seed `seed + i`, so a result does not depend on how episodes were spread over workers.
+fork- nor pickle-safe), then plays whole episodes with the deterministic policy (`policy="mode"`, the default) or
+with actions drawn from it (`policy="sample"`): episode i is reset with seed `seed + i`, and a sampling agent's
+stream is reseeded with the same number, so a result does not depend on how episodes were spread over workers.
 A policy that raises or emits a non-finite action stops the evaluation with an EvaluationError
 naming the episode and the step; nothing is averaged over the episodes that did finish.
 
@@ -59,7 +60,8 @@ def upscale(frame: np.ndarray, size: int) -> np.ndarray:
 def play_episode(
     agent: Any, env: Any, episode: int, seed: int, max_steps: int, record: bool = False
 ) -> tuple[EpisodeResult, list[np.ndarray]]:
-    """One deterministic episode; returns the result and (when `record`) the frames the agent observed."""
+    """One episode; returns the result and (when `record`) the frames the agent observed. An agent that samples
+    its actions draws them from a stream restarted at `seed`."""
     where = f"episode {episode} (seed {seed})"
     try:
         # Episode i plays task variation i: the episodes of one evaluation start from distinct configurations
@@ -67,6 +69,8 @@ def play_episode(
         obs = env.reset(seed=seed, variation=episode)
     except Exception as exc:
         raise EvaluationError(f"{where}: the simulator failed to reset: {type(exc).__name__}: {exc}") from exc
+    if hasattr(agent, "reseed"):
+        agent.reseed(seed)
     state = agent.initial_state(1)
     frames: list[np.ndarray] = [obs["image"]] if record else []
     total, success, steps = 0.0, False, 0
@@ -140,7 +144,7 @@ def play_episode(
 _worker: dict[str, Any] = {}
 
 
-def _init_worker(agent_dir: str, device: str, threads: int, precision: str = "fp32") -> None:
+def _init_worker(agent_dir: str, device: str, threads: int, precision: str = "fp32", policy: str = "mode") -> None:
     import torch
 
     from veorl.agent import Agent
@@ -148,7 +152,7 @@ def _init_worker(agent_dir: str, device: str, threads: int, precision: str = "fp
 
     if threads > 0:  # 0 = leave torch's setting as it is
         torch.set_num_threads(threads)
-    agent = Agent.load(agent_dir, device=device, precision=precision)
+    agent = Agent.load(agent_dir, device=device, precision=precision, policy=policy)
     meta = agent.meta
     env = make_env(
         env=meta["env"],
@@ -198,10 +202,12 @@ def evaluate_agent(
     fps: int = 30,
     progress: bool = True,
     precision: str = "fp32",
+    policy: str = "mode",
 ) -> list[EpisodeResult]:
-    """Play `episodes` deterministic episodes (episode i seeded `seed + i`); the first `videos` are rendered to MP4.
+    """Play `episodes` episodes (episode i seeded `seed + i`); the first `videos` are rendered to MP4.
 
-    `precision` (fp32 | bf16, resolved by the caller) is what the agent's networks act in.
+    `precision` (fp32 | bf16, resolved by the caller) is what the agent's networks act in; `policy` is how they
+    act: the distribution's mode (deterministic) or a draw from it (veorl.agent.POLICIES).
     """
     from tqdm import tqdm
 
@@ -216,7 +222,7 @@ def evaluate_agent(
         from veorl.agent import Agent
 
         # Fail here with the loader's own message rather than from inside every worker.
-        Agent.load(str(agent_dir), device="cpu")
+        Agent.load(str(agent_dir), device="cpu", policy=policy)
     results: list[EpisodeResult] = []
     bar = tqdm(total=episodes, desc="evaluate", unit="episode", disable=not progress)
     try:
@@ -227,7 +233,7 @@ def evaluate_agent(
             jobs,
             workers,
             initializer=_init_worker,
-            initargs=(str(agent_dir), device, 1 if workers > 1 else 0, precision),
+            initargs=(str(agent_dir), device, 1 if workers > 1 else 0, precision, policy),
             cleanup=_close_worker,
         )
         # closing(): raising below stops the other workers now, not whenever the generator is collected.

@@ -45,15 +45,16 @@ class TruncatedNormal:
         self._cdf_alpha = _std_normal_cdf(self._alpha)
         self._mass = (_std_normal_cdf(self._beta) - self._cdf_alpha).clamp_min(eps)
 
-    def rsample(self) -> torch.Tensor:
-        uniform = torch.rand_like(self.loc)
+    def rsample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        uniform = torch.rand(self.loc.shape, generator=generator, dtype=self.loc.dtype, device=self.loc.device)
         p = (self._cdf_alpha + uniform * self._mass).clamp(self.eps, 1.0 - self.eps)
         x = self.loc + self.scale * _SQRT2 * torch.erfinv(2.0 * p - 1.0)
         return x.clamp(self.low + self.eps, self.high - self.eps)
 
-    def sample(self) -> torch.Tensor:
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A draw without gradients; `generator` makes it reproducible without touching torch's global stream."""
         with torch.no_grad():
-            return self.rsample()
+            return self.rsample(generator)
 
     def mode(self) -> torch.Tensor:
         # The density is the normal's restricted to the interval, so its peak is loc clipped into it.
@@ -85,9 +86,16 @@ class OneHotCategorical:
         probs = self._dist.probs
         return one_hot + probs - probs.detach()
 
-    def sample(self) -> torch.Tensor:
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A one-hot draw without gradients; `generator` makes it reproducible without touching torch's global
+        stream."""
         with torch.no_grad():
-            return F.one_hot(self._dist.sample(), self.logits.shape[-1]).to(self.logits.dtype)
+            if generator is None:
+                index = self._dist.sample()
+            else:
+                probs = self._dist.probs.reshape(-1, self.logits.shape[-1]).float()
+                index = torch.multinomial(probs, 1, generator=generator).reshape(self.logits.shape[:-1])
+            return F.one_hot(index, self.logits.shape[-1]).to(self.logits.dtype)
 
     def mode(self) -> torch.Tensor:
         return F.one_hot(self.logits.argmax(-1), self.logits.shape[-1]).to(self.logits.dtype)
