@@ -25,6 +25,7 @@ COLUMNS = (
     ("agent", ("policy", "corner_over_data"), "corner/data imagined return"),
     ("agent", ("policy", "action_spread"), "action spread"),
     ("agent", ("policy", "share_at_bounds"), "share at bounds"),
+    ("agent", ("policy", "top_action_share"), "top action share"),
 )
 
 

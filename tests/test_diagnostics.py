@@ -19,6 +19,28 @@ def test_action_probe_sees_a_code_that_names_the_action_and_not_a_random_one():
     assert action_probe_r2(shuffled, actions, train_rows=20) < 0.1
 
 
+def test_discrete_action_usage_counts_what_is_played():
+    import torch
+
+    from veorl.diagnostics import action_usage
+
+    played = torch.tensor([0, 0, 0, 2]).repeat(5)
+    one_hot = torch.nn.functional.one_hot(played, 5).float()
+    usage = action_usage(one_hot, discrete=True)
+    assert usage["top_action_share"] == pytest.approx(0.75) and usage["distinct_actions"] == 2
+    assert usage["action_entropy"] == pytest.approx(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25)))
+    assert usage["action_mean"] == pytest.approx([0.75, 0, 0.25, 0, 0])
+    assert "share_at_bounds" not in usage  # a one-hot vector always sits at the bounds: not a finding
+    # a bc mean in [-1, 1] counts by its argmax, as the environment plays it
+    assert action_usage(one_hot * 1.8 - 0.9, discrete=True)["top_action_share"] == pytest.approx(0.75)
+    collapsed = action_usage(torch.nn.functional.one_hot(torch.full((8,), 3), 5).float(), discrete=True)
+    assert collapsed["top_action_share"] == 1.0 and collapsed["action_entropy"] == 0.0
+    assert any("top_action_share" in w for w in check({"policy": collapsed}, "agent"))
+    assert check({"policy": usage}, "agent") == []
+    continuous = action_usage(torch.tensor([[1.0, 0.0], [-1.0, 0.5]]), discrete=False)
+    assert continuous["action_spread"] == pytest.approx(0.625) and continuous["share_at_bounds"] == 0.5
+
+
 def test_check_warns_only_past_thresholds(caplog):
     healthy = {
         "codebook": {"target_perplexity": 12.0, "reversed_distinct": 0.9},

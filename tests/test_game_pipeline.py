@@ -40,6 +40,11 @@ def test_smoke_pipeline_for_the_game_trains_a_discrete_agent(tmp_path, mlflow_st
         "discrete",
     )
     assert "discount_nll" in (tmp_path / "finetune.csv").read_text().splitlines()[0]  # the discount head trained
+    # the end-of-stage diagnostics speak of one-hot actions: each of the 17 held constant, usage by frequency
+    figures = read_json(models / "agent" / "diagnostics.json")["policy"]
+    assert sorted(figures["best_corner"]) == [0.0] * (NUM_ACTIONS - 1) + [1.0]
+    assert 1 <= figures["distinct_actions"] <= NUM_ACTIONS and 0 < figures["top_action_share"] <= 1
+    assert sum(figures["action_mean"]) == pytest.approx(1.0) and "share_at_bounds" not in figures
 
     # The finetuned agent is discrete: every action is one of crafter's 17, as a one-hot vector.
     agent = Agent.load(str(models / "agent"))
@@ -50,7 +55,13 @@ def test_smoke_pipeline_for_the_game_trains_a_discrete_agent(tmp_path, mlflow_st
         assert action.shape == (3, NUM_ACTIONS)
         assert set(np.unique(action)) <= {0.0, 1.0} and np.all(action.sum(-1) == 1.0)
 
+    # a sampled evaluation draws its actions, and its protocol says so
+    sampled = evaluate.run(
+        str(models / "agent"), str(tmp_path / "eval-sampled"), params("domain=game", "evaluate.policy=sample"), progress=False
+    )
+    assert sampled["protocol"]["policy"] == "sample" and sampled["episodes"] == smoke.evaluate.episodes
     metrics = evaluate.run(str(models / "agent"), str(tmp_path / "eval"), smoke, progress=False)
+    assert "policy" not in metrics["protocol"]
     assert metrics["protocol"]["env"] == "crafter" and metrics["episodes"] == smoke.evaluate.episodes
     per_task = metrics["success_per_task"]
     assert set(per_task) == set(TASKS) and per_task["collect-wood"] == metrics["success_rate"]

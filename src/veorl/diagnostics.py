@@ -26,6 +26,11 @@ Imagined policy (Trunk Net world model + actor):
 - ensemble disagreement along those rollouts (when the Trunk Net has a prior ensemble);
 - the actor's action spread across start states (std of its mode, mean over dimensions) and share of action
   components at the bounds (|a| > 0.99). A collapsed actor plays one action everywhere, at a corner.
+
+One-hot (discrete) actions, the game: the constant actions are each of the A actions held throughout (every
+one-hot vector is a "corner"; the +-1 corners of a box mean nothing there), and the actor's usage is told by the
+share of states that get its most played action, the number of distinct actions and the entropy of their
+frequencies (nats); spread and bounds are left out, since a one-hot vector always sits at the bounds.
 """
 
 from __future__ import annotations
@@ -79,6 +84,12 @@ THRESHOLDS: tuple[Threshold, ...] = (
     Threshold("codebook.action_probe_r2", 0.05, None, "the code says next to nothing about the data action"),
     Threshold("policy.action_spread", 0.05, None, "the actor plays nearly the same action in every state (collapse)"),
     Threshold("policy.share_at_bounds", None, 0.8, "most action components sit at the bounds of the action box"),
+    Threshold(
+        "policy.top_action_share",
+        None,
+        0.95,
+        "the actor plays one discrete action in nearly every state (collapse)",
+    ),
     Threshold(
         "policy.corner_over_data",
         None,
@@ -261,7 +272,7 @@ def policy_diagnostics(
     Predicted returns are divided by reward_scale, so they read in the simulator's reward units.
     Start states: the Trunk Net posterior at the first step of each window; the open-loop action sequences
     are the window's next `horizon` actions (data), the same taken from another window (shuffled), or one
-    corner of the action box held constant.
+    corner of the action box held constant (a discrete actor: each one-hot action).
     """
     from veorl.models.actor_critic import policy_inputs
     from veorl.models.networks import preprocess
@@ -281,8 +292,12 @@ def policy_diagnostics(
     shuffled = data_actions.roll(offset, 0)
     data_return, data_spread = _predicted_return(trunk, start, data_actions, ensemble)
     shuffled_return, shuffled_spread = _predicted_return(trunk, start, shuffled, ensemble)
-    corners = list(itertools.product((-1.0, 1.0), repeat=action_dim))
-    if len(corners) > max_corners:
+    discrete = getattr(actor, "kind", "continuous") == "discrete"
+    if discrete:  # every action of a one-hot space, each held constant
+        corners = [tuple(float(i == j) for j in range(action_dim)) for i in range(action_dim)]
+    else:
+        corners = list(itertools.product((-1.0, 1.0), repeat=action_dim))
+    if not discrete and len(corners) > max_corners:
         chosen = torch.randperm(len(corners), generator=generator)[:max_corners].tolist()
         corners = [corners[i] for i in chosen]
     corner_returns, corner_spreads = [], []
@@ -298,8 +313,6 @@ def policy_diagnostics(
     feature = trunk.trunk_net.feature(flat)
     latent = guidance.latent_action(feature) if (guidance is not None and use_latent_action) else None
     mode = actor(policy_inputs(feature, latent)).mode()
-    spread = float(mode.std(0, unbiased=False).mean())
-    at_bounds = float((mode.abs() > 0.99).float().mean())
 
     scale = float(reward_scale)
     data_r, shuffled_r, corner_best = data_return / scale, shuffled_return / scale, corner_returns[best] / scale
@@ -316,9 +329,31 @@ def policy_diagnostics(
         "disagreement_data": data_spread,
         "disagreement_shuffled": shuffled_spread,
         "disagreement_corner_best": corner_spreads[best],
-        "action_spread": spread,
-        "share_at_bounds": at_bounds,
-        "action_mean": mode.mean(0).cpu().tolist(),
+        **action_usage(mode, discrete),
+    }
+
+
+def action_usage(actions: torch.Tensor, discrete: bool) -> dict[str, Any]:
+    """How varied the actions a policy plays over many states (N, A) are.
+
+    Continuous: std over states (mean over dimensions), share of components at the bounds, the mean action.
+    Discrete (one-hot, or any vector whose argmax is the action): the share of states given the most played
+    action, the number of distinct actions, the entropy of their frequencies in nats, and the frequencies.
+    """
+    if not discrete:
+        return {
+            "action_spread": float(actions.std(0, unbiased=False).mean()),
+            "share_at_bounds": float((actions.abs() > 0.99).float().mean()),
+            "action_mean": actions.float().mean(0).cpu().tolist(),
+        }
+    counts = torch.bincount(actions.argmax(-1), minlength=actions.shape[-1]).double()
+    frequency = counts / counts.sum()
+    used = frequency[frequency > 0]
+    return {
+        "top_action_share": float(frequency.max()),
+        "distinct_actions": int((counts > 0).sum()),
+        "action_entropy": float(-(used * used.log()).sum()),
+        "action_mean": frequency.float().cpu().tolist(),
     }
 
 
@@ -336,4 +371,5 @@ __all__ = [
     "codebook_diagnostics",
     "policy_diagnostics",
     "action_probe_r2",
+    "action_usage",
 ]

@@ -54,7 +54,7 @@ from veorl.algo.returns import ReturnNormaliser, discount_weights, lambda_return
 from veorl.algo.world_model_losses import linear_mmd, trunk_world_model_loss
 from veorl.config import ModelParams, Params
 from veorl.data.episodes import CARD
-from veorl.diagnostics import DIAGNOSTICS_FILE, check, policy_diagnostics, target_windows
+from veorl.diagnostics import DIAGNOSTICS_FILE, action_usage, check, policy_diagnostics, target_windows
 from veorl.models.actor_critic import Actor, Critic, PixelPolicy, policy_inputs
 from veorl.models.networks import preprocess
 from veorl.models.rssm import RSSMState
@@ -698,8 +698,10 @@ def agent_diagnostics(
     sw: Switches,
     policy: PixelPolicy | None,
     device: str,
+    action_kind: str = "continuous",
 ) -> dict[str, Any]:
-    """The end-of-fine-tuning diagnostics (veorl.diagnostics) on target windows, with threshold warnings."""
+    """The end-of-fine-tuning diagnostics (veorl.diagnostics) on target windows, with threshold warnings.
+    `action_kind` (the data's card): a discrete bc policy is summarised by the actions it plays (their argmax)."""
     fp = params.finetune
     length = max(fp.seq_len, fp.horizon + 1)
     windows = target_windows(store, fp.diagnostics_sequences, length, seed=fp.seed)
@@ -718,10 +720,8 @@ def agent_diagnostics(
         )
     else:
         mean, _ = policy(preprocess(torch.as_tensor(windows["image"], device=device)).flatten(0, 1))
-        figures = {
-            "action_spread": float(mean.std(0, unbiased=False).mean()),
-            "share_at_bounds": float((mean.abs() > 0.99).float().mean()),
-        }
+        # one-hot data (the game): the environment plays the argmax of the policy's mean
+        figures = action_usage(mean, discrete=action_kind == "discrete")
     report = {"policy": figures}
     report["warnings"] = check(report, f"finetune ({fp.algo})")
     return report
@@ -990,7 +990,7 @@ def _finetune(
             return {"algo": fp.algo, **result.summary()}
 
         # -- the agent artifact ----------------------------------------------------------------------
-        report = agent_diagnostics(params, store, trunk, actor, guidance, sw, policy, device)
+        report = agent_diagnostics(params, store, trunk, actor, guidance, sw, policy, device, meta["action_kind"])
         agent_meta = write_agent(result.progress, out, stage.run_id, diagnostics=report)
 
         summary = {
