@@ -57,7 +57,10 @@ def test_smoke_pipeline_for_the_game_trains_a_discrete_agent(tmp_path, mlflow_st
 
     # a sampled evaluation draws its actions, and its protocol says so
     sampled = evaluate.run(
-        str(models / "agent"), str(tmp_path / "eval-sampled"), params("domain=game", "evaluate.policy=sample"), progress=False
+        str(models / "agent"),
+        str(tmp_path / "eval-sampled"),
+        params("domain=game", "evaluate.policy=sample"),
+        progress=False,
     )
     assert sampled["protocol"]["policy"] == "sample" and sampled["episodes"] == smoke.evaluate.episodes
     metrics = evaluate.run(str(models / "agent"), str(tmp_path / "eval"), smoke, progress=False)
