@@ -171,7 +171,13 @@ def stale_reason(path: Path, args: argparse.Namespace, algo: str, seed: int) -> 
     current = params.section_dict(*[k for k in saved["config"] if k not in ("preset", "domain")])
     # a setting introduced after the run was made counts as what the code did before it existed
     old, new = without_legacy(flatten(saved["config"])), without_legacy(flatten(current))
-    differ = sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>"))
+    # snapshots are bookkeeping (learning curves), not training: a run made with other ones is the same agent,
+    # and its curve has the points its snapshots give
+    differ = sorted(
+        k
+        for k in set(old) | set(new)
+        if k != "finetune.snapshot_every" and old.get(k, "<absent>") != new.get(k, "<absent>")
+    )
     if differ:
         return f"it was trained with other settings ({', '.join(differ[:6])}{', ...' if len(differ) > 6 else ''})"
     sw = switches(params.finetune)

@@ -364,6 +364,8 @@ def test_runs_recorded_before_a_setting_existed_count_as_its_legacy_value(tmp_pa
     assert "finetune.precision" in compare.stale_reason(run, args, "bc", 0)
     args.overrides = ["finetune.precision=fp32", "finetune.discount=0.5"]
     assert "finetune.discount" in compare.stale_reason(run, args, "bc", 0)
+    args.overrides = ["finetune.precision=fp32", "finetune.snapshot_every=7"]  # snapshots do not change the agent
+    assert compare.stale_reason(run, args, "bc", 0) is None
 
 
 def test_compare_sections_of_two_tasks_share_one_document(tmp_path):
