@@ -1,6 +1,10 @@
 """Return and success of uniformly random actions on an evaluation protocol (a floor for docs/results.md).
 
     python scripts/random_policy.py --task drawer-open --episodes 10 --seed 1000 --episode-length 200
+    python scripts/random_policy.py --env highway --task highway --camera topdown --constant 0 0   # hold one action
+
+--constant A1 ... plays that action at every step instead (e.g. driving on without throttle or steering).
+Driving also reports the collision rate.
 
 Episode i is reset like evaluation resets it (seed + i, task variation i), so the figure is comparable with the
 agents' on the same episodes.
@@ -30,27 +34,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1000, help="evaluate.seed of the protocol")
     parser.add_argument("--episode-length", type=int, default=200)
     parser.add_argument("--action-seed", type=int, default=0, help="seed of the random actions")
+    parser.add_argument(
+        "--constant", type=float, nargs="+", default=None, metavar="A", help="play this action at every step"
+    )
     args = parser.parse_args(argv)
     env = make_env(
         env=args.env, task=args.task, camera=args.camera, size=64, episode_length=args.episode_length, seed=0
     )
     rng = np.random.default_rng(args.action_seed)
-    returns, successes = [], []
+    if args.constant is not None and len(args.constant) != env.action_dim:
+        env.close()
+        parser.error(f"--constant needs {env.action_dim} values for {args.env}, got {len(args.constant)}")
+    returns, successes, collisions = [], [], []
     try:
         for i in range(args.episodes):
             env.reset(seed=args.seed + i, variation=i)
-            total, success, done = 0.0, False, False
+            total, success, collision, done = 0.0, False, False, False
             while not done:
-                _, reward, done, info = env.step(rng.uniform(-1.0, 1.0, env.action_dim))
+                action = rng.uniform(-1.0, 1.0, env.action_dim) if args.constant is None else np.array(args.constant)
+                _, reward, done, info = env.step(action)
                 total += reward
                 success = success or bool(info.get("success", False))
+                collision = collision or bool(info.get("collision", False))
             returns.append(total)
             successes.append(success)
+            collisions.append(collision)
     finally:
         env.close()
+    policy = "random policy" if args.constant is None else f"constant action {args.constant}"
+    collision_rate = f", collision rate {np.mean(collisions):.2f}" if args.env in ("highway", "carla") else ""
     print(
-        f"random policy on {args.task}, {args.episodes} episodes from seed {args.seed}: "
+        f"{policy} on {args.task}, {args.episodes} episodes from seed {args.seed}: "
         f"return {np.mean(returns):.1f} +- {np.std(returns):.1f}, success rate {np.mean(successes):.2f}"
+        f"{collision_rate}"
     )
     return 0
 

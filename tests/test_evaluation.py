@@ -576,3 +576,29 @@ def test_diagnostics_vs_success_ranks_with_ties_and_reads_finished_runs(tmp_path
     out = capsys.readouterr().out
     assert "over 3 runs" in out and "predicted/simulator reward: -1.00 (3 runs)" in out
     assert "action spread" in out.splitlines()[0] and "share at bounds: " not in out.split("Spearman")[1]
+
+
+def test_random_policy_script_holds_a_constant_action_and_reports_collisions(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("random_policy", REPO / "scripts" / "random_policy.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    common = [
+        "--env",
+        "highway",
+        "--task",
+        "highway",
+        "--camera",
+        "topdown",
+        "--episodes",
+        "2",
+        "--episode-length",
+        "5",
+    ]
+    assert script.main([*common, "--constant", "0", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("constant action [0.0, 0.0] on highway, 2 episodes") and "collision rate" in out
+    with pytest.raises(SystemExit):
+        script.main([*common, "--constant", "0"])
+    assert "--constant needs 2 values" in capsys.readouterr().err
