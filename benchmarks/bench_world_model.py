@@ -317,8 +317,34 @@ def build_variant(variant: str, data_root: Path, preset: str, precision: str, co
     return update, cfg.batch + cfg.source_batch, "sequences"
 
 
+# Operators that do the FLOPs the peaks measure (matrix products and convolutions, forward and backward).
+DENSE_OPS = ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "conv", "mkldnn", "onednn", "gemm")
+
+
+def profile_update(update, step: int, top: int = 25) -> tuple[str, dict]:
+    """One more update under torch.profiler: the operators by self CPU time (a table), and the share of the time
+    spent in dense operators (DENSE_OPS) against everything else."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        update(step)
+    averages = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in averages)
+    dense = sum(e.self_cpu_time_total for e in averages if any(k in e.key.lower() for k in DENSE_OPS))
+    table = averages.table(sort_by="self_cpu_time_total", row_limit=top)
+    return table, {"profiled_cpu_s": total / 1e6, "dense_share": dense / total if total else float("nan")}
+
+
 def run_variant(
-    variant: str, data_root: Path, threads: int, repeats: int, warmup: int, preset: str, precision: str, compile_: bool
+    variant: str,
+    data_root: Path,
+    threads: int,
+    repeats: int,
+    warmup: int,
+    preset: str,
+    precision: str,
+    compile_: bool,
+    profile_dir: str | None = None,
 ) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -343,6 +369,11 @@ def run_variant(
     with eager(), FlopCounterMode(display=False) as counter:
         update(warmup + repeats)
     flops = float(counter.get_total_flops())
+    if profile_dir:
+        table, shares = profile_update(update, warmup + repeats + 1)
+        tag = f"{variant}-{precision}{'-compiled' if compile_ else ''}"
+        Path(profile_dir, f"profile-{tag}.txt").write_text(table + "\n")
+        info = {**info, **shares}
     mean = {k: float(np.mean([t[k] for t in timings])) for k in timings[0]}
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     return {
@@ -389,6 +420,7 @@ def _child(args: argparse.Namespace, *extra: str) -> dict:
         "--peak-seconds",
         str(args.peak_seconds),
         *(["--compile"] if args.compile else []),
+        *(["--profile", args.profile] if args.profile else []),
         *extra,
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
@@ -420,6 +452,14 @@ def main(argv: list[str] | None = None) -> int:
         "--peak-seconds", type=float, default=2.0, help="seconds each peak measurement is timed for (default: 2)"
     )
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="profile one more update of each variant (torch.profiler, after the timed ones): DIR/profile-VARIANT-"
+        "PRECISION.txt lists the operators by self CPU time, and the table gains the share spent in matrix products "
+        "and convolutions",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -437,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
             args.preset,
             args.precision,
             args.compile,
+            args.profile,
         )
         print(json.dumps(result))
         return 0
@@ -444,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     from veorl.acceleration import resolve_precision
 
     args.precision = resolve_precision(args.precision, "cpu")  # once, as a training stage does
+    if args.profile:
+        args.profile = str(Path(args.profile).resolve())
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
     info = machine()
     print(
         f"machine: {info['cpu_model']}, {info['cpu_count']} logical CPUs, bf16 instructions: "
@@ -496,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
         note = f"samples = {r['sample_unit']}"
         if "keyframes" in r:
             note += f"; {r['keyframes']:.0f} keyframes, {r['behaviours_per_seq']:.1f} behaviours/seq"
+        if "dense_share" in r:
+            note += f"; profiled: {r['dense_share']:.0%} of CPU time in matmul/conv operators"
         print(
             f"| {r['variant']} | {r['precision']}{' compiled' if r['compile'] else ''} | {s['update']:.2f} | "
             f"{s['data']:.2f} | {s['forward']:.2f} | {s['backward']:.2f} | {s['optimizer']:.3f} | {s['cpu']:.2f} | "
