@@ -906,7 +906,9 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict[str, Any] = {"protocol": protocol, "table": table, "failures": failures}
     if sources:
         summary["rows"] = [{k: v for k, v in s.items() if k not in ("path", "config")} for s in sources]
-    summary_path = results / (f"summary-{key}.json" if sources else "summary.json")
+    # another evaluation's summary sits beside the default one (summary-NAME.json), never over it
+    evaluation = f"-{args.evaluation}" if args.evaluation else ""
+    summary_path = results / (f"summary-{key}.json" if sources else f"summary{evaluation}.json")
     bar_chart(figure, table, title=f"{title}, {seeds_label(table)}")
     curves = {
         label: {seed: c for seed, path in by_seed.items() if (c := read_learning_curve(path))}

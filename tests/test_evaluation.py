@@ -333,6 +333,8 @@ def test_another_evaluation_of_finished_agents_goes_to_its_own_folders_without_t
     assert (run / "learning_curve-sampled.csv").read_text().splitlines()[1:] == ["5,0.9,5.0", "10,0.9,5.0"]
     assert json.loads((run / "eval" / "metrics.json").read_text())["success_rate"] == 0.5  # the original stays
     assert "| veorl | 1 | 0.900 |" in doc.read_text()
+    assert json.loads((results / "summary-sampled.json").read_text())["table"]["veorl"]["seeds"] == [0]
+    assert not (results / "summary.json").exists()  # the default evaluation's summary is not overwritten
     # a second call reuses both; the default evaluation is read as before
     calls.clear()
     assert compare.main([*argv, "--evaluation", "sampled", "--set", "evaluate.policy=sample"]) == 0
