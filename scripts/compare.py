@@ -125,8 +125,17 @@ def run_dir(results: Path, algo: str, seed: int) -> Path:
     return results / algo / f"seed-{seed}"
 
 
+# Settings that only say what is recorded about a run (snapshots for learning curves), not how its agent trains.
+_BOOKKEEPING = frozenset({"finetune.snapshot_every"})
+
 # The folders of a run that one evaluation writes (--evaluation NAME: eval-NAME, curve-NAME); set once by main.
-EVALUATION = {"eval": "eval", "curve": "curve", "csv": "learning_curve.csv", "log": "evaluate.log"}
+EVALUATION = {
+    "eval": "eval",
+    "curve": "curve",
+    "csv": "learning_curve.csv",
+    "log": "evaluate.log",
+    "summary": "summary.json",
+}
 
 
 def set_evaluation(name: str | None) -> None:
@@ -135,7 +144,11 @@ def set_evaluation(name: str | None) -> None:
         raise ValueError(f"--evaluation {name!r}: use letters, digits, '.', '_' and '-' only")
     suffix = f"-{name}" if name else ""
     EVALUATION.update(
-        eval=f"eval{suffix}", curve=f"curve{suffix}", csv=f"learning_curve{suffix}.csv", log=f"evaluate{suffix}.log"
+        eval=f"eval{suffix}",
+        curve=f"curve{suffix}",
+        csv=f"learning_curve{suffix}.csv",
+        log=f"evaluate{suffix}.log",
+        summary=f"summary{suffix}.json",  # beside the default evaluation's summary, never over it
     )
 
 
@@ -171,12 +184,10 @@ def stale_reason(path: Path, args: argparse.Namespace, algo: str, seed: int) -> 
     current = params.section_dict(*[k for k in saved["config"] if k not in ("preset", "domain")])
     # a setting introduced after the run was made counts as what the code did before it existed
     old, new = without_legacy(flatten(saved["config"])), without_legacy(flatten(current))
-    # snapshots are bookkeeping (learning curves), not training: a run made with other ones is the same agent,
-    # and its curve has the points its snapshots give
+    # bookkeeping is not training: a run made with other snapshots is the same agent, and its curve has the points
+    # its snapshots give
     differ = sorted(
-        k
-        for k in set(old) | set(new)
-        if k != "finetune.snapshot_every" and old.get(k, "<absent>") != new.get(k, "<absent>")
+        k for k in set(old) | set(new) if k not in _BOOKKEEPING and old.get(k, "<absent>") != new.get(k, "<absent>")
     )
     if differ:
         return f"it was trained with other settings ({', '.join(differ[:6])}{', ...' if len(differ) > 6 else ''})"
@@ -695,7 +706,7 @@ def collect_ablations(
 
 
 # Settings that differ between rows without making them different agents: the seed, and snapshots (learning curves).
-_UNCOMPARED = {"finetune.seed", "finetune.snapshot_every"}
+_UNCOMPARED = {"finetune.seed", *_BOOKKEEPING}
 
 
 def settings_differences(sources: list[dict[str, Any]]) -> None:
@@ -906,9 +917,7 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict[str, Any] = {"protocol": protocol, "table": table, "failures": failures}
     if sources:
         summary["rows"] = [{k: v for k, v in s.items() if k not in ("path", "config")} for s in sources]
-    # another evaluation's summary sits beside the default one (summary-NAME.json), never over it
-    evaluation = f"-{args.evaluation}" if args.evaluation else ""
-    summary_path = results / (f"summary-{key}.json" if sources else f"summary{evaluation}.json")
+    summary_path = results / (f"summary-{key}.json" if sources else EVALUATION["summary"])
     bar_chart(figure, table, title=f"{title}, {seeds_label(table)}")
     curves = {
         label: {seed: c for seed, path in by_seed.items() if (c := read_learning_curve(path))}

@@ -4,7 +4,7 @@
     python scripts/random_policy.py --env highway --task highway --camera topdown --constant 0 0   # hold one action
 
 --constant A1 ... plays that action at every step instead (e.g. driving on without throttle or steering).
-Driving also reports the collision rate.
+A simulator that reports collisions (driving) also gets its collision rate.
 
 Episode i is reset like evaluation resets it (seed + i, task variation i), so the figure is comparable with the
 agents' on the same episodes.
@@ -45,14 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.constant is not None and len(args.constant) != env.action_dim:
         env.close()
         parser.error(f"--constant needs {env.action_dim} values for {args.env}, got {len(args.constant)}")
+    constant = None if args.constant is None else np.asarray(args.constant, dtype=np.float64)
     returns, successes, collisions = [], [], []
+    reports_collisions = False
     try:
         for i in range(args.episodes):
             env.reset(seed=args.seed + i, variation=i)
             total, success, collision, done = 0.0, False, False, False
             while not done:
-                action = rng.uniform(-1.0, 1.0, env.action_dim) if args.constant is None else np.array(args.constant)
+                action = rng.uniform(-1.0, 1.0, env.action_dim) if constant is None else constant
                 _, reward, done, info = env.step(action)
+                reports_collisions = reports_collisions or "collision" in info
                 total += reward
                 success = success or bool(info.get("success", False))
                 collision = collision or bool(info.get("collision", False))
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         env.close()
     policy = "random policy" if args.constant is None else f"constant action {args.constant}"
-    collision_rate = f", collision rate {np.mean(collisions):.2f}" if args.env in ("highway", "carla") else ""
+    collision_rate = f", collision rate {np.mean(collisions):.2f}" if reports_collisions else ""
     print(
         f"{policy} on {args.task}, {args.episodes} episodes from seed {args.seed}: "
         f"return {np.mean(returns):.1f} +- {np.std(returns):.1f}, success rate {np.mean(successes):.2f}"
