@@ -22,6 +22,7 @@ NEW_KEYS |= {f"{stage}.compile": False for stage in ("pretrain", "finetune")}
 NEW_KEYS |= {"model.ban_horizon": 1}  # the k-step BAN option; 1 is the release's BAN
 NEW_KEYS |= {"finetune.discount_head": False}  # the game's discount head (issue 9), off elsewhere
 NEW_KEYS |= {"evaluate.policy": "mode"}  # sampled evaluation (issue 9); the mode is the deterministic policy
+NEW_KEYS |= {"finetune.actor_bc_loss": "nll"}  # the behaviour term's form (issue 12); nll is the first one
 
 
 @pytest.mark.parametrize("preset", ["smoke", "cpu", "laptop", "paper", "params.yaml"])

@@ -67,6 +67,7 @@ LEGACY_SETTINGS: dict[str, Any] = {
     "model.ban_horizon": 1,
     "finetune.discount_head": False,
     "evaluate.policy": "mode",
+    "finetune.actor_bc_loss": "nll",
 }
 
 

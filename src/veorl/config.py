@@ -359,6 +359,12 @@ class FinetuneParams(Section):
         description="Offline conservatism: weight of the actor's log-likelihood of the data action that followed each "
         "start state, relative to the normalised return (TD3+BC style); 0 = off (release).",
     )
+    actor_bc_loss: Literal["nll", "mse"] = Field(
+        default="nll",
+        description="The behaviour term: nll = -log pi(a_data | s); mse = squared distance from the policy's mode to "
+        "a_data (TD3+BC's term; continuous actions only). With noisy data the nll is nearly flat in the mode, so it "
+        "hardly constrains the action the agent plays; the mse pulls the mode to the data's mean action.",
+    )
     ensemble_size: int = Field(
         default=5,
         ge=0,

@@ -326,8 +326,9 @@ class PolicyPhase(Trainer):
     term changes one of them. Offline conservatism (each part one setting away from the release):
     - uncertainty penalty: imagined rewards minus uncertainty_weight x the disagreement of the Trunk Net's prior
       ensemble (Offline DreamerV2), so returns fall where the model is guessing;
-    - behaviour-regularised actor: actor_bc_weight x -log pi(a_data | s) for the data action that followed each
-      start state, next to the return term (TD3+BC's balance: with normalised returns both terms are O(1));
+    - behaviour-regularised actor: actor_bc_weight x -log pi(a_data | s) (or, actor_bc_loss=mse, the squared
+      distance of the policy's mode from a_data) for the data action that followed each start state, next to the
+      return term (TD3+BC's balance: with normalised returns both terms are O(1));
     - return normalisation: the actor's returns (and so its entropy bonus, relative to them) divided by
       max(1, P95 - P5) of the lambda-returns, tracked with an EMA (`ReturnNormaliser`);
     - critic warm-up: the first critic_warmup updates train the critic only.
@@ -348,6 +349,11 @@ class PolicyPhase(Trainer):
         fp = params.finetune
         if sw.needs_guidance and guidance is None:
             raise FinetuneError("the latent-action input and the intrinsic reward need behaviour guidance")
+        if fp.actor_bc_weight > 0 and fp.actor_bc_loss == "mse" and actor.kind != "continuous":
+            raise FinetuneError(
+                "finetune.actor_bc_loss=mse pulls a continuous action's mode onto the data's; one-hot actions take "
+                "actor_bc_loss=nll (the cross-entropy of the data's action)"
+            )
         if fp.uncertainty_weight > 0 and fp.ensemble_size and trunk.ensemble is None:
             raise FinetuneError("finetune.uncertainty_weight > 0 needs the Trunk Net's prior ensemble (ensemble_size)")
         self.trunk, self.actor, self.critic, self.fp, self.sw, self.guidance = trunk, actor, critic, fp, sw, guidance
@@ -453,15 +459,19 @@ class PolicyPhase(Trainer):
         return -(r.weights * (objective + self.fp.actor_entropy * r.traj.entropies)).mean()
 
     def behaviour_loss(self, r: ImaginedReturns, start: StartStates) -> torch.Tensor:
-        """-log pi(a_data | s_0): how unlikely the actor finds the action the data took after each start state."""
+        """How far the actor is from the action the data took after each start state: -log pi(a_data | s_0)
+        (actor_bc_loss=nll) or |mode(pi(s_0)) - a_data|^2 summed over action dimensions (mse)."""
         latent = r.traj.latent_actions[0] if self.sw.use_latent_action else None
         dist = self.actor(policy_inputs(r.traj.features[0].detach(), latent))
         action = start.next_action
-        if self.actor.kind == "continuous":
-            # The truncated normal lives strictly inside (-1, 1); data actions at the bounds are moved just inside.
-            action = action.clamp(-1.0 + 1e-3, 1.0 - 1e-3)
-        nll = -dist.log_prob(action)
-        return (nll * start.has_next).sum() / start.has_next.sum().clamp_min(1.0)
+        if self.fp.actor_bc_loss == "mse":
+            per_state = (dist.mode() - action).pow(2).sum(-1)
+        else:
+            if self.actor.kind == "continuous":
+                # The truncated normal lives strictly inside (-1, 1); data actions at the bounds are moved just inside.
+                action = action.clamp(-1.0 + 1e-3, 1.0 - 1e-3)
+            per_state = -dist.log_prob(action)
+        return (per_state * start.has_next).sum() / start.has_next.sum().clamp_min(1.0)
 
     def critic_loss(self, r: ImaginedReturns) -> torch.Tensor:
         """NLL of the lambda-return under the critic, on detached inputs and targets."""
