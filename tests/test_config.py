@@ -47,6 +47,7 @@ def test_presets_change_sizes_only_never_algorithm_switches():
         "forward_weight",
         "return_norm",
         "actor_bc_weight",
+        "actor_bc_loss",
         "ensemble_size",
         "uncertainty_weight",
     }

@@ -17,8 +17,8 @@ from tests.algo.trainer_checks import assert_update_trains_exactly
 from tests.builders import ACTION_DIM, smoke_params, write_clips, write_episodes
 from veorl.agent import Agent
 from veorl.algo.baselines import switches
-from veorl.algo.finetune import PolicyPhase, WorldModelPhase, build_guidance
-from veorl.models.actor_critic import Actor, Critic
+from veorl.algo.finetune import FinetuneError, PolicyPhase, WorldModelPhase, build_guidance
+from veorl.models.actor_critic import Actor, Critic, policy_inputs
 from veorl.models.world_models import VideoWorldModel, build_trunk_world_model, save_world_model
 from veorl.storage import artifact_hash
 
@@ -594,7 +594,9 @@ def _actor_loss(*overrides: str, batch_seed: int = 3) -> float:
     return float(phase.losses(target_batch(seed=batch_seed)).actor_loss.detach())
 
 
-@pytest.mark.parametrize("switch", ["finetune.actor_bc_weight=0", "finetune.uncertainty_weight=0"])
+@pytest.mark.parametrize(
+    "switch", ["finetune.actor_bc_weight=0", "finetune.actor_bc_loss=mse", "finetune.uncertainty_weight=0"]
+)
 def test_each_conservatism_switch_changes_the_actor_objective(switch):
     assert _actor_loss() != pytest.approx(_actor_loss(switch), rel=1e-6, abs=1e-6)
 
@@ -617,6 +619,33 @@ def test_the_behaviour_term_is_the_data_actions_negative_log_likelihood():
     assert float(losses.actor_bc_loss.detach()) == pytest.approx(
         float(phase.behaviour_loss(r, start).detach()), rel=1e-5
     )
+
+
+@pytest.mark.parametrize("form", ["nll", "mse"])
+def test_the_behaviour_term_measures_the_actor_against_the_following_data_action(form):
+    params = smoke_params("finetune.uncertainty_weight=0", f"finetune.actor_bc_loss={form}")
+    _, trunk, guidance, actor, critic = build_veorl(params)
+    phase = PolicyPhase(trunk, actor, critic, params, switches(params.finetune), guidance)
+    batch = target_batch(seed=6)
+    batch["action"] = batch["action"].clamp(-0.9, 0.9)  # inside the bounds: no clamping in either form
+    torch.manual_seed(1)
+    start = phase.start_states(batch)
+    r = phase.imagine_returns(start.states)
+    dist = actor(policy_inputs(r.traj.features[0].detach(), r.traj.latent_actions[0]))
+    if form == "nll":
+        per_state = -dist.log_prob(start.next_action)
+    else:
+        per_state = ((dist.mode() - start.next_action) ** 2).sum(-1)
+    expected = per_state[start.has_next > 0].mean()
+    assert float(phase.behaviour_loss(r, start).detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+
+
+def test_the_squared_behaviour_term_refuses_one_hot_actions():
+    params = smoke_params("finetune.actor_bc_loss=mse")
+    _, trunk, guidance, actor, critic = build_veorl(params, action_dim=3, kind="discrete")
+    with pytest.raises(FinetuneError, match="actor_bc_loss=nll"):
+        PolicyPhase(trunk, actor, critic, params, switches(params.finetune), guidance)
+    PolicyPhase(trunk, actor, critic, smoke_params(), switches(params.finetune), guidance)
 
 
 def test_the_uncertainty_penalty_lowers_imagined_rewards_by_the_ensemble_disagreement():
