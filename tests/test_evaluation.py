@@ -604,3 +604,33 @@ def test_random_policy_script_holds_a_constant_action_and_reports_collisions(cap
     with pytest.raises(SystemExit):
         script.main([*common, "--constant", "0"])
     assert "--constant needs 2 values" in capsys.readouterr().err
+
+
+def _script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_the_latent_probe_scores_held_out_scenes():
+    probe = _script("probe_latent_state")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 12))
+    groups = np.repeat(np.arange(20), 20)
+    # one column a linear function of x, one pure noise: R^2 near 1 and at most about 0 on held-out groups
+    y = np.stack([x @ rng.normal(size=12) + 0.01 * rng.normal(size=400), rng.normal(size=400)], -1)
+    r2 = probe.grouped_ridge_r2(x, y, groups, penalty=1.0)
+    assert r2[0] > 0.99 and r2[1] < 0.05
+
+
+def test_the_probe_and_the_replay_run_on_an_agent(tmp_path, capsys):
+    agent = tiny_agent(tmp_path / "agent")
+    assert _script("probe_latent_state").main([str(agent), "--variations", "5", "--steps", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("10 states from 5 variations") and out.count("| latent state |") == 3
+    assert _script("replay_episode").main([str(agent), "--episodes", "1", "--every", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("episode 1 (seed 1001): hand [") and len(out) == 1 + 3  # steps 0, 2, 4 (the last)
