@@ -718,7 +718,8 @@ def settings_differences(sources: list[dict[str, Any]]) -> None:
         source["differs"] = None if config is None else []
         if reference is None or config is None or source is reference:
             continue
-        base = reference["config"]
+        # a setting recorded at the value that reproduces what the code did before it existed counts as absent
+        config, base = without_legacy(config), without_legacy(reference["config"])
         keys = sorted(k for k in set(config) | set(base) if k not in _UNCOMPARED and config.get(k) != base.get(k))
         source["differs"] = [f"{k}={json.dumps(config.get(k))}" for k in keys]
         source["reference"] = reference["label"]

@@ -422,6 +422,11 @@ def test_compare_tabulates_ablation_rows_from_their_own_folders(tmp_path, capsys
         snapshots = ["finetune.snapshot_every=500"]  # bookkeeping, not a difference between rows
         _fake_finished_run(compare, full, "veorl", seed, success, 200.0, inputs=inputs, overrides=snapshots)
     _fake_finished_run(compare, full, "dreamerv2", 0, 0.3, 90.0)  # no provenance at all
+    # the full agent was recorded before finetune.discount_head existed: its legacy value is no difference
+    provenance = compare.run_dir(full, "veorl", 0) / "agent" / "provenance.json"
+    recorded = json.loads(provenance.read_text())
+    del recorded["config"]["finetune"]["discount_head"]
+    provenance.write_text(json.dumps(recorded))
     off = ["finetune.use_intrinsic=false"]  # each row has its own overrides: no staleness check against this command
     _fake_finished_run(compare, no_intrinsic, "veorl", 0, 0.0, 50.0, inputs=tmp_path / "none", overrides=off)
     (compare.run_dir(no_intrinsic, "veorl", 1) / "checkpoints").mkdir(parents=True)  # still training: left out
