@@ -17,7 +17,7 @@ from tests.algo.trainer_checks import assert_update_trains_exactly
 from tests.builders import ACTION_DIM, smoke_params, write_clips, write_episodes
 from veorl.agent import Agent
 from veorl.algo.baselines import switches
-from veorl.algo.finetune import FinetuneError, PolicyPhase, WorldModelPhase, build_guidance
+from veorl.algo.finetune import FinetuneError, PolicyPhase, WorldModelPhase, build_guidance, check_behaviour_term
 from veorl.models.actor_critic import Actor, Critic, policy_inputs
 from veorl.models.world_models import VideoWorldModel, build_trunk_world_model, save_world_model
 from veorl.storage import artifact_hash
@@ -646,6 +646,11 @@ def test_the_squared_behaviour_term_refuses_one_hot_actions():
     with pytest.raises(FinetuneError, match="actor_bc_loss=nll"):
         PolicyPhase(trunk, actor, critic, params, switches(params.finetune), guidance)
     PolicyPhase(trunk, actor, critic, smoke_params(), switches(params.finetune), guidance)
+    # finetune() runs the same check on the data's action kind before the world-model phase
+    with pytest.raises(FinetuneError, match="actor_bc_loss=nll"):
+        check_behaviour_term(params.finetune, "discrete")
+    check_behaviour_term(params.finetune, "continuous")
+    check_behaviour_term(smoke_params("finetune.actor_bc_loss=mse", "finetune.actor_bc_weight=0").finetune, "discrete")
 
 
 def test_the_uncertainty_penalty_lowers_imagined_rewards_by_the_ensemble_disagreement():

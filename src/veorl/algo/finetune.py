@@ -52,7 +52,7 @@ from veorl.algo.imagination import (
 from veorl.algo.loop import Phase, Trainer, TrainingLoop, detached, write_curve
 from veorl.algo.returns import ReturnNormaliser, discount_weights, lambda_return
 from veorl.algo.world_model_losses import linear_mmd, trunk_world_model_loss
-from veorl.config import ModelParams, Params
+from veorl.config import FinetuneParams, ModelParams, Params
 from veorl.data.episodes import CARD
 from veorl.diagnostics import DIAGNOSTICS_FILE, action_usage, check, policy_diagnostics, target_windows
 from veorl.models.actor_critic import Actor, Critic, PixelPolicy, policy_inputs
@@ -319,6 +319,15 @@ class ImaginedReturns:
     uncertainty: torch.Tensor | None = None  # (H, N) ensemble disagreement on s_1..s_H, when the penalty is on
 
 
+def check_behaviour_term(fp: FinetuneParams, action_kind: str) -> None:
+    """The squared-distance behaviour term needs continuous actions: refused before any training."""
+    if fp.actor_bc_weight > 0 and fp.actor_bc_loss == "mse" and action_kind != "continuous":
+        raise FinetuneError(
+            "finetune.actor_bc_loss=mse pulls a continuous action's mode onto the data's; one-hot actions take "
+            "actor_bc_loss=nll (the cross-entropy of the data's action)"
+        )
+
+
 class PolicyPhase(Trainer):
     """Actor, critic and slow critic trained on imagined rollouts of the frozen Trunk Net.
 
@@ -349,11 +358,7 @@ class PolicyPhase(Trainer):
         fp = params.finetune
         if sw.needs_guidance and guidance is None:
             raise FinetuneError("the latent-action input and the intrinsic reward need behaviour guidance")
-        if fp.actor_bc_weight > 0 and fp.actor_bc_loss == "mse" and actor.kind != "continuous":
-            raise FinetuneError(
-                "finetune.actor_bc_loss=mse pulls a continuous action's mode onto the data's; one-hot actions take "
-                "actor_bc_loss=nll (the cross-entropy of the data's action)"
-            )
+        check_behaviour_term(fp, actor.kind)
         if fp.uncertainty_weight > 0 and fp.ensemble_size and trunk.ensemble is None:
             raise FinetuneError("finetune.uncertainty_weight > 0 needs the Trunk Net's prior ensemble (ensemble_size)")
         self.trunk, self.actor, self.critic, self.fp, self.sw, self.guidance = trunk, actor, critic, fp, sw, guidance
@@ -863,6 +868,7 @@ def _finetune(
         ]
     else:
         kind = meta["action_kind"]
+        check_behaviour_term(fp, kind)  # here, not after the world-model phase
         trunk, guidance, actor, critic = build_model_based(params, sw, action_dim, kind, video_wm, device)
         ends = ("discount",) if fp.discount_head else ()  # where episodes end: the discount head's targets
         target = EpisodeWindowSampler(
