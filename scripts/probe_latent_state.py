@@ -24,21 +24,14 @@ def collect(agent_dir: str, variations: int, steps: int, noise: float, seed: int
     import torch
 
     from veorl.agent import Agent
-    from veorl.envs import make_env
+    from veorl.evaluation import agent_env
 
     torch.set_num_threads(threads)
     agent = Agent.load(agent_dir, device="cpu")
     meta = agent.meta
     if agent.algo == "bc" or meta["env"] != "metaworld":
         raise SystemExit("probe_latent_state.py needs a model-based agent (veorl, dreamerv2) acting in Meta-World")
-    env = make_env(
-        env=meta["env"],
-        task=meta["task"],
-        camera=meta["camera"],
-        size=int(meta["image_size"]),
-        episode_length=int(meta["episode_length"]),
-        seed=0,
-    )
+    env = agent_env(agent, agent_dir)
     rng = np.random.default_rng(seed)
     latents, pixels, targets, groups = [], [], [], []
     try:

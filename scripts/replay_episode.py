@@ -20,21 +20,14 @@ def replay(agent_dir: str, episodes: list[int], seed: int, every: int, threads: 
     import torch
 
     from veorl.agent import Agent
-    from veorl.envs import make_env
+    from veorl.evaluation import agent_env
 
     torch.set_num_threads(threads)
     agent = Agent.load(agent_dir, device="cpu")
     meta = agent.meta
     if meta["env"] != "metaworld":
         raise SystemExit(f"replay_episode.py reads Meta-World's state vector; this agent acts in {meta['env']}")
-    env = make_env(
-        env=meta["env"],
-        task=meta["task"],
-        camera=meta["camera"],
-        size=int(meta["image_size"]),
-        episode_length=int(meta["episode_length"]),
-        seed=0,
-    )
+    env = agent_env(agent, agent_dir)
     np.set_printoptions(precision=3, suppress=True)
     try:
         for episode in episodes:

@@ -144,15 +144,11 @@ def play_episode(
 _worker: dict[str, Any] = {}
 
 
-def _init_worker(agent_dir: str, device: str, threads: int, precision: str = "fp32", policy: str = "mode") -> None:
-    import torch
-
-    from veorl.agent import Agent
+def agent_env(agent: Any, agent_dir: str | Path) -> Any:
+    """The simulator an agent was trained for (its meta: env, task, camera, image size, episode length), checked
+    against the agent's action size."""
     from veorl.envs import make_env
 
-    if threads > 0:  # 0 = leave torch's setting as it is
-        torch.set_num_threads(threads)
-    agent = Agent.load(agent_dir, device=device, precision=precision, policy=policy)
     meta = agent.meta
     env = make_env(
         env=meta["env"],
@@ -163,11 +159,24 @@ def _init_worker(agent_dir: str, device: str, threads: int, precision: str = "fp
         seed=0,
     )
     if int(env.action_dim) != agent.action_dim:
+        env.close()
         raise EvaluationError(
             f"agent {agent_dir} acts in {agent.action_dim} dimensions but {meta['env']}/{meta['task']} "
             f"expects {env.action_dim}"
         )
-    _worker.update(agent=agent, env=env, episode_length=int(meta["episode_length"]))
+    return env
+
+
+def _init_worker(agent_dir: str, device: str, threads: int, precision: str = "fp32", policy: str = "mode") -> None:
+    import torch
+
+    from veorl.agent import Agent
+
+    if threads > 0:  # 0 = leave torch's setting as it is
+        torch.set_num_threads(threads)
+    agent = Agent.load(agent_dir, device=device, precision=precision, policy=policy)
+    env = agent_env(agent, agent_dir)
+    _worker.update(agent=agent, env=env, episode_length=int(agent.meta["episode_length"]))
 
 
 def _close_worker() -> None:
