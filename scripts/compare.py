@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a file: make `components` and `veorl` importable from the checkout
     sys.path.insert(0, str(REPO))
 
-from veorl.checkpoint import without_legacy  # noqa: E402
+from veorl.checkpoint import legacy_value, without_legacy  # noqa: E402
 from veorl.config import PRESETS  # noqa: E402
 from veorl.storage import atomic_path, atomic_write_text, read_json  # noqa: E402
 from veorl.trees import flatten  # noqa: E402
@@ -170,7 +170,7 @@ def stale_reason(path: Path, args: argparse.Namespace, algo: str, seed: int) -> 
 
     The agent's provenance holds the resolved config it was trained with and the hashes of the inputs it read.
     """
-    from veorl.algo.baselines import Switches, switches
+    from veorl.algo.baselines import Switches, switches, unread_settings
     from veorl.algo.finetune import upstream_hashes
     from veorl.config import load_params
 
@@ -185,9 +185,10 @@ def stale_reason(path: Path, args: argparse.Namespace, algo: str, seed: int) -> 
     # a setting introduced after the run was made counts as what the code did before it existed
     old, new = without_legacy(flatten(saved["config"])), without_legacy(flatten(current))
     # bookkeeping is not training: a run made with other snapshots is the same agent, and its curve has the points
-    # its snapshots give
+    # its snapshots give; nor is a setting the algorithm never reads
+    ignored = _BOOKKEEPING | unread_settings(algo)
     differ = sorted(
-        k for k in set(old) | set(new) if k not in _BOOKKEEPING and old.get(k, "<absent>") != new.get(k, "<absent>")
+        k for k in set(old) | set(new) if k not in ignored and old.get(k, "<absent>") != new.get(k, "<absent>")
     )
     if differ:
         return f"it was trained with other settings ({', '.join(differ[:6])}{', ...' if len(differ) > 6 else ''})"
@@ -711,7 +712,10 @@ _UNCOMPARED = {"finetune.seed", *_BOOKKEEPING}
 
 def settings_differences(sources: list[dict[str, Any]]) -> None:
     """Each row's `differs`: its settings (from its first run's provenance) other than those of the first row
-    that has a provenance (seed and snapshots aside); None where the row's runs have none."""
+    that has a provenance (seed, snapshots and settings either row's algorithm never reads aside); None where the
+    row's runs have none."""
+    from veorl.algo.baselines import unread_settings
+
     reference = next((s for s in sources if s.get("config") is not None), None)
     for source in sources:
         config = source.get("config")
@@ -719,9 +723,12 @@ def settings_differences(sources: list[dict[str, Any]]) -> None:
         if reference is None or config is None or source is reference:
             continue
         # a setting recorded at the value that reproduces what the code did before it existed counts as absent
-        config, base = without_legacy(config), without_legacy(reference["config"])
-        keys = sorted(k for k in set(config) | set(base) if k not in _UNCOMPARED and config.get(k) != base.get(k))
-        source["differs"] = [f"{k}={json.dumps(config.get(k))}" for k in keys]
+        raw = config
+        config, base = without_legacy(raw), without_legacy(reference["config"])
+        ignored = _UNCOMPARED | unread_settings(source["algo"]) | unread_settings(reference["algo"])
+        keys = sorted(k for k in set(config) | set(base) if k not in ignored and config.get(k) != base.get(k))
+        # shown as recorded; a setting the run predates shows the value the code then had
+        source["differs"] = [f"{k}={json.dumps(raw[k] if k in raw else legacy_value(k))}" for k in keys]
         source["reference"] = reference["label"]
 
 

@@ -22,7 +22,7 @@ NEW_KEYS |= {f"{stage}.compile": False for stage in ("pretrain", "finetune")}
 NEW_KEYS |= {"model.ban_horizon": 1}  # the k-step BAN option; 1 is the release's BAN
 NEW_KEYS |= {"finetune.discount_head": False}  # the game's discount head (issue 9), off elsewhere
 NEW_KEYS |= {"evaluate.policy": "mode"}  # sampled evaluation (issue 9); the mode is the deterministic policy
-NEW_KEYS |= {"finetune.actor_bc_loss": "nll"}  # the behaviour term's form (issue 12); nll is the first one
+NEW_KEYS |= {"finetune.actor_bc_loss": "mse"}  # the behaviour term's form (issue 12): mse on continuous actions
 
 
 @pytest.mark.parametrize("preset", ["smoke", "cpu", "laptop", "paper", "params.yaml"])
@@ -44,6 +44,7 @@ def test_driving_switches_every_stage():
     assert (params.collect.env, params.collect.task, params.collect.camera) == ("highway", "highway", "topdown")
     assert params.source_videos.env == "highway" and "highway" not in params.source_videos.tasks
     assert params.model.rssm_kind == "gaussian" and params.register.metric == "mean_return"
+    assert params.finetune.actor_bc_loss == "nll"  # not yet measured with the squared distance
     # the preset's sizes still apply, the Meta-World calibration of the preset does not
     assert params.collect.episodes == 12 and params.collect.medium_random_prob == 0.02
     smoke = resolve({"domain": "driving"}, preset="smoke")
@@ -81,6 +82,7 @@ def test_game_switches_every_stage_to_crafter_with_a_categorical_model():
     assert (params.model.rssm_kind, params.model.stoch, params.model.stoch_classes) == ("categorical", 32, 32)
     assert params.finetune.discount_head and params.register.metric == "success_rate"
     assert params.finetune.bc_loss == "categorical"  # bc is a classifier over the 17 actions
+    assert params.finetune.actor_bc_loss == "nll"  # the actor's behaviour term on one-hot actions: cross-entropy
     # the game's calibration, not Meta-World's: 100-step episodes, one-hot actions without Gaussian noise
     assert params.collect.episode_length == 100 and params.collect.medium_random_prob == 0.92
     assert params.collect.medium_noise == 0.0 and params.collect.expert_noise == 0.0

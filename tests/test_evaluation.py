@@ -370,6 +370,39 @@ def test_runs_recorded_before_a_setting_existed_count_as_its_legacy_value(tmp_pa
     assert compare.stale_reason(run, args, "bc", 0) is None
 
 
+def test_a_setting_the_algorithm_never_reads_does_not_make_its_run_another_agent(tmp_path):
+    """bc never reads the model-based actor's behaviour term: a bc run recorded with another actor_bc_loss is still
+    today's bc run, and its row lists no difference for it; a veorl run with another value is stale."""
+    from veorl.config import load_params
+    from veorl.trees import flatten
+
+    compare = _compare_module()
+    inputs, results = tmp_path / "none", tmp_path / "results"
+    inputs.mkdir()
+    nll = ["finetune.actor_bc_loss=nll", "finetune.actor_bc_weight=2"]
+    bc = _fake_finished_run(compare, results, "bc", 0, 0.5, 10.0, inputs=inputs, overrides=nll)
+    veorl = _fake_finished_run(compare, results, "veorl", 0, 0.5, 10.0, inputs=inputs, overrides=nll)
+    args = compare.build_parser().parse_args(_compare_argv(inputs, results, tmp_path / "d.md", tmp_path / "f.png"))
+    args.overrides = ["finetune.actor_bc_loss=mse"]
+    assert compare.stale_reason(bc, args, "bc", 0) is None
+    assert "finetune.actor_bc_loss" in compare.stale_reason(veorl, args, "veorl", 0)
+    assert "finetune.actor_bc_weight" in compare.stale_reason(veorl, args, "veorl", 0)
+    args.overrides = ["finetune.actor_bc_loss=mse", "finetune.bc_steps=7"]  # one bc reads
+    assert "finetune.bc_steps" in compare.stale_reason(bc, args, "bc", 0)
+
+    def config(*overrides: str) -> dict:
+        return flatten(load_params("params.yaml", preset="smoke", overrides=list(overrides)).section_dict("finetune"))
+
+    sources = [
+        {"label": "veorl", "algo": "veorl", "config": config("finetune.actor_bc_loss=mse")},
+        {"label": "bc", "algo": "bc", "config": config("finetune.algo=bc", *nll)},
+        {"label": "veorl, nll", "algo": "veorl", "config": config(*nll)},
+    ]
+    compare.settings_differences(sources)
+    assert sources[1]["differs"] == ['finetune.algo="bc"']
+    assert sources[2]["differs"] == ['finetune.actor_bc_loss="nll"', "finetune.actor_bc_weight=2.0"]
+
+
 def test_compare_sections_of_two_tasks_share_one_document(tmp_path):
     compare = _compare_module()
     inputs, doc = tmp_path / "none", tmp_path / "docs" / "results.md"

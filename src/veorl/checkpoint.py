@@ -80,6 +80,11 @@ def without_legacy(flat: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def legacy_value(key: str) -> Any:
+    """The value that reproduces what the code did before the setting `key` (flattened) existed; None if none."""
+    return next((old for pattern, old in LEGACY_SETTINGS.items() if fnmatch.fnmatchcase(key, pattern)), None)
+
+
 class CheckpointMismatch(ValueError):
     """The checkpoint was made with a configuration that changes the mathematics of training."""
 

@@ -122,7 +122,7 @@ def test_policy_losses_route_gradients_to_actor_and_critic_only():
 
 
 def test_discrete_actions_use_reinforce_with_the_critic_baseline():
-    params = smoke_params("finetune.actor_entropy=0.0")
+    params = smoke_params("finetune.actor_entropy=0.0", "finetune.actor_bc_loss=nll")  # one-hot: the cross-entropy
     video_wm, trunk, guidance, actor, critic = build_veorl(params, action_dim=3, kind="discrete")
     phase = PolicyPhase(trunk, actor, critic, params, switches(params.finetune), guidance)
     phase.freeze_world_model()
@@ -138,7 +138,12 @@ def test_discrete_actions_use_reinforce_with_the_critic_baseline():
 def test_the_discount_head_learns_terminals_and_cuts_imagined_returns():
     """finetune.discount_head (the game): the world-model phase fits the data's discount, the policy phase discounts
     each imagined step by gamma x the predicted continuation, and no data action follows a terminal."""
-    params = smoke_params("finetune.discount_head=true", "finetune.critic_warmup=0", "finetune.ensemble_size=0")
+    params = smoke_params(
+        "finetune.discount_head=true",
+        "finetune.critic_warmup=0",
+        "finetune.ensemble_size=0",
+        "finetune.actor_bc_loss=nll",
+    )
     torch.manual_seed(0)
     video_wm = VideoWorldModel(params.model)
     video_wm.freeze_behaviours()
@@ -176,7 +181,13 @@ def test_the_discount_head_learns_terminals_and_cuts_imagined_returns():
 
 @pytest.mark.parametrize("kind", ["continuous", "discrete"])
 def test_policy_update_trains_actor_and_critic_only(kind):
-    params = smoke_params("finetune.actor_optim.lr=0.05", "finetune.critic_optim.lr=0.05", "finetune.critic_warmup=0")
+    behaviour = "mse" if kind == "continuous" else "nll"  # one-hot actions: the cross-entropy
+    params = smoke_params(
+        "finetune.actor_optim.lr=0.05",
+        "finetune.critic_optim.lr=0.05",
+        "finetune.critic_warmup=0",
+        f"finetune.actor_bc_loss={behaviour}",
+    )
     action_dim = 4 if kind == "continuous" else 3
     video_wm, trunk, guidance, actor, critic = build_veorl(params, action_dim=action_dim, kind=kind)
     phase = PolicyPhase(trunk, actor, critic, params, switches(params.finetune), guidance)
@@ -595,14 +606,14 @@ def _actor_loss(*overrides: str, batch_seed: int = 3) -> float:
 
 
 @pytest.mark.parametrize(
-    "switch", ["finetune.actor_bc_weight=0", "finetune.actor_bc_loss=mse", "finetune.uncertainty_weight=0"]
+    "switch", ["finetune.actor_bc_weight=0", "finetune.actor_bc_loss=nll", "finetune.uncertainty_weight=0"]
 )
 def test_each_conservatism_switch_changes_the_actor_objective(switch):
     assert _actor_loss() != pytest.approx(_actor_loss(switch), rel=1e-6, abs=1e-6)
 
 
 def test_the_behaviour_term_is_the_data_actions_negative_log_likelihood():
-    params = smoke_params("finetune.uncertainty_weight=0")
+    params = smoke_params("finetune.uncertainty_weight=0", "finetune.actor_bc_loss=nll")
     _, trunk, guidance, actor, critic = build_veorl(params)
     phase = PolicyPhase(trunk, actor, critic, params, switches(params.finetune), guidance)
     batch = target_batch(seed=4)
@@ -645,7 +656,8 @@ def test_the_squared_behaviour_term_refuses_one_hot_actions():
     _, trunk, guidance, actor, critic = build_veorl(params, action_dim=3, kind="discrete")
     with pytest.raises(FinetuneError, match="actor_bc_loss=nll"):
         PolicyPhase(trunk, actor, critic, params, switches(params.finetune), guidance)
-    PolicyPhase(trunk, actor, critic, smoke_params(), switches(params.finetune), guidance)
+    PolicyPhase(trunk, actor, critic, smoke_params("finetune.actor_bc_loss=nll"), switches(params.finetune), guidance)
+    assert smoke_params("domain=game").finetune.actor_bc_loss == "nll"  # the one-hot domain's default
     # finetune() runs the same check on the data's action kind before the world-model phase
     with pytest.raises(FinetuneError, match="actor_bc_loss=nll"):
         check_behaviour_term(params.finetune, "discrete")

@@ -54,6 +54,16 @@ def switches(fp: FinetuneParams) -> Switches:
     raise ValueError(f"finetune.algo: unknown algorithm {fp.algo!r}")
 
 
+# The model-based actor's behaviour term: behaviour cloning's policy learns by finetune.bc_loss and never reads it.
+_BEHAVIOUR_TERM = frozenset({"finetune.actor_bc_loss", "finetune.actor_bc_weight"})
+
+
+def unread_settings(algo: str) -> frozenset[str]:
+    """Settings (flat keys) an algorithm never reads, so that a run's value of them does not make it another agent:
+    a bc run trained before the behaviour term's default changed is still the bc run of today's config."""
+    return _BEHAVIOUR_TERM if algo == "bc" else frozenset()
+
+
 def bc_pairs(image: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(frame t, action t+1) pairs of windows (B, T, ...): index t holds the obs reached by action t, so the
     action chosen after seeing frame t is action t+1."""

@@ -335,9 +335,9 @@ class PolicyPhase(Trainer):
     term changes one of them. Offline conservatism (each part one setting away from the release):
     - uncertainty penalty: imagined rewards minus uncertainty_weight x the disagreement of the Trunk Net's prior
       ensemble (Offline DreamerV2), so returns fall where the model is guessing;
-    - behaviour-regularised actor: actor_bc_weight x -log pi(a_data | s) (or, actor_bc_loss=mse, the squared
-      distance of the policy's mode from a_data) for the data action that followed each start state, next to the
-      return term (TD3+BC's balance: with normalised returns both terms are O(1));
+    - behaviour-regularised actor: actor_bc_weight x the squared distance of the policy's mode from a_data
+      (actor_bc_loss=mse) or -log pi(a_data | s) (nll) for the data action that followed each start state, next
+      to the return term (TD3+BC's balance: with normalised returns both terms are O(1));
     - return normalisation: the actor's returns (and so its entropy bonus, relative to them) divided by
       max(1, P95 - P5) of the lambda-returns, tracked with an EMA (`ReturnNormaliser`);
     - critic warm-up: the first critic_warmup updates train the critic only.
