@@ -1,8 +1,8 @@
-"""Learning regression (slow): with a small budget on a simple task (handle-press: the behaviour data succeeds in
-nearly every episode), the model-based agent does not collapse onto one action and earns more than a random policy
-on the same evaluation episodes. When last run (2-core AMD EPYC, fp32, 7.4 min): VeoRL 111 against random 54. On
-drawer-open, the harder task of docs/results.md, this budget is too small for that (VeoRL acted but did not beat
-random there); the laptop preset is the test of it."""
+"""Learning regression (slow): with a small budget on a simple task (handle-press: the behaviour data succeeds in nearly
+every episode), the model-based agent does not collapse onto one action and earns more than a random policy on the
+same evaluation episodes. When last run (2-core AMD EPYC, fp32, 7.3 min, behaviour term mse): VeoRL 285 against
+random 54. On drawer-open, the harder task of docs/results.md, this budget is too small for that (VeoRL acted but did
+not beat random there); the laptop preset is the test of it."""
 
 import numpy as np
 import pytest
