@@ -723,12 +723,11 @@ def settings_differences(sources: list[dict[str, Any]]) -> None:
         if reference is None or config is None or source is reference:
             continue
         # a setting recorded at the value that reproduces what the code did before it existed counts as absent
-        raw = config
-        config, base = without_legacy(raw), without_legacy(reference["config"])
+        compared, base = without_legacy(config), without_legacy(reference["config"])
         ignored = _UNCOMPARED | unread_settings(source["algo"]) | unread_settings(reference["algo"])
-        keys = sorted(k for k in set(config) | set(base) if k not in ignored and config.get(k) != base.get(k))
+        keys = sorted(k for k in set(compared) | set(base) if k not in ignored and compared.get(k) != base.get(k))
         # shown as recorded; a setting the run predates shows the value the code then had
-        source["differs"] = [f"{k}={json.dumps(raw[k] if k in raw else legacy_value(k))}" for k in keys]
+        source["differs"] = [f"{k}={json.dumps(config[k] if k in config else legacy_value(k))}" for k in keys]
         source["reference"] = reference["label"]
 
 
