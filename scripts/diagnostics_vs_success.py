@@ -44,6 +44,7 @@ def mean_ranks(values: list[float]) -> list[float]:
 
 
 def spearman(x: list[float], y: list[float]) -> float:
+    """Rank correlation; nan when either side is constant (no ranking to compare)."""
     rx, ry = mean_ranks(x), mean_ranks(y)
     mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
     cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
@@ -90,7 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     for label in labels:
         pairs = [(row[label], row["success"]) for _, row in rows if label in row]
         if len(pairs) >= 3:
-            rho = spearman([p[0] for p in pairs], [p[1] for p in pairs])
+            xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
+            if len(set(xs)) == 1 or len(set(ys)) == 1:
+                side = "the diagnostic" if len(set(xs)) == 1 else "success"
+                print(f"  {label}: undefined, {side} is constant over these runs ({len(pairs)} runs)")
+                continue
+            rho = spearman(xs, ys)
             print(f"  {label}: {rho:+.2f} ({len(pairs)} runs)")
     return 0
 

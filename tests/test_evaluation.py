@@ -616,6 +616,9 @@ def test_diagnostics_vs_success_ranks_with_ties_and_reads_finished_runs(tmp_path
     out = capsys.readouterr().out
     assert "over 3 runs" in out and "predicted/simulator reward: -1.00 (3 runs)" in out
     assert "action spread" in out.splitlines()[0] and "share at bounds: " not in out.split("Spearman")[1]
+    # the correlation is 0.0 in every run: no ranking to correlate, said in words rather than as nan
+    assert "reward correlation: undefined, the diagnostic is constant over these runs (3 runs)" in out
+    assert "nan" not in out
 
 
 def test_random_policy_script_holds_a_constant_action_and_reports_collisions(capsys):
