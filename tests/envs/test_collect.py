@@ -16,6 +16,8 @@ from tests.builders import make_episode, smoke_params, write_variants
 from veorl.data.episodes import EpisodeStore, episode_files, load_episode
 from veorl.envs.collection import collect_dataset, episode_level
 
+REPO = Path(__file__).resolve().parents[2]
+
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("metaworld") is None, reason="metaworld not installed")
 
 # 120 steps: long enough for the scripted expert to open the drawer (it needs ~90), short enough for tests.
@@ -86,6 +88,9 @@ def test_card_numbers_equal_those_recomputed_from_the_files(mixed_dataset):
     assert [row["seed"] for row in card["per_episode"]] == [0, 1, 2]
     assert card["quality"] == "mixed" and card["task"] == "drawer-open" and card["camera"] == "corner"
     assert card["expert_episodes"] == 1
+    # each episode records the task variation its seed started from (what the data covers)
+    variations = [row["variation"] for row in card["per_episode"]]
+    assert all(0 <= v < 50 for v in variations) and card["variations_started"] == len(set(variations))
 
 
 def test_expert_succeeds_and_medium_does_worse(mixed_dataset):
@@ -197,3 +202,36 @@ def test_help_runs_as_a_subprocess():
         [sys.executable, "-m", "components.collect", "--help"], capture_output=True, text=True, check=True
     )
     assert "--import-from" in out.stdout and "--out" in out.stdout and "--preset" in out.stdout
+
+
+def test_data_variations_script_recomputes_unrecorded_variations_and_splits_failures(mixed_dataset, tmp_path, capsys):
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("data_variations", REPO / "scripts" / "data_variations.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out, card = mixed_dataset
+    recorded = [row["variation"] for row in card["per_episode"]]
+    # Data collected before variations were recorded: the script recomputes them from the seeds.
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    for path in (old / "episode_meta").glob("*.json"):
+        meta = json.loads(path.read_text())
+        del meta["variation"]
+        path.write_text(json.dumps(meta))
+    by_variation, count = script.data_variations(old)
+    assert count == 50 and sorted(v for v, runs in by_variation.items() for _ in runs) == sorted(recorded)
+    # One run failing the first covered variation and one variation the data never starts from.
+    uncovered = min(set(range(50)) - set(recorded))
+    run = tmp_path / "agents" / "seed-0" / "eval"
+    run.mkdir(parents=True)
+    rows = [(v, 0 if v in (recorded[0], uncovered) else 1) for v in range(50)]
+    run.joinpath("episodes.csv").write_text(
+        "episode,return,success,length\n" + "".join(f"{v},1.0,{s},5\n" for v, s in rows)
+    )
+    assert script.main(["--episodes", str(out), "--runs", str(tmp_path / "agents")]) == 0
+    text = capsys.readouterr().out
+    covered = len(set(recorded))
+    assert f"3 data episodes start from {covered} of 50 variations" in text
+    assert f"| {uncovered} | none | 1 of 1 |" in text
+    assert f"covered 1/{covered} = {1 / covered:.2f}, not covered 1/{50 - covered} = {1 / (50 - covered):.2f}" in text

@@ -24,6 +24,11 @@ def test_explicit_variations_give_distinct_starts_where_seeds_alone_may_collide(
         assert len(set(by_variation)) == 10
         # The seed picks a variation at random: seeds 1004 and 1009 pick the same one (variation 36).
         assert by_seed[4] == by_seed[9]
+        assert env.start_variation(1004) == env.start_variation(1009) == 36
+        env.reset(seed=1004)
+        assert env.variation == 36  # the variation the episode started from is recorded
+        env.reset(seed=1004, variation=53)
+        assert env.variation == 3  # modulo the 50 variations
         # The same variation with another seed starts from the same configuration.
         assert _start_digest(env, seed=1, variation=3) == _start_digest(env, seed=2, variation=3)
         assert env.variations == 50

@@ -131,6 +131,9 @@ def collect_episode(job: tuple[str, int, dict[str, Any]]) -> dict[str, Any]:
         "return": float(episode["reward"].sum()),
         "success": bool(episode["success"].any()),
     }
+    variation = getattr(env, "variation", None)  # Meta-World: which of the task's variations the seed started
+    if variation is not None:
+        meta["variation"] = int(variation)
     atomic_write_json(Path(out) / META_DIR / f"{index:06d}.json", meta)
     return meta
 
@@ -266,6 +269,8 @@ def dataset_card(out: str | Path, cfg: Any) -> dict[str, Any]:
         if meta_path.exists():
             meta = read_json(meta_path)
             row.update(index=index, seed=meta.get("seed"), level=meta.get("level"))
+            if meta.get("variation") is not None:
+                row["variation"] = meta["variation"]
     levels = [r.get("level") for r in rows]
     bands = GAME_SUCCESS_BANDS if cfg.env == "crafter" else SUCCESS_BANDS
     card = {
@@ -290,6 +295,9 @@ def dataset_card(out: str | Path, cfg: Any) -> dict[str, Any]:
         **_summary(rows),
         "per_episode": rows,
     }
+    started = {r["variation"] for r in rows if "variation" in r}
+    if started:  # how many distinct task variations the episodes start from (Meta-World has 50)
+        card["variations_started"] = len(started)
     if cfg.env in COLLISION_ENVS:
         card["collision_rate"] = float(np.mean([r["collision"] for r in rows])) if rows else 0.0
     atomic_write_json_if_changed(out / CARD, card)

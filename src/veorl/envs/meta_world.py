@@ -106,6 +106,7 @@ class MetaWorldEnv:
         atexit.register(_close_if_alive, weakref.ref(self))
 
         self._seed_stream = np.random.default_rng(self.seed)
+        self.variation: int | None = None  # the task variation of the current episode (set by reset)
         self._steps = 0
         self._done = True
         self._closed = False
@@ -153,16 +154,23 @@ class MetaWorldEnv:
         """How many distinct task variations (goal/object configurations) resets choose from."""
         return len(self._goal_tasks)
 
+    def start_variation(self, seed: int) -> int:
+        """The task variation `reset(seed)` starts from when no variation is given: drawn with the seed, so two
+        seeds can share one (collection relies on this; evaluation passes its episode index instead)."""
+        return int(np.random.default_rng(int(seed)).integers(len(self._goal_tasks)))
+
     def reset(self, seed: int | None = None, variation: int | None = None) -> dict[str, np.ndarray]:
         """Start an episode. `variation` picks the task variation (modulo `variations`); without it, the seed
-        picks one at random, so two seeds can share a variation. Evaluation passes it to see distinct starts."""
+        picks one at random (`start_variation`). Evaluation passes it to see distinct starts. The variation the
+        episode started from is left in `self.variation`."""
         if self._closed:
             raise EnvError("environment is closed")
         if seed is None:
             seed = int(self._seed_stream.integers(2**31 - 1))
         if variation is None:
-            variation = int(np.random.default_rng(seed).integers(len(self._goal_tasks)))
-        self._env.set_task(self._goal_tasks[int(variation) % len(self._goal_tasks)])
+            variation = self.start_variation(seed)
+        self.variation = int(variation) % len(self._goal_tasks)
+        self._env.set_task(self._goal_tasks[self.variation])
         self._env.seed(int(seed))
         state, _ = self._env.reset()
         self._steps = 0
