@@ -43,6 +43,7 @@ def test_presets_change_sizes_only_never_algorithm_switches():
         "discount",
         "lambda",
         "quality",
+        "starts",
         "task",
         "forward_weight",
         "return_norm",
@@ -87,6 +88,7 @@ def test_precedence_preset_then_file_then_override(tmp_path):
         ({"model": {"image_size": 96}}, "model.image_size"),
         ({"collect": {"task": "door-open"}}, "must not contain the target task"),
         ({"pretrain": {"source_len": 40}}, "pretrain.source_len (40) exceeds ingest.window"),
+        ({"domain": "driving", "collect": {"starts": "cycle"}}, "collect: starts='cycle' needs a"),
     ],
 )
 def test_invalid_params_name_key_and_reason(raw, fragment):

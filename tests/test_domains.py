@@ -23,6 +23,7 @@ NEW_KEYS |= {"model.ban_horizon": 1}  # the k-step BAN option; 1 is the release'
 NEW_KEYS |= {"finetune.discount_head": False}  # the game's discount head (issue 9), off elsewhere
 NEW_KEYS |= {"evaluate.policy": "mode"}  # sampled evaluation (issue 9); the mode is the deterministic policy
 NEW_KEYS |= {"finetune.actor_bc_loss": "mse"}  # the behaviour term's form (issue 12): mse on continuous actions
+NEW_KEYS |= {"collect.starts": "seed"}  # where collected episodes start; the seed draws a variation, as before
 
 
 @pytest.mark.parametrize("preset", ["smoke", "cpu", "laptop", "paper", "params.yaml"])

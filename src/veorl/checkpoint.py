@@ -68,6 +68,7 @@ LEGACY_SETTINGS: dict[str, Any] = {
     "finetune.discount_head": False,
     "evaluate.policy": "mode",
     "finetune.actor_bc_loss": "nll",
+    "collect.starts": "seed",
 }
 
 

@@ -179,7 +179,22 @@ class CollectParams(Section):
         default=0.3, ge=0.0, le=1.0, description="Share of expert episodes in `mixed` (rest medium)."
     )
     seed: int = Field(default=0, description="Environment and policy seed.")
+    starts: Literal["seed", "cycle"] = Field(
+        default="seed",
+        description="Where episodes start: `seed` lets each episode's seed draw a task variation (two episodes can "
+        "share one: 50 episodes covered 33 of handle-press's 50); `cycle` starts episode i from variation i, so N "
+        "episodes cover min(N, 50) (Meta-World only: the other simulators draw every start from the seed).",
+    )
     workers: int = Field(default=2, ge=1, description="Parallel collection processes.")
+
+    @model_validator(mode="after")
+    def _starts_need_variations(self) -> CollectParams:
+        if self.starts == "cycle" and self.env != "metaworld":
+            raise ValueError(
+                f"starts='cycle' needs a simulator with a fixed set of task variations (metaworld); {self.env!r} "
+                "draws every start from the episode seed"
+            )
+        return self
 
 
 # ----------------------------------------------------------------------------------------------

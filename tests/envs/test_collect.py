@@ -235,3 +235,16 @@ def test_data_variations_script_recomputes_unrecorded_variations_and_splits_fail
     assert f"3 data episodes start from {covered} of 50 variations" in text
     assert f"| {uncovered} | none | 1 of 1 |" in text
     assert f"covered 1/{covered} = {1 / covered:.2f}, not covered 1/{50 - covered} = {1 / (50 - covered):.2f}" in text
+
+
+def test_cycled_starts_cover_distinct_variations_and_keep_seeded_recipes(tmp_path):
+    cfg = smoke_params(*SHORT).collect
+    assert collect_dataset(tmp_path / "seeded", cfg, progress=False).collected == [0, 1, 2]
+    meta = json.loads((tmp_path / "seeded" / "episode_meta" / "000000.json").read_text())
+    assert "variation" not in meta["recipe"]  # at its default the new key leaves recipes (and episodes) as they were
+    seeded = collect_dataset(tmp_path / "seeded", cfg, progress=False)
+    cycled = collect_dataset(tmp_path / "cycled", cfg.model_copy(update={"starts": "cycle"}), progress=False)
+    assert [row["variation"] for row in cycled.card["per_episode"]] == [0, 1, 2]
+    assert cycled.card["variations_started"] == 3
+    # the seed alone would have drawn other variations for these episodes
+    assert [row["variation"] for row in seeded.card["per_episode"]] != [0, 1, 2]

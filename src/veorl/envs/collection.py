@@ -84,6 +84,8 @@ def episode_recipe(cfg: Any, index: int) -> dict[str, Any]:
         "episode_seed": cfg.seed + index,
         "level": level,
     }
+    if cfg.starts == "cycle":  # only then: recipes (and so finished episodes) of seed-drawn starts stay as they were
+        recipe["variation"] = index
     if level == "expert":
         recipe["noise"] = cfg.expert_noise
     else:
@@ -115,7 +117,7 @@ def collect_episode(job: tuple[str, int, dict[str, Any]]) -> dict[str, Any]:
         seed=np.random.SeedSequence([recipe["episode_seed"], 0x5EED]),
         discrete=is_discrete(env),
     )
-    episode = rollout(env, policy, seed=recipe["episode_seed"])
+    episode = rollout(env, policy, seed=recipe["episode_seed"], variation=recipe.get("variation"))
     episodes_dir = Path(out) / EPISODE_DIR
     path = save_episode(episodes_dir, index, episode)
     for other in _files_of_index(episodes_dir, index):

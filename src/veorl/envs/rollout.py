@@ -16,10 +16,10 @@ from veorl.envs.base import Env
 ActionFn = Callable[[np.ndarray], np.ndarray]
 
 
-def rollout(env: Env, policy: ActionFn, seed: int) -> dict[str, np.ndarray]:
-    """One full episode from `env.reset(seed)`; returns image, action, reward, discount, success, is_terminal,
-    is_first."""
-    obs = env.reset(seed=seed)
+def rollout(env: Env, policy: ActionFn, seed: int, variation: int | None = None) -> dict[str, np.ndarray]:
+    """One full episode from `env.reset(seed, variation)`; returns image, action, reward, discount, success,
+    is_terminal, is_first."""
+    obs = env.reset(seed=seed, variation=variation)
     images = [obs["image"]]
     actions = [np.zeros(env.action_dim, np.float32)]
     rewards = [0.0]
