@@ -133,7 +133,7 @@ def collect_episode(job: tuple[str, int, dict[str, Any]]) -> dict[str, Any]:
         "return": float(episode["reward"].sum()),
         "success": bool(episode["success"].any()),
     }
-    variation = getattr(env, "variation", None)  # Meta-World: which of the task's variations the seed started
+    variation = getattr(env, "variation", None)  # Meta-World: which of the task's variations the episode started from
     if variation is not None:
         meta["variation"] = int(variation)
     atomic_write_json(Path(out) / META_DIR / f"{index:06d}.json", meta)
