@@ -45,7 +45,7 @@ def test_driving_switches_every_stage():
     assert (params.collect.env, params.collect.task, params.collect.camera) == ("highway", "highway", "topdown")
     assert params.source_videos.env == "highway" and "highway" not in params.source_videos.tasks
     assert params.model.rssm_kind == "gaussian" and params.register.metric == "mean_return"
-    assert params.finetune.actor_bc_loss == "nll"  # not yet measured with the squared distance
+    assert params.finetune.actor_bc_loss == "mse"  # continuous actions: the squared distance, as in manipulation
     # the preset's sizes still apply, the Meta-World calibration of the preset does not
     assert params.collect.episodes == 12 and params.collect.medium_random_prob == 0.02
     smoke = resolve({"domain": "driving"}, preset="smoke")
