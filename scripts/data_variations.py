@@ -6,8 +6,8 @@
 
 Meta-World tasks have 50 variations (goal and object positions). Collection lets each episode's seed pick one, so
 50 episodes start from fewer than 50 distinct variations; evaluation starts episode i from variation i. The
-variation of each data episode is read from its meta file (recorded since collection did so) or, for older data,
-recomputed from its seed with the simulator's own rule. With --runs (folders of `seed-*/` runs, as
+variation of each data episode is read from the dataset's card.json (recorded since collection did so) or, for
+older data, recomputed from the episode's seed with the simulator's own rule. With --runs (folders of `seed-*/` runs, as
 scripts/compare.py writes them) it lists every variation some agent failed, with the data episodes that started
 there, and each folder's failure rate on variations the data covers and on those it does not.
 """
@@ -30,18 +30,17 @@ def data_variations(episodes: Path) -> tuple[dict[int, list[bool]], int]:
             f"{episodes}: env {card.get('env')!r} draws every start from the seed; only Meta-World "
             "tasks have a finite set of variations"
         )
-    metas = [json.loads(p.read_text()) for p in sorted((episodes / "episode_meta").glob("*.json"))]
-    if not metas:
-        raise SystemExit(f"{episodes}: no episode_meta/*.json (an imported dataset records no seeds)")
-    make_seed = metas[0]["recipe"]["make_seed"]
-    env = make_env(card["env"], card["task"], card["camera"], card["size"], card["episode_length"], make_seed)
+    rows = card.get("per_episode", [])
+    if not rows or any(row.get("seed") is None for row in rows):
+        raise SystemExit(f"{episodes}: card.json records no episode seeds (an imported dataset?)")
+    env = make_env(card["env"], card["task"], card["camera"], card["size"], card["episode_length"], card["seed"])
     try:
         by_variation: dict[int, list[bool]] = {}
-        for meta in metas:
-            variation = meta.get("variation")
+        for row in rows:
+            variation = row.get("variation")
             if variation is None:
-                variation = env.start_variation(meta["seed"])
-            by_variation.setdefault(int(variation), []).append(bool(meta["success"]))
+                variation = env.start_variation(row["seed"])
+            by_variation.setdefault(int(variation), []).append(bool(row["success"]))
         return by_variation, int(env.variations)
     finally:
         env.close()

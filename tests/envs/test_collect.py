@@ -215,10 +215,11 @@ def test_data_variations_script_recomputes_unrecorded_variations_and_splits_fail
     # Data collected before variations were recorded: the script recomputes them from the seeds.
     old = tmp_path / "old"
     shutil.copytree(out, old)
-    for path in (old / "episode_meta").glob("*.json"):
-        meta = json.loads(path.read_text())
-        del meta["variation"]
-        path.write_text(json.dumps(meta))
+    old_card = json.loads((old / "card.json").read_text())
+    for row in old_card["per_episode"]:
+        del row["variation"]
+    del old_card["variations_started"]
+    (old / "card.json").write_text(json.dumps(old_card))
     by_variation, count = script.data_variations(old)
     assert count == 50 and sorted(v for v, runs in by_variation.items() for _ in runs) == sorted(recorded)
     # One run failing the first covered variation and one variation the data never starts from.
