@@ -345,11 +345,20 @@ def run_variant(
     precision: str,
     compile_: bool,
     profile_dir: str | None = None,
+    native_deconv: bool = False,
 ) -> dict:
+    import contextlib
+
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from veorl.acceleration import eager
+    from veorl.models.networks import native_transposed_convolutions
+
+    # --native-transposed-convs: the decoders' transposed convolutions all run PyTorch's own forward.
+    stack = contextlib.ExitStack()
+    if native_deconv:
+        stack.enter_context(native_transposed_convolutions())
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -365,15 +374,17 @@ def run_variant(
         seconds["cpu"] = c1 - c0
         if step >= warmup:
             timings.append(seconds)
-    # FLOPs of one more update (forward and backward), counted on the eager code (same maths when compiled).
-    with eager(), FlopCounterMode(display=False) as counter:
+    # FLOPs of one more update (forward and backward), counted on the eager code (same maths when compiled) with the
+    # native transposed convolutions: the method's arithmetic, without the zero taps the sub-pixel forward pads.
+    with eager(), native_transposed_convolutions(), FlopCounterMode(display=False) as counter:
         update(warmup + repeats)
     flops = float(counter.get_total_flops())
     if profile_dir:
         table, shares = profile_update(update, warmup + repeats + 1)
-        tag = f"{variant}-{precision}{'-compiled' if compile_ else ''}"
+        tag = f"{variant}-{precision}{'-compiled' if compile_ else ''}{'-native-deconv' if native_deconv else ''}"
         Path(profile_dir, f"profile-{tag}.txt").write_text(table + "\n")
         info = {**info, **shares}
+    stack.close()
     mean = {k: float(np.mean([t[k] for t in timings])) for k in timings[0]}
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     return {
@@ -388,6 +399,7 @@ def run_variant(
         "preset": preset,
         "precision": precision,
         "compile": compile_,
+        "native_transposed_convs": native_deconv,
         "flops_per_update": flops,
         "flops_per_s": flops / mean["update"],
         **info,
@@ -420,6 +432,7 @@ def _child(args: argparse.Namespace, *extra: str) -> dict:
         "--peak-seconds",
         str(args.peak_seconds),
         *(["--compile"] if args.compile else []),
+        *(["--native-transposed-convs"] if args.native_transposed_convs else []),
         *(["--profile", args.profile] if args.profile else []),
         *extra,
     ]
@@ -443,6 +456,12 @@ def main(argv: list[str] | None = None) -> int:
         help="forward-pass precision; auto = what training resolves on this machine (default: %(default)s)",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the networks' forward (compile: true)")
+    parser.add_argument(
+        "--native-transposed-convs",
+        action="store_true",
+        help="run every decoder transposed convolution with PyTorch's own forward, not the sub-pixel one the decoder "
+        "picks on a CPU (to compare; benchmarks/bench_deconv.py times the layers alone)",
+    )
     parser.add_argument(
         "--preset", default="paper", help="sizes: paper (the release's; default) or smoke (a quick check of the script)"
     )
@@ -478,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             args.precision,
             args.compile,
             args.profile,
+            args.native_transposed_convs,
         )
         print(json.dumps(result))
         return 0
@@ -516,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{variant}: {r['seconds']['update']:.2f} s/update", file=sys.stderr, flush=True)
 
     compiled = ", compiled networks" if args.compile else ""
+    compiled += ", native transposed-convolution forwards" if args.native_transposed_convs else ""
     print(
         f"\nOne training update, {args.preset} sizes, {args.precision}{compiled}, CPU {info['cpu_model']} "
         f"({info['cpu_count']} logical CPUs, bf16 instructions: {'yes' if info['bf16_instructions'] else 'no'}), "

@@ -13,7 +13,20 @@ import torch.nn.functional as F
 from tests.builders import smoke_params
 from veorl.config import ModelParams
 from veorl.models.ban import BehaviourAbstraction, Codebook, codebook_stats
-from veorl.models.networks import FBC, MLP, BinaryHead, Decoder, DenseHead, Encoder, postprocess, preprocess
+from veorl.models.networks import (
+    FBC,
+    MLP,
+    BinaryHead,
+    Decoder,
+    DenseHead,
+    Encoder,
+    conv_transpose_stride2,
+    native_transposed_convolutions,
+    postprocess,
+    preprocess,
+    subpixel_conv_transpose2d,
+    subpixel_forward_pays,
+)
 from veorl.models.world_models import VideoWorldModel, build_trunk_world_model, load_world_model, save_world_model
 
 SIZES = [
@@ -54,6 +67,70 @@ def test_decoder_first_layer_gemm_equals_transposed_conv():
     x = dec.linear(feature).reshape(-1, 128, 1, 1)
     reference = dec.deconvs(x).permute(0, 2, 3, 1)
     assert torch.allclose(dec(feature), reference, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel,size", [(5, 5), (6, 13), (6, 30), (5, 8), (3, 4)])
+def test_subpixel_form_equals_the_transposed_convolution(kernel, size):
+    x = torch.randn(2, 6, size, size + 1, dtype=torch.double)
+    weight = torch.randn(6, 5, kernel, kernel, dtype=torch.double)
+    bias = torch.randn(5, dtype=torch.double)
+    expected = F.conv_transpose2d(x, weight, bias, stride=2)
+    got = subpixel_conv_transpose2d(x, weight, bias)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("out_channels,size", [(3, 30), (3, 13)])
+def test_subpixel_forward_keeps_the_native_backward(out_channels, size):
+    layer = torch.nn.ConvTranspose2d(8, out_channels, kernel_size=6, stride=2).double()
+    x = torch.randn(3, 8, size, size, dtype=torch.double).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    assert subpixel_forward_pays(layer, x)
+    fast = conv_transpose_stride2(layer, x)
+    native = layer(x)
+    torch.testing.assert_close(fast, native, rtol=0, atol=1e-11)
+    upstream = torch.randn_like(native)
+    fast_grads = torch.autograd.grad(fast, [x, layer.weight, layer.bias], upstream)
+    native_grads = torch.autograd.grad(native, [x, layer.weight, layer.bias], upstream)
+    for got, expected in zip(fast_grads, native_grads):
+        assert torch.equal(got, expected)  # the same kernel on the same tensors
+
+
+def test_which_transposed_convolutions_take_the_subpixel_forward():
+    dec = Decoder(20, 16)
+    layers = [m for m in dec.deconvs if isinstance(m, torch.nn.ConvTranspose2d)]
+    shapes = [(1, 512, 1, 1), (1, 64, 5, 5), (1, 32, 13, 13), (1, 16, 30, 30)]
+    inputs = [torch.zeros(shape) for shape in shapes]
+    fp32 = [subpixel_forward_pays(m, x) for m, x in zip(layers, inputs)]
+    bf16 = [subpixel_forward_pays(m, x.bfloat16()) for m, x in zip(layers, inputs)]
+    assert fp32 == [False, False, False, True]  # only the 3-channel output layer
+    assert bf16 == [True, True, False, True]  # and, in bf16, small inputs (the first layer runs as a GEMM anyway)
+    with native_transposed_convolutions():
+        assert not any(subpixel_forward_pays(m, x.bfloat16()) for m, x in zip(layers, inputs))
+    assert subpixel_forward_pays(layers[3], inputs[3])  # the switch is restored on leaving
+
+
+def test_bf16_decoder_with_subpixel_forwards_matches_the_native_one():
+    dec = Decoder(40, 8)
+    feature = torch.randn(6, 40)
+    target = torch.randn(6, 64, 64, 3)
+
+    def loss_and_grads():
+        dec.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mean = dec(feature)  # the in-place ELU after the 5x5 layer modifies the custom Function's output
+        loss = (mean - target).square().mean()
+        loss.backward()
+        return mean.detach(), [p.grad.clone() for p in dec.parameters()]
+
+    fast_mean, fast_grads = loss_and_grads()
+    with native_transposed_convolutions():
+        native_mean, native_grads = loss_and_grads()
+    assert fast_mean.dtype == torch.float32
+    # bf16 keeps 8 bits of mantissa: the two summation orders agree to a few bf16 rounding steps.
+    torch.testing.assert_close(fast_mean, native_mean, rtol=0.05, atol=0.02)
+    for got, expected in zip(fast_grads, native_grads):
+        torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
 
 
 def test_preprocess_roundtrip_and_type_check():

@@ -7,13 +7,15 @@ maps a feature vector back to the mean of a unit-variance Gaussian over the (pre
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from veorl.acceleration import upcast
+from veorl.acceleration import LOW_PRECISION, upcast
 
 IMAGE_SIZE = 64
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -75,6 +77,111 @@ class Encoder(nn.Module):
         return upcast(x.reshape(*lead, self.output_dim))
 
 
+def subpixel_conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.conv_transpose2d(x, weight, bias, stride=2)` computed as one stride-1 convolution and a pixel shuffle.
+
+    Output pixel (2m+a, 2n+b) of a stride-2 transposed convolution only meets the kernel taps (a+2t, b+2r), so each of
+    the four output phases (a, b) is a full stride-1 convolution of `x` with a ceil(k/2)-square sub-kernel (flipped,
+    zero-padded where k is odd). The four sub-kernels become the 4 * C_out output channels of one `F.conv2d`, and
+    `F.pixel_shuffle` interleaves the phases; an odd k leaves one row and column to crop. The same sums, in another
+    order: equal to the transposed convolution up to rounding.
+    """
+    c_in, c_out, k, k_w = weight.shape
+    if k != k_w:
+        raise ValueError(f"square kernels only, got {k}x{k_w}")
+    half = (k + 1) // 2
+    w = F.pad(weight, (0, 2 * half - k, 0, 2 * half - k))  # taps u = 2t + a for t < half, a in {0, 1}
+    w = w.reshape(c_in, c_out, half, 2, half, 2).flip(2, 4)  # [ci, co, t, a, r, b], t and r reversed
+    w = w.permute(1, 3, 5, 0, 2, 4).reshape(4 * c_out, c_in, half, half)  # channel co*4 + a*2 + b
+    b = bias.repeat_interleave(4) if bias is not None else None
+    y = F.pixel_shuffle(F.conv2d(x, w, b, padding=half - 1), 2)
+    if k % 2:
+        height, width = x.shape[-2:]
+        y = y[..., : 2 * height - 2 + k, : 2 * width - 2 + k]
+    return y
+
+
+class _SubpixelForwardConvTranspose(torch.autograd.Function):
+    """A stride-2 transposed convolution: forward by `subpixel_conv_transpose2d`, backward by PyTorch's own kernel.
+
+    The backward pass of a transposed convolution is a plain strided convolution (input gradient) and a weight
+    correlation, which oneDNN runs fast; only its forward is slow for some shapes. So the backward is exactly the
+    native one (`aten.convolution_backward`, transposed), and gradients equal the native layer's for the same
+    upstream gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.bias_sizes = None if bias is None else [bias.shape[0]]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            y = subpixel_conv_transpose2d(x, weight, bias)
+        y = y.contiguous(memory_format=torch.channels_last)
+        # The in-place ELU that follows may not modify a view made inside a custom Function (the crop, or the
+        # shuffle's reshape), so what leaves is a tensor of its own.
+        return y.clone(memory_format=torch.channels_last) if y._base is not None else y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        mask = [need_x, need_w, ctx.bias_sizes is not None and need_b]
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad, x, weight, ctx.bias_sizes, [2, 2], [0, 0], [1, 1], True, [0, 0], 1, mask
+        )
+        return grad_x, grad_w, grad_b
+
+
+_subpixel_forward = True  # off inside native_transposed_convolutions()
+
+
+@contextlib.contextmanager
+def native_transposed_convolutions() -> Iterator[None]:
+    """Inside: every transposed convolution runs PyTorch's own forward. Benchmarks compare with it, and count FLOPs
+    in it (the method's arithmetic: the sub-pixel form adds the products with the zero taps it pads)."""
+    global _subpixel_forward
+    previous, _subpixel_forward = _subpixel_forward, False
+    try:
+        yield
+    finally:
+        _subpixel_forward = previous
+
+
+def subpixel_forward_pays(layer: nn.ConvTranspose2d, x: torch.Tensor) -> bool:
+    """Whether `layer` runs its forward as a sub-pixel convolution on `x`: CPU only, for the shapes where oneDNN's
+    transposed-convolution forward was measured slow (`benchmarks/bench_deconv.py`, at cnn_depth 16, 32 and 96):
+    the 3 output channels of the decoder's last layer (in fp32 and bf16) and, in bf16, small inputs (the 5x5
+    one). The 13x13 layer stays native: there the sub-pixel form was slower. Figures in
+    benchmarks/results_world_model.md.
+    """
+    if x.device.type != "cpu" or not _subpixel_forward:
+        return False
+    low_precision = x.dtype in LOW_PRECISION or (
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in LOW_PRECISION
+    )
+    return layer.out_channels <= 3 or (low_precision and max(x.shape[-2:]) <= 8)
+
+
+def conv_transpose_stride2(layer: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` for the decoder's stride-2 transposed convolutions, by the faster forward for the shape."""
+    return subpixel_forward(layer, x) if subpixel_forward_pays(layer, x) else layer(x)
+
+
+def subpixel_forward(layer: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` (a stride-2, unpadded transposed convolution) with the sub-pixel forward and the native backward,
+    in the precision autocast would run the layer in."""
+    plain = layer.padding == (0, 0) and layer.output_padding == (0, 0) and layer.dilation == (1, 1)
+    if layer.stride != (2, 2) or not plain or layer.groups != 1:
+        raise ValueError("the sub-pixel forward covers unpadded, undilated, ungrouped stride-2 transposed convolutions")
+    weight, bias = layer.weight, layer.bias
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    else:
+        dtype = weight.dtype
+    cast = None if bias is None else bias.to(dtype)
+    return _SubpixelForwardConvTranspose.apply(x.to(dtype), weight.to(dtype), cast)
+
+
 class Decoder(nn.Module):
     """Linear to 32*d, 1x1, transposed convs (k 5,5,6,6; s2; ch 4d,2d,d,3): (..., F) -> (..., 64, 64, 3) mean."""
 
@@ -103,7 +210,10 @@ class Decoder(nn.Module):
         k = first.kernel_size[0]
         x = F.linear(x, first.weight.flatten(1).t(), first.bias.repeat_interleave(k * k))
         x = x.reshape(-1, first.out_channels, k, k).contiguous(memory_format=torch.channels_last)
-        x = self.deconvs[1:](x)  # starts with the ELU that follows the first transposed conv
+        # Starts with the ELU that follows the first transposed conv. On a CPU some of the others run the sub-pixel
+        # forward (conv_transpose_stride2): the same layer and parameters, a faster kernel for their shapes.
+        for layer in self.deconvs[1:]:
+            x = conv_transpose_stride2(layer, x) if isinstance(layer, nn.ConvTranspose2d) else layer(x)
         return upcast(x.permute(0, 2, 3, 1).reshape(*lead, IMAGE_SIZE, IMAGE_SIZE, 3))
 
     def log_prob(self, feature: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

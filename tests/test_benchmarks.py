@@ -1,0 +1,51 @@
+"""The benchmark scripts run and report what they claim to (sizes shrunk; timings are not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_deconv_reports_both_forwards_and_the_decoders_choice(tmp_path):
+    out = tmp_path / "deconv.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_deconv.py"),
+            "--depth",
+            "4",
+            "--frames",
+            "3",
+            "--repeats",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "| bf16 | 16->8 k5 5x5->13x13 |" in done.stdout
+    report = json.loads(out.read_text())
+    assert report["depth"] == 4 and report["frames"] == 3
+    uses = {(r["precision"], r["layer"]): r["decoder_uses"] for r in report["layers"]}
+    assert uses == {
+        ("fp32", "16->8 k5 5x5->13x13"): "native",
+        ("fp32", "8->4 k6 13x13->30x30"): "native",
+        ("fp32", "4->3 k6 30x30->64x64"): "subpixel",
+        ("bf16", "16->8 k5 5x5->13x13"): "subpixel",
+        ("bf16", "8->4 k6 13x13->30x30"): "native",
+        ("bf16", "4->3 k6 30x30->64x64"): "subpixel",
+    }
+    for r in report["layers"]:
+        for form in ("native", "subpixel"):
+            assert 0 < r[form]["forward_s"] and 0 < r[form]["forward_backward_s"]
+    assert [d["precision"] for d in report["decoder"]] == ["fp32", "bf16"]
+    assert all(d["native_s"] > 0 and d["decoder_choice_s"] > 0 for d in report["decoder"])
