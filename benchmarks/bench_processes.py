@@ -69,7 +69,14 @@ def main() -> int:
         write_episodes(root / "data" / "target_episodes", episodes=8, length=60)
         one = run(root / "data", root / "one", args.preset, args.steps, 1, args.processes)
         many = run(root / "data", root / "many", args.preset, args.steps, args.processes, 1)
-    results = {"preset": args.preset, "steps": args.steps, "runs": [one, many]}
+    from veorl.acceleration import cpu_model_name
+
+    machine = {"cpu_model": cpu_model_name(), "cpu_count": os.cpu_count(), "load_average": os.getloadavg()[0]}
+    results = {"preset": args.preset, "steps": args.steps, "machine": machine, "runs": [one, many]}
+    print(
+        f"Pretraining phase 1, {args.preset} preset, {args.steps} updates per run, CPU {machine['cpu_model']} "
+        f"({machine['cpu_count']} logical CPUs; load average at the end: {machine['load_average']:.1f})"
+    )
     for r in results["runs"]:
         print(
             f"{r['processes']} process(es) x {r['threads_per_process']} thread(s): {r['updates_per_s']:.3f} updates/s, "
