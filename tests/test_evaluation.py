@@ -675,3 +675,36 @@ def test_the_probe_and_the_replay_run_on_an_agent(tmp_path, capsys):
     assert _script("replay_episode").main([str(agent), "--episodes", "1", "--every", "2"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("episode 1 (seed 1001): hand [") and len(out) == 1 + 3  # steps 0, 2, 4 (the last)
+
+
+def test_snapshot_selection_picks_by_the_logged_criterion_and_compares_with_the_last_agent(tmp_path, capsys):
+    script = _script("snapshot_selection")
+    folder = tmp_path / "veorl"
+    for seed, curve in enumerate([{500: 0.2, 1000: 0.8, 1500: 0.5}, {500: 0.2, 1000: 0.4, 1500: 0.6}]):
+        run = folder / f"seed-{seed}"
+        run.mkdir(parents=True)
+        lines = ["updates,success_rate,mean_return"] + [f"{u},{s},0.0" for u, s in curve.items()]
+        (run / "learning_curve.csv").write_text("\n".join(lines) + "\n")
+        rows = ["step,phase,phase_step,imagined_return,uncertainty,loss", "25,world_model,25,,,3.0"]
+        for step in range(25, 1501, 25):
+            # uncertainty lowest around 1000 updates (seed 0) or 500 (seed 1); imagined return rising throughout
+            low = 1000 if seed == 0 else 500
+            rows.append(f"{1000 + step},policy,{step},{step / 100},{abs(step - low) / 100 + 1},")
+        (run / "finetune_curve.csv").write_text("\n".join(rows) + "\n")
+    bc = tmp_path / "bc" / "seed-0"
+    bc.mkdir(parents=True)
+    (bc / "learning_curve.csv").write_text("updates,success_rate,mean_return\n500,0.1,0\n1000,0.2,0\n")
+    (bc / "finetune_curve.csv").write_text("step,phase,phase_step,bc_loss\n25,bc,25,1.0\n")
+
+    run0 = script.score_run(folder / "seed-0", window=100)
+    assert run0["last"] == 0.5 and run0["best"] == 0.8
+    assert run0["uncertainty"] == 0.8  # lowest uncertainty: the 1000-update snapshot
+    assert run0["imagined_return"] == 0.5  # highest imagined return: the last one
+    assert "value" not in run0  # not logged: no pick
+    assert script.score_run(bc, window=100) is None  # no policy phase
+
+    assert script.main([str(folder), str(tmp_path / "bc")]) == 0
+    out = capsys.readouterr().out
+    assert "lowest uncertainty: 0.500 (last 0.550; better than last in 1, worse in 1 of 2 runs)" in out
+    assert "highest imagined_return: 0.550 (last 0.550; better than last in 0, worse in 0 of 2 runs)" in out
+    assert "bc: no run with a learning curve and a policy phase" in out
