@@ -7,8 +7,11 @@ Each argument is a folder of runs (`seed-*/`, as scripts/compare.py writes them)
 the evaluation's success rate (eval/metrics.json), the reward check along the agent's own evaluation rollouts
 (eval/diagnostics.json: predicted over simulator return, per-step correlation) and the fine-tuning diagnostics
 (agent/diagnostics.json: imagined return of data vs shuffled actions, corner vs data, action spread, share at the
-bounds); it prints one row per run and, over all runs, the Spearman rank correlation of each diagnostic with
-success (ties get their mean rank). The diagnostics in eval/ need the simulator; those in agent/ do not.
+bounds) and, where scripts/heldout_reward.py wrote it, the reward check on held-out target episodes
+(heldout/diagnostics.json); it prints one row per run and, over all runs, the Spearman rank correlation of each
+diagnostic with success (ties get their mean rank). The diagnostics in eval/ need the simulator; those in agent/
+and heldout/ do not. `--evaluation eval-variations` (or another evaluation's folder) reads success and the
+rollout check from that evaluation instead.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ COLUMNS = (
     ("agent", ("policy", "action_spread"), "action spread"),
     ("agent", ("policy", "share_at_bounds"), "share at bounds"),
     ("agent", ("policy", "top_action_share"), "top action share"),
+    ("heldout", ("reward", "predicted_over_data"), "held-out predicted/recorded reward"),
+    ("heldout", ("reward", "abs_error"), "held-out reward abs error"),
 )
 
 
@@ -53,14 +58,16 @@ def spearman(x: list[float], y: list[float]) -> float:
     return cov / (sx * sy) if sx and sy else float("nan")
 
 
-def read_run(run: Path) -> dict[str, float] | None:
-    file = run / "eval" / "metrics.json"
+def read_run(run: Path, evaluation: str = "eval") -> dict[str, float] | None:
+    """Success and the reward check along the rollouts from the `evaluation` folder (eval, or another evaluation
+    such as eval-variations), and the diagnostics of agent/ and heldout/."""
+    file = run / evaluation / "metrics.json"
     metrics = json.loads(file.read_text()) if file.is_file() else {}
     if metrics.get("status") != "ok":
         return None
     row = {"success": float(metrics["success_rate"])}
     for folder, path, label in COLUMNS:
-        file = run / folder / "diagnostics.json"
+        file = run / (evaluation if folder == "eval" else folder) / "diagnostics.json"
         value = json.loads(file.read_text()) if file.is_file() else {}
         for key in path:
             value = value.get(key, {}) if isinstance(value, dict) else {}
@@ -72,11 +79,16 @@ def read_run(run: Path) -> dict[str, float] | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="folders holding seed-*/ runs")
+    parser.add_argument(
+        "--evaluation",
+        default="eval",
+        help="the evaluation folder success is read from: eval (default), or e.g. eval-variations, eval-episodes50",
+    )
     args = parser.parse_args(argv)
     rows: list[tuple[str, dict[str, float]]] = []
     for folder in args.runs:
         for run in sorted(Path(folder).glob("seed-*")):
-            row = read_run(run)
+            row = read_run(run, args.evaluation)
             if row is not None:
                 rows.append((str(run), row))
     if len(rows) < 3:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -619,6 +620,18 @@ def test_diagnostics_vs_success_ranks_with_ties_and_reads_finished_runs(tmp_path
     # the correlation is 0.0 in every run: no ranking to correlate, said in words rather than as nan
     assert "reward correlation: undefined, the diagnostic is constant over these runs (3 runs)" in out
     assert "nan" not in out
+    # another evaluation's success, and the held-out reward check of scripts/heldout_reward.py
+    for seed, (success, ratio) in enumerate([(0.2, 1.3), (0.6, 1.1), (0.8, 0.9)]):
+        run = tmp_path / f"seed-{seed}"
+        (run / "eval-v").mkdir()
+        (run / "eval-v" / "metrics.json").write_text(json.dumps({"status": "ok", "success_rate": success}))
+        (run / "heldout").mkdir()
+        (run / "heldout" / "diagnostics.json").write_text(json.dumps({"reward": {"predicted_over_data": ratio}}))
+    assert dvs.main(["--evaluation", "eval-v", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "held-out predicted/recorded reward: -1.00 (3 runs)" in out
+    assert "| 0.20 |" in out.splitlines()[2]  # seed-0's success read from eval-v
+    assert "predicted/simulator reward" in out and "predicted/simulator reward: " not in out.split("Spearman")[1]
 
 
 def test_random_policy_script_holds_a_constant_action_and_reports_collisions(capsys):
@@ -708,3 +721,45 @@ def test_snapshot_selection_picks_by_the_logged_criterion_and_compares_with_the_
     assert "lowest uncertainty: 0.500 (last 0.550; better than last in 1, worse in 1 of 2 runs)" in out
     assert "highest imagined_return: 0.550 (last 0.550; better than last in 0, worse in 0 of 2 runs)" in out
     assert "bc: no run with a learning curve and a policy phase" in out
+
+
+def test_heldout_reward_compares_the_reward_head_with_the_recorded_rewards_and_picks_the_least_optimistic(
+    tmp_path, capsys
+):
+    from tests.builders import make_agent, write_episodes
+    from veorl.agent import REWARD_HEAD_FILE, Agent
+    from veorl.data.episodes import episode_files, load_episode
+    from veorl.models.networks import DenseHead
+
+    script = _script("heldout_reward")
+    heldout = write_episodes(tmp_path / "heldout", episodes=2, length=7)
+    recorded = np.concatenate([load_episode(p)["reward"][1:] for p in episode_files(heldout)])
+    folder = tmp_path / "veorl"
+    # seed-0's head predicts 0.5 per step, seed-1's 1.5 (stored in scaled units: reward_scale 2)
+    for seed, (value, scale, success) in enumerate([(0.5, 1.0, 0.3), (1.5, 2.0, 0.9)]):
+        agent_dir = make_agent(folder / f"seed-{seed}" / "agent", seed=seed, episode_length=6)
+        meta = json.loads((agent_dir / "agent.json").read_text())
+        model = meta["model"]
+        meta["reward_head"] = {"units": model["head_units"], "layers": model["head_layers"], "reward_scale": scale}
+        (agent_dir / "agent.json").write_text(json.dumps(meta))
+        feat_dim = Agent.load(str(agent_dir)).modules["trunk_net"].feat_dim
+        head = DenseHead(feat_dim, 1, model["head_units"], model["head_layers"])
+        with torch.no_grad():
+            last = head.mlp.net[-1]
+            last.weight.zero_()
+            last.bias.fill_(value * scale)
+        torch.save(head.state_dict(), agent_dir / REWARD_HEAD_FILE)
+        (folder / f"seed-{seed}" / "eval-x").mkdir()
+        metrics = {"status": "ok", "success_rate": success}
+        (folder / f"seed-{seed}" / "eval-x" / "metrics.json").write_text(json.dumps(metrics))
+
+    assert script.main(["--episodes", str(heldout), "--evaluation", "eval-x", str(folder)]) == 0
+    out = capsys.readouterr().out
+    for seed, value in enumerate([0.5, 1.5]):
+        written = json.loads((folder / f"seed-{seed}" / "heldout" / "diagnostics.json").read_text())["reward"]
+        assert written["steps"] == len(recorded) == 12 and written["episodes"] == 2
+        assert written["predicted_over_data"] == pytest.approx(value * len(recorded) / recorded.sum(), rel=1e-5)
+        assert written["abs_error"] == pytest.approx(np.abs(value - recorded).mean(), rel=1e-5)
+        assert math.isnan(written["correlation"])  # a constant prediction correlates with nothing
+    # the least optimistic head (seed-0) is chosen: its success against the mean and the best seed
+    assert "veorl: chosen 0.30" in out and "mean over 2 runs 0.60, best 0.90" in out
