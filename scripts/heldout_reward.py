@@ -13,8 +13,9 @@ each held-out episode through the agent's encoder and Trunk Net with the episode
 compares the reward head's prediction on each state with the reward the data recorded for it. It writes
 RUN/heldout/diagnostics.json (`reward.predicted_over_data`: predicted over recorded reward summed over the steps,
 `reward.correlation`: per-step correlation over all steps, `reward.abs_error`: mean absolute error per step, in the
-data's reward units) and prints one row per run. `scripts/diagnostics_vs_success.py` then ranks them against
-success. Nothing here needs the simulator: these are candidates for choosing among Trunk Nets offline.
+data's reward units) and prints one row per run; a run that already has that file for the same held-out episodes
+is not replayed again. `scripts/diagnostics_vs_success.py` then ranks them against success. Nothing here needs
+the simulator: these are candidates for choosing among Trunk Nets offline.
 """
 
 from __future__ import annotations
@@ -78,38 +79,60 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         parser.error(f"no episode files (*.npz) under {args.episodes}")
     episodes = [load_episode(path) for path in files]
+    steps = sum(len(episode["reward"]) - 1 for episode in episodes)
     print(f"{len(episodes)} held-out episodes from {args.episodes}\n")
     print("| run | predicted / recorded reward | correlation | mean abs error |")
     print("|---|---|---|---|")
     choices: list[str] = []
+    picks: list[tuple[float, float]] = []  # (chosen, mean over seeds) per folder
     for folder in args.folders:
         scored: list[tuple[float, float]] = []  # (held-out predicted/recorded, success) per run
         for run in sorted(folder.glob("seed-*")):
             agent_dir = run / "agent"
             if not (agent_dir / "agent.json").is_file():
                 continue
-            agent = Agent.load(str(agent_dir))
-            if agent.reward_head is None:
-                print(f"| {run} | - | - | - | (no reward head: {agent.algo})")
-                continue
-            reward = score(agent, episodes)
-            out = {"reward": reward, "episodes_dir": str(args.episodes)}
-            (run / "heldout").mkdir(exist_ok=True)
-            atomic_write_text(run / "heldout" / "diagnostics.json", json.dumps(out, indent=2) + "\n")
+            reward, note = reused(run, args.episodes, len(episodes), steps), " (reused)"
+            if reward is None:
+                agent = Agent.load(str(agent_dir))
+                if agent.reward_head is None:
+                    print(f"| {run} | - | - | - | (no reward head: {agent.algo})")
+                    continue
+                reward, note = score(agent, episodes), ""
+                out = {"reward": reward, "episodes_dir": str(args.episodes)}
+                (run / "heldout").mkdir(exist_ok=True)
+                atomic_write_text(run / "heldout" / "diagnostics.json", json.dumps(out, indent=2) + "\n")
             print(
                 f"| {run} | {reward['predicted_over_data']:.2f} | {reward['correlation']:.2f} | "
-                f"{reward['abs_error']:.3f} |",
+                f"{reward['abs_error']:.3f} |{note}",
                 flush=True,
             )
             success = read_success(run, args.evaluation) if args.evaluation else None
             if success is not None:
                 scored.append((reward["predicted_over_data"], success))
         if len(scored) >= 2:
-            choices.append(describe_choice(folder, scored))
+            line, chosen, mean = describe_choice(folder, scored)
+            choices.append(line)
+            picks.append((chosen, mean))
     if choices:
         print(f"\nChoosing the seed with the lowest held-out predicted/recorded reward ({args.evaluation}):")
         print("\n".join(choices))
+    if len(picks) > 1:
+        above = sum(chosen > mean for chosen, mean in picks)
+        below = sum(chosen < mean for chosen, mean in picks)
+        print(
+            f"Over {len(picks)} folders: chosen {np.mean([c for c, _ in picks]):.3f} against the mean over seeds "
+            f"{np.mean([m for _, m in picks]):.3f}; above the mean in {above}, below in {below}"
+        )
     return 0
+
+
+def reused(run: Path, episodes_dir: Path, episodes: int, steps: int) -> dict[str, float] | None:
+    """The run's earlier result on the same held-out episodes (same folder, episode and step counts), if any."""
+    file = run / "heldout" / "diagnostics.json"
+    earlier = json.loads(file.read_text()) if file.is_file() else {}
+    reward = earlier.get("reward", {})
+    same = earlier.get("episodes_dir") == str(episodes_dir) and reward.get("episodes") == episodes
+    return reward if same and reward.get("steps") == steps else None
 
 
 def read_success(run: Path, evaluation: str) -> float | None:
@@ -118,15 +141,18 @@ def read_success(run: Path, evaluation: str) -> float | None:
     return float(metrics["success_rate"]) if metrics.get("status") == "ok" else None
 
 
-def describe_choice(folder: Path, scored: list[tuple[float, float]]) -> str:
+def describe_choice(folder: Path, scored: list[tuple[float, float]]) -> tuple[str, float, float]:
     """The success of the least optimistic run (ties: their mean), against the mean and the best over runs."""
     lowest = min(ratio for ratio, _ in scored)
-    chosen = [success for ratio, success in scored if ratio == lowest]
+    chosen = float(np.mean([success for ratio, success in scored if ratio == lowest]))
+    ties = sum(ratio == lowest for ratio, _ in scored)
     successes = [success for _, success in scored]
-    return (
-        f"  {folder}: chosen {np.mean(chosen):.2f} (ratio {lowest:.2f}; {len(chosen)} run(s)), "
-        f"mean over {len(scored)} runs {np.mean(successes):.2f}, best {max(successes):.2f}"
+    mean = float(np.mean(successes))
+    line = (
+        f"  {folder}: chosen {chosen:.2f} (ratio {lowest:.2f}; {ties} run(s)), "
+        f"mean over {len(scored)} runs {mean:.2f}, best {max(successes):.2f}"
     )
+    return line, chosen, mean
 
 
 if __name__ == "__main__":

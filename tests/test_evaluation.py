@@ -763,3 +763,11 @@ def test_heldout_reward_compares_the_reward_head_with_the_recorded_rewards_and_p
         assert math.isnan(written["correlation"])  # a constant prediction correlates with nothing
     # the least optimistic head (seed-0) is chosen: its success against the mean and the best seed
     assert "veorl: chosen 0.30" in out and "mean over 2 runs 0.60, best 0.90" in out
+    # a second folder of the same runs: nothing replayed again, and the summary over folders
+    shutil.copytree(folder, tmp_path / "again")
+    (folder / "seed-1" / "agent" / REWARD_HEAD_FILE).unlink()  # a replay would now lose seed-1's head
+    argv = ["--episodes", str(heldout), "--evaluation", "eval-x", str(folder), str(tmp_path / "again")]
+    assert script.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("(reused)") == 4
+    assert "Over 2 folders: chosen 0.300 against the mean over seeds 0.600; above the mean in 0, below in 2" in out
