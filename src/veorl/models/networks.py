@@ -116,10 +116,9 @@ class _SubpixelForwardConvTranspose(torch.autograd.Function):
         ctx.bias_sizes = None if bias is None else [bias.shape[0]]
         with torch.autocast(device_type=x.device.type, enabled=False):
             y = subpixel_conv_transpose2d(x, weight, bias)
-        y = y.contiguous(memory_format=torch.channels_last)
-        # The in-place ELU that follows may not modify a view made inside a custom Function (the crop, or the
-        # shuffle's reshape), so what leaves is a tensor of its own.
-        return y.clone(memory_format=torch.channels_last) if y._base is not None else y
+        # A tensor of its own, never a view (an odd kernel's crop is copied here): the in-place ELU that follows may
+        # not modify a view made inside a custom Function.
+        return y.contiguous(memory_format=torch.channels_last)
 
     @staticmethod
     def backward(ctx, grad):
