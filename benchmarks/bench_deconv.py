@@ -97,7 +97,8 @@ def time_layer(c_in: int, c_out: int, k: int, side: int, frames: int, precision:
 
 def time_decoder(depth: int, frames: int, precision: str, repeats: int) -> dict:
     torch.manual_seed(0)
-    feat = 1024 + 200  # the world model's feature at the paper sizes (stoch 32x32 is the game's; any size will do)
+    # A 32 x 32 categorical state and a 200-unit deter; only the decoder's first linear layer depends on this width.
+    feat = 1024 + 200
     decoder = Decoder(feat, depth)
     feature = torch.randn(frames, feat)
     target = torch.randn(frames, 64, 64, 3)
