@@ -346,6 +346,7 @@ def run_variant(
     compile_: bool,
     profile_dir: str | None = None,
     native_deconv: bool = False,
+    system_malloc: bool = False,
 ) -> dict:
     import contextlib
 
@@ -354,6 +355,10 @@ def run_variant(
 
     from veorl.acceleration import eager
     from veorl.models.networks import native_transposed_convolutions
+    from veorl.runtime import MemoryBound, retain_freed_memory
+
+    # As the training stages do by default (retain_memory: true), unless --system-malloc compares without it.
+    retained = retain_freed_memory(not system_malloc)
 
     # --native-transposed-convs: the decoders' transposed convolutions all run PyTorch's own forward.
     stack = contextlib.ExitStack()
@@ -366,10 +371,12 @@ def run_variant(
 
     timings: list[dict] = []
     info: dict = {}
+    memory = MemoryBound()  # as the training loop bounds retained memory (its check is not in the timings)
     for step in range(warmup + repeats):
         c0 = time.process_time()
         seconds, info = update(step)
         c1 = time.process_time()
+        memory.after_update()
         seconds["update"] = seconds["forward"] + seconds["backward"] + seconds["optimizer"]
         seconds["cpu"] = c1 - c0
         if step >= warmup:
@@ -400,6 +407,7 @@ def run_variant(
         "precision": precision,
         "compile": compile_,
         "native_transposed_convs": native_deconv,
+        "retain_memory": retained,
         "flops_per_update": flops,
         "flops_per_s": flops / mean["update"],
         **info,
@@ -433,6 +441,7 @@ def _child(args: argparse.Namespace, *extra: str) -> dict:
         str(args.peak_seconds),
         *(["--compile"] if args.compile else []),
         *(["--native-transposed-convs"] if args.native_transposed_convs else []),
+        *(["--system-malloc"] if args.system_malloc else []),
         *(["--profile", args.profile] if args.profile else []),
         *extra,
     ]
@@ -461,6 +470,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run every decoder transposed convolution with PyTorch's own forward, not the sub-pixel one the decoder "
         "picks on a CPU (to compare; benchmarks/bench_deconv.py times the layers alone)",
+    )
+    parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="leave malloc as the system sets it, not as training does by default (retain_memory: true keeps freed "
+        "host memory for reuse; to compare)",
     )
     parser.add_argument(
         "--preset", default="paper", help="sizes: paper (the release's; default) or smoke (a quick check of the script)"
@@ -498,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
             args.compile,
             args.profile,
             args.native_transposed_convs,
+            args.system_malloc,
         )
         print(json.dumps(result))
         return 0
@@ -537,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
 
     compiled = ", compiled networks" if args.compile else ""
     compiled += ", native transposed-convolution forwards" if args.native_transposed_convs else ""
+    compiled += ", system malloc (freed memory not retained)" if args.system_malloc else ""
     print(
         f"\nOne training update, {args.preset} sizes, {args.precision}{compiled}, CPU {info['cpu_model']} "
         f"({info['cpu_count']} logical CPUs, bf16 instructions: {'yes' if info['bf16_instructions'] else 'no'}), "

@@ -19,6 +19,7 @@ NEW_KEYS = {"domain": "manipulation", "source_videos.env": "metaworld"}
 # Keys added since by other changes (mixed precision, compiled updates, k-step BAN), at their defaults.
 NEW_KEYS |= {f"{stage}.precision": "auto" for stage in ("pretrain", "finetune", "evaluate")}
 NEW_KEYS |= {f"{stage}.compile": False for stage in ("pretrain", "finetune")}
+NEW_KEYS |= {f"{stage}.retain_memory": True for stage in ("pretrain", "finetune")}  # how freed memory is kept
 NEW_KEYS |= {"model.ban_horizon": 1}  # the k-step BAN option; 1 is the release's BAN
 NEW_KEYS |= {"finetune.discount_head": False}  # the game's discount head (issue 9), off elsewhere
 NEW_KEYS |= {"evaluate.policy": "mode"}  # sampled evaluation (issue 9); the mode is the deterministic policy

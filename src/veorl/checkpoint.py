@@ -52,6 +52,7 @@ RESUMABLE_CHANGES: tuple[str, ...] = (
     "*.device",
     "*.threads",
     "*.compile",
+    "*.retain_memory",
 )
 
 

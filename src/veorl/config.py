@@ -55,6 +55,17 @@ def compile_field() -> Any:
     )
 
 
+def retain_memory_field() -> Any:
+    """`retain_memory` of a training stage (pretrain, finetune)."""
+    return Field(
+        default=True,
+        description="Keep host memory freed by tensors in the process for the next update (glibc malloc: no mmap "
+        "for large blocks, no trimming) instead of faulting in fresh pages every update: faster CPU training for "
+        "more resident memory, handed back once it grows by half over a phase's first update "
+        "(benchmarks/results_world_model.md); no effect off glibc Linux.",
+    )
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
@@ -302,6 +313,7 @@ class PretrainParams(Section):
     )
     precision: Precision = training_precision_field()
     compile: bool = compile_field()
+    retain_memory: bool = retain_memory_field()
 
 
 class FinetuneParams(Section):
@@ -430,6 +442,7 @@ class FinetuneParams(Section):
     threads: int = Field(default=0, ge=0, description="torch intra-op threads; 0 = all cores.")
     precision: Precision = training_precision_field()
     compile: bool = compile_field()
+    retain_memory: bool = retain_memory_field()
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 

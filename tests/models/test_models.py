@@ -26,6 +26,8 @@ from veorl.models.networks import (
     preprocess,
     subpixel_conv_transpose2d,
     subpixel_forward_pays,
+    unit_gaussian_image_log_prob,
+    unit_gaussian_log_prob,
 )
 from veorl.models.world_models import VideoWorldModel, build_trunk_world_model, load_world_model, save_world_model
 
@@ -132,6 +134,56 @@ def test_bf16_decoder_with_subpixel_forwards_matches_the_native_one():
     torch.testing.assert_close(fast_mean, native_mean, rtol=0.05, atol=0.02)
     for got, expected in zip(fast_grads, native_grads):
         torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
+
+
+def test_fused_image_log_prob_equals_the_written_out_formula_and_its_gradients():
+    torch.manual_seed(0)
+    mean = torch.randn(2, 3, 64, 64, 3, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(2, 3, 64, 64, 3, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 3, dtype=torch.float64)  # a different upstream gradient per frame
+    fused = unit_gaussian_image_log_prob(mean, target)
+    plain = unit_gaussian_log_prob(mean, target, event_dims=3)
+    assert fused.shape == (2, 3) and fused.dtype == torch.float64
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-9)
+    got = torch.autograd.grad((fused * weights).sum(), (mean, target))
+    expected = torch.autograd.grad((plain * weights).sum(), (mean, target))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    small = (torch.randn(2, 4, 4, 3, dtype=torch.float64, requires_grad=True), torch.randn(2, 4, 4, 3, dtype=torch.float64))
+    assert torch.autograd.gradcheck(unit_gaussian_image_log_prob, small)
+    with pytest.raises(ValueError, match="differ in shape"):
+        unit_gaussian_image_log_prob(mean, target[:1])
+
+
+def test_fused_image_log_prob_of_a_bf16_mean_is_fp32_with_a_bf16_gradient():
+    """A decoder's bf16 output under autocast: promoted exactly, so the log-probability is the one of its fp32 copy,
+    and the gradient is the fp32 one rounded once to bf16 (what autograd's downcast of the written-out form gives)."""
+    torch.manual_seed(1)
+    mean = torch.randn(5, 64, 64, 3).to(torch.bfloat16).requires_grad_()
+    target = torch.rand(5, 64, 64, 3) - 0.5
+    fused = unit_gaussian_image_log_prob(mean, target)
+    upcast = mean.detach().float().requires_grad_()
+    plain = unit_gaussian_log_prob(upcast, target, event_dims=3)
+    assert fused.dtype == torch.float32
+    # fp32 sums of 12288 squares in two summation orders
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-3)
+    weights = torch.rand(5) + 0.5
+    (fused * weights).sum().backward()
+    (plain * weights).sum().backward()
+    assert mean.grad.dtype == torch.bfloat16
+    assert torch.equal(mean.grad, upcast.grad.to(torch.bfloat16))
+
+
+def test_decoder_log_prob_under_autocast_matches_its_fp32_mean():
+    dec = Decoder(40, 8)
+    feature = torch.randn(2, 3, 40)
+    target = torch.rand(2, 3, 64, 64, 3) - 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        raw = dec(feature, full_precision=False)
+        mean = dec(feature)
+        log_prob = dec.log_prob(feature, target)
+    assert raw.dtype == torch.bfloat16 and mean.dtype == torch.float32 and log_prob.shape == (2, 3)
+    torch.testing.assert_close(log_prob, unit_gaussian_log_prob(mean, target, 3), rtol=1e-5, atol=1e-3)
 
 
 def test_preprocess_roundtrip_and_type_check():

@@ -810,13 +810,14 @@ def _finetune(
     from veorl.data.episodes import EpisodeStore
     from veorl.data.samplers import ClipSampler, EpisodeWindowSampler
     from veorl.models.world_models import load_world_model
-    from veorl.runtime import configure_torch_threads, write_resolved_config
+    from veorl.runtime import configure_torch_threads, retain_freed_memory, write_resolved_config
 
     fp, model = params.finetune, params.model
     sw = switches(fp)
     device = str(ctx.device)
     precision = resolve_precision(fp.precision, device)  # once for the stage
     configure_torch_threads(fp.threads)
+    retain_freed_memory(fp.retain_memory)
     torch.manual_seed(fp.seed)
 
     # With the discount head, episodes cut short by a terminal are sampled with absorbing steps after it.

@@ -55,6 +55,7 @@ import torch
 from veorl import acceleration, distributed, tracking
 from veorl.checkpoint import CheckpointManager, CheckpointMismatch, assert_resumable
 from veorl.data.samplers import Prefetcher
+from veorl.runtime import MemoryBound
 from veorl.storage import atomic_path
 
 log = logging.getLogger(__name__)
@@ -472,6 +473,7 @@ class TrainingLoop:
             window_state = None
 
             last_report = time.monotonic()
+            memory = MemoryBound()  # retained free memory (retain_memory) stays within bounds, phase by phase
             bar = tqdm(
                 total=total,
                 initial=done,
@@ -494,6 +496,7 @@ class TrainingLoop:
                     if step == 0:
                         trainer.before_first_update(batch)
                     window.add(scalar_fields(trainer.update(batch)), step + 1)
+                    memory.after_update()
                     t2 = time.perf_counter()
                     window.add_seconds("sample", t1 - t0)
                     window.add_seconds("update", t2 - t1)
@@ -546,7 +549,12 @@ class TrainingLoop:
                         self.on_step(global_step)
             bar.close()
             log.info(
-                "%s %s: %d updates, %.1f s in all", self.stage, phase.name, progress[phase.name], elapsed[phase.name]
+                "%s %s: %d updates, %.1f s in all%s",
+                self.stage,
+                phase.name,
+                progress[phase.name],
+                elapsed[phase.name],
+                f"; retained free memory returned to the system {memory.releases} times" if memory.releases else "",
             )
         return LoopResult(
             progress=progress,

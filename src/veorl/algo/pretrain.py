@@ -549,9 +549,10 @@ def pretrain(
     rank 0 writes checkpoints, the artifact, the metrics files and the MLflow run.
     on_step(global_step) is called after every update (tests use it to simulate a kill).
     """
-    from veorl.runtime import configure_torch_threads, resolve_device
+    from veorl.runtime import configure_torch_threads, resolve_device, retain_freed_memory
 
     configure_torch_threads(params.pretrain.threads)
+    retain_freed_memory(params.pretrain.retain_memory)
     with distributed.session(resolve_device(params.pretrain.device)) as ctx:
         result = _pretrain(
             params, ctx, clips, episodes, out, checkpoints, parent_run_id, metrics_path, curve_path, on_step, progress
