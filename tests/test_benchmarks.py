@@ -49,3 +49,22 @@ def test_bench_deconv_reports_both_forwards_and_the_decoders_choice(tmp_path):
             assert 0 < r[form]["forward_s"] and 0 < r[form]["forward_backward_s"]
     assert [d["precision"] for d in report["decoder"]] == ["fp32", "bf16"]
     assert all(d["native_s"] > 0 and d["decoder_choice_s"] > 0 for d in report["decoder"])
+
+
+def test_bench_memory_runs_every_mode_in_its_own_process(tmp_path):
+    import platform
+
+    out = tmp_path / "memory.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_memory.py"), "--preset", "smoke", "--updates", "3"]
+    cmd += ["--skip", "1", "--threads", "1", "--variant", "phase2", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    modes = [r["mode"] for r in report["results"]]
+    assert modes == ["system", "retained-unbounded", "retained"]
+    glibc = platform.libc_ver()[0] == "glibc"
+    for r in report["results"]:
+        assert r["retained"] is (glibc and r["mode"] != "system")
+        assert len(r["seconds"]) == len(r["resident_gb"]) == 3 and min(r["seconds"]) > 0
+        assert r["peak_resident_gb"] >= max(r["resident_gb"]) * 0.99
+    assert "| retained |" in done.stdout and "RSS GB after 3" in done.stdout
