@@ -46,9 +46,9 @@ def _status_kib(field: str) -> int:
 
 def run_mode(mode: str, variant: str, data_root: Path, updates: int, threads: int, preset: str, precision: str) -> dict:
     import torch
-
     from bench_world_model import build_variant
-    from veorl.runtime import MemoryBound, retain_freed_memory, resident_bytes
+
+    from veorl.runtime import MemoryBound, resident_bytes, retain_freed_memory
 
     retained = retain_freed_memory(mode != "system")
     torch.set_num_threads(threads)
@@ -75,7 +75,9 @@ def run_mode(mode: str, variant: str, data_root: Path, updates: int, threads: in
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variant", default="phase2-trunk", help="a bench_world_model.py variant (default: %(default)s)")
+    parser.add_argument(
+        "--variant", default="phase2-trunk", help="a bench_world_model.py variant (default: %(default)s)"
+    )
     parser.add_argument("--updates", type=int, default=40, help="updates per mode (default: %(default)s)")
     parser.add_argument("--skip", type=int, default=2, help="first updates left out of the mean (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: %(default)s)")

@@ -149,7 +149,10 @@ def test_fused_image_log_prob_equals_the_written_out_formula_and_its_gradients()
     expected = torch.autograd.grad((plain * weights).sum(), (mean, target))
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
-    small = (torch.randn(2, 4, 4, 3, dtype=torch.float64, requires_grad=True), torch.randn(2, 4, 4, 3, dtype=torch.float64))
+    small = (
+        torch.randn(2, 4, 4, 3, dtype=torch.float64, requires_grad=True),
+        torch.randn(2, 4, 4, 3, dtype=torch.float64),
+    )
     assert torch.autograd.gradcheck(unit_gaussian_image_log_prob, small)
     with pytest.raises(ValueError, match="differ in shape"):
         unit_gaussian_image_log_prob(mean, target[:1])
