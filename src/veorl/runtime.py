@@ -134,7 +134,8 @@ def retain_freed_memory(enabled: bool = True) -> bool:
     resident size has grown by half over a phase's first update.
 
     Applies to the whole process from the call on; a no-op (returning False) off glibc. Returns whether the setting
-    took effect; `enabled=False` does nothing, so a process keeps the system's behaviour unless asked.
+    took effect; `enabled=False` does nothing (nor does it undo an earlier call in the same process), so a process
+    keeps the system's behaviour unless asked.
     """
     global _retaining
     if not enabled:
