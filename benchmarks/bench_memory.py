@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -35,13 +36,6 @@ from pathlib import Path
 import numpy as np
 
 MODES = ("system", "retained-unbounded", "retained")
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
 
 
 def run_mode(mode: str, variant: str, data_root: Path, updates: int, threads: int, preset: str, precision: str) -> dict:
@@ -68,7 +62,7 @@ def run_mode(mode: str, variant: str, data_root: Path, updates: int, threads: in
         "retained": retained,
         "seconds": seconds,
         "resident_gb": resident,
-        "peak_resident_gb": _status_kib("VmHWM") * 1024 / 1e9,
+        "peak_resident_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,  # ru_maxrss: KiB
         "releases": bound.releases if bound is not None else 0,
     }
 

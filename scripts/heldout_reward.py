@@ -27,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "src")]
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "src"), str(Path(__file__).resolve().parent)]
+
+from diagnostics_vs_success import read_run  # noqa: E402
 
 from veorl.agent import Agent  # noqa: E402
 from veorl.data.episodes import episode_files, load_episode  # noqa: E402
@@ -136,9 +138,8 @@ def reused(run: Path, episodes_dir: Path, episodes: int, steps: int) -> dict[str
 
 
 def read_success(run: Path, evaluation: str) -> float | None:
-    file = run / evaluation / "metrics.json"
-    metrics = json.loads(file.read_text()) if file.is_file() else {}
-    return float(metrics["success_rate"]) if metrics.get("status") == "ok" else None
+    row = read_run(run, evaluation)  # the success rate of a finished evaluation (status ok), as ranked there
+    return row["success"] if row is not None else None
 
 
 def describe_choice(folder: Path, scored: list[tuple[float, float]]) -> tuple[str, float, float]:
