@@ -15,10 +15,11 @@ resident memory is its own:
                       any update that leaves the resident size above 1.5x its size after the first update
                       (veorl.runtime.MemoryBound)
 
-Per mode it prints the mean seconds per update after the first `--skip` updates, the peak resident size (the
-process's high-water mark), the resident size after the last update and at a few points on the way, and how often
-the bound returned memory. Phase 2's updates vary in shape (the number of keyframes differs from batch to batch),
-which is what makes a retained heap fragment and grow; phase 1's and phase 3's shapes are fixed.
+Per mode it prints the mean seconds per update after the first `--skip` updates (and the fastest, median and slowest
+of them), the peak resident size (the process's high-water mark), the resident size after the last update and at a
+few points on the way, and how often the bound returned memory. Phase 2's updates vary in shape (the number of
+keyframes differs from batch to batch), which is what makes a retained heap fragment and grow; phase 1's and phase
+3's shapes are fixed.
 """
 
 from __future__ import annotations
@@ -118,16 +119,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.getloadavg()[0]:.1f}); torch {info['torch']}\n"
     )
     print(
-        f"| mode | s/update (mean after {args.skip}) | peak RSS GB | "
+        f"| mode | s/update (mean after {args.skip}) | fastest / median / slowest | peak RSS GB | "
         + " | ".join(f"RSS GB after {m}" for m in marks)
         + " | releases |"
     )
-    print("|---" * (4 + len(marks)) + "|")
+    print("|---" * (5 + len(marks)) + "|")
     for r in results:
-        mean = float(np.mean(r["seconds"][args.skip :]))
+        timed = r["seconds"][args.skip :]
+        mean = float(np.mean(timed))
+        spread = f"{min(timed):.2f} / {float(np.median(timed)):.2f} / {max(timed):.2f}"
         after = " | ".join(f"{r['resident_gb'][m - 1]:.2f}" for m in marks)
         mode = r["mode"] + ("" if r["retained"] or r["mode"] == "system" else " (not applied on this system)")
-        print(f"| {mode} | {mean:.2f} | {r['peak_resident_gb']:.2f} | {after} | {r['releases']} |")
+        print(f"| {mode} | {mean:.2f} | {spread} | {r['peak_resident_gb']:.2f} | {after} | {r['releases']} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": info, "variant": args.variant, "results": results}, indent=2))
     return 0

@@ -13,6 +13,12 @@ passes and the optimiser steps), backward, and optimizer (gradient clip + Adam; 
 process CPU seconds of the whole update (with 1 thread: the compute itself, whatever the machine's load; with more,
 it includes OpenMP spin-waiting), then steps/s and samples/s.
 
+Warm-up: at least `--warmup` untimed updates. With memory retained (training's default, retain_memory: true), the
+first updates still grow malloc's heap, and every new page is faulted in on first touch; the warm-up goes on (at most
+`--settle` updates more) until an update faults in less than 64 MiB, so that the timed updates run on the settled heap
+that training runs thousands of updates on. The notes give the warm-up count and the memory faulted in per timed
+update.
+
 No figure from another machine is compared with: in the same run, one more child process measures this machine's
 own limits with the same thread count: a large GEMM (2048^3 by default) and a convolution shaped like the encoder's
 largest (256 x 32 x 31 x 31 -> 64 channels, kernel 4, stride 2, channels-last), each in fp32 and in bf16, timed after
@@ -56,6 +62,14 @@ VARIANTS = ("phase1", "phase1-source", "phase2", "phase2-trunk", "phase2-trunk-w
 ACTION_DIM = 4
 # The encoder's largest convolution at d=32: 32 -> 64 channels, kernel 4, stride 2, on 31x31 maps.
 CONV_SHAPE = {"channels": 32, "out_channels": 64, "size": 31, "kernel": 4, "stride": 2}
+# An update that faults in less new memory than this counts as run on a settled heap (see run_variant).
+SETTLED_FAULT_BYTES = 64 * 2**20
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (pages the kernel mapped in on first touch)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def synthetic_video(length: int, rng: np.random.Generator) -> np.ndarray:
@@ -347,6 +361,7 @@ def run_variant(
     profile_dir: str | None = None,
     native_deconv: bool = False,
     system_malloc: bool = False,
+    settle: int = 6,
 ) -> dict:
     import contextlib
 
@@ -370,27 +385,40 @@ def run_variant(
     update, per_step, unit = build_variant(variant, data_root, preset, precision, compile_)
 
     timings: list[dict] = []
+    faults: list[int] = []
     info: dict = {}
     memory = MemoryBound()  # as the training loop bounds retained memory (its check is not in the timings)
-    for step in range(warmup + repeats):
-        c0 = time.process_time()
+    # With retained memory, the first updates still grow the heap: their new pages are faulted in, one by one, and
+    # that costs more than some of the kernels (on a VM, a few microseconds a page). Training runs thousands of
+    # updates on a settled heap, so the warm-up goes on until an update faults in less than SETTLED_FAULT_BYTES (at
+    # most `settle` updates more). With the system's malloc every update faults its large blocks in afresh, so there
+    # is nothing to wait for.
+    step, warmed = 0, 0
+    while len(timings) < repeats:
+        c0, f0 = time.process_time(), _minor_faults()
         seconds, info = update(step)
-        c1 = time.process_time()
+        c1, f1 = time.process_time(), _minor_faults()
+        step += 1
         memory.after_update()
         seconds["update"] = seconds["forward"] + seconds["backward"] + seconds["optimizer"]
         seconds["cpu"] = c1 - c0
-        if step >= warmup:
-            timings.append(seconds)
-    # FLOPs of one more update (forward and backward), counted on the eager code (same maths when compiled) with the
-    # native transposed convolutions: the method's arithmetic, without the zero taps the sub-pixel forward pads.
-    with eager(), native_transposed_convolutions(), FlopCounterMode(display=False) as counter:
-        update(warmup + repeats)
-    flops = float(counter.get_total_flops())
-    if profile_dir:
-        table, shares = profile_update(update, warmup + repeats + 1)
+        unsettled = retained and (f1 - f0) * PAGE_BYTES >= SETTLED_FAULT_BYTES and warmed < warmup + settle
+        if warmed < warmup or unsettled:
+            warmed += 1
+            continue
+        timings.append(seconds)
+        faults.append(f1 - f0)
+    if profile_dir:  # a settled update too, before the FLOP count's own update changes the heap
+        table, shares = profile_update(update, step)
         tag = f"{variant}-{precision}{'-compiled' if compile_ else ''}{'-native-deconv' if native_deconv else ''}"
         Path(profile_dir, f"profile-{tag}.txt").write_text(table + "\n")
         info = {**info, **shares}
+        step += 1
+    # FLOPs of one more update (forward and backward), counted on the eager code (same maths when compiled) with the
+    # native transposed convolutions: the method's arithmetic, without the zero taps the sub-pixel forward pads.
+    with eager(), native_transposed_convolutions(), FlopCounterMode(display=False) as counter:
+        update(step)
+    flops = float(counter.get_total_flops())
     stack.close()
     mean = {k: float(np.mean([t[k] for t in timings])) for k in timings[0]}
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
@@ -408,6 +436,8 @@ def run_variant(
         "compile": compile_,
         "native_transposed_convs": native_deconv,
         "retain_memory": retained,
+        "warmup_updates": warmed,
+        "minor_faults_per_update": float(np.mean(faults)),
         "flops_per_update": flops,
         "flops_per_s": flops / mean["update"],
         **info,
@@ -429,6 +459,8 @@ def _child(args: argparse.Namespace, *extra: str) -> dict:
         str(args.repeats),
         "--warmup",
         str(args.warmup),
+        "--settle",
+        str(args.settle),
         "--preset",
         args.preset,
         "--precision",
@@ -457,6 +489,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=2, help="timed updates per variant (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed updates first (default: %(default)s)")
+    parser.add_argument(
+        "--settle",
+        type=int,
+        default=6,
+        help="with memory retained, at most this many more untimed updates while an update still faults in 64 MiB "
+        "or more of new pages, i.e. until the heap has grown to what training settles at (default: %(default)s)",
+    )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument(
         "--precision",
@@ -514,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
             args.profile,
             args.native_transposed_convs,
             args.system_malloc,
+            args.settle,
         )
         print(json.dumps(result))
         return 0
@@ -557,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nOne training update, {args.preset} sizes, {args.precision}{compiled}, CPU {info['cpu_model']} "
         f"({info['cpu_count']} logical CPUs, bf16 instructions: {'yes' if info['bf16_instructions'] else 'no'}), "
-        f"{args.threads} threads, mean of {args.repeats} after {args.warmup} warm-up "
+        f"{args.threads} threads, mean of {args.repeats} after at least {args.warmup} warm-up "
         f"(load average at the end: {os.getloadavg()[0]:.1f}); torch {info['torch']}\n"
     )
     c = peaks["conv"]
@@ -575,7 +615,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---" * 16 + "|")
     for r in results:
         s = r["seconds"]
-        note = f"samples = {r['sample_unit']}"
+        note = f"samples = {r['sample_unit']}; {r['warmup_updates']} warm-up"
+        note += f", {r['minor_faults_per_update'] * PAGE_BYTES / 2**20:.0f} MiB faulted in per timed update"
         if "keyframes" in r:
             note += f"; {r['keyframes']:.0f} keyframes, {r['behaviours_per_seq']:.1f} behaviours/seq"
         if "dense_share" in r:

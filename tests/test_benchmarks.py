@@ -67,4 +67,30 @@ def test_bench_memory_runs_every_mode_in_its_own_process(tmp_path):
         assert r["retained"] is (glibc and r["mode"] != "system")
         assert len(r["seconds"]) == len(r["resident_gb"]) == 3 and min(r["seconds"]) > 0
         assert r["peak_resident_gb"] >= max(r["resident_gb"]) * 0.99
-    assert "| retained |" in done.stdout and "RSS GB after 3" in done.stdout
+    assert (
+        "| retained |" in done.stdout
+        and "RSS GB after 3" in done.stdout
+        and "fastest / median / slowest" in done.stdout
+    )
+
+
+def test_bench_world_model_warms_up_until_the_heap_settles(tmp_path):
+    import platform
+
+    out = tmp_path / "world_model.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_world_model.py"), "--preset", "smoke", "--threads", "1"]
+    cmd += ["--variants", "phase1", "phase3", "--repeats", "2", "--warmup", "1", "--settle", "3"]
+    cmd += ["--gemm", "128", "--conv-batch", "4", "--peak-seconds", "0.1", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert [r["variant"] for r in report] == ["phase1", "phase3"]
+    glibc = platform.libc_ver()[0] == "glibc"
+    for r in report:
+        assert r["retain_memory"] is glibc and r["repeats"] == 2
+        # at least --warmup untimed updates, at most --settle more, and only while memory is retained
+        assert 1 <= r["warmup_updates"] <= (4 if glibc else 1)
+        assert r["minor_faults_per_update"] >= 0 and r["seconds"]["update"] > 0
+        assert 0 < r["fraction_of_gemm_peak"] and 0 < r["fraction_of_conv_peak"]
+        assert r["flops_per_update"] > 0
+    assert f"{report[0]['warmup_updates']} warm-up" in done.stdout
