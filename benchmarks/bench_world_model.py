@@ -493,8 +493,9 @@ def main(argv: list[str] | None = None) -> int:
         "--settle",
         type=int,
         default=6,
-        help="with memory retained, at most this many more untimed updates while an update still faults in 64 MiB "
-        "or more of new pages, i.e. until the heap has grown to what training settles at (default: %(default)s)",
+        help=f"with memory retained, at most this many more untimed updates while an update still faults in "
+        f"{SETTLED_FAULT_BYTES // 2**20} MiB or more of new pages, i.e. until the heap has grown to what training "
+        "settles at (default: %(default)s)",
     )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument(
