@@ -2,7 +2,8 @@
 not a test).
 
     .venv/bin/python benchmarks/bench_release.py --release PATH/TO/VeoRL [--phases phase1 phase2 phase3]
-        [--precisions auto fp32] [--threads 2] [--repeats 2] [--warmup 1] [--json out.json]
+        [--precisions auto fp32] [--compile] [--sides release veorl] [--release-malloc system|retained]
+        [--threads 2] [--repeats 2] [--warmup 1] [--json out.json]
 
 `--release` is a checkout of the authors' public release (github.com/panmt/VeoRL), which the user provides: nothing
 is downloaded, and nothing of it is copied into veorl. Its modules (models.py, networks.py, tools.py) are imported
@@ -11,7 +12,8 @@ not installed (tools.py imports it for its logger, which the benchmark never cal
 its dreamer.py would build with argparse (dreamer.py itself imports the CARLA and Meta-World environments, so it is
 not imported). The release runs at its own Meta-World settings (configs.yaml: `defaults` then `metaworld`), on the
 CPU in fp32 (its mixed precision is CUDA's autocast and gradient scaler, which do nothing on a CPU), with the
-system's malloc, as a user would run it.
+system's malloc, as a user would run it (`--release-malloc retained` gives it the freed-memory retention that veorl's
+training turns on by default, to see how much of the gap that alone makes).
 
 What one update is, on each side (the issue's pairing):
 
@@ -32,7 +34,8 @@ Each update of each side runs in its own child process (so each peak resident si
 does). Times are the whole update (the release's includes turning its numpy batch into tensors, which its training
 loop does inside the update; veorl's leaves out the sampling, which its prefetch thread hides). The FLOPs of one
 update of each side are counted with torch.utils.flop_counter.FlopCounterMode and, with this machine's own GEMM and
-convolution throughput measured in the same run, give each side's fraction of the peak in the precision it ran in.
+convolution throughput measured in the same run (before the updates and after them; the higher counts), give each
+side's fraction of the peak in the precision it ran in.
 """
 
 from __future__ import annotations
@@ -149,10 +152,14 @@ def build_release_update(phase: str, release: Path):
     return update
 
 
-def run_release(phase: str, release: Path, threads: int, repeats: int, warmup: int) -> dict:
+def run_release(phase: str, release: Path, threads: int, repeats: int, warmup: int, malloc: str = "system") -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    if malloc == "retained":
+        from veorl.runtime import retain_freed_memory
+
+        retain_freed_memory(True)
     torch.set_num_threads(threads)
     update = build_release_update(phase, release)
     seconds, cpu = [], []
@@ -171,6 +178,7 @@ def run_release(phase: str, release: Path, threads: int, repeats: int, warmup: i
         "side": "release",
         "phase": phase,
         "precision": "fp32",
+        "malloc": malloc,
         "update_s": update_s,
         "cpu_s": float(np.mean(cpu)),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,  # ru_maxrss: KiB
@@ -213,18 +221,30 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=2, help="timed updates per phase and side (default: %(default)s)"
     )
     parser.add_argument("--warmup", type=int, default=1, help="untimed updates first (default: %(default)s)")
+    parser.add_argument(
+        "--sides", nargs="+", default=["release", "veorl"], choices=("release", "veorl"), help="what to time"
+    )
+    parser.add_argument("--compile", action="store_true", help="veorl with compiled networks (compile: true)")
+    parser.add_argument(
+        "--release-malloc",
+        choices=("system", "retained"),
+        default="system",
+        help="the release's malloc: as shipped (system), or keeping freed memory as veorl's training does by default "
+        "(retain_memory: true), to see how much of the gap that alone makes (default: %(default)s)",
+    )
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     release = Path(args.release).resolve()
 
     if args.child:
-        print(json.dumps(run_release(args.child, release, args.threads, args.repeats, args.warmup)))
+        result = run_release(args.child, release, args.threads, args.repeats, args.warmup, args.release_malloc)
+        print(json.dumps(result))
         return 0
 
     import_release(release)  # fail early, with the reason, if the folder is not the release
     sys.path.remove(str(release))
-    from bench_world_model import machine, write_dataset
+    from bench_world_model import best_peaks, machine, write_dataset
 
     from veorl.acceleration import resolve_precision
 
@@ -238,16 +258,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     world_model = [sys.executable, str(HERE / "bench_world_model.py"), "--threads", str(args.threads)]
     world_model += ["--repeats", str(args.repeats), "--warmup", str(args.warmup)]
-    peaks = _run([*world_model, "--child", "peak"], args.threads)
+    world_model += ["--compile"] if args.compile else []
+    before = _run([*world_model, "--child", "peak"], args.threads)
     results = []
     with tempfile.TemporaryDirectory(prefix="veorl-bench-release-") as tmp:
         write_dataset(Path(tmp))
         for phase in args.phases:
-            cmd = [sys.executable, __file__, "--release", str(release), "--child", phase]
-            cmd += ["--threads", str(args.threads), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
-            results.append(_run(cmd, args.threads))
-            print(f"release {phase}: {results[-1]['update_s']:.2f} s/update", file=sys.stderr, flush=True)
-            for precision in precisions:
+            if "release" in args.sides:
+                cmd = [sys.executable, __file__, "--release", str(release), "--child", phase]
+                cmd += ["--threads", str(args.threads), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+                cmd += ["--release-malloc", args.release_malloc]
+                results.append(_run(cmd, args.threads))
+                print(f"release {phase}: {results[-1]['update_s']:.2f} s/update", file=sys.stderr, flush=True)
+            for precision in precisions if "veorl" in args.sides else []:
                 r = _run(
                     [*world_model, "--precision", precision, "--child", VEORL_VARIANT[phase], "--data", tmp],
                     args.threads,
@@ -258,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                         "phase": phase,
                         "variant": r["variant"],
                         "precision": r["precision"],
+                        "compile": r["compile"],
+                        "malloc": "retained" if r["retain_memory"] else "system",
                         "update_s": r["seconds"]["update"],
                         "cpu_s": r["seconds"]["cpu"],
                         "peak_rss_gb": r["peak_rss_gb"],
@@ -270,33 +295,40 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"veorl {phase} ({precision}): {results[-1]['update_s']:.2f} s/update", file=sys.stderr, flush=True
                 )
+    after = _run([*world_model, "--child", "peak"], args.threads)
+    peaks = best_peaks(before, after)
     for r in results:
         r["fraction_of_gemm_peak"] = r["flops_per_s"] / peaks[f"gemm_{r['precision']}"]
         r["fraction_of_conv_peak"] = r["flops_per_s"] / peaks[f"conv_{r['precision']}"]
         r["machine"], r["peaks"], r["threads"] = info, peaks, args.threads
 
+    compiled = ", compiled" if args.compile else ""
     print(
-        f"\nOne training update, the release (fp32, system malloc) against veorl ({', '.join(precisions)}), CPU "
+        f"\nOne training update, the release (fp32, {args.release_malloc} malloc) against veorl "
+        f"({', '.join(precisions)}{compiled}), CPU "
         f"{info['cpu_model']} ({info['cpu_count']} logical CPUs, bf16 instructions: "
         f"{'yes' if info['bf16_instructions'] else 'no'}), {args.threads} threads, mean of {args.repeats} after at "
         f"least {args.warmup} warm-up (load average at the end: {os.getloadavg()[0]:.1f}); torch {info['torch']}\n"
     )
     print(
-        f"This machine's limits: GEMM fp32 {peaks['gemm_fp32'] / 1e9:.1f}, bf16 {peaks['gemm_bf16'] / 1e9:.1f} "
-        f"GFLOP/s; conv fp32 {peaks['conv_fp32'] / 1e9:.1f}, bf16 {peaks['conv_bf16'] / 1e9:.1f} GFLOP/s\n"
+        "This machine's limits (the higher of 2 measurements, before and after the updates): "
+        f"GEMM fp32 {peaks['gemm_fp32'] / 1e9:.1f}, bf16 {peaks['gemm_bf16'] / 1e9:.1f} GFLOP/s; "
+        f"conv fp32 {peaks['conv_fp32'] / 1e9:.1f}, bf16 {peaks['conv_bf16'] / 1e9:.1f} GFLOP/s\n"
     )
     print(
-        "| phase | side | precision | update s | speed-up over the release | peak RSS GB | GFLOP/update | GFLOP/s | "
-        "of GEMM peak | of conv peak |"
+        "| phase | side | precision | malloc | update s | speed-up over the release | peak RSS GB | GFLOP/update | "
+        "GFLOP/s | of GEMM peak | of conv peak |"
     )
-    print("|---" * 10 + "|")
+    print("|---" * 11 + "|")
     for phase in args.phases:
         rows = [r for r in results if r["phase"] == phase]
-        base = rows[0]["update_s"]
+        base = [r["update_s"] for r in rows if r["side"] == "release"]
         for r in rows:
             name = "release" if r["side"] == "release" else f"veorl ({r['variant']})"
+            precision = r["precision"] + (" compiled" if r.get("compile") else "")
+            speedup = f"{base[0] / r['update_s']:.2f}x" if base else "-"
             print(
-                f"| {phase} | {name} | {r['precision']} | {r['update_s']:.2f} | {base / r['update_s']:.2f}x | "
+                f"| {phase} | {name} | {precision} | {r['malloc']} | {r['update_s']:.2f} | {speedup} | "
                 f"{r['peak_rss_gb']:.2f} | {r['flops_per_update'] / 1e9:.1f} | {r['flops_per_s'] / 1e9:.1f} | "
                 f"{r['fraction_of_gemm_peak']:.2f} | {r['fraction_of_conv_peak']:.2f} |"
             )

@@ -93,4 +93,26 @@ def test_bench_world_model_warms_up_until_the_heap_settles(tmp_path):
         assert r["minor_faults_per_update"] >= 0 and r["seconds"]["update"] > 0
         assert 0 < r["fraction_of_gemm_peak"] and 0 < r["fraction_of_conv_peak"]
         assert r["flops_per_update"] > 0
+        # the limits are measured before and after the variants, and the higher of the two counts
+        peaks = r["peaks"]
+        assert len(peaks["measurements"]) == 2
+        for key in ("gemm_fp32", "gemm_bf16", "conv_fp32", "conv_bf16"):
+            assert peaks[key] == max(m[key] for m in peaks["measurements"]) > 0
     assert f"{report[0]['warmup_updates']} warm-up" in done.stdout
+    assert "the higher of 2 measurements" in done.stdout
+
+
+def test_bench_release_refuses_a_folder_that_is_not_the_release(tmp_path):
+    """Without a checkout of the authors' release nothing runs, and the message names what is missing."""
+    (tmp_path / "models.py").write_text("")
+    (tmp_path / "configs.yaml").write_text("defaults: {}\n")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_release.py"), "--release", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert "networks.py, tools.py not found there" in done.stderr
+    assert "github.com/panmt/VeoRL" in done.stderr
+    assert done.stdout == ""

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from veorl.models.ensemble import PriorEnsemble
+from veorl.models.ensemble import PriorEnsemble, spread
 from veorl.models.rssm import RSSM, RSSMState
 
 
@@ -21,6 +21,20 @@ def test_identical_heads_do_not_disagree_and_distinct_heads_do(kind):
     for head in ensemble.heads[1:]:
         head.load_state_dict(ensemble.heads[0].state_dict())
     assert torch.allclose(ensemble.disagreement(deter), torch.zeros(5), atol=1e-6)
+
+
+def test_spread_is_the_population_std_over_heads_with_its_gradient():
+    """The two-pass spread equals torch's std(0, unbiased=False), values and gradients (fp64: agreement to 1e-12)."""
+    torch.manual_seed(0)
+    predictions = (torch.randn(5, 3, 7, 4, dtype=torch.float64) * torch.rand(1, 3, 7, 4) + 10.0).requires_grad_()
+    weights = torch.randn(3, 7, 4, dtype=torch.float64)
+    ours = spread(predictions)
+    (grad_ours,) = torch.autograd.grad((ours * weights).sum(), predictions)
+    theirs = predictions.std(0, unbiased=False)
+    (grad_theirs,) = torch.autograd.grad((theirs * weights).sum(), predictions)
+    assert ours.shape == (3, 7, 4)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-10, atol=1e-12)
 
 
 def test_one_head_is_refused():

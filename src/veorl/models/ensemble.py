@@ -21,6 +21,15 @@ from veorl.acceleration import upcast
 from veorl.models.rssm import RSSM, RSSMState
 
 
+def spread(predictions: torch.Tensor) -> torch.Tensor:
+    """The population standard deviation over dim 0 (the heads), as `std(0, unbiased=False)` computes it, in two
+    passes (mean, then mean squared deviation). On a CPU, PyTorch's own std over a short leading dim of a large
+    tensor is several times slower: at the paper's sizes it was the slowest operator of the phase-3 update
+    (benchmarks/results_world_model.md)."""
+    deviation = predictions - predictions.mean(0)
+    return deviation.square().mean(0).sqrt()
+
+
 class PriorEnsemble(nn.Module):
     """N prior heads h -> statistics of s (Gaussian mean/std or categorical logits), shaped like the RSSM's own."""
 
@@ -54,7 +63,7 @@ class PriorEnsemble(nn.Module):
 
     def disagreement(self, deter: torch.Tensor) -> torch.Tensor:
         """u(h): the standard deviation across heads of their predictions, averaged over the state's dimensions."""
-        return self.predictions(deter).std(0, unbiased=False).mean(-1)
+        return spread(self.predictions(deter)).mean(-1)
 
     def loss(self, posterior: RSSMState) -> torch.Tensor:
         """Mean over heads of KL(sg(posterior) || head prior), each head fitted to the data like the Trunk Net prior."""
@@ -72,4 +81,4 @@ class PriorEnsemble(nn.Module):
         return kl.mean()
 
 
-__all__ = ["PriorEnsemble"]
+__all__ = ["PriorEnsemble", "spread"]
