@@ -302,10 +302,13 @@ def main(argv: list[str] | None = None) -> int:
         r["fraction_of_conv_peak"] = r["flops_per_s"] / peaks[f"conv_{r['precision']}"]
         r["machine"], r["peaks"], r["threads"] = info, peaks, args.threads
 
-    compiled = ", compiled" if args.compile else ""
+    sides = []
+    if "release" in args.sides:
+        sides.append(f"the release (fp32, {args.release_malloc} malloc)")
+    if "veorl" in args.sides:
+        sides.append(f"veorl ({', '.join(precisions)}{', compiled' if args.compile else ''})")
     print(
-        f"\nOne training update, the release (fp32, {args.release_malloc} malloc) against veorl "
-        f"({', '.join(precisions)}{compiled}), CPU "
+        f"\nOne training update, {' against '.join(sides)}, CPU "
         f"{info['cpu_model']} ({info['cpu_count']} logical CPUs, bf16 instructions: "
         f"{'yes' if info['bf16_instructions'] else 'no'}), {args.threads} threads, mean of {args.repeats} after at "
         f"least {args.warmup} warm-up (load average at the end: {os.getloadavg()[0]:.1f}); torch {info['torch']}\n"
