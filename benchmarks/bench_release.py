@@ -127,7 +127,7 @@ def release_batches(config: types.SimpleNamespace, rng: np.random.Generator) -> 
 
 
 def build_release_update(phase: str, release: Path):
-    """update(step) -> seconds, for one of the release's phases, with its networks and optimisers as it builds them."""
+    """update(step): one update of one of the release's phases, with its networks and optimisers as it builds them."""
     import torch
 
     models, tools = import_release(release)
