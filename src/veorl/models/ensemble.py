@@ -24,8 +24,8 @@ from veorl.models.rssm import RSSM, RSSMState
 def spread(predictions: torch.Tensor) -> torch.Tensor:
     """The population standard deviation over dim 0 (the heads), as `std(0, unbiased=False)` computes it, in two
     passes (mean, then mean squared deviation). On a CPU, PyTorch's own std over a short leading dim of a large
-    tensor is several times slower: at the paper's sizes it was the slowest operator of the phase-3 update
-    (benchmarks/results_world_model.md)."""
+    tensor is several times slower: at the paper's sizes it was the fifth operator of the phase-3 update by self CPU
+    time (benchmarks/profile-phase3-bf16.txt, benchmarks/results_world_model.md)."""
     deviation = predictions - predictions.mean(0)
     return deviation.square().mean(0).sqrt()
 
