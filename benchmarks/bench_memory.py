@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
 
-    from bench_world_model import machine, write_dataset
+    from bench_world_model import machine, run_child, write_dataset
 
     info = machine()
     results = []
@@ -104,12 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, __file__, "--child", mode, "--data", tmp, "--variant", args.variant]
             cmd += ["--updates", str(args.updates), "--threads", str(args.threads), "--preset", args.preset]
             cmd += ["--precision", precision]
-            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if done.returncode != 0:
-                print(done.stderr, file=sys.stderr)
-                return done.returncode
-            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            results.append(run_child(cmd, args.threads))
             print(f"{mode}: done", file=sys.stderr, flush=True)
 
     marks = sorted({m for m in (10, 25, 50, 100, 200) if m < args.updates} | {args.updates})

@@ -45,7 +45,6 @@ import importlib
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -66,8 +65,8 @@ VEORL_VARIANT = {"phase1": "phase1", "phase2": "phase2-trunk", "phase3": "phase3
 # ------------------------------------------------------------------------------------------------
 
 
-def import_release(release: Path) -> tuple[types.ModuleType, types.ModuleType]:
-    """The release's `models` and `tools` modules, imported from its checkout."""
+def check_release(release: Path) -> None:
+    """Stop, naming what is missing, unless `release` holds the release's files the benchmark uses."""
     expected = ("models.py", "networks.py", "tools.py", "configs.yaml")
     missing = [name for name in expected if not (release / name).is_file()]
     if missing:
@@ -75,6 +74,11 @@ def import_release(release: Path) -> tuple[types.ModuleType, types.ModuleType]:
             f"--release {release}: {', '.join(missing)} not found there; expected a checkout of the authors' release "
             "(github.com/panmt/VeoRL)"
         )
+
+
+def import_release(release: Path) -> tuple[types.ModuleType, types.ModuleType]:
+    """The release's `models` and `tools` modules, imported from its checkout."""
+    check_release(release)
     try:
         import torch.utils.tensorboard  # noqa: F401
     except ImportError:  # tools.py imports SummaryWriter for its Logger, which the benchmark does not use
@@ -194,14 +198,6 @@ def run_release(phase: str, release: Path, threads: int, repeats: int, warmup: i
 # ------------------------------------------------------------------------------------------------
 
 
-def _run(cmd: list[str], threads: int) -> dict:
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-    if done.returncode != 0:
-        print(done.stderr, file=sys.stderr)
-        raise SystemExit(done.returncode)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -242,9 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
 
-    import_release(release)  # fail early, with the reason, if the folder is not the release
-    sys.path.remove(str(release))
-    from bench_world_model import best_peaks, machine, write_dataset
+    check_release(release)  # fail early, with the reason, if the folder is not the release
+    from bench_world_model import attach_limits, best_peaks, machine, run_child, write_dataset
 
     from veorl.acceleration import resolve_precision
 
@@ -259,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     world_model = [sys.executable, str(HERE / "bench_world_model.py"), "--threads", str(args.threads)]
     world_model += ["--repeats", str(args.repeats), "--warmup", str(args.warmup)]
     world_model += ["--compile"] if args.compile else []
-    before = _run([*world_model, "--child", "peak"], args.threads)
+    before = run_child([*world_model, "--child", "peak"], args.threads)
     results = []
     with tempfile.TemporaryDirectory(prefix="veorl-bench-release-") as tmp:
         write_dataset(Path(tmp))
@@ -268,10 +263,10 @@ def main(argv: list[str] | None = None) -> int:
                 cmd = [sys.executable, __file__, "--release", str(release), "--child", phase]
                 cmd += ["--threads", str(args.threads), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
                 cmd += ["--release-malloc", args.release_malloc]
-                results.append(_run(cmd, args.threads))
+                results.append(run_child(cmd, args.threads))
                 print(f"release {phase}: {results[-1]['update_s']:.2f} s/update", file=sys.stderr, flush=True)
             for precision in precisions if "veorl" in args.sides else []:
-                r = _run(
+                r = run_child(
                     [*world_model, "--precision", precision, "--child", VEORL_VARIANT[phase], "--data", tmp],
                     args.threads,
                 )
@@ -295,12 +290,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"veorl {phase} ({precision}): {results[-1]['update_s']:.2f} s/update", file=sys.stderr, flush=True
                 )
-    after = _run([*world_model, "--child", "peak"], args.threads)
+    after = run_child([*world_model, "--child", "peak"], args.threads)
     peaks = best_peaks(before, after)
     for r in results:
-        r["fraction_of_gemm_peak"] = r["flops_per_s"] / peaks[f"gemm_{r['precision']}"]
-        r["fraction_of_conv_peak"] = r["flops_per_s"] / peaks[f"conv_{r['precision']}"]
-        r["machine"], r["peaks"], r["threads"] = info, peaks, args.threads
+        attach_limits(r, peaks, info)
+        r["threads"] = args.threads
 
     sides = []
     if "release" in args.sides:

@@ -194,6 +194,16 @@ def best_peaks(*measurements: dict) -> dict:
     return best
 
 
+def attach_limits(result: dict, peaks: dict, info: dict) -> None:
+    """Add to a result (with `precision` and `flops_per_s`) the limits in its precision, its fractions of them, the
+    machine and the peaks measured."""
+    result["peak_gemm_flops_per_s"] = peaks[f"gemm_{result['precision']}"]
+    result["peak_conv_flops_per_s"] = peaks[f"conv_{result['precision']}"]
+    result["fraction_of_gemm_peak"] = result["flops_per_s"] / result["peak_gemm_flops_per_s"]
+    result["fraction_of_conv_peak"] = result["flops_per_s"] / result["peak_conv_flops_per_s"]
+    result["machine"], result["peaks"] = info, peaks
+
+
 def _peak_line(peaks: dict) -> str:
     return (
         f"GEMM fp32 {peaks['gemm_fp32'] / 1e9:.1f}, bf16 {peaks['gemm_bf16'] / 1e9:.1f} GFLOP/s; "
@@ -498,7 +508,13 @@ def _child(args: argparse.Namespace, *extra: str) -> dict:
         *(["--profile", args.profile] if args.profile else []),
         *extra,
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    return run_child(cmd, args.threads)
+
+
+def run_child(cmd: list[str], threads: int) -> dict:
+    """Run a benchmark's child process with `threads` OpenMP threads; its result is the JSON on its last stdout line.
+    A failing child's stderr is printed and its exit status ends the caller."""
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     if done.returncode != 0:
         print(done.stderr, file=sys.stderr)
         raise SystemExit(done.returncode)
@@ -606,11 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"peak, after: {_peak_line(after)}", file=sys.stderr, flush=True)
     peaks = best_peaks(before, after)
     for r in results:
-        r["peak_gemm_flops_per_s"] = peaks[f"gemm_{r['precision']}"]
-        r["peak_conv_flops_per_s"] = peaks[f"conv_{r['precision']}"]
-        r["fraction_of_gemm_peak"] = r["flops_per_s"] / r["peak_gemm_flops_per_s"]
-        r["fraction_of_conv_peak"] = r["flops_per_s"] / r["peak_conv_flops_per_s"]
-        r["machine"], r["peaks"] = info, peaks
+        attach_limits(r, peaks, info)
 
     compiled = ", compiled networks" if args.compile else ""
     compiled += ", native transposed-convolution forwards" if args.native_transposed_convs else ""
