@@ -115,6 +115,24 @@ def test_aligned_guidance_steps_the_plan_net_from_the_mapped_state():
     assert torch.allclose(guidance.predict_next(state, feature, latent), expected)
 
 
+def test_imagination_maps_each_state_once_for_both_the_reward_and_the_prediction():
+    _, _, trunk, guidance, actor = build("aligned")
+    start = start_states(trunk)
+    state, feature = start[:3], trunk.trunk_net.feature(start[:3])
+    mapped = guidance.plan_state(state, feature)
+    latent = guidance.latent_action(feature)
+    # Handing over the mapped state is the same computation as mapping inside.
+    assert torch.equal(guidance.comparable(state, feature, mapped), guidance.comparable(state, feature))
+    assert torch.equal(guidance.predict_next(state, feature, latent, mapped), guidance.predict_next(state, feature, latent))
+    calls = []
+    handle = guidance.state_map.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        imagine(trunk.trunk_net, start, actor, HORIZON, guidance)
+    finally:
+        handle.remove()
+    assert len(calls) == HORIZON + 1  # one M(f_t) per imagined state, not one per use
+
+
 def test_continuous_actor_gradient_flows_through_the_trunk_net_dynamics():
     _, _, trunk, guidance, actor = build()
     traj = imagine(

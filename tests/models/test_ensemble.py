@@ -37,6 +37,27 @@ def test_spread_is_the_population_std_over_heads_with_its_gradient():
     torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["gaussian", "categorical"])
+def test_predictions_are_the_heads_statistics_and_their_gradients(kind):
+    """Gaussian heads compute only the means' rows: the same values and input gradients as the whole statistics
+    (fp64, so the two orders of summation agree to 1e-12)."""
+    torch.manual_seed(0)
+    ensemble = PriorEnsemble(_rssm(kind), size=3).double()
+    deter = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    ours = ensemble.predictions(deter)
+    stats = torch.stack([head(deter) for head in ensemble.heads], 0)
+    if kind == "gaussian":
+        theirs = stats.chunk(2, -1)[0]
+    else:
+        theirs = torch.softmax(stats.reshape(3, 2, 5, 4, 3), -1).flatten(-2)
+    weights = torch.randn_like(theirs)
+    (grad_ours,) = torch.autograd.grad((ours * weights).sum(), deter)
+    (grad_theirs,) = torch.autograd.grad((theirs * weights).sum(), deter)
+    assert ours.shape == (3, 2, 5, 4 if kind == "gaussian" else 12)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-10, atol=1e-12)
+
+
 def test_one_head_is_refused():
     with pytest.raises(ValueError, match="at least 2"):
         PriorEnsemble(_rssm("gaussian"), size=1)

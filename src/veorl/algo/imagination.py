@@ -91,22 +91,32 @@ class BehaviourGuidance(nn.Module):
         codes, _ = self.codebook.nearest(self.fbc(feature))
         return codes
 
-    def _plan_state(self, state: RSSMState, feature: torch.Tensor) -> RSSMState:
+    def plan_state(self, state: RSSMState, feature: torch.Tensor) -> RSSMState:
+        """The Plan Net state a Trunk Net state stands for: M(f) (aligned), or the state itself (release)."""
         if self.mode == "aligned":
             return self.state_map(feature)
         return state
 
-    def comparable(self, state: RSSMState, feature: torch.Tensor) -> torch.Tensor:
-        """The representation of a Trunk Net state that Plan Net predictions are compared with."""
+    def comparable(self, state: RSSMState, feature: torch.Tensor, plan_state: RSSMState | None = None) -> torch.Tensor:
+        """The representation of a Trunk Net state that Plan Net predictions are compared with. `plan_state`: this
+        state's `plan_state`, when the caller has it already (imagination maps each state once)."""
         if self.mode == "aligned":
-            return self.plan_net.feature(self.state_map(feature))
+            return self.plan_net.feature(plan_state if plan_state is not None else self.state_map(feature))
         return feature
 
-    def predict_next(self, state: RSSMState, feature: torch.Tensor, latent_action: torch.Tensor) -> torch.Tensor:
-        """fbar_{t+1}: the Plan Net feature after behaviour `latent_action` from (the image of) state s_t."""
+    def predict_next(
+        self,
+        state: RSSMState,
+        feature: torch.Tensor,
+        latent_action: torch.Tensor,
+        plan_state: RSSMState | None = None,
+    ) -> torch.Tensor:
+        """fbar_{t+1}: the Plan Net feature after behaviour `latent_action` from (the image of) state s_t
+        (`plan_state` as in `comparable`)."""
         if self.plan_net is None:
             raise ValueError("this guidance has no Plan Net: the intrinsic reward is unavailable")
-        predicted = self.plan_net.img_step(self._plan_state(state, feature), latent_action, sample=False)
+        start = plan_state if plan_state is not None else self.plan_state(state, feature)
+        predicted = self.plan_net.img_step(start, latent_action, sample=False)
         return self.plan_net.feature(predicted)
 
 
@@ -183,8 +193,10 @@ def imagine(
     for t in range(horizon + 1):
         feature = trunk_net.feature(state)
         latent = guidance.latent_action(feature.detach()) if guidance is not None else None
+        # M(f_t) once per state: the intrinsic reward at t compares it, the prediction for t+1 steps from it.
+        plan = guidance.plan_state(state, feature) if use_intrinsic else None
         if use_intrinsic and predicted is not None:
-            intrinsic.append(intrinsic_reward(guidance.comparable(state, feature), predicted))
+            intrinsic.append(intrinsic_reward(guidance.comparable(state, feature, plan), predicted))
         else:
             intrinsic.append(torch.zeros(feature.shape[0], device=feature.device, dtype=feature.dtype))
         states.append(state)
@@ -193,7 +205,7 @@ def imagine(
         if t == horizon:
             break
         if use_intrinsic:
-            predicted = guidance.predict_next(state, feature, latent)
+            predicted = guidance.predict_next(state, feature, latent, plan)
         dist = actor(policy_inputs(feature.detach(), latent if use_latent_action else None))
         action = dist.rsample() if dynamics_gradient else dist.sample()
         actions.append(action)

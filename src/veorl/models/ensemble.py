@@ -41,7 +41,8 @@ class PriorEnsemble(nn.Module):
         hidden = hidden or rssm.hidden
         stat_size = rssm.img_stats.out_features
         self.heads = nn.ModuleList(
-            nn.Sequential(nn.Linear(rssm.deter_size, hidden), nn.ELU(), nn.Linear(hidden, stat_size))
+            # In-place ELU: safe after a linear layer (see veorl.models.networks.MLP).
+            nn.Sequential(nn.Linear(rssm.deter_size, hidden), nn.ELU(inplace=True), nn.Linear(hidden, stat_size))
             for _ in range(size)
         )
 
@@ -55,9 +56,13 @@ class PriorEnsemble(nn.Module):
 
     def predictions(self, deter: torch.Tensor) -> torch.Tensor:
         """What each head expects s to be: the Gaussian mean, or the class probabilities (flattened): (N, ..., S)."""
-        stats = self._stats(deter)
         if self.kind == "gaussian":
-            return stats.chunk(2, -1)[0]
+            # Only the means: each head's output layer computes the first half of its rows (the raw stds would be
+            # computed, cut off and given zero gradients).
+            size = self.heads[0][-1].out_features // 2
+            means = [F.linear(head[1](head[0](deter)), head[2].weight[:size], head[2].bias[:size]) for head in self.heads]
+            return upcast(torch.stack(means, 0))
+        stats = self._stats(deter)
         logits = stats.reshape(*stats.shape[:-1], self.stoch_vars, self.classes)
         return torch.softmax(logits, -1).flatten(-2)
 

@@ -18,6 +18,8 @@ from torch import nn
 from veorl.acceleration import LOW_PRECISION, upcast
 
 IMAGE_SIZE = 64
+# Activation modules that take inplace=True and whose backward reads their output (MLP uses them in place).
+IN_PLACE_ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.ELU, nn.ReLU)
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -272,7 +274,9 @@ class Decoder(nn.Module):
 class MLP(nn.Module):
     """`layers` hidden layers of `units` with activation `act`, then a linear output of size `out_dim`.
 
-    The one MLP of the package: heads, F_BC, actor, critic and the bc policy all build theirs with it.
+    The one MLP of the package: heads, F_BC, actor, critic and the bc policy all build theirs with it. Activations
+    that can work in place do (ELU, ReLU): a linear layer's backward needs its input, not its output, so overwriting
+    the output is safe, and it saves writing and keeping one more activation-sized tensor per layer.
     """
 
     def __init__(self, in_dim: int, out_dim: int, units: int, layers: int, act: type[nn.Module] = nn.ELU):
@@ -280,7 +284,7 @@ class MLP(nn.Module):
         modules: list[nn.Module] = []
         width = in_dim
         for _ in range(layers):
-            modules += [nn.Linear(width, units), act()]
+            modules += [nn.Linear(width, units), act(inplace=True) if act in IN_PLACE_ACTIVATIONS else act()]
             width = units
         modules.append(nn.Linear(width, out_dim))
         self.net = nn.Sequential(*modules)
