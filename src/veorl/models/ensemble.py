@@ -52,7 +52,9 @@ class PriorEnsemble(nn.Module):
 
     def _stats(self, deter: torch.Tensor) -> torch.Tensor:
         """(N, ..., stat) raw statistics of every head."""
-        return upcast(torch.stack([head(deter) for head in self.heads], 0))  # fp32 out under bf16 autocast
+        rows = deter.reshape(-1, deter.shape[-1])  # a matrix, so the in-place ELU is not on a view (see MLP)
+        stats = torch.stack([head(rows) for head in self.heads], 0)
+        return upcast(stats).reshape(self.size, *deter.shape[:-1], stats.shape[-1])  # fp32 out under bf16 autocast
 
     def predictions(self, deter: torch.Tensor) -> torch.Tensor:
         """What each head expects s to be: the Gaussian mean, or the class probabilities (flattened): (N, ..., S)."""
@@ -60,8 +62,9 @@ class PriorEnsemble(nn.Module):
             # Only the means: each head's output layer computes the first half of its rows (the raw stds would be
             # computed, cut off and given zero gradients).
             size = self.heads[0][-1].out_features // 2
-            means = [F.linear(head[1](head[0](deter)), head[2].weight[:size], head[2].bias[:size]) for head in self.heads]
-            return upcast(torch.stack(means, 0))
+            rows = deter.reshape(-1, deter.shape[-1])  # a matrix, so the in-place ELU is not on a view (see MLP)
+            means = [F.linear(head[1](head[0](rows)), head[2].weight[:size], head[2].bias[:size]) for head in self.heads]
+            return upcast(torch.stack(means, 0)).reshape(self.size, *deter.shape[:-1], size)
         stats = self._stats(deter)
         logits = stats.reshape(*stats.shape[:-1], self.stoch_vars, self.classes)
         return torch.softmax(logits, -1).flatten(-2)

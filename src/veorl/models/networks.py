@@ -291,7 +291,10 @@ class MLP(nn.Module):
         self.in_dim, self.out_dim = in_dim, out_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return upcast(self.net(x))  # fp32 out, also under bf16 autocast (veorl.acceleration)
+        # On rows of a matrix: a linear layer on (..., in) returns a view of its (rows, out) product, and an in-place
+        # activation on a view makes autograd copy the whole base back in the backward.
+        out = self.net(x.reshape(-1, x.shape[-1]))
+        return upcast(out.reshape(*x.shape[:-1], out.shape[-1]))  # fp32 out, also under bf16 autocast
 
 
 class DenseHead(nn.Module):
