@@ -123,7 +123,8 @@ def test_imagination_maps_each_state_once_for_both_the_reward_and_the_prediction
     latent = guidance.latent_action(feature)
     # Handing over the mapped state is the same computation as mapping inside.
     assert torch.equal(guidance.comparable(state, feature, mapped), guidance.comparable(state, feature))
-    assert torch.equal(guidance.predict_next(state, feature, latent, mapped), guidance.predict_next(state, feature, latent))
+    handed = guidance.predict_next(state, feature, latent, mapped)
+    assert torch.equal(handed, guidance.predict_next(state, feature, latent))
     calls = []
     handle = guidance.state_map.register_forward_hook(lambda *_: calls.append(1))
     try:

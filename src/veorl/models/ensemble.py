@@ -63,7 +63,9 @@ class PriorEnsemble(nn.Module):
             # computed, cut off and given zero gradients).
             size = self.heads[0][-1].out_features // 2
             rows = deter.reshape(-1, deter.shape[-1])  # a matrix, so the in-place ELU is not on a view (see MLP)
-            means = [F.linear(head[1](head[0](rows)), head[2].weight[:size], head[2].bias[:size]) for head in self.heads]
+            means = [
+                F.linear(head[1](head[0](rows)), head[2].weight[:size], head[2].bias[:size]) for head in self.heads
+            ]
             return upcast(torch.stack(means, 0)).reshape(self.size, *deter.shape[:-1], size)
         stats = self._stats(deter)
         logits = stats.reshape(*stats.shape[:-1], self.stoch_vars, self.classes)
