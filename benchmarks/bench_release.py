@@ -26,8 +26,10 @@ What one update is, on each side (the issue's pairing):
           (50 x 200 frames) and source keyframes, MMD,        loss on the 50 x 50 target batch
           imitation net, and the Trunk Net on 50 x 50 frames
   phase3  WorldModel._train_stop (Trunk Net posterior) then   phase3: fine-tuning's PolicyPhase.update (posterior,
-          ImagBehavior._train (15-step imagination, actor      15-step imagination with guidance, actor and critic)
-          and critic)
+          ImagBehavior._train (15-step imagination, actor      15-step imagination with guidance, actor and critic),
+          and critic)                                          with the start frames' embeddings read from the table
+                                                               fine-tuning builds once (bench_world_model.py's
+                                                               phase3-uncached encodes them at every update)
 
 Each update of each side runs in its own child process (so each peak resident size is its own), timed after
 `--warmup` untimed updates (veorl's side also warms up until its retained heap has settled, as bench_world_model.py

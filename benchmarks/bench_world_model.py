@@ -41,7 +41,12 @@ Variants:
   phase3          fine-tuning's policy update (veorl.algo.finetune.PolicyPhase.update, the networks built by
                   build_model_based as fine-tuning builds them): Trunk Net posterior over the B x T = 2500 start
                   states, 15-step imagination with behaviour guidance and the ensemble penalty, actor and critic
-                  updates (critic warm-up off, so the actor's update is timed too); samples = imagined states
+                  updates (critic warm-up off, so the actor's update is timed too); samples = imagined states.
+                  As training does by default, the start states' embeddings come from the table of the frozen
+                  encoder's embeddings of the target frames (finetune.embedding_cache_gb), built once before the
+                  timed updates (the notes give its time)
+  phase3-uncached phase3 encoding the 50 x 50 start frames at every update (embedding_cache_gb: 0; the release's
+                  way)
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ from pathlib import Path
 
 import numpy as np
 
-VARIANTS = ("phase1", "phase1-source", "phase2", "phase2-trunk", "phase2-trunk-worst", "phase3")
+VARIANTS = ("phase1", "phase1-source", "phase2", "phase2-trunk", "phase2-trunk-worst", "phase3", "phase3-uncached")
 ACTION_DIM = 4
 # The encoder's largest convolution at d=32: 32 -> 64 channels, kernel 4, stride 2, on 31x31 maps.
 CONV_SHAPE = {"channels": 32, "out_channels": 64, "size": 31, "kernel": 4, "stride": 2}
@@ -268,12 +273,16 @@ def build_variant(variant: str, data_root: Path, preset: str, precision: str, co
     from veorl.data.episodes import EpisodeStore
     from veorl.data.samplers import ClipSampler, EpisodeWindowSampler, JointSampler, _to_tensors
 
-    if variant == "phase3":
+    if variant in ("phase3", "phase3-uncached"):
+        from veorl.algo import embedding_cache
         from veorl.algo.baselines import switches
         from veorl.algo.finetune import START_STREAM, PolicyPhase, build_model_based
         from veorl.models.world_models import VideoWorldModel
 
-        params = resolve({}, preset=preset, overrides=["finetune.critic_warmup=0"])
+        overrides = ["finetune.critic_warmup=0"]
+        if variant == "phase3-uncached":
+            overrides.append("finetune.embedding_cache_gb=0")
+        params = resolve({}, preset=preset, overrides=overrides)
         fp = params.finetune
         sw = switches(fp)
         video_wm = VideoWorldModel(params.model)
@@ -281,11 +290,17 @@ def build_variant(variant: str, data_root: Path, preset: str, precision: str, co
         trunk, guidance, actor, critic = build_model_based(params, sw, ACTION_DIM, "continuous", video_wm)
         if compile_:
             compile_networks(trunk, video_wm, guidance, actor, critic)
-        phase = PolicyPhase(trunk, actor, critic, params, sw, guidance, precision)
+        # As fine-tuning sets phase 3 up (veorl.algo.finetune.run): window indices into the embedding table when it
+        # fits the budget, else images.
+        store = EpisodeStore(data_root / "target_episodes")
+        cached = embedding_cache.fits(store, trunk.encoder.output_dim, precision, fp.embedding_cache_gb)
+        embeddings = embedding_cache.EmbeddingCache(store, trunk.encoder, precision) if cached else None
+        phase = PolicyPhase(trunk, actor, critic, params, sw, guidance, precision, embeddings)
         phase.freeze_world_model()
-        starts = EpisodeWindowSampler(
-            EpisodeStore(data_root / "target_episodes"), fp.batch, fp.seq_len, 0, START_STREAM, keys=("image", "action")
-        )
+        frames = embedding_cache.INDEX_KEYS if cached else ("image",)
+        starts = EpisodeWindowSampler(store, fp.batch, fp.seq_len, 0, START_STREAM, keys=(*frames, "action"))
+        if embeddings is not None:  # before the timed updates, as the first update of the phase builds it
+            embeddings.build()
 
         def update(step: int) -> tuple[dict, dict]:
             t0 = time.perf_counter()
@@ -295,7 +310,10 @@ def build_variant(variant: str, data_root: Path, preset: str, precision: str, co
                 phase.update(batch)
             t2 = time.perf_counter()
             rest = t2 - t1 - clock.backward - clock.optimizer
-            return {"data": t1 - t0, "forward": rest, "backward": clock.backward, "optimizer": clock.optimizer}, {}
+            info = {}
+            if embeddings is not None:
+                info["embedding_cache"] = {"frames": store.total_steps, "build_s": embeddings.build_seconds}
+            return {"data": t1 - t0, "forward": rest, "backward": clock.backward, "optimizer": clock.optimizer}, info
 
         return update, fp.batch * fp.seq_len * fp.horizon, "imagined states"
 
@@ -653,6 +671,9 @@ def main(argv: list[str] | None = None) -> int:
         note += f", {r['minor_faults_per_update'] * PAGE_BYTES / 2**20:.0f} MiB faulted in per timed update"
         if "keyframes" in r:
             note += f"; {r['keyframes']:.0f} keyframes, {r['behaviours_per_seq']:.1f} behaviours/seq"
+        if "embedding_cache" in r:
+            cache = r["embedding_cache"]
+            note += f"; embeddings of the {cache['frames']} target frames cached once in {cache['build_s']:.2f} s"
         if "dense_share" in r:
             note += f"; profiled: {r['dense_share']:.0%} of CPU time in matmul/conv operators"
         print(

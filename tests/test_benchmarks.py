@@ -79,12 +79,18 @@ def test_bench_world_model_warms_up_until_the_heap_settles(tmp_path):
 
     out = tmp_path / "world_model.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_world_model.py"), "--preset", "smoke", "--threads", "1"]
-    cmd += ["--variants", "phase1", "phase3", "--repeats", "2", "--warmup", "1", "--settle", "3"]
+    cmd += ["--variants", "phase1", "phase3", "phase3-uncached", "--repeats", "2", "--warmup", "1", "--settle", "3"]
     cmd += ["--gemm", "128", "--conv-batch", "4", "--peak-seconds", "0.1", "--json", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
-    assert [r["variant"] for r in report] == ["phase1", "phase3"]
+    assert [r["variant"] for r in report] == ["phase1", "phase3", "phase3-uncached"]
+    # phase 3 reads its start embeddings from the table built before the timed updates: no encoder FLOPs per update
+    cached, uncached = report[1], report[2]
+    assert cached["embedding_cache"]["frames"] > 0 and cached["embedding_cache"]["build_s"] > 0
+    assert "embedding_cache" not in uncached
+    assert cached["flops_per_update"] < uncached["flops_per_update"]
+    assert "target frames cached once" in done.stdout
     glibc = platform.libc_ver()[0] == "glibc"
     for r in report:
         assert r["retain_memory"] is glibc and r["repeats"] == 2

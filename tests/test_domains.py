@@ -25,6 +25,7 @@ NEW_KEYS |= {"finetune.discount_head": False}  # the game's discount head (issue
 NEW_KEYS |= {"evaluate.policy": "mode"}  # sampled evaluation (issue 9); the mode is the deterministic policy
 NEW_KEYS |= {"finetune.actor_bc_loss": "mse"}  # the behaviour term's form (issue 12): mse on continuous actions
 NEW_KEYS |= {"collect.starts": "seed"}  # where collected episodes start; the seed draws a variation, as before
+NEW_KEYS |= {"finetune.embedding_cache_gb": 2.0}  # phase 3's table of embeddings (issue 10): the same maths
 
 
 @pytest.mark.parametrize("preset", ["smoke", "cpu", "laptop", "paper", "params.yaml"])

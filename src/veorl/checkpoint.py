@@ -34,9 +34,9 @@ _NAME = re.compile(r"^ckpt-(\d+)\.pt$")
 
 # Settings that may change between an interrupted run and its resumption: how long to train, how
 # often to log or checkpoint, where and with how many threads to run, how far to prefetch, whether the networks
-# are compiled (the same maths). Not the precision: the stages record the resolved one (fp32 | bf16) in the config
-# they checkpoint, so a bf16 run is never continued in fp32 (or the other way round) and each trains in its own
-# folder.
+# are compiled or phase 3 caches its embeddings (the same maths). Not the precision: the stages record the resolved
+# one (fp32 | bf16) in the config they checkpoint, so a bf16 run is never continued in fp32 (or the other way round)
+# and each trains in its own folder.
 RESUMABLE_CHANGES: tuple[str, ...] = (
     "preset",
     "*.phase1_steps",
@@ -53,6 +53,7 @@ RESUMABLE_CHANGES: tuple[str, ...] = (
     "*.threads",
     "*.compile",
     "*.retain_memory",
+    "*.embedding_cache_gb",
 )
 
 

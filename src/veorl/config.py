@@ -394,6 +394,13 @@ class FinetuneParams(Section):
         "pulls the mode to the data's mean action (docs/results.md: better on drawer-open, handle-press and the "
         "highway).",
     )
+    embedding_cache_gb: float = Field(
+        default=2.0,
+        ge=0,
+        description="Phase 3 encodes every target frame once with the frozen encoder and reads the start batches' "
+        "embeddings from that table (2 bytes a number in bf16, 4 in fp32) when it takes at most this many GiB; "
+        "larger data, or 0, encodes every batch (the release's way). The same maths (veorl.algo.embedding_cache).",
+    )
     ensemble_size: int = Field(
         default=5,
         ge=0,

@@ -41,7 +41,9 @@ from torch import nn
 
 from veorl import distributed
 from veorl.acceleration import clone_module, module_device
+from veorl.algo import embedding_cache
 from veorl.algo.baselines import BehaviourCloning, Switches, switches
+from veorl.algo.embedding_cache import INDEX_KEYS, EmbeddingCache
 from veorl.algo.imagination import (
     BehaviourGuidance,
     Imagination,
@@ -354,6 +356,7 @@ class PolicyPhase(Trainer):
         sw: Switches,
         guidance: BehaviourGuidance | None = None,
         precision: str = "fp32",
+        embeddings: EmbeddingCache | None = None,
     ):
         fp = params.finetune
         if sw.needs_guidance and guidance is None:
@@ -363,6 +366,9 @@ class PolicyPhase(Trainer):
             raise FinetuneError("finetune.uncertainty_weight > 0 needs the Trunk Net's prior ensemble (ensemble_size)")
         self.trunk, self.actor, self.critic, self.fp, self.sw, self.guidance = trunk, actor, critic, fp, sw, guidance
         self.precision, self.autocast_device = precision, module_device(trunk)
+        # The frozen encoder's embeddings of the target frames, when start batches carry window indices instead of
+        # images (veorl.algo.embedding_cache); None: every batch is encoded.
+        self.embeddings = embeddings
         self.slow_critic = clone_module(critic).requires_grad_(False)
         self.actor_optimizer = torch.optim.Adam(actor.parameters(), lr=fp.actor_optim.lr, eps=fp.actor_optim.eps)
         self.critic_optimizer = torch.optim.Adam(critic.parameters(), lr=fp.critic_optim.lr, eps=fp.critic_optim.eps)
@@ -380,11 +386,21 @@ class PolicyPhase(Trainer):
             self.guidance.requires_grad_(False)
 
     def start_states(self, batch: Batch) -> StartStates:
-        """Every step of every target sequence is a start state: (B*T, ...), with the data action that followed it."""
-        with torch.no_grad():
-            embed = self.trunk.encoder(preprocess(batch["image"]))
-            posterior, _ = self.trunk.trunk_net.observe(embed, batch["action"])
+        """Every step of every target sequence is a start state: (B*T, ...), with the data action that followed it.
+
+        A batch with window indices (INDEX_KEYS) instead of images reads its embeddings from `embeddings`."""
         action = batch["action"]
+        with torch.no_grad():
+            if "image" in batch:
+                embed = self.trunk.encoder(preprocess(batch["image"]))
+            elif self.embeddings is not None:
+                episode, start = (batch[key] for key in INDEX_KEYS)
+                embed = self.embeddings.windows(episode, start, action.shape[1])
+            else:
+                raise FinetuneError(
+                    f"a start batch needs images, or window indices {INDEX_KEYS} and the embedding cache"
+                )
+            posterior, _ = self.trunk.trunk_net.observe(embed, action)
         rows, steps = action.shape[:2]
         # Index t holds the action that led to observation t, so the one taken after it sits at t+1.
         following = torch.cat([action[:, 1:], torch.zeros_like(action[:, :1])], 1)
@@ -591,6 +607,8 @@ class PolicyPhase(Trainer):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.trunk.load_state_dict(state["trunk"])
+        if self.embeddings is not None:
+            self.embeddings.invalidate()  # made with the encoder's weights before these
         if self.guidance is not None:
             self.guidance.load_state_dict(state["guidance"])
         self.actor.load_state_dict(state["actor"])
@@ -884,8 +902,19 @@ def _finetune(
         source = None
         if clip_store:
             source = ClipSampler(clip_store, fp.source_batch, fp.source_len, fp.seed, SOURCE_STREAM, rank=ctx.rank)
+        # Phase 3's start batches: window indices into a table of the frozen encoder's embeddings when it fits the
+        # budget (veorl.algo.embedding_cache), else images encoded at every update.
+        cached = embedding_cache.fits(store, trunk.encoder.output_dim, precision, fp.embedding_cache_gb)
+        if fp.embedding_cache_gb > 0 and not cached:
+            log.info(
+                "finetune: the target frames' embeddings would take %.2f GiB, over embedding_cache_gb=%s: phase 3 "
+                "encodes every batch",
+                embedding_cache.table_bytes(store, trunk.encoder.output_dim, precision) / embedding_cache.GIB,
+                fp.embedding_cache_gb,
+            )
+        frames = INDEX_KEYS if cached else ("image",)
         starts = EpisodeWindowSampler(
-            store, fp.batch, fp.seq_len, fp.seed, START_STREAM, keys=("image", "action", *ends), rank=ctx.rank
+            store, fp.batch, fp.seq_len, fp.seed, START_STREAM, keys=(*frames, "action", *ends), rank=ctx.rank
         )
 
         def world_model_batch(step: int) -> dict[str, Any]:
@@ -895,7 +924,8 @@ def _finetune(
             return batch
 
         def policy_phase() -> PolicyPhase:
-            phase = PolicyPhase(trunk, actor, critic, params, sw, guidance, precision)
+            embeddings = EmbeddingCache(store, trunk.encoder, precision) if cached else None
+            phase = PolicyPhase(trunk, actor, critic, params, sw, guidance, precision, embeddings)
             phase.freeze_world_model()
             return phase
 

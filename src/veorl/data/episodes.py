@@ -242,18 +242,27 @@ class EpisodeStore:
             self._cache.popitem(last=False)
         return ep
 
-    def sample(self, batch: int, seq_len: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """`batch` windows of `seq_len` consecutive steps, episodes chosen proportionally to their usable length."""
+    def sample(self, batch: int, seq_len: int, rng: np.random.Generator, index: bool = False) -> dict[str, np.ndarray]:
+        """`batch` windows of `seq_len` consecutive steps, episodes chosen proportionally to their usable length.
+
+        index=True adds where each window comes from: "episode" (its episode's index) and "start" (its first step),
+        int64 arrays of shape (batch,). The draws are the same either way."""
         usable = np.maximum(self.lengths - seq_len + 1, 1 if self.absorbing else 0)
         if usable.sum() == 0:
             raise ValueError(f"no episode is at least seq_len={seq_len} steps long (longest: {self.lengths.max()})")
         eps = rng.choice(len(self.files), size=batch, p=usable / usable.sum())
         out: dict[str, list[np.ndarray]] = {}
+        starts = []
         for i in eps:
             ep = self.episode(int(i))
             if self.absorbing and len(ep["reward"]) < seq_len:
                 ep = pad_absorbing(ep, seq_len)
             start = int(rng.integers(0, len(ep["reward"]) - seq_len + 1))
+            starts.append(start)
             for key, arr in ep.items():
                 out.setdefault(key, []).append(arr[start : start + seq_len])
-        return {k: np.stack(v) for k, v in out.items()}
+        windows = {k: np.stack(v) for k, v in out.items()}
+        if index:
+            windows["episode"] = eps.astype(np.int64)
+            windows["start"] = np.asarray(starts, dtype=np.int64)
+        return windows

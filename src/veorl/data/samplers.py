@@ -61,7 +61,9 @@ class EpisodeWindowSampler:
         self.rank = rank
 
     def __call__(self, step: int) -> Batch:
-        data = self.store.sample(self.batch, self.seq_len, step_rng(self.seed, self.stream, step, self.rank))
+        # "episode" and "start" among the keys: where each window comes from (EpisodeStore.sample's index).
+        index = self.keys is not None and ("episode" in self.keys or "start" in self.keys)
+        data = self.store.sample(self.batch, self.seq_len, step_rng(self.seed, self.stream, step, self.rank), index)
         if self.keys is not None:
             data = {k: data[k] for k in self.keys}
         return data

@@ -1,0 +1,106 @@
+"""Phase 3's encoder embeddings of the target frames, computed once instead of at every update.
+
+Phase 3 trains the actor and critic on a frozen Trunk Net, so its encoder maps a given target frame to the same
+embedding at every update. The release encodes the 50 x 50 frames of each start batch afresh: at the paper's sizes
+that is about a tenth of a phase-3 update on a CPU (benchmarks/results_world_model.md). With the cache, every frame
+of the target data is encoded once, in chunks, the first time the phase needs it (and again after its weights are
+loaded from a checkpoint). A start batch then carries each window's episode and first step (`INDEX_KEYS`) instead of
+its images, and reads its embeddings from the table.
+
+The mathematics is the same: the encoder is the same network, with the same weights and precision; only the batch
+it runs in differs. The table is kept in the precision the encoder computes in. Under bf16 autocast the encoder's
+output is the fp32 image of bf16 values, so a bf16 table holds it exactly, at 2 bytes a number. The absorbing steps
+padded after a short episode's end repeat its last frame (veorl.data.episodes.pad_absorbing), so their embedding is
+that frame's.
+
+`finetune.embedding_cache_gb` bounds the table. When the target data would need more, phase 3 encodes every batch,
+as the release does (`fits`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from veorl.acceleration import autocast, module_device
+from veorl.data.episodes import EpisodeStore
+
+log = logging.getLogger(__name__)
+
+# The keys a start batch carries instead of "image" when the cache is on (veorl.data.episodes.EpisodeStore.sample).
+INDEX_KEYS: tuple[str, str] = ("episode", "start")
+GIB = 2**30
+
+
+def table_bytes(store: EpisodeStore, embed_dim: int, precision: str) -> int:
+    """Bytes of the table of every target frame's embedding (bf16: 2 a number, fp32: 4)."""
+    return store.total_steps * embed_dim * (2 if precision == "bf16" else 4)
+
+
+def fits(store: EpisodeStore, embed_dim: int, precision: str, budget_gb: float) -> bool:
+    """Whether the table fits `budget_gb` GiB (0: the cache is off)."""
+    return budget_gb > 0 and table_bytes(store, embed_dim, precision) <= budget_gb * GIB
+
+
+class EmbeddingCache:
+    """The frozen encoder's embedding of every frame of `store`: built on first use, read by window."""
+
+    def __init__(self, store: EpisodeStore, encoder: nn.Module, precision: str, chunk: int = 512):
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"the embedding cache needs a resolved precision (fp32 | bf16), got {precision!r}")
+        self.store, self.encoder, self.precision, self.chunk = store, encoder, precision, max(1, chunk)
+        self.offsets = np.concatenate([[0], np.cumsum(store.lengths)[:-1]]).astype(np.int64)
+        self.table: torch.Tensor | None = None
+        self.build_seconds: float | None = None
+        self._offsets_t: torch.Tensor | None = None
+        self._lengths_t: torch.Tensor | None = None
+
+    def invalidate(self) -> None:
+        """Forget the table (the encoder's weights changed): the next read encodes the data again."""
+        self.table = None
+
+    @torch.no_grad()
+    def build(self) -> torch.Tensor:
+        """Encode every frame of the store, episode by episode, in chunks of `chunk` frames."""
+        t0 = time.perf_counter()
+        device = module_device(self.encoder)
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        table: torch.Tensor | None = None
+        for i in range(len(self.store)):
+            images = self.store.episode(i)["image"]
+            first = int(self.offsets[i])
+            for s in range(0, len(images), self.chunk):
+                frames = torch.from_numpy(np.ascontiguousarray(images[s : s + self.chunk])).to(device)
+                with autocast(self.precision, device):
+                    embed = self.encoder(frames)
+                if table is None:
+                    table = torch.empty(self.store.total_steps, embed.shape[-1], dtype=dtype, device=device)
+                table[first + s : first + s + len(frames)] = embed.to(dtype)
+        self.table = table
+        self._offsets_t = torch.from_numpy(self.offsets).to(device)
+        self._lengths_t = torch.from_numpy(self.store.lengths).to(device)
+        self.build_seconds = time.perf_counter() - t0
+        log.info(
+            "phase 3: the %d target frames encoded once in %.1f s (%.0f MiB of %s embeddings)",
+            self.store.total_steps,
+            self.build_seconds,
+            table.numel() * table.element_size() / 2**20,
+            self.precision,
+        )
+        return table
+
+    def windows(self, episode: torch.Tensor, start: torch.Tensor, length: int) -> torch.Tensor:
+        """(B, length, E) fp32 embeddings of the windows that begin at step `start` of episode `episode` (both (B,))."""
+        table = self.table if self.table is not None else self.build()
+        episode, start = episode.to(table.device).long(), start.to(table.device).long()
+        steps = start[:, None] + torch.arange(length, device=table.device)[None]
+        # Absorbing steps after a short episode's end repeat its last frame.
+        steps = torch.minimum(steps, self._lengths_t[episode][:, None] - 1)
+        return table[self._offsets_t[episode][:, None] + steps].float()
+
+
+__all__ = ["GIB", "INDEX_KEYS", "EmbeddingCache", "fits", "table_bytes"]
