@@ -58,6 +58,21 @@ def test_predictions_are_the_heads_statistics_and_their_gradients(kind):
     torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-10, atol=1e-12)
 
 
+def test_spread_has_torch_std_gradient_where_the_heads_agree_exactly():
+    """Heads that agree exactly on an element (bf16 predictions can) give it a zero gradient, as torch.std does, not
+    the NaN of sqrt's infinite slope at 0 (which once stopped a fine-tuning run)."""
+    torch.manual_seed(0)
+    predictions = torch.randn(5, 4, 3, dtype=torch.float64)
+    predictions[:, 1, 2] = 0.75  # all heads equal here
+    predictions.requires_grad_()
+    weights = torch.randn(4, 3, dtype=torch.float64)
+    (grad_ours,) = torch.autograd.grad((spread(predictions) * weights).sum(), predictions)
+    (grad_theirs,) = torch.autograd.grad((predictions.std(0, unbiased=False) * weights).sum(), predictions)
+    assert torch.isfinite(grad_ours).all()
+    assert torch.equal(grad_ours[:, 1, 2], torch.zeros(5, dtype=torch.float64))
+    torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-10, atol=1e-12)
+
+
 def test_one_head_is_refused():
     with pytest.raises(ValueError, match="at least 2"):
         PriorEnsemble(_rssm("gaussian"), size=1)

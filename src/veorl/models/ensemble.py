@@ -21,13 +21,30 @@ from veorl.acceleration import upcast
 from veorl.models.rssm import RSSM, RSSMState
 
 
+class _Sqrt(torch.autograd.Function):
+    """sqrt whose gradient is 0 where the result is 0, as torch.std's is (not the inf of d sqrt(x)/dx at 0)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        root = x.sqrt()
+        ctx.save_for_backward(root)
+        return root
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (root,) = ctx.saved_tensors
+        return (grad / (2.0 * root)).masked_fill_(root == 0, 0.0)
+
+
 def spread(predictions: torch.Tensor) -> torch.Tensor:
     """The population standard deviation over dim 0 (the heads), as `std(0, unbiased=False)` computes it, in two
     passes (mean, then mean squared deviation). On a CPU, PyTorch's own std over a short leading dim of a large
     tensor is several times slower: at the paper's sizes it was the fifth operator of the phase-3 update by self CPU
-    time (benchmarks/profile-phase3-bf16.txt, benchmarks/results_world_model.md)."""
+    time (benchmarks/profile-phase3-bf16.txt, benchmarks/results_world_model.md). Where every head predicts the same
+    value (bf16 predictions can agree exactly) the gradient is 0, as torch.std's is, not the 0 x inf = NaN of a
+    plain sqrt."""
     deviation = predictions - predictions.mean(0)
-    return deviation.square().mean(0).sqrt()
+    return _Sqrt.apply(deviation.square().mean(0))
 
 
 class PriorEnsemble(nn.Module):
