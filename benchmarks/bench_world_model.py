@@ -293,11 +293,10 @@ def build_variant(variant: str, data_root: Path, preset: str, precision: str, co
         # As fine-tuning sets phase 3 up (veorl.algo.finetune.run): window indices into the embedding table when it
         # fits the budget, else images.
         store = EpisodeStore(data_root / "target_episodes")
-        cached = embedding_cache.fits(store, trunk.encoder.output_dim, precision, fp.embedding_cache_gb)
-        embeddings = embedding_cache.EmbeddingCache(store, trunk.encoder, precision) if cached else None
+        embeddings = embedding_cache.for_store(store, trunk.encoder, precision, fp.embedding_cache_gb)
         phase = PolicyPhase(trunk, actor, critic, params, sw, guidance, precision, embeddings)
         phase.freeze_world_model()
-        frames = embedding_cache.INDEX_KEYS if cached else ("image",)
+        frames = embedding_cache.frame_keys(embeddings)
         starts = EpisodeWindowSampler(store, fp.batch, fp.seq_len, 0, START_STREAM, keys=(*frames, "action"))
         if embeddings is not None:  # before the timed updates, as the first update of the phase builds it
             embeddings.build()

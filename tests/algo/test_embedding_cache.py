@@ -10,7 +10,7 @@ from tests.algo.test_finetune import build_veorl
 from tests.builders import smoke_params, write_episodes
 from veorl.acceleration import autocast
 from veorl.algo.baselines import switches
-from veorl.algo.embedding_cache import GIB, INDEX_KEYS, EmbeddingCache, fits, table_bytes
+from veorl.algo.embedding_cache import GIB, INDEX_KEYS, EmbeddingCache, fits, for_store, frame_keys, table_bytes
 from veorl.algo.finetune import FinetuneError, PolicyPhase
 from veorl.data.episodes import EpisodeStore, pad_absorbing
 from veorl.data.samplers import EpisodeWindowSampler, _to_tensors
@@ -86,6 +86,12 @@ def test_the_budget_decides(store):
     assert fits(store, dim, "bf16", just) and not fits(store, dim, "bf16", just * 0.99)
     with pytest.raises(ValueError, match="resolved precision"):
         EmbeddingCache(store, encoder(), "auto")
+    # What fine-tuning sets phase 3 up with: a cache and window indices, or images to encode.
+    cache = for_store(store, encoder(), "bf16", just)
+    assert isinstance(cache, EmbeddingCache) and cache.table is None  # nothing encoded before the first read
+    assert frame_keys(cache) == INDEX_KEYS
+    assert for_store(store, encoder(), "bf16", just * 0.99) is None and for_store(store, encoder(), "bf16", 0) is None
+    assert frame_keys(None) == ("image",)
 
 
 def test_policy_phase_start_states_from_the_cache_match_encoded_batches(tmp_path):

@@ -46,6 +46,26 @@ def fits(store: EpisodeStore, embed_dim: int, precision: str, budget_gb: float) 
     return budget_gb > 0 and table_bytes(store, embed_dim, precision) <= budget_gb * GIB
 
 
+def for_store(store: EpisodeStore, encoder: nn.Module, precision: str, budget_gb: float) -> EmbeddingCache | None:
+    """The cache phase 3 reads `store`'s embeddings from, or None (every batch is encoded) when it is off or the
+    table would not fit `budget_gb` (said in the log). Nothing is encoded until the first read."""
+    if fits(store, encoder.output_dim, precision, budget_gb):
+        return EmbeddingCache(store, encoder, precision)
+    if budget_gb > 0:
+        log.info(
+            "phase 3: the target frames' embeddings would take %.2f GiB, over embedding_cache_gb=%s: every start "
+            "batch is encoded",
+            table_bytes(store, encoder.output_dim, precision) / GIB,
+            budget_gb,
+        )
+    return None
+
+
+def frame_keys(cache: EmbeddingCache | None) -> tuple[str, ...]:
+    """What a start batch carries of its frames: window indices into `cache`, or the images themselves."""
+    return INDEX_KEYS if cache is not None else ("image",)
+
+
 class EmbeddingCache:
     """The frozen encoder's embedding of every frame of `store`: built on first use, read by window."""
 
@@ -103,4 +123,4 @@ class EmbeddingCache:
         return table[self._offsets_t[episode][:, None] + steps].float()
 
 
-__all__ = ["GIB", "INDEX_KEYS", "EmbeddingCache", "fits", "table_bytes"]
+__all__ = ["GIB", "INDEX_KEYS", "EmbeddingCache", "fits", "for_store", "frame_keys", "table_bytes"]

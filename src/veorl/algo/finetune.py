@@ -904,15 +904,8 @@ def _finetune(
             source = ClipSampler(clip_store, fp.source_batch, fp.source_len, fp.seed, SOURCE_STREAM, rank=ctx.rank)
         # Phase 3's start batches: window indices into a table of the frozen encoder's embeddings when it fits the
         # budget (veorl.algo.embedding_cache), else images encoded at every update.
-        cached = embedding_cache.fits(store, trunk.encoder.output_dim, precision, fp.embedding_cache_gb)
-        if fp.embedding_cache_gb > 0 and not cached:
-            log.info(
-                "finetune: the target frames' embeddings would take %.2f GiB, over embedding_cache_gb=%s: phase 3 "
-                "encodes every batch",
-                embedding_cache.table_bytes(store, trunk.encoder.output_dim, precision) / embedding_cache.GIB,
-                fp.embedding_cache_gb,
-            )
-        frames = INDEX_KEYS if cached else ("image",)
+        embeddings = embedding_cache.for_store(store, trunk.encoder, precision, fp.embedding_cache_gb)
+        frames = embedding_cache.frame_keys(embeddings)
         starts = EpisodeWindowSampler(
             store, fp.batch, fp.seq_len, fp.seed, START_STREAM, keys=(*frames, "action", *ends), rank=ctx.rank
         )
@@ -924,7 +917,6 @@ def _finetune(
             return batch
 
         def policy_phase() -> PolicyPhase:
-            embeddings = EmbeddingCache(store, trunk.encoder, precision) if cached else None
             phase = PolicyPhase(trunk, actor, critic, params, sw, guidance, precision, embeddings)
             phase.freeze_world_model()
             return phase
