@@ -73,11 +73,10 @@ class EmbeddingCache:
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"the embedding cache needs a resolved precision (fp32 | bf16), got {precision!r}")
         self.store, self.encoder, self.precision, self.chunk = store, encoder, precision, max(1, chunk)
-        self.offsets = np.concatenate([[0], np.cumsum(store.lengths)[:-1]]).astype(np.int64)
         self.table: torch.Tensor | None = None
         self.build_seconds: float | None = None
-        self._offsets_t: torch.Tensor | None = None
-        self._lengths_t: torch.Tensor | None = None
+        self._offsets: torch.Tensor | None = None  # row of each episode's first frame
+        self._frames: torch.Tensor | None = None  # frames of each episode
 
     def invalidate(self) -> None:
         """Forget the table (the encoder's weights changed): the next read encodes the data again."""
@@ -85,28 +84,27 @@ class EmbeddingCache:
 
     @torch.no_grad()
     def build(self) -> torch.Tensor:
-        """Encode every frame of the store, episode by episode, in chunks of `chunk` frames."""
+        """Encode every frame of the store, episode by episode, in chunks of `chunk` frames. Rows follow the frames
+        the episodes hold, not the lengths read from their file names."""
         t0 = time.perf_counter()
         device = module_device(self.encoder)
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-        table: torch.Tensor | None = None
+        parts, frames = [], []
         for i in range(len(self.store)):
             images = self.store.episode(i)["image"]
-            first = int(self.offsets[i])
+            frames.append(len(images))
             for s in range(0, len(images), self.chunk):
-                frames = torch.from_numpy(np.ascontiguousarray(images[s : s + self.chunk])).to(device)
+                chunk = torch.from_numpy(np.ascontiguousarray(images[s : s + self.chunk])).to(device)
                 with autocast(self.precision, device):
-                    embed = self.encoder(frames)
-                if table is None:
-                    table = torch.empty(self.store.total_steps, embed.shape[-1], dtype=dtype, device=device)
-                table[first + s : first + s + len(frames)] = embed.to(dtype)
+                    parts.append(self.encoder(chunk).to(dtype))
+        table = torch.cat(parts)
+        counts = torch.tensor(frames, dtype=torch.long, device=device)
+        self._frames, self._offsets = counts, torch.cumsum(counts, 0) - counts
         self.table = table
-        self._offsets_t = torch.from_numpy(self.offsets).to(device)
-        self._lengths_t = torch.from_numpy(self.store.lengths).to(device)
         self.build_seconds = time.perf_counter() - t0
         log.info(
             "phase 3: the %d target frames encoded once in %.1f s (%.0f MiB of %s embeddings)",
-            self.store.total_steps,
+            len(table),
             self.build_seconds,
             table.numel() * table.element_size() / 2**20,
             self.precision,
@@ -119,8 +117,8 @@ class EmbeddingCache:
         episode, start = episode.to(table.device).long(), start.to(table.device).long()
         steps = start[:, None] + torch.arange(length, device=table.device)[None]
         # Absorbing steps after a short episode's end repeat its last frame.
-        steps = torch.minimum(steps, self._lengths_t[episode][:, None] - 1)
-        return table[self._offsets_t[episode][:, None] + steps].float()
+        steps = torch.minimum(steps, self._frames[episode][:, None] - 1)
+        return table[self._offsets[episode][:, None] + steps].float()
 
 
 __all__ = ["GIB", "INDEX_KEYS", "EmbeddingCache", "fits", "for_store", "frame_keys", "table_bytes"]
