@@ -67,23 +67,20 @@ class PriorEnsemble(nn.Module):
     def size(self) -> int:
         return len(self.heads)
 
-    def _stats(self, deter: torch.Tensor) -> torch.Tensor:
-        """(N, ..., stat) raw statistics of every head."""
+    def _stats(self, deter: torch.Tensor, outputs: int | None = None) -> torch.Tensor:
+        """(N, ..., stat) raw statistics of every head; only the first `outputs` of each when given (its output layer
+        then computes just those rows)."""
         rows = deter.reshape(-1, deter.shape[-1])  # a matrix, so the in-place ELU is not on a view (see MLP)
-        stats = torch.stack([head(rows) for head in self.heads], 0)
+        stats = torch.stack(
+            [F.linear(head[1](head[0](rows)), head[2].weight[:outputs], head[2].bias[:outputs]) for head in self.heads]
+        )
         return upcast(stats).reshape(self.size, *deter.shape[:-1], stats.shape[-1])  # fp32 out under bf16 autocast
 
     def predictions(self, deter: torch.Tensor) -> torch.Tensor:
         """What each head expects s to be: the Gaussian mean, or the class probabilities (flattened): (N, ..., S)."""
         if self.kind == "gaussian":
-            # Only the means: each head's output layer computes the first half of its rows (the raw stds would be
-            # computed, cut off and given zero gradients).
-            size = self.heads[0][-1].out_features // 2
-            rows = deter.reshape(-1, deter.shape[-1])  # a matrix, so the in-place ELU is not on a view (see MLP)
-            means = [
-                F.linear(head[1](head[0](rows)), head[2].weight[:size], head[2].bias[:size]) for head in self.heads
-            ]
-            return upcast(torch.stack(means, 0)).reshape(self.size, *deter.shape[:-1], size)
+            # Only the means (the raw stds would be computed, cut off and given zero gradients).
+            return self._stats(deter, outputs=self.heads[0][-1].out_features // 2)
         stats = self._stats(deter)
         logits = stats.reshape(*stats.shape[:-1], self.stoch_vars, self.classes)
         return torch.softmax(logits, -1).flatten(-2)
