@@ -311,7 +311,7 @@ def build_variant(variant: str, data_root: Path, preset: str, precision: str, co
             rest = t2 - t1 - clock.backward - clock.optimizer
             info = {}
             if embeddings is not None:
-                info["embedding_cache"] = {"frames": store.total_steps, "build_s": embeddings.build_seconds}
+                info["embedding_cache"] = {"frames": len(embeddings.table), "build_s": embeddings.build_seconds}
             return {"data": t1 - t0, "forward": rest, "backward": clock.backward, "optimizer": clock.optimizer}, info
 
         return update, fp.batch * fp.seq_len * fp.horizon, "imagined states"
