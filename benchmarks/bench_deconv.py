@@ -1,4 +1,4 @@
-"""The decoder's transposed convolutions: PyTorch's own forward against the sub-pixel forward, per layer and for the
+"""The decoder's transposed convolutions: PyTorch's own layer against the decoder's CPU forms, per layer and for the
 whole decoder, on this machine (a script, not a test).
 
     .venv/bin/python benchmarks/bench_deconv.py [--depth 32] [--frames 2500] [--threads 2] [--repeats 3]
@@ -9,16 +9,18 @@ transposed convolutions: 4d -> 2d channels (kernel 5, on 5x5 maps), 2d -> d (ker
 30x30). For each of them, and each precision, this script times on the same input (`--frames` frames: phase 1 decodes
 50 sequences x 50 steps = 2500), side by side:
 
-  native    `nn.ConvTranspose2d` (oneDNN's deconvolution on a CPU)
-  subpixel  forward as one stride-1 convolution and a pixel shuffle (`subpixel_conv_transpose2d`), backward the
-            native one (what the decoder runs for the layers `subpixel_forward_pays` picks)
+  pytorch   `nn.ConvTranspose2d`: oneDNN's deconvolution forward, and one `convolution_backward` call for the
+            input, weight and bias gradients
+  native    the same forward; backward with the bias gradient summed apart (`_ConvTransposeStride2`)
+  subpixel  forward as one stride-1 convolution and a pixel shuffle (`subpixel_conv_transpose2d`), backward as in
+            native (what the decoder runs for the layers `subpixel_forward_pays` picks)
 
-forward alone and forward + backward (seconds, best of `--repeats` after a warm-up), and the FLOP/s of each in the
-transposed convolution's own arithmetic (2 C_in C_out k^2 H W per frame forward, twice that backward), so both
-columns count the same work. Then the whole decoder, feature to frame, forward and backward, with the decoder's
-choice against native forwards everywhere (`native_transposed_convolutions`). The last column says which form the
-decoder uses for the layer on this device and precision. Run it on the machine you train on: the choice was measured
-on one CPU, and oneDNN's kernels differ between CPUs.
+forward alone (native against subpixel) and forward + backward (all three), in seconds, best of `--repeats` after a
+warm-up, and the FLOP/s of the decoder's form in the transposed convolution's own arithmetic (2 C_in C_out k^2 H W
+per frame forward, twice that backward). Then the whole decoder, feature to frame, forward and backward, with the
+decoder's choice against PyTorch's own layers everywhere (`native_transposed_convolutions`). The last column says
+which form the decoder uses for the layer on this device and precision. Run it on the machine you train on: the
+choice was measured on one CPU, and oneDNN's kernels differ between CPUs.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from veorl.acceleration import autocast, cpu_has_bf16, cpu_model_name  # noqa: E402
 from veorl.models.networks import (  # noqa: E402
     Decoder,
+    cpu_conv_transpose_stride2,
     native_transposed_convolutions,
-    subpixel_forward,
     subpixel_forward_pays,
 )
 
@@ -69,29 +71,32 @@ def time_layer(c_in: int, c_out: int, k: int, side: int, frames: int, precision:
     flops = 2.0 * frames * c_in * c_out * k * k * side * side
 
     row: dict = {"layer": f"{c_in}->{c_out} k{k} {side}x{side}->{out_side}x{out_side}", "precision": precision}
-    for name, forward in (("native", layer), ("subpixel", None)):
+    forms = {
+        "pytorch": layer,
+        "native": lambda x: cpu_conv_transpose_stride2(layer, x, subpixel=False),
+        "subpixel": lambda x: cpu_conv_transpose_stride2(layer, x, subpixel=True),
+    }
+    with autocast(precision):
+        grad = torch.randn_like(layer(x))
+    for name, form in forms.items():
 
-        def fwd(forward=forward):
+        def fwd(form=form):
             with torch.no_grad(), autocast(precision):
-                return layer(x) if forward is not None else subpixel_forward(layer, x)
+                return form(x)
 
-        with autocast(precision):
-            grad = torch.randn_like(layer(x))
-
-        def fwd_bwd(forward=forward, grad=grad):
+        def fwd_bwd(form=form):
             with autocast(precision):
-                y = layer(x) if forward is not None else subpixel_forward(layer, x)
+                y = form(x)
             y.backward(grad)
 
-        t_fwd, t_both = best_of(fwd, repeats), best_of(fwd_bwd, repeats)
-        row[name] = {
-            "forward_s": t_fwd,
-            "forward_backward_s": t_both,
-            "forward_gflop_s": flops / t_fwd / 1e9,
-            "forward_backward_gflop_s": 3 * flops / t_both / 1e9,
-        }
+        row[name] = {"forward_backward_s": best_of(fwd_bwd, repeats)}
+        if name != "pytorch":  # the same forward as native
+            row[name]["forward_s"] = best_of(fwd, repeats)
     with autocast(precision):
         row["decoder_uses"] = "subpixel" if subpixel_forward_pays(layer, x.detach()) else "native"
+    chosen = row[row["decoder_uses"]]["forward_backward_s"]
+    row["decoder_forward_backward_gflop_s"] = 3 * flops / chosen / 1e9
+    row["speedup_over_pytorch"] = row["pytorch"]["forward_backward_s"] / chosen
     return row
 
 
@@ -111,7 +116,7 @@ def time_decoder(depth: int, frames: int, precision: str, repeats: int) -> dict:
     chosen = best_of(step, repeats)
     with native_transposed_convolutions():
         native = best_of(step, repeats)
-    return {"precision": precision, "decoder_choice_s": chosen, "native_s": native, "speedup": native / chosen}
+    return {"precision": precision, "decoder_choice_s": chosen, "pytorch_s": native, "speedup": native / chosen}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}\n"
     )
     print(
-        "| precision | layer | native fwd ms | subpixel fwd ms | fwd speed-up | native fwd+bwd ms | "
-        "subpixel fwd+bwd ms | fwd+bwd speed-up | native fwd+bwd GFLOP/s | subpixel fwd+bwd GFLOP/s | decoder uses |"
+        "| precision | layer | native fwd ms | subpixel fwd ms | fwd speed-up | PyTorch layer fwd+bwd ms | "
+        "native fwd+bwd ms | subpixel fwd+bwd ms | decoder's form GFLOP/s | vs PyTorch layer | decoder uses |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     layers, decoders = [], []
@@ -140,21 +145,22 @@ def main(argv: list[str] | None = None) -> int:
         for c_in, c_out, k, side in layer_inputs(args.depth):
             r = time_layer(c_in, c_out, k, side, args.frames, precision, args.repeats)
             layers.append(r)
-            n, s = r["native"], r["subpixel"]
+            p, n, s = r["pytorch"], r["native"], r["subpixel"]
             print(
                 f"| {precision} | {r['layer']} | {n['forward_s'] * 1e3:.1f} | {s['forward_s'] * 1e3:.1f} | "
-                f"{n['forward_s'] / s['forward_s']:.2f}x | {n['forward_backward_s'] * 1e3:.1f} | "
-                f"{s['forward_backward_s'] * 1e3:.1f} | {n['forward_backward_s'] / s['forward_backward_s']:.2f}x | "
-                f"{n['forward_backward_gflop_s']:.1f} | {s['forward_backward_gflop_s']:.1f} | {r['decoder_uses']} |",
+                f"{n['forward_s'] / s['forward_s']:.2f}x | {p['forward_backward_s'] * 1e3:.1f} | "
+                f"{n['forward_backward_s'] * 1e3:.1f} | {s['forward_backward_s'] * 1e3:.1f} | "
+                f"{r['decoder_forward_backward_gflop_s']:.1f} | {r['speedup_over_pytorch']:.2f}x | "
+                f"{r['decoder_uses']} |",
                 flush=True,
             )
     print("\nWhole decoder (linear, GEMM layer, three transposed convolutions), forward + backward:\n")
-    print("| precision | decoder's choice s | native everywhere s | speed-up |")
+    print("| precision | decoder's choice s | PyTorch's layers s | speed-up |")
     print("|---|---|---|---|")
     for precision in args.precisions:
         d = time_decoder(args.depth, args.frames, precision, args.repeats)
         decoders.append(d)
-        print(f"| {precision} | {d['decoder_choice_s']:.3f} | {d['native_s']:.3f} | {d['speedup']:.2f}x |", flush=True)
+        print(f"| {precision} | {d['decoder_choice_s']:.3f} | {d['pytorch_s']:.3f} | {d['speedup']:.2f}x |", flush=True)
     if args.json:
         machine = {"cpu_model": cpu_model_name(), "bf16_instructions": cpu_has_bf16(), "torch": torch.__version__}
         payload = {

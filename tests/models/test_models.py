@@ -82,21 +82,39 @@ def test_subpixel_form_equals_the_transposed_convolution(kernel, size):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-11)
 
 
-@pytest.mark.parametrize("out_channels,size", [(3, 30), (3, 13)])
-def test_subpixel_forward_keeps_the_native_backward(out_channels, size):
+@pytest.mark.parametrize("out_channels,size", [(3, 30), (3, 13), (5, 7)])
+def test_cpu_transposed_convolution_keeps_the_native_gradients(out_channels, size):
     layer = torch.nn.ConvTranspose2d(8, out_channels, kernel_size=6, stride=2).double()
     x = torch.randn(3, 8, size, size, dtype=torch.double).contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
-    assert subpixel_forward_pays(layer, x)
+    assert subpixel_forward_pays(layer, x) == (out_channels <= 3)  # the last case runs the native forward
     fast = conv_transpose_stride2(layer, x)
+    assert fast.grad_fn.name().endswith("_ConvTransposeStride2Backward")
     assert fast._base is None  # not a view: the decoder's in-place ELU may follow
     native = layer(x)
     torch.testing.assert_close(fast, native, rtol=0, atol=1e-11)
     upstream = torch.randn_like(native)
     fast_grads = torch.autograd.grad(fast, [x, layer.weight, layer.bias], upstream)
     native_grads = torch.autograd.grad(native, [x, layer.weight, layer.bias], upstream)
-    for got, expected in zip(fast_grads, native_grads):
+    for got, expected in zip(fast_grads[:2], native_grads[:2]):
         assert torch.equal(got, expected)  # the same kernel on the same tensors
+    # The bias gradient is the upstream gradient summed apart, in another order (and in fp32: 1e-6 relative).
+    torch.testing.assert_close(fast_grads[2], upstream.sum((0, 2, 3)), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(fast_grads[2], native_grads[2], rtol=1e-6, atol=1e-5)
+
+
+def test_cpu_transposed_convolution_bias_gradient_in_bf16():
+    layer = torch.nn.ConvTranspose2d(16, 8, kernel_size=5, stride=2)
+    x = torch.randn(40, 16, 13, 13).bfloat16().contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv_transpose_stride2(layer, x)
+    assert y.dtype == torch.bfloat16 and y.grad_fn.name().endswith("_ConvTransposeStride2Backward")
+    upstream = torch.randn_like(y)
+    (grad_b,) = torch.autograd.grad(y, [layer.bias], upstream)
+    assert grad_b.dtype == torch.float32
+    # Summed in fp32 and rounded once to bf16 (the layer's bf16 copy of the bias), then promoted to the fp32 parameter.
+    expected = upstream.float().sum((0, 2, 3))
+    torch.testing.assert_close(grad_b, expected, rtol=2**-8, atol=0)
 
 
 def test_which_transposed_convolutions_take_the_subpixel_forward():

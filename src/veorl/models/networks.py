@@ -148,21 +148,27 @@ def subpixel_conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch
     return y
 
 
-class _SubpixelForwardConvTranspose(torch.autograd.Function):
-    """A stride-2 transposed convolution: forward by `subpixel_conv_transpose2d`, backward by PyTorch's own kernel.
+class _ConvTransposeStride2(torch.autograd.Function):
+    """A stride-2 transposed convolution on a CPU: forward by oneDNN's deconvolution or by
+    `subpixel_conv_transpose2d`, backward by PyTorch's own kernel with the bias gradient taken apart.
 
     The backward pass of a transposed convolution is a plain strided convolution (input gradient) and a weight
-    correlation, which oneDNN runs fast; only its forward is slow for some shapes. So the backward is exactly the
-    native one (`aten.convolution_backward`, transposed), and gradients equal the native layer's for the same
-    upstream gradient.
+    correlation, which oneDNN runs fast. Asked for the bias gradient in the same call, PyTorch's CPU kernel took
+    70-130 ms more per decoder layer at 2500 frames, in fp32 and bf16 (`benchmarks/bench_deconv.py`), for what is
+    a sum of the upstream gradient over frames and pixels. So the input and weight gradients come from
+    `aten.convolution_backward` exactly as the native layer computes them, and the bias gradient is that sum
+    (`Tensor.sum`, which accumulates bf16 in fp32 and rounds once: the same value up to the order of the sum).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, subpixel):
         ctx.save_for_backward(x, weight)
-        ctx.bias_sizes = None if bias is None else [bias.shape[0]]
+        ctx.has_bias = bias is not None
         with torch.autocast(device_type=x.device.type, enabled=False):
-            y = subpixel_conv_transpose2d(x, weight, bias)
+            if subpixel:
+                y = subpixel_conv_transpose2d(x, weight, bias)
+            else:
+                y = F.conv_transpose2d(x, weight, bias, stride=2)
         # A tensor of its own, never a view (an odd kernel's crop is copied here): the in-place ELU that follows may
         # not modify a view made inside a custom Function.
         return y.contiguous(memory_format=torch.channels_last)
@@ -170,27 +176,30 @@ class _SubpixelForwardConvTranspose(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
-        mask = [need_x, need_w, ctx.bias_sizes is not None and need_b]
-        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad, x, weight, ctx.bias_sizes, [2, 2], [0, 0], [1, 1], True, [0, 0], 1, mask
+        need_x, need_w, need_b, _ = ctx.needs_input_grad
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad, x, weight, None, [2, 2], [0, 0], [1, 1], True, [0, 0], 1, [need_x, need_w, False]
         )
-        return grad_x, grad_w, grad_b
+        grad_b = None
+        if ctx.has_bias and need_b:
+            grad_b = grad.sum((0, 2, 3))  # sum(dtype=float32) of bf16: several times slower
+        return grad_x, grad_w, grad_b, None
 
 
-_subpixel_forward = True  # off inside native_transposed_convolutions()
+_own_kernels = True  # off inside native_transposed_convolutions()
 
 
 @contextlib.contextmanager
 def native_transposed_convolutions() -> Iterator[None]:
-    """Inside: every transposed convolution runs PyTorch's own forward. Benchmarks compare with it, and count FLOPs
-    in it (the method's arithmetic: the sub-pixel form adds the products with the zero taps it pads)."""
-    global _subpixel_forward
-    previous, _subpixel_forward = _subpixel_forward, False
+    """Inside: every transposed convolution is PyTorch's own layer, forward and backward. Benchmarks compare with
+    it, and count FLOPs in it (the method's arithmetic: the sub-pixel form adds the products with the zero taps it
+    pads)."""
+    global _own_kernels
+    previous, _own_kernels = _own_kernels, False
     try:
         yield
     finally:
-        _subpixel_forward = previous
+        _own_kernels = previous
 
 
 def subpixel_forward_pays(layer: nn.ConvTranspose2d, x: torch.Tensor) -> bool:
@@ -200,7 +209,7 @@ def subpixel_forward_pays(layer: nn.ConvTranspose2d, x: torch.Tensor) -> bool:
     one). The 13x13 layer stays native: there the sub-pixel form was slower. Figures in
     benchmarks/results_world_model.md.
     """
-    if x.device.type != "cpu" or not _subpixel_forward:
+    if x.device.type != "cpu" or not _own_kernels:
         return False
     low_precision = x.dtype in LOW_PRECISION or (
         torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in LOW_PRECISION
@@ -209,23 +218,26 @@ def subpixel_forward_pays(layer: nn.ConvTranspose2d, x: torch.Tensor) -> bool:
 
 
 def conv_transpose_stride2(layer: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)` for the decoder's stride-2 transposed convolutions, by the faster forward for the shape."""
-    return subpixel_forward(layer, x) if subpixel_forward_pays(layer, x) else layer(x)
+    """`layer(x)` for the decoder's stride-2 transposed convolutions. On a CPU: by the faster forward for the shape,
+    and a backward that computes the bias gradient apart (`_ConvTransposeStride2`)."""
+    if x.device.type != "cpu" or not _own_kernels:
+        return layer(x)
+    return cpu_conv_transpose_stride2(layer, x, subpixel=subpixel_forward_pays(layer, x))
 
 
-def subpixel_forward(layer: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)` (a stride-2, unpadded transposed convolution) with the sub-pixel forward and the native backward,
-    in the precision autocast would run the layer in."""
+def cpu_conv_transpose_stride2(layer: nn.ConvTranspose2d, x: torch.Tensor, subpixel: bool) -> torch.Tensor:
+    """`layer(x)` (a stride-2, unpadded transposed convolution) with the native or the sub-pixel forward and the
+    backward of `_ConvTransposeStride2`, in the precision autocast would run the layer in."""
     plain = layer.padding == (0, 0) and layer.output_padding == (0, 0) and layer.dilation == (1, 1)
     if layer.stride != (2, 2) or not plain or layer.groups != 1:
-        raise ValueError("the sub-pixel forward covers unpadded, undilated, ungrouped stride-2 transposed convolutions")
+        raise ValueError("the CPU path covers unpadded, undilated, ungrouped stride-2 transposed convolutions")
     weight, bias = layer.weight, layer.bias
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
     else:
         dtype = weight.dtype
     cast = None if bias is None else bias.to(dtype)
-    return _SubpixelForwardConvTranspose.apply(x.to(dtype), weight.to(dtype), cast)
+    return _ConvTransposeStride2.apply(x.to(dtype), weight.to(dtype), cast, subpixel)
 
 
 class Decoder(nn.Module):
@@ -258,8 +270,8 @@ class Decoder(nn.Module):
         k = first.kernel_size[0]
         x = F.linear(x, first.weight.flatten(1).t(), first.bias.repeat_interleave(k * k))
         x = x.reshape(-1, first.out_channels, k, k).contiguous(memory_format=torch.channels_last)
-        # Starts with the ELU that follows the first transposed conv. On a CPU some of the others run the sub-pixel
-        # forward (conv_transpose_stride2): the same layer and parameters, a faster kernel for their shapes.
+        # Starts with the ELU that follows the first transposed conv. On a CPU the others run conv_transpose_stride2:
+        # the same layer and parameters, faster kernels for their shapes.
         for layer in self.deconvs[1:]:
             x = conv_transpose_stride2(layer, x) if isinstance(layer, nn.ConvTranspose2d) else layer(x)
         mean = x.permute(0, 2, 3, 1).reshape(*lead, IMAGE_SIZE, IMAGE_SIZE, 3)
