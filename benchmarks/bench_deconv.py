@@ -15,8 +15,9 @@ transposed convolutions: 4d -> 2d channels (kernel 5, on 5x5 maps), 2d -> d (ker
   subpixel  forward as one stride-1 convolution and a pixel shuffle (`subpixel_conv_transpose2d`), backward as in
             native (what the decoder runs for the layers `subpixel_forward_pays` picks)
 
-forward alone (native against subpixel) and forward + backward (all three), in seconds, best of `--repeats` after a
-warm-up, and the FLOP/s of the decoder's form in the transposed convolution's own arithmetic (2 C_in C_out k^2 H W
+forward alone (native against subpixel), forward + backward (all three) and the backward alone (PyTorch's one call
+for all three gradients against the bias gradient summed apart), in seconds, best of `--repeats` after a warm-up,
+and the FLOP/s of the decoder's form in the transposed convolution's own arithmetic (2 C_in C_out k^2 H W
 per frame forward, twice that backward). Then the whole decoder, feature to frame, forward and backward, with the
 decoder's choice against PyTorch's own layers everywhere (`native_transposed_convolutions`). The last column says
 which form the decoder uses for the layer on this device and precision. Run it on the machine you train on: the
@@ -92,6 +93,19 @@ def time_layer(c_in: int, c_out: int, k: int, side: int, frames: int, precision:
         row[name] = {"forward_backward_s": best_of(fwd_bwd, repeats)}
         if name != "pytorch":  # the same forward as native
             row[name]["forward_s"] = best_of(fwd, repeats)
+    # The backward alone, on one upstream gradient: PyTorch's single call for the input, weight and bias gradients,
+    # against the input and weight gradients in one call and the bias gradient summed apart (_ConvTransposeStride2).
+    weight, upstream, inp = layer.weight.detach().to(x.dtype), grad.to(x.dtype), x.detach()
+
+    def backward(bias_apart: bool) -> None:
+        mask = [True, True, not bias_apart]
+        stride, zero = [2, 2], [0, 0]
+        torch.ops.aten.convolution_backward(upstream, inp, weight, [c_out], stride, zero, [1, 1], True, zero, 1, mask)
+        if bias_apart:
+            upstream.sum((0, 2, 3))
+
+    row["backward_bias_in_call_s"] = best_of(lambda: backward(False), repeats)
+    row["backward_bias_apart_s"] = best_of(lambda: backward(True), repeats)
     with autocast(precision):
         row["decoder_uses"] = "subpixel" if subpixel_forward_pays(layer, x.detach()) else "native"
     chosen = row[row["decoder_uses"]]["forward_backward_s"]
@@ -137,9 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         "| precision | layer | native fwd ms | subpixel fwd ms | fwd speed-up | PyTorch layer fwd+bwd ms | "
-        "native fwd+bwd ms | subpixel fwd+bwd ms | decoder's form GFLOP/s | vs PyTorch layer | decoder uses |"
+        "native fwd+bwd ms | subpixel fwd+bwd ms | bwd, bias in the call ms | bwd, bias apart ms | "
+        "decoder's form GFLOP/s | vs PyTorch layer | decoder uses |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     layers, decoders = [], []
     for precision in args.precisions:
         for c_in, c_out, k, side in layer_inputs(args.depth):
@@ -150,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {precision} | {r['layer']} | {n['forward_s'] * 1e3:.1f} | {s['forward_s'] * 1e3:.1f} | "
                 f"{n['forward_s'] / s['forward_s']:.2f}x | {p['forward_backward_s'] * 1e3:.1f} | "
                 f"{n['forward_backward_s'] * 1e3:.1f} | {s['forward_backward_s'] * 1e3:.1f} | "
+                f"{r['backward_bias_in_call_s'] * 1e3:.1f} | {r['backward_bias_apart_s'] * 1e3:.1f} | "
                 f"{r['decoder_forward_backward_gflop_s']:.1f} | {r['speedup_over_pytorch']:.2f}x | "
                 f"{r['decoder_uses']} |",
                 flush=True,

@@ -48,6 +48,7 @@ def test_bench_deconv_reports_every_form_and_the_decoders_choice(tmp_path):
         for form in ("native", "subpixel"):
             assert 0 < r[form]["forward_s"] and 0 < r[form]["forward_backward_s"]
         assert r["pytorch"]["forward_backward_s"] > 0
+        assert r["backward_bias_in_call_s"] > 0 and r["backward_bias_apart_s"] > 0
         chosen = r[r["decoder_uses"]]["forward_backward_s"]
         assert r["speedup_over_pytorch"] == r["pytorch"]["forward_backward_s"] / chosen
     assert [d["precision"] for d in report["decoder"]] == ["fp32", "bf16"]
