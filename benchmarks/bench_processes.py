@@ -10,7 +10,9 @@ no checkpoints, MLflow in a temporary sqlite store. It prints both rates from th
 every update trains N x pretrain.batch target sequences (plus N x source_batch clips), so samples/s is the figure
 to compare; updates/s shows what each update costs.
 
-Only meaningful on an otherwise idle machine with at least N cores: run `uptime` first.
+Only meaningful on an otherwise idle machine with at least N cores: run `uptime` first. Where torch sees CUDA,
+pretraining's `device: auto` puts each process on its own GPU (cuda:LOCAL_RANK, NCCL; veorl.distributed), so
+`--processes N` compares one GPU with N.
 """
 
 from __future__ import annotations

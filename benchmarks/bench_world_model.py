@@ -2,7 +2,8 @@
 not a test).
 
     .venv/bin/python benchmarks/bench_world_model.py [--threads 2] [--repeats 2] [--warmup 1]
-        [--precision auto|fp32|bf16] [--compile] [--variants phase1 phase2-trunk phase3] [--json out.json]
+        [--precision auto|fp32|bf16] [--compile] [--variants phase1 phase2-trunk phase3] [--device cpu|cuda]
+        [--json out.json]
 
 Paper sizes (ModelParams defaults: d=32, deter 200, stoch 50, hidden 200, K=50, Z=8), batch 50 target sequences x 50
 steps and 50 source clips x 25 frames, 64x64, CPU (`--preset smoke` runs the same code at the smoke sizes, to check
@@ -30,6 +31,11 @@ precision the variant ran in.
 Precision: by default what training does by default (`precision: auto`, veorl.acceleration: bf16 autocast on a CPU
 with AVX512-BF16 or AMX, fp32 elsewhere); `--precision fp32|bf16` forces one. `--compile` compiles the networks'
 forward as `compile: true` does (the warm-up updates then include the compilation: use --warmup 2 or more).
+
+On a GPU (`--device cuda` or `cuda:N`), the networks and batches live on that GPU, every section's clock waits for
+the GPU's queued kernels, the limits are that GPU's own GEMM and convolution throughput, `auto` resolves as training
+resolves it there, and the notes add the peak GPU memory (`torch.cuda.max_memory_allocated`). One GPU against all of
+them is `benchmarks/bench_processes.py` (pretraining under torchrun, one process per GPU).
 
 Variants:
   phase1          release data flow (BAN and Plan Net on target frames; source only via MMD)
@@ -131,33 +137,50 @@ def write_dataset(root: Path) -> tuple[Path, Path]:
 # ------------------------------------------------------------------------------------------------
 
 
-def machine() -> dict:
+def machine(device: str = "cpu") -> dict:
     import torch
 
     from veorl.acceleration import cpu_has_bf16, cpu_model_name
 
-    return {
+    info = {
         "cpu_model": cpu_model_name(),
         "cpu_count": os.cpu_count(),
         "bf16_instructions": cpu_has_bf16(),
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_count"] = torch.cuda.device_count()
+    return info
 
 
-def _throughput(fn, flops: float, seconds: float, warmup: int = 2) -> float:
+def synchronizer(device: str):
+    """A function that waits until `device` has run the kernels queued on it (a GPU runs them asynchronously, so a
+    clock read without it times the queueing); nothing to wait for on a CPU."""
+    import torch
+
+    if device.startswith("cuda"):
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def _throughput(fn, flops: float, seconds: float, warmup: int = 2, sync=lambda: None) -> float:
     """FLOP/s of `fn` (which computes `flops`), timed for at least `seconds` (3 calls at least) after warm-up."""
     for _ in range(warmup):
         fn()
+    sync()
     calls, start = 0, time.perf_counter()
     while calls < 3 or time.perf_counter() - start < seconds:
         fn()
         calls += 1
+        sync()
     return flops * calls / (time.perf_counter() - start)
 
 
-def measure_peaks(threads: int, gemm: int, conv_batch: int, seconds: float) -> dict:
-    """GEMM and convolution throughput (FLOP/s) of this machine in fp32 and bf16, with `threads` threads."""
+def measure_peaks(threads: int, gemm: int, conv_batch: int, seconds: float, device: str = "cpu") -> dict:
+    """GEMM and convolution throughput (FLOP/s) of this machine (or of `device`) in fp32 and bf16, with `threads`
+    threads."""
     import torch
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
@@ -165,16 +188,17 @@ def measure_peaks(threads: int, gemm: int, conv_batch: int, seconds: float) -> d
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     c = CONV_SHAPE
-    out: dict = {"gemm_size": gemm, "conv": {**c, "batch": conv_batch}, "threads": threads}
+    sync = synchronizer(device)
+    out: dict = {"gemm_size": gemm, "conv": {**c, "batch": conv_batch}, "threads": threads, "device": device}
     with torch.no_grad():
         for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            a, b = torch.randn(gemm, gemm, dtype=dtype), torch.randn(gemm, gemm, dtype=dtype)
-            out[f"gemm_{name}"] = _throughput(lambda a=a, b=b: a @ b, 2.0 * gemm**3, seconds)
+            a, b = (torch.randn(gemm, gemm, dtype=dtype, device=device) for _ in range(2))
+            out[f"gemm_{name}"] = _throughput(lambda a=a, b=b: a @ b, 2.0 * gemm**3, seconds, sync=sync)
             x = torch.randn(conv_batch, c["channels"], c["size"], c["size"]).to(
-                dtype=dtype, memory_format=torch.channels_last
+                device=device, dtype=dtype, memory_format=torch.channels_last
             )
             w = torch.randn(c["out_channels"], c["channels"], c["kernel"], c["kernel"]).to(
-                dtype=dtype, memory_format=torch.channels_last
+                device=device, dtype=dtype, memory_format=torch.channels_last
             )
 
             def conv(x=x, w=w):
@@ -182,7 +206,7 @@ def measure_peaks(threads: int, gemm: int, conv_batch: int, seconds: float) -> d
 
             with FlopCounterMode(display=False) as counter:
                 conv()
-            out[f"conv_{name}"] = _throughput(conv, float(counter.get_total_flops()), seconds)
+            out[f"conv_{name}"] = _throughput(conv, float(counter.get_total_flops()), seconds, sync=sync)
     return out
 
 
@@ -225,10 +249,10 @@ class SectionClock:
     """Seconds spent in Tensor.backward and in optimizer steps while it is entered (the rest of an update is the
     forward pass and bookkeeping); lets a trainer's own `update` be timed section by section."""
 
-    def __init__(self, optimizers):
+    def __init__(self, optimizers, sync=lambda: None):
         import torch
 
-        self.torch, self.optimizers = torch, optimizers
+        self.torch, self.optimizers, self.sync = torch, optimizers, sync
         self.backward = self.optimizer = 0.0
         self._handles: list = []
         self._step_start = 0.0
@@ -238,19 +262,23 @@ class SectionClock:
         clock = self
 
         def timed_backward(tensor, *args, **kwargs):
+            clock.sync()
             start = time.perf_counter()
             try:
                 return original(tensor, *args, **kwargs)
             finally:
+                clock.sync()
                 clock.backward += time.perf_counter() - start
 
         self._original = original
         self.torch.Tensor.backward = timed_backward
 
         def before(*_):
+            self.sync()
             self._step_start = time.perf_counter()
 
         def after(*_):
+            self.sync()
             self.optimizer += time.perf_counter() - self._step_start
 
         for optimizer in self.optimizers:
@@ -263,15 +291,18 @@ class SectionClock:
             handle.remove()
 
 
-def build_variant(variant: str, data_root: Path, preset: str, precision: str, compile_: bool):
-    """(update(step) -> (seconds by section, info), samples per update, sample unit) for one variant."""
+def build_variant(variant: str, data_root: Path, preset: str, precision: str, compile_: bool, device: str = "cpu"):
+    """(update(step) -> (seconds by section, info), samples per update, sample unit) for one variant, its networks
+    and batches on `device`."""
     import torch
 
     from veorl.acceleration import compile_networks
     from veorl.config import resolve
     from veorl.data.clips import ClipStore
     from veorl.data.episodes import EpisodeStore
-    from veorl.data.samplers import ClipSampler, EpisodeWindowSampler, JointSampler, _to_tensors
+    from veorl.data.samplers import ClipSampler, EpisodeWindowSampler, JointSampler, _to_device, _to_tensors
+
+    sync = synchronizer(device)
 
     if variant in ("phase3", "phase3-uncached"):
         from veorl.algo import embedding_cache
@@ -285,9 +316,9 @@ def build_variant(variant: str, data_root: Path, preset: str, precision: str, co
         params = resolve({}, preset=preset, overrides=overrides)
         fp = params.finetune
         sw = switches(fp)
-        video_wm = VideoWorldModel(params.model)
+        video_wm = VideoWorldModel(params.model).to(device)
         video_wm.freeze_behaviours()
-        trunk, guidance, actor, critic = build_model_based(params, sw, ACTION_DIM, "continuous", video_wm)
+        trunk, guidance, actor, critic = build_model_based(params, sw, ACTION_DIM, "continuous", video_wm, device)
         if compile_:
             compile_networks(trunk, video_wm, guidance, actor, critic)
         # As fine-tuning sets phase 3 up (veorl.algo.finetune.run): window indices into the embedding table when it
@@ -303,10 +334,12 @@ def build_variant(variant: str, data_root: Path, preset: str, precision: str, co
 
         def update(step: int) -> tuple[dict, dict]:
             t0 = time.perf_counter()
-            batch = _to_tensors(starts(step), False)
+            batch = _to_device(_to_tensors(starts(step), False), device)
+            sync()
             t1 = time.perf_counter()
-            with SectionClock([phase.actor_optimizer, phase.critic_optimizer]) as clock:
+            with SectionClock([phase.actor_optimizer, phase.critic_optimizer], sync) as clock:
                 phase.update(batch)
+            sync()
             t2 = time.perf_counter()
             rest = t2 - t1 - clock.backward - clock.optimizer
             info = {}
@@ -329,7 +362,7 @@ def build_variant(variant: str, data_root: Path, preset: str, precision: str, co
         ),
         source=ClipSampler(ClipStore(data_root / "video_clips"), cfg.source_batch, cfg.source_len, 0, 1),
     )
-    model = VideoWorldModel(params.model)
+    model = VideoWorldModel(params.model).to(device)
     extra = None
     if variant.startswith("phase1"):
         trainer = Phase1Trainer(model, cfg, precision)
@@ -341,12 +374,12 @@ def build_variant(variant: str, data_root: Path, preset: str, precision: str, co
 
             def every_transition(frames, shapes, _inner=trainer.transition_codes):
                 _inner(frames, shapes)  # keep the frozen-encoder pass in the timing
-                return [torch.arange(t - 1).expand(b, t - 1) for b, t in shapes]
+                return [torch.arange(t - 1, device=frames.device).expand(b, t - 1) for b, t in shapes]
 
             trainer.transition_codes = every_transition
         parameters = list(trainer.parameters)
         if "trunk" in variant:
-            extra = build_trunk_world_model(params.model, action_dim=ACTION_DIM, video_world_model=model)
+            extra = build_trunk_world_model(params.model, action_dim=ACTION_DIM, video_world_model=model).to(device)
             extra.encoder = model.encoder  # the encoder is shared between the Plan Net and the Trunk Net
             parameters += [p for n, p in extra.named_parameters() if not n.startswith("encoder.")]
     if compile_:
@@ -355,7 +388,8 @@ def build_variant(variant: str, data_root: Path, preset: str, precision: str, co
 
     def update(step: int) -> tuple[dict, dict]:
         t0 = time.perf_counter()
-        batch = _to_tensors(sampler(step), False)
+        batch = _to_device(_to_tensors(sampler(step), False), device)
+        sync()
         t1 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         terms = trainer.losses(batch)  # under the trainer's precision
@@ -365,11 +399,14 @@ def build_variant(variant: str, data_root: Path, preset: str, precision: str, co
             with trainer.autocast():
                 trunk = trunk_world_model_loss(extra, target["image"], target["action"], target["reward"])
             loss = loss + trunk.loss
+        sync()
         t2 = time.perf_counter()
         loss.backward()
+        sync()
         t3 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(parameters, cfg.optim.grad_clip)
         optimizer.step()
+        sync()
         t4 = time.perf_counter()
         info = {}
         if isinstance(terms, Phase2Losses):
@@ -383,18 +420,21 @@ def build_variant(variant: str, data_root: Path, preset: str, precision: str, co
 DENSE_OPS = ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "conv", "mkldnn", "onednn", "gemm")
 
 
-def profile_update(update, step: int, top: int = 25) -> tuple[str, dict]:
-    """One more update under torch.profiler: the operators by self CPU time (a table), and the share of the time
-    spent in dense operators (DENSE_OPS) against everything else."""
+def profile_update(update, step: int, top: int = 25, device: str = "cpu") -> tuple[str, dict]:
+    """One more update under torch.profiler: the operators by self CPU time (on a GPU: self GPU time) in a table, and
+    the share of that time spent in dense operators (DENSE_OPS) against everything else."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    gpu = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if gpu else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
         update(step)
     averages = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in averages)
-    dense = sum(e.self_cpu_time_total for e in averages if any(k in e.key.lower() for k in DENSE_OPS))
-    table = averages.table(sort_by="self_cpu_time_total", row_limit=top)
-    return table, {"profiled_cpu_s": total / 1e6, "dense_share": dense / total if total else float("nan")}
+    key = "self_device_time_total" if gpu else "self_cpu_time_total"
+    total = sum(getattr(e, key) for e in averages)
+    dense = sum(getattr(e, key) for e in averages if any(k in e.key.lower() for k in DENSE_OPS))
+    table = averages.table(sort_by=key, row_limit=top)
+    return table, {"profiled_s": total / 1e6, "dense_share": dense / total if total else float("nan")}
 
 
 def run_variant(
@@ -410,6 +450,7 @@ def run_variant(
     native_deconv: bool = False,
     system_malloc: bool = False,
     settle: int = 6,
+    device: str = "cpu",
 ) -> dict:
     import contextlib
 
@@ -430,7 +471,7 @@ def run_variant(
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    update, per_step, unit = build_variant(variant, data_root, preset, precision, compile_)
+    update, per_step, unit = build_variant(variant, data_root, preset, precision, compile_, device)
 
     timings: list[dict] = []
     faults: list[int] = []
@@ -457,7 +498,7 @@ def run_variant(
         timings.append(seconds)
         faults.append(f1 - f0)
     if profile_dir:  # a settled update too, before the FLOP count's own update changes the heap
-        table, shares = profile_update(update, step)
+        table, shares = profile_update(update, step, device=device)
         tag = f"{variant}-{precision}{'-compiled' if compile_ else ''}{'-native-deconv' if native_deconv else ''}"
         Path(profile_dir, f"profile-{tag}.txt").write_text(table + "\n")
         info = {**info, **shares}
@@ -470,8 +511,11 @@ def run_variant(
     stack.close()
     mean = {k: float(np.mean([t[k] for t in timings])) for k in timings[0]}
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    if device.startswith("cuda"):
+        info = {**info, "peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9}
     return {
         "variant": variant,
+        "device": device,
         "seconds": mean,
         "steps_per_s": 1.0 / mean["update"],
         "samples_per_s": per_step / mean["update"],
@@ -519,6 +563,8 @@ def _child(args: argparse.Namespace, *extra: str) -> dict:
         str(args.conv_batch),
         "--peak-seconds",
         str(args.peak_seconds),
+        "--device",
+        args.device,
         *(["--compile"] if args.compile else []),
         *(["--native-transposed-convs"] if args.native_transposed_convs else []),
         *(["--system-malloc"] if args.system_malloc else []),
@@ -560,6 +606,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the networks' forward (compile: true)")
     parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default) or cuda / cuda:N: the networks, batches and the limits measured on that GPU",
+    )
+    parser.add_argument(
         "--native-transposed-convs",
         action="store_true",
         help="run every decoder transposed convolution with PyTorch's own forward, not the sub-pixel one the decoder "
@@ -592,8 +643,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.device != "cpu":
+        import torch
+
+        if not args.device.startswith("cuda"):
+            parser.error(f"--device {args.device}: use cpu, cuda or cuda:N")
+        if not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: torch sees no CUDA device on this machine")
     if args.child == "peak":
-        print(json.dumps(measure_peaks(args.threads, args.gemm, args.conv_batch, args.peak_seconds)))
+        print(json.dumps(measure_peaks(args.threads, args.gemm, args.conv_batch, args.peak_seconds, args.device)))
         return 0
     if args.child:
         result = run_variant(
@@ -609,20 +667,22 @@ def main(argv: list[str] | None = None) -> int:
             args.native_transposed_convs,
             args.system_malloc,
             args.settle,
+            args.device,
         )
         print(json.dumps(result))
         return 0
 
     from veorl.acceleration import resolve_precision
 
-    args.precision = resolve_precision(args.precision, "cpu")  # once, as a training stage does
+    args.precision = resolve_precision(args.precision, args.device)  # once, as a training stage does
     if args.profile:
         args.profile = str(Path(args.profile).resolve())
         Path(args.profile).mkdir(parents=True, exist_ok=True)
-    info = machine()
+    info = machine(args.device)
+    gpu = f", GPU {info['gpu']} ({info['gpu_count']} visible), on {args.device}" if "gpu" in info else ""
     print(
         f"machine: {info['cpu_model']}, {info['cpu_count']} logical CPUs, bf16 instructions: "
-        f"{'yes' if info['bf16_instructions'] else 'no'}; torch {info['torch']}; {args.threads} threads",
+        f"{'yes' if info['bf16_instructions'] else 'no'}{gpu}; torch {info['torch']}; {args.threads} threads",
         file=sys.stderr,
         flush=True,
     )
@@ -646,13 +706,14 @@ def main(argv: list[str] | None = None) -> int:
     compiled += ", system malloc (freed memory not retained)" if args.system_malloc else ""
     print(
         f"\nOne training update, {args.preset} sizes, {args.precision}{compiled}, CPU {info['cpu_model']} "
-        f"({info['cpu_count']} logical CPUs, bf16 instructions: {'yes' if info['bf16_instructions'] else 'no'}), "
+        f"({info['cpu_count']} logical CPUs, bf16 instructions: {'yes' if info['bf16_instructions'] else 'no'}){gpu}, "
         f"{args.threads} threads, mean of {args.repeats} after at least {args.warmup} warm-up "
         f"(load average at the end: {os.getloadavg()[0]:.1f}); torch {info['torch']}\n"
     )
     c = peaks["conv"]
+    where = f"This GPU's limits ({args.device})" if gpu else f"This machine's limits, {args.threads} threads"
     print(
-        f"This machine's limits, {args.threads} threads (the higher of {len(peaks['measurements'])} measurements, "
+        f"{where} (the higher of {len(peaks['measurements'])} measurements, "
         f"before and after the variants): GEMM {args.gemm}^3 fp32 "
         f"{peaks['gemm_fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['gemm_bf16'] / 1e9:.1f} GFLOP/s; "
         f"conv2d {c['batch']}x{c['channels']}x{c['size']}x{c['size']} -> "
@@ -673,8 +734,11 @@ def main(argv: list[str] | None = None) -> int:
         if "embedding_cache" in r:
             cache = r["embedding_cache"]
             note += f"; embeddings of the {cache['frames']} target frames cached once in {cache['build_s']:.2f} s"
+        if "peak_gpu_memory_gb" in r:
+            note += f"; peak GPU memory {r['peak_gpu_memory_gb']:.2f} GB"
         if "dense_share" in r:
-            note += f"; profiled: {r['dense_share']:.0%} of CPU time in matmul/conv operators"
+            time_of = "GPU" if gpu else "CPU"
+            note += f"; profiled: {r['dense_share']:.0%} of {time_of} time in matmul/conv operators"
         print(
             f"| {r['variant']} | {r['precision']}{' compiled' if r['compile'] else ''} | {s['update']:.2f} | "
             f"{s['data']:.2f} | {s['forward']:.2f} | {s['backward']:.2f} | {s['optimizer']:.3f} | {s['cpu']:.2f} | "

@@ -97,6 +97,7 @@ def test_bench_world_model_warms_up_until_the_heap_settles(tmp_path):
     assert "target frames cached once" in done.stdout
     glibc = platform.libc_ver()[0] == "glibc"
     for r in report:
+        assert r["device"] == "cpu" and "peak_gpu_memory_gb" not in r
         assert r["retain_memory"] is glibc and r["repeats"] == 2
         # at least --warmup untimed updates, at most --settle more, and only while memory is retained
         assert 1 <= r["warmup_updates"] <= (4 if glibc else 1)
@@ -110,6 +111,24 @@ def test_bench_world_model_warms_up_until_the_heap_settles(tmp_path):
             assert peaks[key] == max(m[key] for m in peaks["measurements"]) > 0
     assert f"{report[0]['warmup_updates']} warm-up" in done.stdout
     assert "the higher of 2 measurements" in done.stdout
+
+
+def test_bench_world_model_names_the_device_it_cannot_use():
+    """--device cuda without a CUDA device (or an unknown device) stops at once with the reason, before any work."""
+    import torch
+
+    script = str(ROOT / "benchmarks" / "bench_world_model.py")
+    devices = ["tpu"] if torch.cuda.is_available() else ["cuda", "tpu"]
+    for device in devices:
+        done = subprocess.run(
+            [sys.executable, script, "--preset", "smoke", "--device", device],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 2, done.stderr
+        assert f"--device {device}:" in done.stderr
+        assert "peak, before" not in done.stderr  # nothing was measured
 
 
 def test_bench_release_refuses_a_folder_that_is_not_the_release(tmp_path):
