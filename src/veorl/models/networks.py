@@ -155,9 +155,10 @@ class _ConvTransposeStride2(torch.autograd.Function):
     The backward pass of a transposed convolution is a plain strided convolution (input gradient) and a weight
     correlation, which oneDNN runs fast. Asked for the bias gradient in the same call, PyTorch's CPU kernel took
     56-227 ms more per decoder layer at 2500 frames, in fp32 and bf16 (`benchmarks/bench_deconv.py`; not on fp32's
-    3-channel layer), for what is a sum of the upstream gradient over frames and pixels. So the input and weight gradients come from
-    `aten.convolution_backward` exactly as the native layer computes them, and the bias gradient is that sum
-    (`Tensor.sum`, which accumulates bf16 in fp32 and rounds once: the same value up to the order of the sum).
+    3-channel layer), for what is a sum of the upstream gradient over frames and pixels. So the input and weight
+    gradients come from `aten.convolution_backward` exactly as the native layer computes them, and the bias
+    gradient is that sum (`Tensor.sum`, which accumulates bf16 in fp32 and rounds once: the same value up to the
+    order of the sum).
     """
 
     @staticmethod
