@@ -27,12 +27,10 @@ import torch
 from torch import nn
 
 from veorl.acceleration import autocast, module_device
-from veorl.data.episodes import EpisodeStore
+from veorl.data.episodes import INDEX_KEYS, EpisodeStore
 
 log = logging.getLogger(__name__)
 
-# The keys a start batch carries instead of "image" when the cache is on (veorl.data.episodes.EpisodeStore.sample).
-INDEX_KEYS: tuple[str, str] = ("episode", "start")
 GIB = 2**30
 
 

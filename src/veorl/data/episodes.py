@@ -34,6 +34,9 @@ REQUIRED_KEYS = ("image", "action", "reward", "discount")
 OPTIONAL_BOOL_KEYS = ("success", "is_terminal", "is_first")
 EPISODE_DIR = "episodes"
 CARD = "card.json"  # the dataset card written by components.collect
+# What EpisodeStore.sample(index=True) adds to a batch: each window's episode and first step (phase 3's start batches
+# carry them instead of images when it reads embeddings from veorl.algo.embedding_cache).
+INDEX_KEYS: tuple[str, str] = ("episode", "start")
 _NAME = re.compile(r"^(\d+)-(\d+)\.npz$")
 
 
@@ -245,8 +248,8 @@ class EpisodeStore:
     def sample(self, batch: int, seq_len: int, rng: np.random.Generator, index: bool = False) -> dict[str, np.ndarray]:
         """`batch` windows of `seq_len` consecutive steps, episodes chosen proportionally to their usable length.
 
-        index=True adds where each window comes from: "episode" (its episode's index) and "start" (its first step),
-        int64 arrays of shape (batch,). The draws are the same either way."""
+        index=True adds where each window comes from (INDEX_KEYS): "episode" (its episode's index) and "start" (its
+        first step), int64 arrays of shape (batch,). The draws are the same either way."""
         usable = np.maximum(self.lengths - seq_len + 1, 1 if self.absorbing else 0)
         if usable.sum() == 0:
             raise ValueError(f"no episode is at least seq_len={seq_len} steps long (longest: {self.lengths.max()})")
@@ -263,6 +266,7 @@ class EpisodeStore:
                 out.setdefault(key, []).append(arr[start : start + seq_len])
         windows = {k: np.stack(v) for k, v in out.items()}
         if index:
-            windows["episode"] = eps.astype(np.int64)
-            windows["start"] = np.asarray(starts, dtype=np.int64)
+            episode_key, start_key = INDEX_KEYS
+            windows[episode_key] = eps.astype(np.int64)
+            windows[start_key] = np.asarray(starts, dtype=np.int64)
         return windows

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from veorl.data.clips import ClipStore
-from veorl.data.episodes import EpisodeStore
+from veorl.data.episodes import INDEX_KEYS, EpisodeStore
 
 Batch = dict[str, Any]
 
@@ -61,8 +61,8 @@ class EpisodeWindowSampler:
         self.rank = rank
 
     def __call__(self, step: int) -> Batch:
-        # "episode" and "start" among the keys: where each window comes from (EpisodeStore.sample's index).
-        index = self.keys is not None and ("episode" in self.keys or "start" in self.keys)
+        # Window indices among the keys: where each window comes from (EpisodeStore.sample's index).
+        index = self.keys is not None and any(key in self.keys for key in INDEX_KEYS)
         data = self.store.sample(self.batch, self.seq_len, step_rng(self.seed, self.stream, step, self.rank), index)
         if self.keys is not None:
             data = {k: data[k] for k in self.keys}
